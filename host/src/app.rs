@@ -1,0 +1,104 @@
+//! Wiring: settings -> plugin runtime -> proxier -> source -> sync loop.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::mpsc;
+
+use crate::config::{Flags, ProxyMode, Settings};
+use crate::plugin::mode::{Mode, ModeSettings};
+use crate::plugin::{Catalog, Limits, Runtime};
+use crate::proxier::backends::Backends;
+use crate::proxier::userspace::{Mapping, Redirector, UserspaceDataplane};
+use crate::proxier::{Dataplane, NoDataplane, Proxier};
+use crate::source::file::FileSource;
+use crate::state::ClusterState;
+use crate::sync::SyncLoop;
+
+/// A proxy ready to run.
+pub struct App {
+    pub settings: Settings,
+    pub sync: SyncLoop,
+    /// Userspace mode's listener map.
+    pub mapping: Option<Mapping>,
+    source: FileSource,
+}
+
+impl App {
+    pub fn build(flags: &Flags) -> Result<Self> {
+        let settings = Settings::resolve(flags)?;
+        let dir = crate::source::parse(&settings.source)?;
+        if settings.mode != ProxyMode::Userspace {
+            bail!("proxy mode {} is not available yet; use --proxy-mode userspace", settings.mode.as_str());
+        }
+        let runtime = Runtime::new(Limits::default())?;
+        let catalog = Catalog::new(settings.plugin_dir.clone());
+        let (source, bytes) = catalog.load(settings.mode.as_str())?;
+        let component = runtime.compile(&bytes).with_context(|| format!("mode plugin {source}"))?;
+        let mode_settings = ModeSettings {
+            masquerade_all: settings.masquerade_all,
+            cluster_cidrs: settings.cluster_cidrs.clone(),
+            ..ModeSettings::default()
+        };
+        let mode = Mode::new(runtime.clone(), settings.mode.as_str(), &component, mode_settings.clone())?;
+        let backends = Arc::new(Backends::default());
+        let (dataplane, mapping): (Box<dyn Dataplane>, _) = if settings.dry_run {
+            (Box::new(NoDataplane), None)
+        } else {
+            let redirector = if flags.no_redirect { None } else { Redirector::detect() };
+            let bind = match (&redirector, flags.userspace_bind_address) {
+                (Some(_), None) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                _ => settings.userspace_bind_address,
+            };
+            if redirector.is_none() {
+                tracing::info!(%bind, "no CAP_NET_ADMIN: listeners only, no cluster IP redirection");
+            }
+            let dp = UserspaceDataplane::new(bind, backends.clone(), redirector);
+            let mapping = dp.mapping();
+            (Box::new(dp), Some(mapping))
+        };
+        let proxier = Proxier::new(runtime, catalog, mode, mode_settings, &settings.lb_policy, backends, dataplane)?;
+        let sync = SyncLoop {
+            state: ClusterState::new(&settings.hostname),
+            proxier,
+            min_sync_period: settings.min_sync_period,
+            sync_period: settings.sync_period,
+        };
+        let source = FileSource::new(&dir, &settings.hostname);
+        Ok(Self { settings, sync, mapping, source })
+    }
+
+    /// `--dry-run`: read the source once, render, print the plan.
+    pub fn dry_run(mut self) -> Result<String> {
+        if let Some(event) = self.source.scan()? {
+            let crate::source::SourceEvent::Full { services, slices, node } = event;
+            self.sync.state.replace_all(&services, &slices, node.as_ref());
+        }
+        self.sync.sync();
+        Ok(self.sync.proxier.plan().to_string())
+    }
+
+    /// Runs until interrupted.
+    pub async fn run(self) -> Result<()> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(self.source.run(tx));
+        self.sync.run(rx).await;
+        Ok(())
+    }
+}
+
+pub async fn run(flags: Flags) -> Result<()> {
+    let app = App::build(&flags)?;
+    if app.settings.dry_run {
+        print!("{}", app.dry_run()?);
+        return Ok(());
+    }
+    tracing::info!(mode = app.settings.mode.as_str(), source = app.settings.source, node = app.settings.hostname, "kube-wasm-proxy starting");
+    tokio::select! {
+        r = app.run() => r,
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupted; exiting");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! kube-wasm-proxy's host: sources -> state -> plan (Wasm plugins) ->
+//! validate -> apply. See docs/architecture.md.
+
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod model;
+pub mod plan;
+pub mod plugin;
+pub mod proxier;
+pub mod source;
+pub mod state;
+pub mod sync;

@@ -1,0 +1,183 @@
+//! The proxy's view of the cluster: upstream kube-proxy's ServicePort and
+//! Endpoint, in native types. Converted to the WIT types at the plugin
+//! boundary (see `plugin::convert`).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+/// Which Service port: namespace/name, port name and protocol, as
+/// upstream's ServicePortName. Ordered so that plans print stably.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        write!(f, "/{}", self.protocol)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" | "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            other => Err(format!("unknown protocol {other:?}")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IpMode {
+    #[default]
+    Vip,
+    Proxy,
+}
+
+/// An address prefix such as 10.0.0.0/8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub address: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR"))?;
+        let address: IpAddr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let prefix_len: u8 = len.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        if prefix_len > max {
+            return Err(format!("{s:?}: prefix longer than {max}"));
+        }
+        Ok(Cidr { address, prefix_len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.address, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(net.to_bits().into(), ip.to_bits().into(), 32, self.prefix_len),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix_eq(net.to_bits(), ip.to_bits(), 128, self.prefix_len),
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: u128, b: u128, bits: u32, len: u8) -> bool {
+    let shift = bits - u32::from(len);
+    shift >= bits || (a >> shift) == (b >> shift)
+}
+
+/// One port of one Service (upstream's ServicePort interface).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    pub cluster_ips: Vec<IpAddr>,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ingress: Vec<(IpAddr, IpMode)>,
+    pub source_ranges: Vec<Cidr>,
+    /// ClientIP affinity timeout in seconds; `None` for no affinity.
+    pub affinity_timeout: Option<u32>,
+    pub external_policy: TrafficPolicy,
+    pub internal_policy: TrafficPolicy,
+    pub health_check_node_port: Option<u16>,
+    /// `kube-wasm-proxy.io/lb-policy`, if set.
+    pub lb_policy: Option<String>,
+    /// `kube-wasm-proxy.io/lb-policy-config`, "" if unset.
+    pub lb_policy_config: String,
+}
+
+/// One endpoint of a service port, merged from the Service's EndpointSlices.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
+    pub is_local: bool,
+}
+
+impl Endpoint {
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        (self.ip, self.port).into()
+    }
+}
+
+/// This node, as far as the proxy cares.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    pub zone: Option<String>,
+    pub labels: Vec<(String, String)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parses_and_matches() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains("10.1.255.3".parse().unwrap()));
+        assert!(!c.contains("10.2.0.1".parse().unwrap()));
+        assert!(!c.contains("::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        let v6: Cidr = "fd00::/64".parse().unwrap();
+        assert!(v6.contains("fd00::5".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("10.0.0.0".parse::<Cidr>().is_err());
+    }
+}

@@ -1,0 +1,221 @@
+//! The host's form of a plan, its validation and its printing.
+//!
+//! A plan is a base fragment plus one fragment per service port. The host
+//! refuses any fragment that names an object outside the tables it owns or
+//! smuggles extra commands into rule text, before anything is applied.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::model::{Protocol, ServicePortName};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NftFamily {
+    Ip,
+    Ip6,
+    Inet,
+}
+
+impl fmt::Display for NftFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NftFamily::Ip => "ip",
+            NftFamily::Ip6 => "ip6",
+            NftFamily::Inet => "inet",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub service: u32,
+    pub protocol: Protocol,
+    pub frontends: Vec<SocketAddr>,
+    pub udp_idle_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    NftChain { family: NftFamily, table: String, name: String, hook: Option<String>, rules: Vec<String> },
+    NftSet { family: NftFamily, table: String, name: String, declaration: String },
+    NftElement { family: NftFamily, table: String, set: String, element: String },
+    IptablesChain { ipv6: bool, table: String, name: String, rules: Vec<String> },
+    IpvsVirtualServer { address: SocketAddr, protocol: Protocol, scheduler: String, persistence_timeout: u32 },
+    IpvsRealServer { virtual_address: SocketAddr, protocol: Protocol, address: SocketAddr, weight: u32 },
+    Listener(Listener),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fragment {
+    pub items: Vec<Item>,
+}
+
+/// What the host allows a plan to touch and how big it may be.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    /// Name of the nftables table the host owns (in each family).
+    pub nft_table: String,
+    /// Prefix of the iptables chains the host owns.
+    pub iptables_prefix: String,
+    /// Largest number of items one fragment may hold.
+    pub max_items: usize,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self { nft_table: "kube-wasm-proxy".into(), iptables_prefix: "KWP-".into(), max_items: 100_000 }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("names table {0:?}, but the host only owns {1:?}")]
+    ForeignTable(String, String),
+    #[error("names iptables chain {0:?}, outside the host's {1:?} chains")]
+    ForeignChain(String, String),
+    #[error("rule text {0:?} contains a command separator")]
+    Injection(String),
+    #[error("has {0} items, more than the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("has an invalid name {0:?}")]
+    BadName(String),
+}
+
+impl Fragment {
+    pub fn validate(&self, rules: &Rules) -> Result<(), PlanError> {
+        if self.items.len() > rules.max_items {
+            return Err(PlanError::TooLarge(self.items.len(), rules.max_items));
+        }
+        let own_table = |t: &str| {
+            if t == rules.nft_table { Ok(()) } else { Err(PlanError::ForeignTable(t.into(), rules.nft_table.clone())) }
+        };
+        for item in &self.items {
+            match item {
+                Item::NftChain { table, name, hook, rules: lines, .. } => {
+                    own_table(table)?;
+                    check_name(name)?;
+                    hook.iter().chain(lines).try_for_each(|l| check_text(l))?;
+                }
+                Item::NftSet { table, name, declaration, .. } => {
+                    own_table(table)?;
+                    check_name(name)?;
+                    check_text(declaration)?;
+                }
+                Item::NftElement { table, set, element, .. } => {
+                    own_table(table)?;
+                    check_name(set)?;
+                    check_text(element)?;
+                }
+                Item::IptablesChain { name, rules: lines, .. } => {
+                    if !name.starts_with(&rules.iptables_prefix) {
+                        return Err(PlanError::ForeignChain(name.clone(), rules.iptables_prefix.clone()));
+                    }
+                    check_name(name)?;
+                    lines.iter().try_for_each(|l| check_text(l))?;
+                }
+                Item::IpvsVirtualServer { .. } | Item::IpvsRealServer { .. } | Item::Listener(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_name(name: &str) -> Result<(), PlanError> {
+    let ok = !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok { Ok(()) } else { Err(PlanError::BadName(name.into())) }
+}
+
+/// nft and iptables-restore read one command per line (nft also splits on
+/// `;`): rule text may hold neither, or it could add commands of its own.
+fn check_text(text: &str) -> Result<(), PlanError> {
+    if text.contains(['\n', '\r', ';']) { Err(PlanError::Injection(text.into())) } else { Ok(()) }
+}
+
+/// A whole plan, for `--dry-run`.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub base: Fragment,
+    pub services: BTreeMap<ServicePortName, Fragment>,
+}
+
+impl fmt::Display for Item {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Item::NftChain { family, table, name, hook, rules } => {
+                writeln!(f, "nft chain {family} {table} {name}")?;
+                if let Some(hook) = hook {
+                    writeln!(f, "    {hook}")?;
+                }
+                rules.iter().try_for_each(|r| writeln!(f, "    {r}"))
+            }
+            Item::NftSet { family, table, name, declaration } => writeln!(f, "nft set {family} {table} {name} {{ {declaration} }}"),
+            Item::NftElement { family, table, set, element } => writeln!(f, "nft element {family} {table} {set} {{ {element} }}"),
+            Item::IptablesChain { ipv6, table, name, rules } => {
+                writeln!(f, "{} -t {table} chain {name}", if *ipv6 { "ip6tables" } else { "iptables" })?;
+                rules.iter().try_for_each(|r| writeln!(f, "    -A {name} {r}"))
+            }
+            Item::IpvsVirtualServer { address, protocol, scheduler, persistence_timeout } => {
+                write!(f, "ipvs virtual {protocol} {address} scheduler {scheduler}")?;
+                if *persistence_timeout > 0 {
+                    write!(f, " persistent {persistence_timeout}s")?;
+                }
+                writeln!(f)
+            }
+            Item::IpvsRealServer { virtual_address, protocol, address, weight } => {
+                writeln!(f, "ipvs real {protocol} {virtual_address} -> {address} weight {weight}")
+            }
+            Item::Listener(l) => {
+                let fronts: Vec<String> = l.frontends.iter().map(ToString::to_string).collect();
+                write!(f, "listen {} for service #{} frontends [{}]", l.protocol, l.service, fronts.join(", "))?;
+                if l.protocol == Protocol::Udp {
+                    write!(f, " udp-idle {}ms", l.udp_idle_timeout.as_millis())?;
+                }
+                writeln!(f)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "# base")?;
+        self.base.items.iter().try_for_each(|i| write!(f, "{i}"))?;
+        for (name, fragment) in &self.services {
+            writeln!(f, "# service {name}")?;
+            fragment.items.iter().try_for_each(|i| write!(f, "{i}"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(table: &str, rule: &str) -> Fragment {
+        Fragment {
+            items: vec![Item::NftChain {
+                family: NftFamily::Ip,
+                table: table.into(),
+                name: "svc-1".into(),
+                hook: None,
+                rules: vec![rule.into()],
+            }],
+        }
+    }
+
+    #[test]
+    fn only_owned_tables_and_single_commands_pass() {
+        let rules = Rules::default();
+        assert_eq!(chain("kube-wasm-proxy", "ip daddr 10.0.0.1 accept").validate(&rules), Ok(()));
+        assert!(matches!(chain("filter", "accept").validate(&rules), Err(PlanError::ForeignTable(..))));
+        assert!(matches!(chain("kube-wasm-proxy", "accept; flush ruleset").validate(&rules), Err(PlanError::Injection(_))));
+        assert!(matches!(chain("kube-wasm-proxy", "accept\nflush ruleset").validate(&rules), Err(PlanError::Injection(_))));
+        let ipt = Fragment { items: vec![Item::IptablesChain { ipv6: false, table: "nat".into(), name: "KUBE-SERVICES".into(), rules: vec![] }] };
+        assert!(matches!(ipt.validate(&rules), Err(PlanError::ForeignChain(..))));
+        let big = Fragment { items: vec![chain("kube-wasm-proxy", "accept").items[0].clone(); 3] };
+        assert_eq!(big.validate(&Rules { max_items: 2, ..Rules::default() }), Err(PlanError::TooLarge(3, 2)));
+    }
+}

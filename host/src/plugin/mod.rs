@@ -1,0 +1,166 @@
+//! The Wasm plugin runtime: one wasmtime Engine for the process, compiled
+//! components cached by content hash, and sandboxed instances with a
+//! deadline on every call and a memory cap.
+//!
+//! Plugins get no filesystem, sockets or environment: the WASI context is
+//! empty and networking is switched off. Clocks and random numbers are
+//! available (std needs them for HashMap seeds).
+
+mod catalog;
+mod convert;
+pub mod mode;
+pub mod policy;
+mod sandbox;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+pub use catalog::{Catalog, PluginSource};
+pub use sandbox::PluginError;
+
+/// Bounds on every plugin instance.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Wall-clock budget of one call into a plugin.
+    pub call_timeout: Duration,
+    /// Linear memory an instance may grow to, in bytes.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { call_timeout: Duration::from_millis(100), memory_bytes: 64 << 20 }
+    }
+}
+
+/// How often the epoch advances; deadlines are whole ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Per-plugin counters, exported as metrics.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    pub calls: AtomicU64,
+    pub traps: AtomicU64,
+    pub deadline_hits: AtomicU64,
+    pub memory_hits: AtomicU64,
+    pub instantiations: AtomicU64,
+}
+
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    limits: Limits,
+    compiled: Mutex<HashMap<[u8; 32], Component>>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    pub fn new(limits: Limits) -> Result<Arc<Self>> {
+        let mut config = Config::new();
+        config.wasm_component_model(true).epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (stop, ticking) = (ticker_stop.clone(), engine.clone());
+        std::thread::Builder::new()
+            .name("kwp-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticking.increment_epoch();
+                }
+            })
+            .context("starting the epoch ticker")?;
+        Ok(Arc::new(Self { engine, linker, limits, compiled: Mutex::default(), ticker_stop }))
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Compiles a component, or returns the cached compilation of the same
+    /// bytes.
+    pub fn compile(&self, bytes: &[u8]) -> Result<Component> {
+        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        if let Some(c) = self.compiled.lock().expect("cache lock").get(&digest) {
+            return Ok(c.clone());
+        }
+        let component = Component::new(&self.engine, bytes).map_err(anyhow::Error::from).context("compiling the component")?;
+        self.compiled.lock().expect("cache lock").insert(digest, component.clone());
+        Ok(component)
+    }
+
+    fn new_store(&self) -> wasmtime::Store<PluginState> {
+        let mut store = wasmtime::Store::new(&self.engine, PluginState::new(self.limits.memory_bytes));
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn deadline_ticks(&self) -> u64 {
+        (self.limits.call_timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What a plugin's Store holds.
+pub struct PluginState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryCap,
+    /// The guest's stderr (panic messages), read after a trap.
+    stderr: MemoryOutputPipe,
+}
+
+impl PluginState {
+    fn new(memory_bytes: usize) -> Self {
+        let stderr = MemoryOutputPipe::new(8 << 10);
+        let wasi = WasiCtxBuilder::new()
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self { wasi, table: ResourceTable::new(), limiter: MemoryCap { max: memory_bytes, denied: false }, stderr }
+    }
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Caps linear memory and remembers that it refused, so a trap that follows
+/// (the guest aborting on a failed allocation) is reported as a memory hit.
+struct MemoryCap {
+    max: usize,
+    denied: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryCap {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let ok = desired <= self.max;
+        self.denied |= !ok;
+        Ok(ok)
+    }
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}

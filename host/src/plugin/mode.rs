@@ -1,0 +1,150 @@
+//! Host side of the `proxy-mode` world.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use wasmtime::component::Component;
+
+use super::convert::{endpoint_to_wit, ip_from_wit, node_to_wit, plan_to_wit, protocol_from_wit, service_to_wit};
+use super::policy::BackendPlan;
+use super::sandbox::{PluginError, Sandbox};
+use super::{PluginStats, Runtime};
+use crate::model::{Endpoint, NodeInfo, ServicePort};
+use crate::plan::{Fragment, Item, Listener, NftFamily};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "proxy-mode",
+        path: "../wit",
+        with: { "kwp:proxy/types": crate::plugin::policy::bindings::kwp::proxy::types },
+    });
+}
+
+use bindings::exports::kwp::proxy::mode as wit_mode;
+use bindings::kwp::proxy::plan as wit_plan;
+
+/// Node-wide settings handed to the mode.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModeSettings {
+    pub node: NodeInfo,
+    pub table: String,
+    pub masquerade_all: bool,
+    pub cluster_cidrs: Vec<String>,
+    pub extra: String,
+}
+
+pub struct Mode {
+    sandbox: Sandbox<bindings::ProxyMode>,
+    settings: ModeSettings,
+}
+
+impl Mode {
+    pub fn new(runtime: Arc<Runtime>, name: &str, component: &Component, settings: ModeSettings) -> Result<Self> {
+        let pre = runtime
+            .linker
+            .instantiate_pre(component)
+            .and_then(bindings::ProxyModePre::new)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("plugin {name} does not implement the kwp:proxy/proxy-mode world"))?;
+        let sandbox = Sandbox::new(name, runtime, Box::new(move |store| pre.instantiate(store)));
+        let mut mode = Self { sandbox, settings };
+        mode.ensure()?;
+        Ok(mode)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.sandbox.name
+    }
+
+    pub fn stats(&self) -> Arc<PluginStats> {
+        self.sandbox.stats.clone()
+    }
+
+    /// Changes node-wide settings (re-configures the instance).
+    pub fn reconfigure(&mut self, settings: ModeSettings) -> Result<(), PluginError> {
+        self.settings = settings;
+        self.configure()
+    }
+
+    fn ensure(&mut self) -> Result<(), PluginError> {
+        if self.sandbox.ensure()? { self.configure() } else { Ok(()) }
+    }
+
+    fn configure(&mut self) -> Result<(), PluginError> {
+        let s = &self.settings;
+        let config = wit_mode::ModeConfig {
+            node: node_to_wit(&s.node),
+            table: s.table.clone(),
+            masquerade_all: s.masquerade_all,
+            cluster_cidrs: s.cluster_cidrs.clone(),
+            extra: s.extra.clone(),
+        };
+        let result = self.sandbox.call("configure", |st, b| b.kwp_proxy_mode().call_configure(st, &config))?;
+        result.map_err(|message| PluginError::Rejected { plugin: self.sandbox.name.clone(), call: "configure", message })
+    }
+
+    pub fn render_base(&mut self) -> Result<Fragment, PluginError> {
+        self.ensure()?;
+        let result = self.sandbox.call("render-base", |st, b| b.kwp_proxy_mode().call_render_base(st))?;
+        self.fragment("render-base", result)
+    }
+
+    pub fn render_service(
+        &mut self,
+        id: u32,
+        svc: &ServicePort,
+        lb_policy: &str,
+        endpoints: &[Endpoint],
+        backends: &BackendPlan,
+    ) -> Result<Fragment, PluginError> {
+        self.ensure()?;
+        let svc = service_to_wit(id, svc, lb_policy);
+        let eps: Vec<_> = endpoints.iter().map(endpoint_to_wit).collect();
+        let backends = plan_to_wit(backends);
+        let result = self.sandbox.call("render-service", |st, b| b.kwp_proxy_mode().call_render_service(st, &svc, &eps, &backends))?;
+        self.fragment("render-service", result)
+    }
+
+    fn fragment(&self, call: &'static str, result: Result<wit_plan::Fragment, String>) -> Result<Fragment, PluginError> {
+        let fragment = result.map_err(|message| PluginError::Rejected { plugin: self.sandbox.name.clone(), call, message })?;
+        Ok(Fragment { items: fragment.items.into_iter().map(item_from_wit).collect() })
+    }
+}
+
+fn family(f: wit_plan::NftFamily) -> NftFamily {
+    match f {
+        wit_plan::NftFamily::Ip => NftFamily::Ip,
+        wit_plan::NftFamily::Ip6 => NftFamily::Ip6,
+        wit_plan::NftFamily::Inet => NftFamily::Inet,
+    }
+}
+
+fn item_from_wit(item: wit_plan::Item) -> Item {
+    use wit_plan::Item as W;
+    match item {
+        W::NftChain(c) => Item::NftChain { family: family(c.family), table: c.table, name: c.name, hook: c.hook, rules: c.rules },
+        W::NftSet(s) => Item::NftSet { family: family(s.family), table: s.table, name: s.name, declaration: s.declaration },
+        W::NftElement(e) => Item::NftElement { family: family(e.family), table: e.table, set: e.set, element: e.element },
+        W::IptablesChain(c) => Item::IptablesChain { ipv6: c.ipv6, table: c.table, name: c.name, rules: c.rules },
+        W::IpvsVirtualServer(v) => Item::IpvsVirtualServer {
+            address: SocketAddr::new(ip_from_wit(v.address), v.port),
+            protocol: protocol_from_wit(v.protocol),
+            scheduler: v.scheduler,
+            persistence_timeout: v.persistence_timeout,
+        },
+        W::IpvsRealServer(r) => Item::IpvsRealServer {
+            virtual_address: SocketAddr::new(ip_from_wit(r.virtual_address), r.virtual_port),
+            protocol: protocol_from_wit(r.protocol),
+            address: SocketAddr::new(ip_from_wit(r.address), r.port),
+            weight: r.weight,
+        },
+        W::Listener(l) => Item::Listener(Listener {
+            service: l.service,
+            protocol: protocol_from_wit(l.protocol),
+            frontends: l.frontends.into_iter().map(|(ip, port)| SocketAddr::new(ip_from_wit(ip), port)).collect(),
+            udp_idle_timeout: Duration::from_millis(u64::from(l.udp_idle_timeout_ms)),
+        }),
+    }
+}

@@ -1,0 +1,227 @@
+//! The proxier: turns state changes into plan fragments through the mode
+//! and policy plugins, validates them, and hands the delta to a dataplane.
+//!
+//! A fragment that fails (plugin error, invalid plan) keeps the last good
+//! fragment of that service in force and is retried on the next sync.
+
+pub mod backends;
+pub mod userspace;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::model::{NodeInfo, ServicePortName};
+use crate::plan::{Fragment, Plan, Rules};
+use crate::plugin::mode::{Mode, ModeSettings};
+use crate::plugin::policy::Policy;
+use crate::plugin::{Catalog, Runtime};
+use crate::state::topology::categorize;
+use crate::state::{Changes, ClusterState, ServiceState};
+use backends::{Affinity, Backends, ServiceBackends, SharedPolicy};
+
+/// The kernel or userspace side: applies fragment deltas.
+pub trait Dataplane: Send {
+    /// `changed` maps a service port to its new fragment, or `None` when it
+    /// is gone. `base` is `Some` when the base fragment changed.
+    fn apply(&mut self, base: Option<&Fragment>, changed: &[(ServicePortName, Option<&Fragment>)]) -> Result<()>;
+}
+
+/// A dataplane that applies nothing (`--dry-run`).
+pub struct NoDataplane;
+
+impl Dataplane for NoDataplane {
+    fn apply(&mut self, _: Option<&Fragment>, _: &[(ServicePortName, Option<&Fragment>)]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Counters of one proxier, exported as metrics.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SyncStats {
+    pub syncs: u64,
+    pub failed_services: u64,
+    pub apply_errors: u64,
+    pub last_duration: Duration,
+}
+
+pub struct Proxier {
+    runtime: Arc<Runtime>,
+    catalog: Catalog,
+    mode: Mode,
+    mode_settings: ModeSettings,
+    default_policy: String,
+    policies: HashMap<(String, String), SharedPolicy>,
+    rules: Rules,
+    ids: HashMap<ServicePortName, u32>,
+    next_id: u32,
+    plan: Plan,
+    base_dirty: bool,
+    /// Service ports whose last render failed, retried each sync.
+    failed: BTreeSet<ServicePortName>,
+    backends: Arc<Backends>,
+    dataplane: Box<dyn Dataplane>,
+    node: NodeInfo,
+    pub stats: SyncStats,
+}
+
+impl Proxier {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        catalog: Catalog,
+        mode: Mode,
+        mode_settings: ModeSettings,
+        default_policy: &str,
+        backends: Arc<Backends>,
+        dataplane: Box<dyn Dataplane>,
+    ) -> Result<Self> {
+        let mut proxier = Self {
+            runtime,
+            catalog,
+            mode,
+            mode_settings,
+            default_policy: default_policy.into(),
+            policies: HashMap::new(),
+            rules: Rules::default(),
+            ids: HashMap::new(),
+            next_id: 1,
+            plan: Plan::default(),
+            base_dirty: true,
+            failed: BTreeSet::new(),
+            backends,
+            dataplane,
+            node: NodeInfo::default(),
+            stats: SyncStats::default(),
+        };
+        // The default policy must load: without it nothing can be proxied.
+        proxier.policy(default_policy, "").with_context(|| format!("loading the default lb policy {default_policy:?}"))?;
+        Ok(proxier)
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// Applies one batch of changes.
+    pub fn sync(&mut self, changes: Changes, state: &ClusterState) -> Result<()> {
+        let started = std::time::Instant::now();
+        self.stats.syncs += 1;
+        let node = state.node().clone();
+        let mut todo: BTreeMap<ServicePortName, ServiceState> = BTreeMap::new();
+        if changes.node_changed || node != self.node {
+            self.node = node;
+            self.base_dirty = true;
+            // Topology and node addresses feed every service.
+            todo.extend(state.snapshot().map(|s| (s.port.name.clone(), s.clone())));
+        }
+        let retry = std::mem::take(&mut self.failed);
+        todo.extend(state.snapshot().filter(|s| retry.contains(&s.port.name)).map(|s| (s.port.name.clone(), s.clone())));
+        todo.extend(changes.updated.into_iter().map(|s| (s.port.name.clone(), s)));
+
+        let base = if std::mem::take(&mut self.base_dirty) { Some(self.render_base()?) } else { None };
+        let mut delta: Vec<(ServicePortName, Option<Fragment>)> = Vec::new();
+        for name in changes.removed {
+            if let Some(id) = self.ids.remove(&name) {
+                self.backends.remove(id);
+                for policy in self.policies.values() {
+                    let _ = policy.lock().expect("policy lock").remove_service(id);
+                }
+            }
+            if self.plan.services.remove(&name).is_some() {
+                delta.push((name, None));
+            }
+        }
+        for (name, svc) in todo {
+            match self.render_service(&svc) {
+                Ok(fragment) => {
+                    if self.plan.services.get(&name) != Some(&fragment) {
+                        self.plan.services.insert(name.clone(), fragment.clone());
+                        delta.push((name, Some(fragment)));
+                    }
+                }
+                Err(e) => {
+                    self.stats.failed_services += 1;
+                    tracing::error!(service = %name, error = format!("{e:#}"), "cannot render service; keeping its last good rules");
+                    self.failed.insert(name);
+                }
+            }
+        }
+        let changed: Vec<(ServicePortName, Option<&Fragment>)> = delta.iter().map(|(n, f)| (n.clone(), f.as_ref())).collect();
+        let result = self.dataplane.apply(base.as_ref(), &changed);
+        if let Err(e) = &result {
+            self.stats.apply_errors += 1;
+            // Everything in this batch is retried: the dataplane kept its old state.
+            self.failed.extend(delta.into_iter().map(|(n, _)| n));
+            self.base_dirty |= base.is_some();
+            tracing::error!(error = format!("{e:#}"), "applying the plan failed; previous rules stay in force");
+        }
+        self.stats.last_duration = started.elapsed();
+        result
+    }
+
+    fn render_base(&mut self) -> Result<Fragment> {
+        let settings = ModeSettings { node: self.node.clone(), table: self.rules.nft_table.clone(), ..self.mode_settings.clone() };
+        self.mode.reconfigure(settings)?;
+        let base = self.mode.render_base()?;
+        base.validate(&self.rules).context("base fragment")?;
+        self.plan.base = base.clone();
+        Ok(base)
+    }
+
+    fn render_service(&mut self, svc: &ServiceState) -> Result<Fragment> {
+        let name = &svc.port.name;
+        let id = *self.ids.entry(name.clone()).or_insert_with(|| {
+            self.next_id += 1;
+            self.next_id - 1
+        });
+        let (policy_name, policy) = self.policy_for(svc);
+        let endpoints = categorize(&svc.port, &svc.endpoints, &self.node);
+        let eps = endpoints.internal(&svc.port).to_vec();
+        let backends = {
+            let mut p = policy.lock().expect("policy lock");
+            p.set_endpoints(id, &eps)?;
+            p.plan(id)?
+        };
+        let fragment = self.mode.render_service(id, &svc.port, &policy_name, &eps, &backends)?;
+        fragment.validate(&self.rules)?;
+        self.backends.set(ServiceBackends {
+            id,
+            name: name.clone(),
+            endpoints: eps.iter().map(|e| e.socket_addr()).collect(),
+            policy,
+            affinity: svc.port.affinity_timeout.map(|t| Affinity::new(Duration::from_secs(t.into()))),
+        });
+        Ok(fragment)
+    }
+
+    /// The Service's annotated policy, or the default when it is unset or
+    /// fails to load (logged).
+    fn policy_for(&mut self, svc: &ServiceState) -> (String, SharedPolicy) {
+        if let Some(wanted) = svc.port.lb_policy.clone() {
+            match self.policy(&wanted, &svc.port.lb_policy_config) {
+                Ok(p) => return (wanted, p),
+                Err(e) => tracing::error!(service = %svc.port.name, policy = wanted, error = format!("{e:#}"), "using the default policy instead"),
+            }
+        }
+        let default = self.default_policy.clone();
+        let p = self.policies.get(&(default.clone(), String::new())).cloned().expect("default policy loaded at start");
+        (default, p)
+    }
+
+    /// One instance per (policy, config): services configured alike share it.
+    fn policy(&mut self, name: &str, config: &str) -> Result<SharedPolicy> {
+        let key = (name.to_string(), config.to_string());
+        if let Some(p) = self.policies.get(&key) {
+            return Ok(p.clone());
+        }
+        let (source, bytes) = self.catalog.load(name)?;
+        let component = self.runtime.compile(&bytes).with_context(|| format!("plugin {source}"))?;
+        let policy = Policy::new(self.runtime.clone(), name, &component, config)?;
+        tracing::info!(policy = name, config, %source, "loaded lb policy");
+        let shared = Arc::new(Mutex::new(policy));
+        self.policies.insert(key, shared.clone());
+        Ok(shared)
+    }
+}

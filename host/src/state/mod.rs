@@ -1,0 +1,212 @@
+//! Cluster state: objects from a source go in, per-service-port changes
+//! come out.
+//!
+//! Like upstream's change trackers, [`ClusterState`] remembers which
+//! Services were touched since the last sync; [`ClusterState::take_changes`]
+//! turns only those into updated or removed service ports, so a sync costs
+//! work proportional to what changed.
+
+pub mod convert;
+pub mod topology;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::{Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName};
+
+type Key = (String, String);
+type SliceEndpoints = Vec<((String, Protocol), Endpoint)>;
+
+/// A service port with its merged endpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceState {
+    pub port: ServicePort,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// What changed since the last `take_changes`.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub updated: Vec<ServiceState>,
+    pub removed: Vec<ServicePortName>,
+    /// The node object changed (labels, zone, addresses).
+    pub node_changed: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.updated.is_empty() && self.removed.is_empty() && !self.node_changed
+    }
+}
+
+#[derive(Default)]
+pub struct ClusterState {
+    node_name: String,
+    services: BTreeMap<Key, Vec<ServicePort>>,
+    /// service key -> slice name -> endpoints
+    slices: BTreeMap<Key, BTreeMap<String, SliceEndpoints>>,
+    /// slice key -> the service it belongs to
+    slice_owner: BTreeMap<Key, Key>,
+    node: NodeInfo,
+    node_changed: bool,
+    /// Services whose ports or endpoints may differ from `last`.
+    dirty: BTreeSet<Key>,
+    last: BTreeMap<ServicePortName, ServiceState>,
+}
+
+impl ClusterState {
+    pub fn new(node_name: &str) -> Self {
+        Self { node_name: node_name.into(), node: NodeInfo { name: node_name.into(), ..NodeInfo::default() }, ..Self::default() }
+    }
+
+    pub fn node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    /// Number of Services with changes not yet taken.
+    pub fn pending(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Adds or replaces a Service. Returns why it is skipped, if it is.
+    pub fn upsert_service(&mut self, svc: &Service) -> Option<convert::Skip> {
+        let key = convert::object_key(&svc.metadata);
+        let (ports, skip) = match convert::service_ports(svc, &mut |w| tracing::warn!("{w}")) {
+            Ok(ports) => (ports, None),
+            Err(skip) => (Vec::new(), Some(skip)),
+        };
+        if ports.is_empty() {
+            self.delete_service(&key);
+        } else if self.services.get(&key) != Some(&ports) {
+            self.services.insert(key.clone(), ports);
+            self.dirty.insert(key);
+        }
+        skip
+    }
+
+    pub fn delete_service(&mut self, key: &Key) {
+        if self.services.remove(key).is_some() {
+            self.dirty.insert(key.clone());
+        }
+    }
+
+    pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
+        let key = convert::object_key(&slice.metadata);
+        let Some(service) = convert::slice_service(slice) else {
+            self.delete_slice(&key);
+            return;
+        };
+        let endpoints = convert::slice_endpoints(slice, &self.node_name);
+        if self.slice_owner.get(&key) == Some(&service) {
+            let current = self.slices.get(&service).and_then(|s| s.get(&key.1));
+            if current == Some(&endpoints) {
+                return;
+            }
+        } else {
+            // New slice, or its service label changed.
+            self.delete_slice(&key);
+            self.slice_owner.insert(key.clone(), service.clone());
+        }
+        self.slices.entry(service.clone()).or_default().insert(key.1, endpoints);
+        self.dirty.insert(service);
+    }
+
+    pub fn delete_slice(&mut self, key: &Key) {
+        if let Some(service) = self.slice_owner.remove(key) {
+            if let Some(by_name) = self.slices.get_mut(&service) {
+                by_name.remove(&key.1);
+                if by_name.is_empty() {
+                    self.slices.remove(&service);
+                }
+            }
+            self.dirty.insert(service);
+        }
+    }
+
+    pub fn set_node(&mut self, node: &Node) {
+        let info = convert::node_info(node);
+        if info != self.node {
+            self.node = info;
+            self.node_changed = true;
+        }
+    }
+
+    /// Replaces everything with a complete set of objects (a full listing),
+    /// marking only what differs as changed.
+    pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice], node: Option<&Node>) {
+        let svc_keys: BTreeSet<Key> = services.iter().map(|s| convert::object_key(&s.metadata)).collect();
+        let gone: Vec<Key> = self.services.keys().filter(|k| !svc_keys.contains(*k)).cloned().collect();
+        gone.iter().for_each(|k| self.delete_service(k));
+        services.iter().for_each(|s| {
+            self.upsert_service(s);
+        });
+        let slice_keys: BTreeSet<Key> = slices.iter().map(|s| convert::object_key(&s.metadata)).collect();
+        let gone: Vec<Key> = self.slice_owner.keys().filter(|k| !slice_keys.contains(*k)).cloned().collect();
+        gone.iter().for_each(|k| self.delete_slice(k));
+        slices.iter().for_each(|s| self.upsert_slice(s));
+        if let Some(node) = node {
+            self.set_node(node);
+        }
+    }
+
+    /// The changes since the last call, as service-port states.
+    pub fn take_changes(&mut self) -> Changes {
+        let mut changes = Changes { node_changed: std::mem::take(&mut self.node_changed), ..Changes::default() };
+        for key in std::mem::take(&mut self.dirty) {
+            let current: BTreeMap<ServicePortName, ServiceState> = self
+                .services
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .map(|port| (port.name.clone(), ServiceState { port: port.clone(), endpoints: self.merged_endpoints(&key, &port.name) }))
+                .collect();
+            let previous: Vec<ServicePortName> =
+                self.last.range(prefix_range(&key)).map(|(name, _)| name.clone()).collect();
+            for name in previous {
+                if !current.contains_key(&name) {
+                    self.last.remove(&name);
+                    changes.removed.push(name);
+                }
+            }
+            for (name, state) in current {
+                if self.last.get(&name) != Some(&state) {
+                    self.last.insert(name, state.clone());
+                    changes.updated.push(state);
+                }
+            }
+        }
+        changes
+    }
+
+    /// Every service port as of the last `take_changes`.
+    pub fn snapshot(&self) -> impl Iterator<Item = &ServiceState> {
+        self.last.values()
+    }
+
+    /// All slices of the service merged for one port: first occurrence of
+    /// an address wins, slices taken in name order (upstream's cache).
+    fn merged_endpoints(&self, service: &Key, port: &ServicePortName) -> Vec<Endpoint> {
+        let mut seen = BTreeSet::new();
+        let mut out = Vec::new();
+        for endpoints in self.slices.get(service).into_iter().flat_map(|s| s.values()) {
+            for ((name, proto), ep) in endpoints {
+                if *name == port.port && *proto == port.protocol && seen.insert((ep.ip, ep.port)) {
+                    out.push(ep.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The range of ServicePortNames belonging to one Service.
+fn prefix_range(key: &Key) -> std::ops::RangeInclusive<ServicePortName> {
+    let lo = ServicePortName { namespace: key.0.clone(), name: key.1.clone(), port: String::new(), protocol: Protocol::Tcp };
+    let hi = ServicePortName { namespace: key.0.clone(), name: key.1.clone(), port: "\u{10ffff}".repeat(4), protocol: Protocol::Sctp };
+    lo..=hi
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,15 @@
+use kwp_wasm_build::{Guest, build, write_table};
+
+/// (crate, artifact) of every bundled plugin.
+const PLUGINS: &[(&str, &str)] = &[
+    ("kwp-plugin-round-robin", "kwp_plugin_round_robin"),
+    ("kwp-plugin-random", "kwp_plugin_random"),
+    ("kwp-plugin-userspace", "kwp_plugin_userspace"),
+];
+
+fn main() {
+    let guests: Vec<_> = PLUGINS.iter().map(|(p, _)| Guest::Package(p)).collect();
+    let built = build(&guests);
+    let names: Vec<_> = PLUGINS.iter().map(|(_, a)| *a).collect();
+    write_table("bundle.rs", &built, &names);
+}

@@ -1,0 +1,64 @@
+//! The userspace proxy mode: every service-port becomes one host listener
+//! that accepts the Service's frontends (cluster IPs, external IPs,
+//! load-balancer IPs, node port) and forwards to the endpoint the
+//! service's policy picks. The host does the forwarding; this plugin only
+//! says which listeners exist.
+
+use std::cell::RefCell;
+
+use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, Listener};
+use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, IpAddress, IpMode, Protocol, ServicePort};
+
+/// UDP flows idle this long are closed (upstream userspace mode: 250 ms was
+/// its default for short-lived DNS-style flows; we favour longer flows).
+const UDP_IDLE_TIMEOUT_MS: u32 = 30_000;
+
+thread_local! {
+    static NODE_ADDRESSES: RefCell<Vec<IpAddress>> = const { RefCell::new(Vec::new()) };
+}
+
+pub struct Userspace;
+
+impl Guest for Userspace {
+    fn configure(config: ModeConfig) -> Result<(), String> {
+        NODE_ADDRESSES.with(|a| *a.borrow_mut() = config.node.addresses);
+        Ok(())
+    }
+
+    fn render_base() -> Result<Fragment, String> {
+        Ok(Fragment { items: Vec::new() })
+    }
+
+    fn render_service(service: ServicePort, _endpoints: Vec<Endpoint>, _backends: BackendPlan) -> Result<Fragment, String> {
+        Ok(Fragment { items: vec![Item::Listener(listener(&service))] })
+    }
+}
+
+fn listener(svc: &ServicePort) -> Listener {
+    let mut frontends: Vec<(IpAddress, u16)> = Vec::new();
+    let mut add = |ip: IpAddress, port: u16| {
+        if !frontends.contains(&(ip, port)) {
+            frontends.push((ip, port));
+        }
+    };
+    for ip in svc.cluster_ips.iter().chain(&svc.external_ips) {
+        add(*ip, svc.port);
+    }
+    // ipMode Proxy: the load balancer delivers to the node itself, so the
+    // ingress IP must not be captured locally.
+    for lb in svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip) {
+        add(lb.ip, svc.port);
+    }
+    if let Some(node_port) = svc.node_port {
+        NODE_ADDRESSES.with(|a| a.borrow().iter().for_each(|ip| add(*ip, node_port)));
+    }
+    Listener {
+        service: svc.id,
+        protocol: svc.protocol,
+        frontends,
+        udp_idle_timeout_ms: if svc.protocol == Protocol::Udp { UDP_IDLE_TIMEOUT_MS } else { 0 },
+    }
+}
+
+kwp_sdk::mode::export_mode_world!(Userspace with_types_in kwp_sdk::mode);

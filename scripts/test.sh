@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test. Installs what the tests need first: the wasm32-wasip2
+# target, and (as root) the Debian packages of the network tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+ensure_wasm_target
+ensure_packages nftables iproute2
+cargo test --workspace --locked "$@"
