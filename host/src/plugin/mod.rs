@@ -11,6 +11,8 @@ mod convert;
 pub mod mode;
 pub mod policy;
 mod sandbox;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -99,6 +101,11 @@ impl Runtime {
         let component = Component::new(&self.engine, bytes).map_err(anyhow::Error::from).context("compiling the component")?;
         self.compiled.lock().expect("cache lock").insert(digest, component.clone());
         Ok(component)
+    }
+
+    /// Number of distinct components compiled so far.
+    pub fn compiled_count(&self) -> usize {
+        self.compiled.lock().expect("cache lock").len()
     }
 
     fn new_store(&self) -> wasmtime::Store<PluginState> {

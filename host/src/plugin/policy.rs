@@ -13,7 +13,7 @@ use super::{PluginStats, Runtime};
 use crate::model::Endpoint;
 
 pub(crate) mod bindings {
-    wasmtime::component::bindgen!({ world: "policy-plugin", path: "../wit" });
+    wasmtime::component::bindgen!({ world: "policy-plugin", path: "../wit", additional_derives: [PartialEq] });
 }
 
 use bindings::kwp::proxy::types as wit;

@@ -22,7 +22,7 @@ pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Why a Service is not proxied.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Skip {
     #[error("headless (clusterIP None)")]
     Headless,

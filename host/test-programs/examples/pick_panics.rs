@@ -1,4 +1,5 @@
-//! Panics in `pick` on every call: the host must discard the trapped instance.
+//! Panics in `pick` for client port 13, picks endpoint 0 otherwise: the host
+//! must discard the trapped instance and serve the next call from a fresh one.
 use kwp_sdk::{BackendPlan, Endpoint, IpAddress, Policy};
 use kwp_test_programs::Counts;
 
@@ -12,8 +13,11 @@ impl Policy for Bad {
     fn remove_service(&mut self, service: u32) {
         self.0.0.remove(&service);
     }
-    fn pick(&mut self, _: u32, _: IpAddress, _: u16) -> Option<u32> {
-        panic!("pick_panics: deliberate panic")
+    fn pick(&mut self, service: u32, _: IpAddress, port: u16) -> Option<u32> {
+        if port == 13 {
+            panic!("pick_panics: deliberate panic");
+        }
+        self.0.0.get(&service).filter(|n| **n > 0).map(|_| 0)
     }
     fn plan(&mut self, service: u32) -> BackendPlan {
         self.0.plan(service)

@@ -1,0 +1,145 @@
+//! Plugin-runtime tests against real guest components: the bundled plugins
+//! and the misbehaving programs of `host/test-programs`.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use kwp_test_programs_artifacts::program;
+
+use super::policy::{BackendPlan, Policy};
+use super::*;
+use crate::model::Endpoint;
+
+fn runtime() -> Arc<Runtime> {
+    Runtime::new(Limits { call_timeout: Duration::from_millis(50), memory_bytes: 16 << 20 }).unwrap()
+}
+
+fn policy(rt: &Arc<Runtime>, name: &str, config: &str) -> anyhow::Result<Policy> {
+    let component = rt.compile(program(name))?;
+    Policy::new(rt.clone(), name, &component, config)
+}
+
+fn endpoints(n: u8) -> Vec<Endpoint> {
+    (1..=n)
+        .map(|i| Endpoint {
+            ip: [10, 0, 0, i].into(),
+            port: 80,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            zone_hints: vec![],
+            node_hints: vec![],
+            is_local: false,
+        })
+        .collect()
+}
+
+const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
+#[test]
+fn a_working_plugin_answers_and_is_compiled_once() {
+    let rt = runtime();
+    let mut p = policy(&rt, "pick_first", "").unwrap();
+    assert_eq!(p.pick(1, CLIENT, 1000).unwrap(), None, "no endpoints yet");
+    p.set_endpoints(1, &endpoints(3)).unwrap();
+    assert_eq!(p.pick(1, CLIENT, 1000).unwrap(), Some(0));
+    assert_eq!(p.plan(1).unwrap(), BackendPlan::Weights(vec![1, 1, 1]));
+    p.remove_service(1).unwrap();
+    assert_eq!(p.pick(1, CLIENT, 1000).unwrap(), None);
+
+    let _again = policy(&rt, "pick_first", "").unwrap();
+    assert_eq!(rt.compiled_count(), 1, "same bytes, one compilation");
+}
+
+#[test]
+fn configure_errors_refuse_the_plugin() {
+    let rt = runtime();
+    let err = policy(&rt, "pick_first", "fail").err().expect("configure error must refuse the plugin");
+    assert!(format!("{err:#}").contains("configured to fail"), "{err:#}");
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_by_the_deadline() {
+    let rt = runtime();
+    let mut p = policy(&rt, "pick_loops", "").unwrap();
+    p.set_endpoints(1, &endpoints(2)).unwrap();
+    let started = Instant::now();
+    let err = p.pick(1, CLIENT, 1).unwrap_err();
+    assert!(matches!(err, PluginError::Deadline { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    let stats = p.stats();
+    assert_eq!(stats.deadline_hits.load(Ordering::Relaxed), 1);
+    // The instance was discarded; the next call runs on a fresh one with the endpoints replayed.
+    assert_eq!(p.plan(1).unwrap(), BackendPlan::Weights(vec![1, 1]));
+    assert_eq!(stats.instantiations.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_memory_bomb_is_stopped_by_the_cap() {
+    let rt = runtime();
+    let mut p = policy(&rt, "memory_bomb", "").unwrap();
+    p.set_endpoints(1, &endpoints(1)).unwrap();
+    let err = p.pick(1, CLIENT, 1).unwrap_err();
+    assert!(matches!(err, PluginError::Memory { limit_mib: 16, .. }), "{err}");
+    assert_eq!(p.stats().memory_hits.load(Ordering::Relaxed), 1);
+    assert_eq!(p.plan(1).unwrap(), BackendPlan::Weights(vec![1]), "fresh instance serves the next call");
+}
+
+#[test]
+fn a_panic_discards_the_instance_and_the_next_call_works() {
+    let rt = runtime();
+    let mut p = policy(&rt, "pick_panics", "").unwrap();
+    p.set_endpoints(4, &endpoints(2)).unwrap();
+    let err = p.pick(4, CLIENT, 13).unwrap_err();
+    match &err {
+        PluginError::Trap { reason, .. } => assert!(reason.contains("deliberate panic"), "{reason}"),
+        other => panic!("expected a trap, got {other}"),
+    }
+    // Some(0), not None: the new instance was given the endpoints again.
+    assert_eq!(p.pick(4, CLIENT, 14).unwrap(), Some(0));
+    let stats = p.stats();
+    assert_eq!(stats.instantiations.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.traps.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn plugins_get_no_filesystem_environment_or_network() {
+    let rt = runtime();
+    let probe = policy(&rt, "sandbox_probe", "");
+    assert!(probe.is_ok(), "{:#}", probe.err().unwrap());
+}
+
+#[test]
+fn mode_plugins_load_and_the_wrong_world_is_refused() {
+    let rt = runtime();
+    let catalog = Catalog::new(None);
+    let (_, bytes) = catalog.load("userspace").unwrap();
+    let component = rt.compile(&bytes).unwrap();
+    let mode = mode::Mode::new(rt.clone(), "userspace", &component, mode::ModeSettings::default());
+    assert!(mode.is_ok(), "{:?}", mode.err());
+    // A policy component is not a proxy mode: refused with a clear error.
+    let (_, rr) = catalog.load("round-robin").unwrap();
+    let err = mode::Mode::new(rt.clone(), "round-robin", &rt.compile(&rr).unwrap(), mode::ModeSettings::default()).err().unwrap();
+    assert!(format!("{err:#}").contains("proxy-mode world"), "{err:#}");
+    assert!(catalog.load("no-such-plugin").is_err());
+}
+
+#[test]
+fn bundled_policies_spread_connections_through_the_host() {
+    let rt = runtime();
+    let catalog = Catalog::new(None);
+    for name in ["round-robin", "random"] {
+        let (_, bytes) = catalog.load(name).unwrap();
+        let mut p = Policy::new(rt.clone(), name, &rt.compile(&bytes).unwrap(), "").unwrap();
+        p.set_endpoints(9, &endpoints(4)).unwrap();
+        let mut counts = [0u32; 4];
+        for port in 0..4000u16 {
+            counts[p.pick(9, CLIENT, port).unwrap().unwrap() as usize] += 1;
+        }
+        for c in counts {
+            assert!((800..1200).contains(&c), "{name}: {counts:?}");
+        }
+    }
+}
