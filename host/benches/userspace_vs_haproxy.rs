@@ -583,7 +583,7 @@ fn main() -> Result<()> {
                 let cpu = cpu_of(t);
                 let run = load_rt.block_on(async {
                     if !k.warmup.is_zero() {
-                        load(addr, workload, &k, k.warmup, &|| None).await?;
+                        load(addr, workload, &k, k.warmup, &|| None::<u64>).await?;
                     }
                     let before: Vec<u64> = accepted.iter().map(|a| a.load(Ordering::Relaxed)).collect();
                     let run = load(addr, workload, &k, k.secs, &*cpu).await?;
