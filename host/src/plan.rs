@@ -138,6 +138,9 @@ fn check_text(text: &str) -> Result<(), PlanError> {
 pub struct Plan {
     pub base: Fragment,
     pub services: BTreeMap<ServicePortName, Fragment>,
+    /// Why each fragment looks as it does (policy, endpoints, backend
+    /// plan), printed as comments.
+    pub context: BTreeMap<ServicePortName, String>,
 }
 
 impl fmt::Display for Item {
@@ -184,6 +187,9 @@ impl fmt::Display for Plan {
         self.base.items.iter().try_for_each(|i| write!(f, "{i}"))?;
         for (name, fragment) in &self.services {
             writeln!(f, "# service {name}")?;
+            if let Some(context) = self.context.get(name) {
+                writeln!(f, "#   {context}")?;
+            }
             fragment.items.iter().try_for_each(|i| write!(f, "{i}"))?;
         }
         Ok(())

@@ -129,6 +129,7 @@ impl Proxier {
                     let _ = policy.lock().expect("policy lock").remove_service(id);
                 }
             }
+            self.plan.context.remove(&name);
             if self.plan.services.remove(&name).is_some() {
                 delta.push((name, None));
             }
@@ -186,6 +187,9 @@ impl Proxier {
         };
         let fragment = self.mode.render_service(id, &svc.port, &policy_name, &eps, &backends)?;
         fragment.validate(&self.rules)?;
+        let addrs: Vec<String> = eps.iter().map(|e| e.socket_addr().to_string()).collect();
+        let context = format!("policy {policy_name}, endpoints [{}], backends {backends:?}", addrs.join(", "));
+        self.plan.context.insert(name.clone(), context);
         self.backends.set(ServiceBackends {
             id,
             name: name.clone(),
