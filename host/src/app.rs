@@ -96,9 +96,24 @@ pub async fn run(flags: Flags) -> Result<()> {
     tracing::info!(mode = app.settings.mode.as_str(), source = app.settings.source, node = app.settings.hostname, "kube-wasm-proxy starting");
     tokio::select! {
         r = app.run() => r,
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupted; exiting");
+        signal = shutdown_signal() => {
+            tracing::info!(signal, "exiting");
             Ok(())
         }
+    }
+}
+
+/// SIGINT or SIGTERM (what the kubelet sends).
+pub async fn shutdown_signal() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
     }
 }

@@ -98,7 +98,7 @@ pub async fn run(mut flags: Flags, dir: Option<PathBuf>, run_for: Option<Duratio
         match run_for {
             Some(d) => tokio::time::sleep(d).await,
             None => {
-                let _ = tokio::signal::ctrl_c().await;
+                crate::app::shutdown_signal().await;
             }
         }
     };

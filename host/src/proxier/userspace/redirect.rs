@@ -46,6 +46,16 @@ impl Redirector {
     }
 }
 
+impl Drop for Redirector {
+    /// The listeners die with the process: take the redirects with them,
+    /// or cluster IPs would point at closed ports.
+    fn drop(&mut self) {
+        if self.last.is_some() {
+            let _ = Command::new("nft").args(["delete", "table", "ip", TABLE]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
 /// One nft transaction: (re)create the table with a prerouting chain (for
 /// traffic from pods and outside) and an output chain (for the node itself).
 pub fn render(mapping: &BTreeMap<ServicePortName, (Listener, SocketAddr)>) -> String {
