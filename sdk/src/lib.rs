@@ -3,7 +3,7 @@
 //! A load-balancing policy is a type implementing [`Policy`], exported with
 //! [`export_policy!`] from a `cdylib` crate built for `wasm32-wasip2`:
 //!
-//! ```ignore
+//! ```
 //! #[derive(Default)]
 //! struct First;
 //! impl kwp_sdk::Policy for First {
@@ -70,10 +70,13 @@ pub trait Policy: Default + 'static {
     fn plan(&mut self, service: u32) -> BackendPlan;
 }
 
-/// Exports a [`Policy`] type as the component's `policy` interface.
+/// Exports a [`Policy`] type as the component's `policy` interface. On
+/// native targets it expands to nothing: the policy is then an ordinary
+/// Rust type for [`testing::Harness`].
 #[macro_export]
 macro_rules! export_policy {
     ($ty:ty) => {
+        #[cfg(target_arch = "wasm32")]
         const _: () = {
             use $crate::bindings::exports::kwp::proxy::policy::Guest;
             use $crate::{BackendPlan, Endpoint, IpAddress, Policy};
@@ -108,7 +111,15 @@ macro_rules! export_policy {
             }
             $crate::bindings::export_policy_world!(Export with_types_in $crate::bindings);
         };
+        // Natively, only check that the type is a policy (and count it as used).
+        #[cfg(not(target_arch = "wasm32"))]
+        const _: fn() -> $ty = $crate::__new_policy::<$ty>;
     };
+}
+
+#[doc(hidden)]
+pub fn __new_policy<P: Policy>() -> P {
+    P::default()
 }
 
 /// Endpoint weights that treat every endpoint alike: the plan of policies

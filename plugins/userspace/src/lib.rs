@@ -61,4 +61,7 @@ fn listener(svc: &ServicePort) -> Listener {
     }
 }
 
+// Exported only in the component: the component-model symbol names do not
+// link into a native cdylib.
+#[cfg(target_arch = "wasm32")]
 kwp_sdk::mode::export_mode_world!(Userspace with_types_in kwp_sdk::mode);
