@@ -43,6 +43,15 @@ impl Netns {
     /// Runs `f` on a new thread that has entered the namespace, so its
     /// sockets live there.
     pub fn run_in<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
+        self.thread(f).join().expect("netns thread")
+    }
+
+    /// Like `run_in`, but the thread keeps running `f` in the background.
+    pub fn background(&self, f: impl FnOnce() + Send + 'static) {
+        self.thread(f);
+    }
+
+    fn thread<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> std::thread::JoinHandle<R> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("open netns");
@@ -50,19 +59,6 @@ impl Netns {
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .expect("netns thread")
-    }
-
-    /// Like `run_in`, but the thread keeps running `f` in the background.
-    pub fn background(&self, f: impl FnOnce() + Send + 'static) {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        });
     }
 }
 

@@ -1,26 +1,13 @@
-//! Spins forever in `pick` (and in `plan`): the epoch deadline must stop it.
-use kwp_sdk::{BackendPlan, Endpoint, IpAddress, Policy};
-use kwp_test_programs::Counts;
+//! Spins forever in `pick`: the epoch deadline must stop it.
+struct Loops;
 
-#[derive(Default)]
-struct Bad(Counts);
-
-impl Policy for Bad {
-    fn set_endpoints(&mut self, service: u32, endpoints: Vec<Endpoint>) {
-        self.0.set(service, &endpoints)
-    }
-    fn remove_service(&mut self, service: u32) {
-        self.0.0.remove(&service);
-    }
-    fn pick(&mut self, _: u32, _: IpAddress, _: u16) -> Option<u32> {
+impl kwp_test_programs::Pick for Loops {
+    fn pick(_endpoints: usize, _port: u16) -> Option<u32> {
         let mut x = 0u64;
         loop {
             x = std::hint::black_box(x.wrapping_add(1));
         }
     }
-    fn plan(&mut self, service: u32) -> BackendPlan {
-        self.0.plan(service)
-    }
 }
 
-kwp_sdk::export_policy!(Bad);
+kwp_sdk::export_policy!(kwp_test_programs::With<Loops>);

@@ -1,17 +1,50 @@
 //! Shared pieces of the test programs in `examples/`; each example is one
-//! guest component with one misbehaviour.
+//! guest component with one misbehaviour in `pick`.
 
-use kwp_sdk::{BackendPlan, Endpoint, even_weights};
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
 
-/// Endpoint counts per service, the state every test program keeps.
-#[derive(Default)]
-pub struct Counts(pub std::collections::BTreeMap<u32, usize>);
+use kwp_sdk::{BackendPlan, Endpoint, IpAddress, Policy, even_weights};
 
-impl Counts {
-    pub fn set(&mut self, service: u32, endpoints: &[Endpoint]) {
-        self.0.insert(service, endpoints.len());
+/// The misbehaviour: what `pick` does, given the endpoint count.
+pub trait Pick: 'static {
+    fn pick(endpoints: usize, port: u16) -> Option<u32>;
+    fn configure(_config: &str) -> Result<(), String> {
+        Ok(())
     }
-    pub fn plan(&self, service: u32) -> BackendPlan {
-        even_weights(self.0.get(&service).copied().unwrap_or(0))
+}
+
+/// A policy that keeps endpoint counts and delegates `pick` to `P`.
+pub struct With<P> {
+    counts: BTreeMap<u32, usize>,
+    _pick: PhantomData<P>,
+}
+
+impl<P> Default for With<P> {
+    fn default() -> Self {
+        Self { counts: BTreeMap::new(), _pick: PhantomData }
     }
+}
+
+impl<P: Pick> Policy for With<P> {
+    fn configure(&mut self, config: &str) -> Result<(), String> {
+        P::configure(config)
+    }
+    fn set_endpoints(&mut self, service: u32, endpoints: Vec<Endpoint>) {
+        self.counts.insert(service, endpoints.len());
+    }
+    fn remove_service(&mut self, service: u32) {
+        self.counts.remove(&service);
+    }
+    fn pick(&mut self, service: u32, _client: IpAddress, port: u16) -> Option<u32> {
+        P::pick(self.counts.get(&service).copied().unwrap_or(0), port)
+    }
+    fn plan(&mut self, service: u32) -> BackendPlan {
+        even_weights(self.counts.get(&service).copied().unwrap_or(0))
+    }
+}
+
+/// Endpoint 0 when there is one.
+pub fn first(endpoints: usize) -> Option<u32> {
+    (endpoints > 0).then_some(0)
 }
