@@ -10,6 +10,7 @@ use crate::plugin::mode::{Mode, ModeSettings};
 use crate::plugin::{Catalog, Limits, Runtime};
 use crate::proxier::backends::Backends;
 use crate::proxier::userspace::{Mapping, Redirector, UserspaceDataplane};
+use crate::proxier::nftables::NftDataplane;
 use crate::proxier::{Dataplane, NoDataplane, Proxier};
 use crate::source::file::FileSource;
 use crate::state::ClusterState;
@@ -28,14 +29,15 @@ impl App {
     pub fn build(flags: &Flags) -> Result<Self> {
         let settings = Settings::resolve(flags)?;
         let dir = crate::source::parse(&settings.source)?;
-        if settings.mode != ProxyMode::Userspace {
-            bail!("proxy mode {} is not available yet; use --proxy-mode userspace", settings.mode.as_str());
+        if !matches!(settings.mode, ProxyMode::Userspace | ProxyMode::Nftables) {
+            bail!("proxy mode {} is not available yet; use --proxy-mode userspace or nftables", settings.mode.as_str());
         }
         let runtime = Runtime::new(Limits::default())?;
         let catalog = Catalog::new(settings.plugin_dir.clone());
         let (source, bytes) = catalog.load(settings.mode.as_str())?;
         let component = runtime.compile(&bytes).with_context(|| format!("mode plugin {source}"))?;
         let mode_settings = ModeSettings {
+            table: crate::plan::Rules::default().nft_table,
             masquerade_all: settings.masquerade_all,
             cluster_cidrs: settings.cluster_cidrs.clone(),
             ..ModeSettings::default()
@@ -44,6 +46,8 @@ impl App {
         let backends = Arc::new(Backends::default());
         let (dataplane, mapping): (Box<dyn Dataplane>, _) = if settings.dry_run {
             (Box::new(NoDataplane), None)
+        } else if settings.mode == ProxyMode::Nftables {
+            (Box::new(NftDataplane::new(&crate::plan::Rules::default().nft_table)), None)
         } else {
             let redirector = if flags.no_redirect { None } else { Redirector::detect() };
             let bind = match (&redirector, flags.userspace_bind_address) {

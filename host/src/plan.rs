@@ -96,17 +96,18 @@ impl Fragment {
                 Item::NftChain { table, name, hook, rules: lines, .. } => {
                     own_table(table)?;
                     check_name(name)?;
-                    hook.iter().chain(lines).try_for_each(|l| check_text(l))?;
+                    hook.iter().try_for_each(|h| check_braced(h, false))?;
+                    lines.iter().try_for_each(|l| check_text(l))?;
                 }
                 Item::NftSet { table, name, declaration, .. } => {
                     own_table(table)?;
                     check_name(name)?;
-                    check_text(declaration)?;
+                    check_braced(declaration, true)?;
                 }
                 Item::NftElement { table, set, element, .. } => {
                     own_table(table)?;
                     check_name(set)?;
-                    check_text(element)?;
+                    check_braced(element, false)?;
                 }
                 Item::IptablesChain { name, rules: lines, .. } => {
                     if !name.starts_with(&rules.iptables_prefix) {
@@ -123,14 +124,25 @@ impl Fragment {
 }
 
 fn check_name(name: &str) -> Result<(), PlanError> {
-    let ok = !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ok = !name.is_empty() && name.len() <= 200 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok { Ok(()) } else { Err(PlanError::BadName(name.into())) }
 }
 
 /// nft and iptables-restore read one command per line (nft also splits on
 /// `;`): rule text may hold neither, or it could add commands of its own.
 fn check_text(text: &str) -> Result<(), PlanError> {
-    if text.contains(['\n', '\r', ';']) { Err(PlanError::Injection(text.into())) } else { Ok(()) }
+    check_chars(text, &['\n', '\r', ';'])
+}
+
+/// Text the host wraps in `{ ... }` (hooks, set declarations, elements) may
+/// not close the brace; a set declaration may use `;` inside it.
+fn check_braced(text: &str, allow_semicolon: bool) -> Result<(), PlanError> {
+    check_chars(text, &['\n', '\r', '{', '}'])?;
+    if allow_semicolon { Ok(()) } else { check_text(text) }
+}
+
+fn check_chars(text: &str, forbidden: &[char]) -> Result<(), PlanError> {
+    if text.contains(forbidden) { Err(PlanError::Injection(text.into())) } else { Ok(()) }
 }
 
 /// A whole plan, for `--dry-run`.
@@ -219,6 +231,11 @@ mod tests {
         assert!(matches!(chain("filter", "accept").validate(&rules), Err(PlanError::ForeignTable(..))));
         assert!(matches!(chain("kube-wasm-proxy", "accept; flush ruleset").validate(&rules), Err(PlanError::Injection(_))));
         assert!(matches!(chain("kube-wasm-proxy", "accept\nflush ruleset").validate(&rules), Err(PlanError::Injection(_))));
+        let set = |decl: &str| Fragment {
+            items: vec![Item::NftSet { family: NftFamily::Ip, table: "kube-wasm-proxy".into(), name: "s".into(), declaration: decl.into() }],
+        };
+        assert_eq!(set("type ipv4_addr; flags dynamic,timeout; timeout 10s;").validate(&rules), Ok(()));
+        assert!(matches!(set("type ipv4_addr; }; flush ruleset; add set ip t x {").validate(&rules), Err(PlanError::Injection(_))));
         let ipt = Fragment { items: vec![Item::IptablesChain { ipv6: false, table: "nat".into(), name: "KUBE-SERVICES".into(), rules: vec![] }] };
         assert!(matches!(ipt.validate(&rules), Err(PlanError::ForeignChain(..))));
         let big = Fragment { items: vec![chain("kube-wasm-proxy", "accept").items[0].clone(); 3] };

@@ -37,7 +37,11 @@ impl SyncLoop {
                     None => return,
                 },
                 _ = tokio::time::sleep_until(wake), if last_sync.is_some() || pending => {
+                    let periodic_due = Instant::now() >= periodic && last_sync.is_some();
                     self.sync();
+                    if periodic_due {
+                        let _ = self.proxier.resync();
+                    }
                     last_sync = Some(Instant::now());
                     pending = false;
                 }

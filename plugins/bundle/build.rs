@@ -5,6 +5,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("kwp-plugin-round-robin", "kwp_plugin_round_robin"),
     ("kwp-plugin-random", "kwp_plugin_random"),
     ("kwp-plugin-userspace", "kwp_plugin_userspace"),
+    ("kwp-plugin-nftables", "kwp_plugin_nftables"),
 ];
 
 fn main() {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod topology;
 
 use std::net::SocketAddr;
 use std::path::Path;

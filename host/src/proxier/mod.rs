@@ -5,6 +5,7 @@
 //! fragment of that service in force and is retried on the next sync.
 
 pub mod backends;
+pub mod nftables;
 pub mod userspace;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,6 +28,12 @@ pub trait Dataplane: Send {
     /// `changed` maps a service port to its new fragment, or `None` when it
     /// is gone. `base` is `Some` when the base fragment changed.
     fn apply(&mut self, base: Option<&Fragment>, changed: &[(ServicePortName, Option<&Fragment>)]) -> Result<()>;
+
+    /// Re-applies the whole current state, repairing anything changed
+    /// behind the proxy's back. Called every syncPeriod.
+    fn resync(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A dataplane that applies nothing (`--dry-run`).
@@ -159,6 +166,16 @@ impl Proxier {
             tracing::error!(error = format!("{e:#}"), "applying the plan failed; previous rules stay in force");
         }
         self.stats.last_duration = started.elapsed();
+        result
+    }
+
+    /// The periodic full resync (syncPeriod).
+    pub fn resync(&mut self) -> Result<()> {
+        let result = self.dataplane.resync();
+        if let Err(e) = &result {
+            self.stats.apply_errors += 1;
+            tracing::error!(error = format!("{e:#}"), "periodic resync failed; will retry");
+        }
         result
     }
 

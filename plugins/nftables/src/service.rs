@@ -1,0 +1,228 @@
+//! One service port's chains and map elements.
+
+use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
+use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftFamily, NftSet};
+use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy};
+
+use crate::base::{chain, element, ipv4};
+
+fn proto(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// `ns.name.port.proto`: unique, since Kubernetes names cannot hold dots.
+fn key(svc: &ServicePort) -> String {
+    let port = if svc.port_name.is_empty() { "_" } else { svc.port_name.as_str() };
+    format!("{}.{}.{}.{}", svc.namespace, svc.name, port, proto(svc.protocol))
+}
+
+pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backends: &BackendPlan) -> Result<Fragment, String> {
+    let key = key(svc);
+    let p = proto(svc.protocol);
+    let svc_chain = format!("svc-{key}");
+    let ext_chain = format!("ext-{key}");
+    let fw_chain = format!("fw-{key}");
+    let mut items: Vec<Item> = Vec::new();
+    // Only IPv4 endpoints can back an `ip` table's DNAT.
+    let usable: Vec<usize> = (0..endpoints.len()).filter(|i| ipv4(&endpoints[*i].address).is_some()).collect();
+    let weights = weights(backends, endpoints.len())?;
+
+    // Per-endpoint chains.
+    let affinity = match svc.session_affinity {
+        SessionAffinity::ClientIp(t) => Some(t.max(1)),
+        SessionAffinity::None => None,
+    };
+    for &i in &usable {
+        let ep = &endpoints[i];
+        let ip = ipv4(&ep.address).expect("usable");
+        let mut rules = vec![format!("ip saddr {ip} jump mark-for-masquerade")];
+        if let Some(timeout) = affinity {
+            let set = format!("aff-{key}-{i}");
+            items.push(Item::NftSet(NftSet {
+                family: NftFamily::Ip,
+                table: cfg.table.clone(),
+                name: set.clone(),
+                declaration: format!("type ipv4_addr; flags dynamic,timeout; timeout {timeout}s;"),
+            }));
+            rules.push(format!("update @{set} {{ ip saddr }}"));
+        }
+        rules.push(format!("meta l4proto {p} dnat to {ip}:{}", ep.port));
+        items.push(chain(cfg, &format!("ep-{key}-{i}"), None, rules));
+    }
+
+    // Internal traffic: the endpoints the host chose for this service's
+    // internal traffic policy, spread by the policy's plan.
+    let internal: Vec<usize> = usable.iter().copied().filter(|i| weights[*i] > 0).collect();
+    if !internal.is_empty() {
+        let mut rules = Vec::new();
+        if cfg.masquerade_all {
+            rules.push("jump mark-for-masquerade".to_string());
+        } else if let Some(cidrs) = cluster_cidrs(cfg) {
+            rules.push(format!("ip saddr != {{ {cidrs} }} jump mark-for-masquerade"));
+        }
+        rules.extend(affinity_rules(&key, &internal, affinity));
+        rules.push(selection(&key, &internal, &weights, backends));
+        items.push(chain(cfg, &svc_chain, None, rules));
+    }
+
+    // External traffic (node ports, external IPs, load-balancer IPs).
+    let local_only = svc.external_traffic_policy == TrafficPolicy::Local;
+    let external: Vec<usize> = if local_only { internal.iter().copied().filter(|i| endpoints[*i].is_local).collect() } else { internal.clone() };
+    let has_external = !svc.external_ips.is_empty() || !svc.load_balancer_ingress.is_empty() || svc.node_port.is_some();
+    if has_external && !external.is_empty() {
+        let rules = if local_only {
+            // From the node itself, behave as internal traffic; from outside,
+            // keep the client address and use local endpoints only.
+            let mut r = vec!["fib saddr type local jump mark-for-masquerade".to_string()];
+            if !internal.is_empty() {
+                r.push(format!("fib saddr type local goto {svc_chain}"));
+            }
+            r.extend(affinity_rules(&key, &external, affinity));
+            r.push(selection(&key, &external, &weights, &BackendPlan::Weights(weights.clone())));
+            r
+        } else {
+            vec!["jump mark-for-masquerade".to_string(), format!("goto {svc_chain}")]
+        };
+        items.push(chain(cfg, &ext_chain, None, rules));
+    }
+
+    // Map elements.
+    let no_endpoints = |local_policy: bool| if local_policy && !usable.is_empty() { "drop".to_string() } else { "goto reject-chain".to_string() };
+    let internal_verdict = if internal.is_empty() {
+        None
+    } else {
+        Some(format!("goto {svc_chain}"))
+    };
+    for ip in svc.cluster_ips.iter().filter_map(ipv4) {
+        match &internal_verdict {
+            Some(v) => items.push(element(cfg, "service-ips", format!("{ip} . {p} . {} : {v}", svc.port))),
+            None => items.push(element(
+                cfg,
+                "no-endpoint-services",
+                format!("{ip} . {p} . {} : {}", svc.port, no_endpoints(svc.internal_traffic_policy == TrafficPolicy::Local)),
+            )),
+        }
+    }
+    let external_verdict = (!external.is_empty()).then(|| format!("goto {ext_chain}"));
+    let mut external_ips: Vec<String> = svc.external_ips.iter().filter_map(ipv4).collect();
+    let lb_ips: Vec<String> = svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip).filter_map(|lb| ipv4(&lb.ip)).collect();
+    let firewall = !svc.source_ranges.is_empty() && !lb_ips.is_empty() && external_verdict.is_some();
+    if firewall {
+        let ranges: Vec<String> = svc
+            .source_ranges
+            .iter()
+            .filter_map(|c| ipv4(&c.address).map(|a| format!("{a}/{}", c.prefix_len)))
+            .collect();
+        let mut rules = Vec::new();
+        if !ranges.is_empty() {
+            rules.push(format!("ip saddr != {{ {} }} drop", ranges.join(", ")));
+        }
+        rules.push(format!("goto {ext_chain}"));
+        items.push(chain(cfg, &fw_chain, None, rules));
+    }
+    for ip in &lb_ips {
+        if firewall {
+            items.push(element(cfg, "service-ips", format!("{ip} . {p} . {} : goto {fw_chain}", svc.port)));
+        } else {
+            external_ips.push(ip.clone());
+        }
+    }
+    for ip in &external_ips {
+        match &external_verdict {
+            Some(v) => items.push(element(cfg, "service-ips", format!("{ip} . {p} . {} : {v}", svc.port))),
+            None => items.push(element(cfg, "no-endpoint-services", format!("{ip} . {p} . {} : {}", svc.port, no_endpoints(local_only)))),
+        }
+    }
+    if let Some(node_port) = svc.node_port {
+        match &external_verdict {
+            Some(v) => items.push(element(cfg, "service-nodeports", format!("{p} . {node_port} : {v}"))),
+            None => items.push(element(cfg, "no-endpoint-nodeports", format!("{p} . {node_port} : {}", no_endpoints(local_only)))),
+        }
+    }
+    Ok(Fragment { items })
+}
+
+fn cluster_cidrs(cfg: &ModeConfig) -> Option<String> {
+    let v4: Vec<&str> = cfg.cluster_cidrs.iter().map(String::as_str).filter(|c| c.contains('.')).collect();
+    (!v4.is_empty()).then(|| v4.join(", "))
+}
+
+/// One weight per endpoint from the policy's plan.
+fn weights(plan: &BackendPlan, n: usize) -> Result<Vec<u32>, String> {
+    match plan {
+        BackendPlan::Weights(w) if w.len() == n => Ok(w.clone()),
+        BackendPlan::Weights(w) => Err(format!("policy gave {} weights for {n} endpoints", w.len())),
+        BackendPlan::Slots(slots) => {
+            let mut w = vec![0u32; n];
+            for s in slots {
+                *w.get_mut(*s as usize).ok_or(format!("slot names endpoint {s} of {n}"))? += 1;
+            }
+            Ok(w)
+        }
+    }
+}
+
+/// Existing ClientIP affinity wins over a new pick.
+fn affinity_rules(key: &str, eps: &[usize], affinity: Option<u32>) -> Vec<String> {
+    match affinity {
+        Some(_) => eps.iter().map(|i| format!("ip saddr @aff-{key}-{i} goto ep-{key}-{i}")).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// The rule choosing among `eps`: `numgen` over weight ranges, or a hash
+/// of the client address into the policy's slot table.
+fn selection(key: &str, eps: &[usize], weights: &[u32], plan: &BackendPlan) -> String {
+    if let BackendPlan::Slots(slots) = plan {
+        let allowed: Vec<u32> = slots.iter().copied().filter(|s| eps.contains(&(*s as usize))).collect();
+        if allowed.len() == slots.len() && !slots.is_empty() {
+            let entries = runs(slots.iter().map(|s| *s as usize)).into_iter().map(|(lo, hi, ep)| arm(key, lo, hi, ep)).collect::<Vec<_>>();
+            return format!("jhash ip saddr mod {} vmap {{ {} }}", slots.len(), entries.join(", "));
+        }
+    }
+    let mut arms = Vec::new();
+    let mut at = 0u32;
+    for &i in eps {
+        let w = weights[i].max(1);
+        arms.push(arm(key, at, at + w - 1, i));
+        at += w;
+    }
+    format!("numgen random mod {at} vmap {{ {} }}", arms.join(", "))
+}
+
+fn arm(key: &str, lo: u32, hi: u32, ep: usize) -> String {
+    if lo == hi { format!("{lo} : goto ep-{key}-{ep}") } else { format!("{lo}-{hi} : goto ep-{key}-{ep}") }
+}
+
+/// Consecutive equal values as (first index, last index, value).
+fn runs(values: impl Iterator<Item = usize>) -> Vec<(u32, u32, usize)> {
+    let mut out: Vec<(u32, u32, usize)> = Vec::new();
+    for (i, v) in values.enumerate() {
+        match out.last_mut() {
+            Some((_, hi, last)) if *last == v => *hi = i as u32,
+            _ => out.push((i as u32, i as u32, v)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_follows_the_plan() {
+        assert_eq!(selection("k", &[0, 1], &[1, 1], &BackendPlan::Weights(vec![1, 1])), "numgen random mod 2 vmap { 0 : goto ep-k-0, 1 : goto ep-k-1 }");
+        assert_eq!(selection("k", &[0, 2], &[3, 0, 1], &BackendPlan::Weights(vec![3, 0, 1])), "numgen random mod 4 vmap { 0-2 : goto ep-k-0, 3 : goto ep-k-2 }");
+        assert_eq!(
+            selection("k", &[0, 1], &[2, 1], &BackendPlan::Slots(vec![0, 0, 1])),
+            "jhash ip saddr mod 3 vmap { 0-1 : goto ep-k-0, 2 : goto ep-k-1 }"
+        );
+        assert!(weights(&BackendPlan::Weights(vec![1]), 2).is_err());
+        assert!(weights(&BackendPlan::Slots(vec![5]), 2).is_err());
+    }
+}

@@ -1,0 +1,174 @@
+//! A small cluster made of network namespaces, built by the tests:
+//!
+//! ```text
+//!   client (203.0.113.2) ──veth── node (203.0.113.1, runs the proxy)
+//!                                  │ br0 10.244.1.1/24
+//!                                  ├── pod-a 10.244.1.11 (local)
+//!                                  ├── pod-b 10.244.1.12 (local)
+//!                                  │ veth 10.0.0.1 ── remote 10.0.0.2, br0 10.244.2.1/24
+//!                                  │                   ├── pod-c 10.244.2.11
+//!                                  │                   └── pod-d 10.244.2.12
+//! ```
+//!
+//! Every pod runs a TCP and a UDP server on port 8080 answering
+//! "<pod> <source address it saw>". Everything is deleted on drop.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use super::netns::Netns;
+
+pub const NODE_IP: &str = "203.0.113.1";
+pub const CLIENT_IP: &str = "203.0.113.2";
+pub const POD_PORT: u16 = 8080;
+
+pub struct Pod {
+    pub name: &'static str,
+    pub ip: &'static str,
+    pub local: bool,
+    pub ns: Netns,
+}
+
+pub struct Cluster {
+    pub node: Netns,
+    pub remote: Netns,
+    pub client: Netns,
+    pub pods: Vec<Pod>,
+}
+
+const PODS: &[(&str, &str, bool)] =
+    &[("pod-a", "10.244.1.11", true), ("pod-b", "10.244.1.12", true), ("pod-c", "10.244.2.11", false), ("pod-d", "10.244.2.12", false)];
+
+impl Cluster {
+    pub fn new(tag: &str) -> Self {
+        let node = Netns::new(&format!("kwp-{tag}-node"));
+        let remote = Netns::new(&format!("kwp-{tag}-rem"));
+        let client = Netns::new(&format!("kwp-{tag}-cli"));
+        for ns in [&node, &remote] {
+            // No ICMP redirects: a pod told to reach a hairpinned service
+            // "directly" would bypass the node, as CNI bridges also avoid.
+            ns.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.default.send_redirects=0 && ip link add br0 type bridge && ip link set br0 up");
+        }
+        node.sh("ip addr add 10.244.1.1/24 dev br0");
+        remote.sh("ip addr add 10.244.2.1/24 dev br0");
+        link(&node, "eth-cli", &client, "eth0");
+        // A default route, as every real node has: service IPs are not local.
+        node.sh(&format!("ip addr add {NODE_IP}/24 dev eth-cli && ip link set eth-cli up && ip route add default via {CLIENT_IP}"));
+        client.sh(&format!("ip addr add {CLIENT_IP}/24 dev eth0 && ip link set eth0 up && ip route add default via {NODE_IP}"));
+        link(&node, "eth-rem", &remote, "eth-node");
+        node.sh("ip addr add 10.0.0.1/24 dev eth-rem && ip link set eth-rem up && ip route add 10.244.2.0/24 via 10.0.0.2");
+        remote.sh("ip addr add 10.0.0.2/24 dev eth-node && ip link set eth-node up && ip route add default via 10.0.0.1");
+
+        let mut pods = Vec::new();
+        for (i, (name, ip, local)) in PODS.iter().enumerate() {
+            let ns = Netns::new(&format!("kwp-{tag}-p{i}"));
+            let host = if *local { &node } else { &remote };
+            let gw = if *local { "10.244.1.1" } else { "10.244.2.1" };
+            let port = format!("veth-p{i}");
+            link(host, &port, &ns, "eth0");
+            // Hairpin mode, as CNI bridges set it: a pod reaching its own
+            // Service may be sent back out the port it came in on.
+            host.sh(&format!("ip link set {port} master br0 && ip link set {port} type bridge_slave hairpin on && ip link set {port} up"));
+            ns.sh(&format!("ip addr add {ip}/24 dev eth0 && ip link set eth0 up && ip route add default via {gw}"));
+            serve(&ns, name);
+            pods.push(Pod { name, ip, local: *local, ns });
+        }
+        Cluster { node, remote, client, pods }
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods.iter().find(|p| p.name == name).expect("pod")
+    }
+
+    /// Node YAML for the proxy's file source (name node-1, InternalIP).
+    pub fn node_yaml() -> String {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n  labels: {{topology.kubernetes.io/zone: zone-a}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {NODE_IP}}}\n"
+        )
+    }
+}
+
+/// A veth pair between two namespaces.
+fn link(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
+    a.sh(&format!("ip link add {a_name} type veth peer name {b_name} netns {}", b.name));
+}
+
+/// TCP and UDP servers answering "<name> <peer ip>".
+fn serve(ns: &Netns, name: &'static str) {
+    ns.background(move || {
+        let listener = TcpListener::bind(("0.0.0.0", POD_PORT)).expect("pod tcp bind");
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let peer = conn.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+                let mut buf = [0u8; 64];
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = conn.read(&mut buf);
+                let _ = conn.write_all(format!("{name} {peer}").as_bytes());
+            });
+        }
+    });
+    ns.background(move || {
+        let socket = UdpSocket::bind(("0.0.0.0", POD_PORT)).expect("pod udp bind");
+        let mut buf = [0u8; 512];
+        while let Ok((_, peer)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(format!("{name} {}", peer.ip()).as_bytes(), peer);
+        }
+    });
+}
+
+/// What happened to one connection attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// (pod, source address the pod saw)
+    Answered(String, String),
+    Refused,
+    TimedOut,
+    Other(String),
+}
+
+/// One TCP request from namespace `from` to `addr`.
+pub fn tcp_from(from: &Netns, addr: SocketAddr) -> Outcome {
+    from.run_in(move || {
+        let mut conn = match TcpStream::connect_timeout(&addr, Duration::from_millis(1500)) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => return Outcome::TimedOut,
+            Err(e) => return Outcome::Other(e.to_string()),
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        if let Err(e) = conn.write_all(b"who\n") {
+            return Outcome::Other(e.to_string());
+        }
+        let mut out = String::new();
+        match conn.read_to_string(&mut out) {
+            Ok(_) => parse(&out),
+            Err(e) => Outcome::Other(e.to_string()),
+        }
+    })
+}
+
+/// One UDP exchange from namespace `from` to `addr`.
+pub fn udp_from(from: &Netns, addr: SocketAddr) -> Outcome {
+    from.run_in(move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("udp bind");
+        socket.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        if let Err(e) = socket.send_to(b"who", addr) {
+            return Outcome::Other(e.to_string());
+        }
+        let mut buf = [0u8; 512];
+        match socket.recv_from(&mut buf) {
+            Ok((n, _)) => parse(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+            Err(_) => Outcome::TimedOut,
+        }
+    })
+}
+
+fn parse(reply: &str) -> Outcome {
+    match reply.split_once(' ') {
+        Some((pod, src)) => Outcome::Answered(pod.into(), src.into()),
+        None => Outcome::Other(format!("unexpected reply {reply:?}")),
+    }
+}

@@ -1,0 +1,201 @@
+//! nftables mode with real packets: a proxy in the node namespace of a
+//! small namespace cluster (see common/topology.rs), clients in pods, on
+//! the node and outside, asserting who answered and which source address
+//! the backend saw.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use common::topology::{CLIENT_IP, Cluster, NODE_IP, Outcome, POD_PORT, tcp_from, udp_from};
+use common::write;
+
+struct Proxy {
+    child: Child,
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CONFIG: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: 10.244.0.0/16\n";
+
+/// Starts the proxy in the node namespace on a file source holding `objects`.
+fn start(cluster: &Cluster, objects: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    write(&path, "node.yaml", &Cluster::node_yaml());
+    write(&path, "objects.yaml", objects);
+    let config = path.join("config.conf");
+    std::fs::write(&config, CONFIG).unwrap();
+    let source = format!("file:{}/objects", path.display());
+    std::fs::create_dir(path.join("objects")).unwrap();
+    std::fs::rename(path.join("node.yaml"), path.join("objects/node.yaml")).unwrap();
+    std::fs::rename(path.join("objects.yaml"), path.join("objects/objects.yaml")).unwrap();
+    let child = cluster.node.spawn(
+        env!("CARGO_BIN_EXE_kube-wasm-proxy"),
+        &[
+            "--proxy-mode", "nftables", "--source", &source, "--config", config.to_str().unwrap(),
+            "--hostname-override", "node-1", "--min-sync-period", "50ms", "--sync-period", "2s",
+            "--healthz-bind-address", "", "--metrics-bind-address", "",
+        ],
+    );
+    let proxy = Proxy { child, _dir: dir, dir: path.join("objects") };
+    eventually("the proxy's table", || cluster.node.sh("nft list tables").contains("kube-wasm-proxy"));
+    proxy
+}
+
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+/// A Service, its EndpointSlice over the named pods, one port 80 -> 8080.
+fn service(cluster: &Cluster, name: &str, ip: &str, spec: &str, pods: &[&str], proto: &str) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {ip}\n{spec}  ports: [{{name: p, port: 80, protocol: {proto}, targetPort: {POD_PORT}{np}}}]\n",
+        np = spec_node_port(spec),
+    );
+    y.push_str(&format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, port: {POD_PORT}, protocol: {proto}}}]\nendpoints:\n"
+    ));
+    for pod in pods {
+        let p = cluster.pod(pod);
+        let node = if p.local { "node-1" } else { "node-2" };
+        y.push_str(&format!("- {{addresses: ['{}'], nodeName: {node}, conditions: {{ready: true}}}}\n", p.ip));
+    }
+    y + "---\n"
+}
+
+/// `# nodePort: N` in a spec becomes the port's nodePort.
+fn spec_node_port(spec: &str) -> String {
+    spec.lines().find_map(|l| l.trim().strip_prefix("# nodePort: ")).map(|n| format!(", nodePort: {n}")).unwrap_or_default()
+}
+
+fn answered_by(outcomes: &[Outcome]) -> BTreeSet<String> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Answered(pod, _) => pod.clone(),
+            other => panic!("connection failed: {other:?} in {outcomes:?}"),
+        })
+        .collect()
+}
+
+fn many(n: usize, f: impl Fn() -> Outcome) -> Vec<Outcome> {
+    (0..n).map(|_| f()).collect()
+}
+
+#[test]
+fn cluster_ip_spreads_over_local_and_remote_pods_without_masquerade() {
+    let c = Cluster::new("cip");
+    let _p = start(&c, &service(&c, "web", "10.96.0.10", "", &["pod-a", "pod-b", "pod-c", "pod-d"], "TCP"));
+    let from = &c.pod("pod-b").ns;
+    let outcomes = many(40, || tcp_from(from, addr("10.96.0.10", 80)));
+    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a", "pod-b", "pod-c", "pod-d"].map(String::from)));
+    for o in &outcomes {
+        let Outcome::Answered(pod, src) = o else { unreachable!() };
+        if pod == "pod-b" {
+            assert_eq!(src, "10.244.1.1", "hairpin to itself must be masqueraded");
+        } else {
+            assert_eq!(src, "10.244.1.12", "in-cluster source kept for {pod}");
+        }
+    }
+}
+
+#[test]
+fn node_port_from_outside_is_masqueraded() {
+    let c = Cluster::new("np");
+    let spec = "  type: NodePort\n  # nodePort: 30080\n";
+    let _p = start(&c, &service(&c, "web", "10.96.0.11", spec, &["pod-a", "pod-c"], "TCP"));
+    let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30080)));
+    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+    for o in &outcomes {
+        let Outcome::Answered(_, src) = o else { unreachable!() };
+        assert_ne!(src, CLIENT_IP, "externalTrafficPolicy Cluster masquerades");
+    }
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_ip_and_local_pods() {
+    let c = Cluster::new("etp");
+    let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n  # nodePort: 30081\n";
+    let _p = start(&c, &service(&c, "web", "10.96.0.12", spec, &["pod-a", "pod-b", "pod-c"], "TCP"));
+    let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30081)));
+    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string(), "pod-b".to_string()]));
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Answered(_, src) if src == CLIENT_IP)), "{outcomes:?}");
+}
+
+#[test]
+fn no_endpoints_rejects_and_no_local_endpoints_drops() {
+    let c = Cluster::new("rej");
+    let none = service(&c, "empty", "10.96.0.13", "  type: NodePort\n  # nodePort: 30082\n", &[], "TCP");
+    let remote_only = service(&c, "far", "10.96.0.14", "  type: NodePort\n  externalTrafficPolicy: Local\n  # nodePort: 30083\n", &["pod-c"], "TCP");
+    let _p = start(&c, &(none + &remote_only));
+    eventually("rules for both services", || c.node.sh("nft list table ip kube-wasm-proxy").contains("30083"));
+    assert_eq!(tcp_from(&c.pod("pod-a").ns, addr("10.96.0.13", 80)), Outcome::Refused, "cluster IP without endpoints");
+    assert_eq!(tcp_from(&c.client, addr(NODE_IP, 30082)), Outcome::Refused, "node port without endpoints");
+    assert_eq!(tcp_from(&c.client, addr(NODE_IP, 30083)), Outcome::TimedOut, "Local policy, no local endpoint: drop");
+    assert!(matches!(tcp_from(&c.pod("pod-a").ns, addr("10.96.0.14", 80)), Outcome::Answered(p, _) if p == "pod-c"), "internal traffic still served");
+}
+
+#[test]
+fn client_ip_affinity_sticks_to_one_pod() {
+    let c = Cluster::new("aff");
+    let spec = "  type: NodePort\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  # nodePort: 30084\n";
+    let _p = start(&c, &service(&c, "web", "10.96.0.15", spec, &["pod-a", "pod-b", "pod-c", "pod-d"], "TCP"));
+    let outcomes = many(12, || tcp_from(&c.client, addr(NODE_IP, 30084)));
+    assert_eq!(answered_by(&outcomes).len(), 1, "{outcomes:?}");
+    let outcomes = many(12, || tcp_from(&c.pod("pod-a").ns, addr("10.96.0.15", 80)));
+    assert_eq!(answered_by(&outcomes).len(), 1, "{outcomes:?}");
+}
+
+#[test]
+fn udp_cluster_ip_works() {
+    let c = Cluster::new("udp");
+    let _p = start(&c, &service(&c, "dns", "10.96.0.53", "", &["pod-a", "pod-c"], "UDP"));
+    eventually("udp rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.53 . udp"));
+    let outcomes = many(20, || udp_from(&c.pod("pod-b").ns, addr("10.96.0.53", 80)));
+    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+}
+
+#[test]
+fn endpoint_changes_apply_incrementally_and_other_tables_are_untouched() {
+    let c = Cluster::new("inc");
+    c.node.sh("nft add table inet bystander && nft add chain inet bystander input '{ type filter hook input priority 0; }' && nft add rule inet bystander input tcp dport 9 accept");
+    let before = c.node.sh("nft list table inet bystander");
+    let p = start(&c, &service(&c, "web", "10.96.0.16", "", &["pod-a", "pod-c", "pod-d"], "TCP"));
+    let from = &c.pod("pod-b").ns;
+    assert!(answered_by(&many(30, || tcp_from(from, addr("10.96.0.16", 80)))).contains("pod-d"));
+
+    write(&p.dir, "objects.yaml", &service(&c, "web", "10.96.0.16", "", &["pod-a", "pod-c"], "TCP"));
+    eventually("pod-d removed", || !c.node.sh("nft list table ip kube-wasm-proxy").contains("10.244.2.12"));
+    assert_eq!(answered_by(&many(20, || tcp_from(from, addr("10.96.0.16", 80)))), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+    assert_eq!(c.node.sh("nft list table inet bystander"), before, "another program's table changed");
+}
+
+#[test]
+fn a_deleted_table_is_repaired_within_sync_period() {
+    let c = Cluster::new("rep");
+    let _p = start(&c, &service(&c, "web", "10.96.0.17", "", &["pod-a"], "TCP"));
+    assert!(matches!(tcp_from(&c.pod("pod-b").ns, addr("10.96.0.17", 80)), Outcome::Answered(..)));
+    c.node.sh("nft delete table ip kube-wasm-proxy");
+    // --sync-period 2s in `start`.
+    eventually("the table to come back", || c.node.sh("nft list tables").contains("kube-wasm-proxy"));
+    eventually("traffic to flow again", || matches!(tcp_from(&c.pod("pod-b").ns, addr("10.96.0.17", 80)), Outcome::Answered(..)));
+}
