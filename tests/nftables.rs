@@ -199,3 +199,74 @@ fn a_deleted_table_is_repaired_within_sync_period() {
     eventually("the table to come back", || c.node.sh("nft list tables").contains("kube-wasm-proxy"));
     eventually("traffic to flow again", || matches!(tcp_from(&c.pod("pod-b").ns, addr("10.96.0.17", 80)), Outcome::Answered(..)));
 }
+
+#[test]
+fn a_restart_adopts_the_table_without_dropping_a_connection() {
+    let c = Cluster::new("rst");
+    let objects = service(&c, "web", "10.96.0.18", "", &["pod-a", "pod-c"], "TCP");
+    let first = start(&c, &objects);
+    assert!(matches!(tcp_from(&c.pod("pod-b").ns, addr("10.96.0.18", 80)), Outcome::Answered(..)));
+
+    // A client hammering the Service while the proxy is killed and replaced.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        let path = format!("/run/netns/{}", c.pod("pod-b").ns.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }, 0);
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match common::topology::tcp_here(addr("10.96.0.18", 80)) {
+                    Outcome::Answered(..) => ok += 1,
+                    other => failed.push(other),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    drop(first); // SIGKILL: the table stays behind
+    let second = start(&c, &objects);
+    std::thread::sleep(Duration::from_millis(1500)); // its first (full) sync has run
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.join().unwrap();
+    assert!(failed.is_empty(), "{} failed of {}: {failed:?}", failed.len(), ok + failed.len());
+    assert!(ok > 20, "only {ok} connections");
+    assert!(c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.18 . tcp . 80"));
+    drop(second);
+}
+
+#[test]
+fn external_and_load_balancer_ips_with_source_ranges() {
+    let c = Cluster::new("lb");
+    // 198.51.100.x stands for addresses routed to this node by a router.
+    c.client.sh("ip route add 198.51.100.0/24 via 203.0.113.1");
+    let spec = "  type: LoadBalancer\n  externalIPs: [198.51.100.7]\n  loadBalancerSourceRanges: [203.0.113.0/30]\n  # nodePort: 30085\n";
+    let mut objects = service(&c, "lb", "10.96.0.19", spec, &["pod-a"], "TCP");
+    objects = objects.replacen("---\n", "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.8}, {ip: 198.51.100.9, ipMode: Proxy}]\n---\n", 1);
+    let spec2 = "  type: LoadBalancer\n  loadBalancerSourceRanges: [192.0.2.0/24]\n  # nodePort: 30086\n";
+    let mut other = service(&c, "closed", "10.96.0.20", spec2, &["pod-a"], "TCP");
+    other = other.replacen("---\n", "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.10}]\n---\n", 1);
+    let p = start(&c, &(objects + &other));
+    eventually("rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("198.51.100.10"));
+    let _ = &p;
+    assert!(matches!(tcp_from(&c.client, addr("198.51.100.7", 80)), Outcome::Answered(p, _) if p == "pod-a"), "external IP");
+    assert!(matches!(tcp_from(&c.client, addr("198.51.100.8", 80)), Outcome::Answered(p, _) if p == "pod-a"), "LB IP from an allowed source");
+    assert_eq!(tcp_from(&c.client, addr("198.51.100.10", 80)), Outcome::TimedOut, "LB IP from a source outside loadBalancerSourceRanges");
+    assert!(matches!(tcp_from(&c.client, addr(NODE_IP, 30086)), Outcome::Answered(..)), "source ranges apply to LB IPs only, not node ports");
+    let table = c.node.sh("nft list table ip kube-wasm-proxy");
+    assert!(!table.contains("198.51.100.9"), "ipMode Proxy ingress must not be captured:\n{table}");
+}
+
+#[test]
+fn internal_traffic_policy_local_and_traffic_from_the_node() {
+    let c = Cluster::new("itp");
+    let spec = "  internalTrafficPolicy: Local\n";
+    let _p = start(&c, &service(&c, "web", "10.96.0.21", spec, &["pod-a", "pod-c", "pod-d"], "TCP"));
+    let outcomes = many(15, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.21", 80)));
+    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string()]), "only the local endpoint");
+    // From the node itself (OUTPUT hook); off-cluster source, so masqueraded.
+    let outcomes = many(5, || tcp_from(&c.node, addr("10.96.0.21", 80)));
+    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string()]));
+}

@@ -130,7 +130,12 @@ pub enum Outcome {
 
 /// One TCP request from namespace `from` to `addr`.
 pub fn tcp_from(from: &Netns, addr: SocketAddr) -> Outcome {
-    from.run_in(move || {
+    from.run_in(move || tcp_here(addr))
+}
+
+/// One TCP request from the calling thread's namespace.
+pub fn tcp_here(addr: SocketAddr) -> Outcome {
+    {
         let mut conn = match TcpStream::connect_timeout(&addr, Duration::from_millis(1500)) {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
@@ -146,7 +151,7 @@ pub fn tcp_from(from: &Netns, addr: SocketAddr) -> Outcome {
             Ok(_) => parse(&out),
             Err(e) => Outcome::Other(e.to_string()),
         }
-    })
+    }
 }
 
 /// One UDP exchange from namespace `from` to `addr`.
