@@ -270,3 +270,35 @@ fn internal_traffic_policy_local_and_traffic_from_the_node() {
     let outcomes = many(5, || tcp_from(&c.node, addr("10.96.0.21", 80)));
     assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string()]));
 }
+
+#[test]
+fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
+    let c = Cluster::new("dry");
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "svc.yaml", &service(&c, "web", "10.96.0.22", "", &["pod-a"], "TCP"));
+    write(dir.path(), "node.yaml", &Cluster::node_yaml());
+    let source = format!("file:{}", dir.path().display());
+    let config = dir.path().join("config.conf").display().to_string();
+    std::fs::write(&config, CONFIG).unwrap();
+    let dry_run = || {
+        let out = c.node.spawn(
+            env!("CARGO_BIN_EXE_kube-wasm-proxy"),
+            &["--proxy-mode", "nftables", "--dry-run", "--source", &source, "--hostname-override", "node-1", "--config", &config],
+        );
+        let out = out.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = dry_run();
+    assert!(first.contains("+   10.96.0.22 . tcp . 80 : goto svc-t.web.p.tcp"), "{first}");
+    assert!(!c.node.sh("nft list tables").contains("kube-wasm-proxy"), "a dry run must not touch the kernel");
+
+    let p = start(&c, &service(&c, "web", "10.96.0.22", "", &["pod-a"], "TCP"));
+    eventually("rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.22"));
+    drop(p);
+    assert!(dry_run().contains("# no changes"), "same plan as the kernel");
+
+    write(dir.path(), "svc.yaml", &service(&c, "web", "10.96.0.22", "", &["pod-c"], "TCP"));
+    let diff = dry_run();
+    assert!(diff.contains("+   meta l4proto tcp dnat to 10.244.2.11:8080") && diff.contains("-   meta l4proto tcp dnat to 10.244.1.11:8080"), "{diff}");
+}

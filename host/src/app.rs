@@ -72,14 +72,30 @@ impl App {
         Ok(Self { settings, sync, mapping, source })
     }
 
-    /// `--dry-run`: read the source once, render, print the plan.
-    pub fn dry_run(mut self) -> Result<String> {
+    /// Reads the source once and syncs what changed (benchmarks, dry runs).
+    pub fn scan_and_sync(&mut self) -> Result<()> {
         if let Some(event) = self.source.scan()? {
             let crate::source::SourceEvent::Full { services, slices, node } = event;
             self.sync.state.replace_all(&services, &slices, node.as_ref());
         }
         self.sync.sync();
-        Ok(self.sync.proxier.plan().to_string())
+        Ok(())
+    }
+
+    /// `--dry-run`: read the source once, render, print the plan (and in
+    /// nftables mode what it would change in the kernel).
+    pub fn dry_run(mut self) -> Result<String> {
+        self.scan_and_sync()?;
+        let plan = self.sync.proxier.plan();
+        let mut out = plan.to_string();
+        if self.settings.mode == ProxyMode::Nftables {
+            out.push_str("\n# diff against the kernel\n");
+            match crate::proxier::nftables::diff_against_kernel(&crate::plan::Rules::default().nft_table, plan) {
+                Ok(diff) => out.push_str(&diff),
+                Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),
+            }
+        }
+        Ok(out)
     }
 
     /// Runs until interrupted.

@@ -121,8 +121,13 @@ impl NftDataplane {
 
     /// Everything in `plan`, reconciled against what the kernel holds.
     fn full_script(&self, plan: &BTreeMap<Key, Fragment>) -> Result<String> {
+        let kernel = list_table(&self.table)?;
+        Ok(self.full_script_over(plan, kernel))
+    }
+
+    fn full_script_over(&self, plan: &BTreeMap<Key, Fragment>, kernel: (BTreeSet<String>, BTreeMap<String, &'static str>)) -> String {
         let want = Objects::of(plan.values());
-        let (kernel_chains, kernel_sets) = list_table(&self.table)?;
+        let (kernel_chains, kernel_sets) = kernel;
         let t = &self.table;
         let mut s = format!("add table ip {t}\n");
         for (name, decl) in &want.sets {
@@ -149,7 +154,7 @@ impl NftDataplane {
         for (name, kind) in kernel_sets.iter().filter(|(n, _)| !want.sets.contains_key(*n)) {
             s.push_str(&format!("delete {kind} ip {t} {name}\n"));
         }
-        Ok(s)
+        s
     }
 
     /// Only what differs between `old` and `new` (same keys).
@@ -224,6 +229,96 @@ impl Dataplane for NftDataplane {
     }
 }
 
+/// `--dry-run`: what applying `plan` would change in the kernel. The plan is
+/// applied to a scratch network namespace so that both sides are printed by
+/// nft itself, then the listings are compared line by line within each
+/// chain, set and map.
+pub fn diff_against_kernel(table: &str, plan: &crate::plan::Plan) -> Result<String> {
+    let mut fragments: BTreeMap<Key, Fragment> = plan.services.iter().map(|(k, f)| (Some(k.clone()), f.clone())).collect();
+    fragments.insert(None, plan.base.clone());
+    let dp = NftDataplane::new(table);
+    let script = dp.full_script_over(&fragments, Default::default());
+    let scratch = format!("kwp-dry-run-{}", std::process::id());
+    let run = |args: &[&str]| Command::new("ip").args(args).output().context("running ip (iproute2)");
+    let out = run(&["netns", "add", &scratch])?;
+    if !out.status.success() {
+        bail!("cannot create a scratch network namespace: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let wanted = (|| -> Result<String> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &scratch, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("nft refused the plan: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&run(&["netns", "exec", &scratch, "nft", "list", "table", "ip", table])?.stdout).into_owned())
+    })();
+    let _ = run(&["netns", "delete", &scratch]);
+    let wanted = wanted?;
+    let current = Command::new("nft").args(["list", "table", "ip", table]).output().context("running nft")?;
+    let current = if current.status.success() { String::from_utf8_lossy(&current.stdout).into_owned() } else { String::new() };
+    Ok(diff_listings(&current, &wanted))
+}
+
+/// Lines (with the block they belong to) only in `old` (-) or only in `new` (+).
+fn diff_listings(old: &str, new: &str) -> String {
+    fn lines(text: &str) -> Vec<(String, String)> {
+        let mut block = String::new();
+        let mut out = Vec::new();
+        let mut in_elements = false;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "}") {
+            // Set and map elements print as `elements = { a, b,` over
+            // several lines: one diff line per element.
+            if let Some(rest) = line.strip_prefix("elements = {") {
+                in_elements = true;
+                out.extend(split_elements(rest).map(|e| (block.clone(), e)));
+            } else if in_elements {
+                out.extend(split_elements(line).map(|e| (block.clone(), e)));
+            } else {
+                if line.ends_with('{') {
+                    block = line.trim_end_matches('{').trim().to_string();
+                }
+                out.push((block.clone(), line.to_string()));
+            }
+            if in_elements && line.ends_with('}') {
+                in_elements = false;
+            }
+        }
+        out
+    }
+    let (old, new) = (lines(old), lines(new));
+    let old_set: BTreeSet<&(String, String)> = old.iter().collect();
+    let new_set: BTreeSet<&(String, String)> = new.iter().collect();
+    let mut by_block: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for l in old.iter().filter(|l| !new_set.contains(l)) {
+        by_block.entry(&l.0).or_default().push(format!("-   {}", l.1));
+    }
+    for l in new.iter().filter(|l| !old_set.contains(l)) {
+        by_block.entry(&l.0).or_default().push(format!("+   {}", l.1));
+    }
+    if by_block.is_empty() {
+        return "# no changes: the kernel already holds this plan\n".into();
+    }
+    let (adds, dels) = by_block.values().flatten().fold((0, 0), |(a, d), l| if l.starts_with('+') { (a + 1, d) } else { (a, d + 1) });
+    let mut out = format!("# {adds} lines to add, {dels} to remove\n");
+    for (block, lines) in by_block {
+        out.push_str(&format!("{block}\n"));
+        for l in lines {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn split_elements(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.trim_end_matches('}').split(", ").map(|e| e.trim().trim_end_matches(',').trim().to_string()).filter(|e| !e.is_empty())
+}
+
 /// A declaration with a value type (`... : verdict`) is a map.
 fn set_kind(declaration: &str) -> &'static str {
     if declaration.contains(" : ") { "map" } else { "set" }
@@ -248,6 +343,19 @@ fn nft(script: &str) -> Result<()> {
 
 /// Chain names and set/map names (with their kind) currently in our table;
 /// empty if the table is absent.
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn listing_diffs_are_per_block() {
+        let old = "table ip t {\n\tchain a {\n\t\tjump b\n\t}\n\tchain c {\n\t\taccept\n\t}\n}\n";
+        let new = "table ip t {\n\tchain a {\n\t\tjump b\n\t\tdrop\n\t}\n}\n";
+        let d = super::diff_listings(old, new);
+        assert!(d.contains("chain a\n+   drop"), "{d}");
+        assert!(d.contains("chain c\n-   chain c {\n-   accept"), "{d}");
+        assert_eq!(super::diff_listings(new, new), "# no changes: the kernel already holds this plan\n");
+    }
+}
+
 fn list_table(table: &str) -> Result<(BTreeSet<String>, BTreeMap<String, &'static str>)> {
     let out = Command::new("nft").args(["-j", "list", "table", "ip", table]).output().context("running nft")?;
     if !out.status.success() {
