@@ -302,3 +302,37 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
     let diff = dry_run();
     assert!(diff.contains("+   meta l4proto tcp dnat to 10.244.2.11:8080") && diff.contains("-   meta l4proto tcp dnat to 10.244.1.11:8080"), "{diff}");
 }
+
+#[test]
+fn maglev_in_the_kernel_keeps_clients_and_moves_few_when_a_pod_goes() {
+    let c = Cluster::new("mag");
+    let clients: Vec<std::net::IpAddr> = (10..70).map(|i| format!("203.0.113.{i}").parse().unwrap()).collect();
+    for ip in &clients {
+        c.client.sh(&format!("ip addr add {ip}/24 dev eth0"));
+    }
+    let annotated = |pods: &[&str]| {
+        service(&c, "web", "10.96.0.23", "  type: NodePort\n  # nodePort: 30087\n", pods, "TCP")
+            .replacen("metadata: {name: web, namespace: t}", "metadata: {name: web, namespace: t, annotations: {kube-wasm-proxy.io/lb-policy: maglev}}", 1)
+    };
+    let p = start(&c, &annotated(&["pod-a", "pod-b", "pod-c", "pod-d"]));
+    eventually("maglev rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("jhash ip saddr mod 251"));
+    let who = |src: std::net::IpAddr| match common::topology::tcp_from_source(&c.client, src, addr(NODE_IP, 30087)) {
+        Outcome::Answered(pod, _) => pod,
+        other => panic!("{src}: {other:?}"),
+    };
+    let before: Vec<String> = clients.iter().map(|ip| who(*ip)).collect();
+    for (ip, pod) in clients.iter().zip(&before).take(10) {
+        assert_eq!(&who(*ip), pod, "a client must stick to its pod");
+    }
+    let used: BTreeSet<&String> = before.iter().collect();
+    assert!(used.len() >= 3, "hash spreads clients: {used:?}");
+
+    write(&p.dir, "objects.yaml", &annotated(&["pod-a", "pod-b", "pod-c"]));
+    eventually("pod-d gone", || !c.node.sh("nft list table ip kube-wasm-proxy").contains("10.244.2.12"));
+    let after: Vec<String> = clients.iter().map(|ip| who(*ip)).collect();
+    assert!(!after.contains(&"pod-d".to_string()));
+    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / clients.len() as f64;
+    let had_d = before.iter().filter(|p| *p == "pod-d").count() as f64 / clients.len() as f64;
+    // Those on pod-d must move; Maglev moves few others (about 1/N in all).
+    assert!(moved <= had_d + 0.12, "moved {moved:.2} of clients, {had_d:.2} were on the removed pod");
+}

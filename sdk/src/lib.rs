@@ -19,6 +19,7 @@
 //! unit-tested with `cargo test` and no Wasm toolchain.
 
 pub mod hash;
+pub mod slots;
 pub mod testing;
 
 /// Generated bindings of the `policy-plugin` world.

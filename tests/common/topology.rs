@@ -133,24 +133,44 @@ pub fn tcp_from(from: &Netns, addr: SocketAddr) -> Outcome {
     from.run_in(move || tcp_here(addr))
 }
 
+/// One TCP request from namespace `from`, from source address `src`.
+pub fn tcp_from_source(from: &Netns, src: std::net::IpAddr, addr: SocketAddr) -> Outcome {
+    from.run_in(move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+        socket.bind(&SocketAddr::new(src, 0).into()).expect("bind source");
+        match socket.connect_timeout(&addr.into(), Duration::from_millis(1500)) {
+            Ok(()) => exchange(socket.into()),
+            Err(e) => connect_error(e),
+        }
+    })
+}
+
+fn connect_error(e: std::io::Error) -> Outcome {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => Outcome::Refused,
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => Outcome::TimedOut,
+        _ => Outcome::Other(e.to_string()),
+    }
+}
+
 /// One TCP request from the calling thread's namespace.
 pub fn tcp_here(addr: SocketAddr) -> Outcome {
-    {
-        let mut conn = match TcpStream::connect_timeout(&addr, Duration::from_millis(1500)) {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut || e.kind() == std::io::ErrorKind::WouldBlock => return Outcome::TimedOut,
-            Err(e) => return Outcome::Other(e.to_string()),
-        };
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-        if let Err(e) = conn.write_all(b"who\n") {
-            return Outcome::Other(e.to_string());
-        }
-        let mut out = String::new();
-        match conn.read_to_string(&mut out) {
-            Ok(_) => parse(&out),
-            Err(e) => Outcome::Other(e.to_string()),
-        }
+    match TcpStream::connect_timeout(&addr, Duration::from_millis(1500)) {
+        Ok(conn) => exchange(conn),
+        Err(e) => connect_error(e),
+    }
+}
+
+/// Sends a request on a connected stream and reads the pod's answer.
+fn exchange(mut conn: TcpStream) -> Outcome {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    if let Err(e) = conn.write_all(b"who\n") {
+        return Outcome::Other(e.to_string());
+    }
+    let mut out = String::new();
+    match conn.read_to_string(&mut out) {
+        Ok(_) => parse(&out),
+        Err(e) => Outcome::Other(e.to_string()),
     }
 }
 

@@ -181,7 +181,9 @@ fn selection(key: &str, eps: &[usize], weights: &[u32], plan: &BackendPlan) -> S
         let allowed: Vec<u32> = slots.iter().copied().filter(|s| eps.contains(&(*s as usize))).collect();
         if allowed.len() == slots.len() && !slots.is_empty() {
             let entries = runs(slots.iter().map(|s| *s as usize)).into_iter().map(|(lo, hi, ep)| arm(key, lo, hi, ep)).collect::<Vec<_>>();
-            return format!("jhash ip saddr mod {} vmap {{ {} }}", slots.len(), entries.join(", "));
+            // A fixed seed: without one the kernel picks a random seed per
+            // rule, and every re-render would reshuffle all clients.
+            return format!("jhash ip saddr mod {} seed {JHASH_SEED:#x} vmap {{ {} }}", slots.len(), entries.join(", "));
         }
     }
     let mut arms = Vec::new();
@@ -193,6 +195,8 @@ fn selection(key: &str, eps: &[usize], weights: &[u32], plan: &BackendPlan) -> S
     }
     format!("numgen random mod {at} vmap {{ {} }}", arms.join(", "))
 }
+
+const JHASH_SEED: u32 = 0x6b77_7031;
 
 fn arm(key: &str, lo: u32, hi: u32, ep: usize) -> String {
     if lo == hi { format!("{lo} : goto ep-{key}-{ep}") } else { format!("{lo}-{hi} : goto ep-{key}-{ep}") }
@@ -220,7 +224,7 @@ mod tests {
         assert_eq!(selection("k", &[0, 2], &[3, 0, 1], &BackendPlan::Weights(vec![3, 0, 1])), "numgen random mod 4 vmap { 0-2 : goto ep-k-0, 3 : goto ep-k-2 }");
         assert_eq!(
             selection("k", &[0, 1], &[2, 1], &BackendPlan::Slots(vec![0, 0, 1])),
-            "jhash ip saddr mod 3 vmap { 0-1 : goto ep-k-0, 2 : goto ep-k-1 }"
+            "jhash ip saddr mod 3 seed 0x6b777031 vmap { 0-1 : goto ep-k-0, 2 : goto ep-k-1 }"
         );
         assert!(weights(&BackendPlan::Weights(vec![1]), 2).is_err());
         assert!(weights(&BackendPlan::Slots(vec![5]), 2).is_err());
