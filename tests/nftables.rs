@@ -336,3 +336,17 @@ fn maglev_in_the_kernel_keeps_clients_and_moves_few_when_a_pod_goes() {
     // Those on pod-d must move; Maglev moves few others (about 1/N in all).
     assert!(moved <= had_d + 0.12, "moved {moved:.2} of clients, {had_d:.2} were on the removed pod");
 }
+
+#[test]
+fn sctp_services_are_programmed() {
+    // This kernel has no SCTP sockets, so SCTP is checked by inspecting the
+    // rules the kernel accepted.
+    let c = Cluster::new("sctp");
+    let spec = "  type: NodePort\n  # nodePort: 30088\n";
+    let _p = start(&c, &service(&c, "sig", "10.96.0.24", spec, &["pod-a"], "SCTP"));
+    eventually("sctp rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.24 . sctp . 80"));
+    let table = c.node.sh("nft list table ip kube-wasm-proxy");
+    assert!(table.contains("10.96.0.24 . sctp . 80 : goto svc-t.sig.p.sctp"), "{table}");
+    assert!(table.contains("sctp . 30088 : goto ext-t.sig.p.sctp"), "{table}");
+    assert!(table.contains("meta l4proto sctp dnat to 10.244.1.11:8080"), "{table}");
+}
