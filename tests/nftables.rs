@@ -350,3 +350,32 @@ fn sctp_services_are_programmed() {
     assert!(table.contains("sctp . 30088 : goto ext-t.sig.p.sctp"), "{table}");
     assert!(table.contains("meta l4proto sctp dnat to 10.244.1.11:8080"), "{table}");
 }
+
+#[test]
+fn health_check_node_ports_report_local_endpoints() {
+    let c = Cluster::new("hc");
+    let local = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n  # nodePort: 30089\n";
+    let remote = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32002\n  # nodePort: 30090\n";
+    let _p = start(&c, &(service(&c, "here", "10.96.0.25", local, &["pod-a", "pod-b", "pod-c"], "TCP") + &service(&c, "away", "10.96.0.26", remote, &["pod-c"], "TCP")));
+    let get = |port: u16| {
+        c.client.run_in(move || {
+            let mut conn = std::net::TcpStream::connect_timeout(&addr(NODE_IP, port), Duration::from_secs(1)).map_err(|e| e.to_string())?;
+            use std::io::{Read, Write};
+            conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            conn.read_to_string(&mut out).map_err(|e| e.to_string())?;
+            Ok::<String, String>(out)
+        })
+    };
+    let mut here = Err(String::new());
+    eventually("the health server", || {
+        here = get(32001);
+        here.is_ok()
+    });
+    let here = here.unwrap();
+    assert!(here.starts_with("HTTP/1.1 200"), "{here}");
+    assert!(here.contains(r#""localEndpoints":2"#) && here.contains(r#""serviceProxyHealthy":true"#), "{here}");
+    assert!(here.contains(r#""service":{"namespace":"t","name":"here"}"#), "{here}");
+    let away = get(32002).unwrap();
+    assert!(away.starts_with("HTTP/1.1 503") && away.contains(r#""localEndpoints":0"#), "{away}");
+}

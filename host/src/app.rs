@@ -61,7 +61,10 @@ impl App {
             let mapping = dp.mapping();
             (Box::new(dp), Some(mapping))
         };
-        let proxier = Proxier::new(runtime, catalog, mode, mode_settings, &settings.lb_policy, backends, dataplane)?;
+        let mut proxier = Proxier::new(runtime, catalog, mode, mode_settings, &settings.lb_policy, backends, dataplane)?;
+        if !settings.dry_run {
+            proxier.enable_health_checks();
+        }
         let sync = SyncLoop {
             state: ClusterState::new(&settings.hostname),
             proxier,

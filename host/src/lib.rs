@@ -4,6 +4,7 @@
 pub mod app;
 pub mod config;
 pub mod demo;
+pub mod healthcheck;
 pub mod model;
 pub mod plan;
 pub mod plugin;

@@ -71,6 +71,9 @@ pub struct Proxier {
     backends: Arc<Backends>,
     dataplane: Box<dyn Dataplane>,
     node: NodeInfo,
+    /// Health-check node ports: service -> (port, local endpoints).
+    health_wanted: BTreeMap<(String, String), (u16, usize)>,
+    health: Option<crate::healthcheck::HealthServers>,
     pub stats: SyncStats,
 }
 
@@ -100,6 +103,8 @@ impl Proxier {
             backends,
             dataplane,
             node: NodeInfo::default(),
+            health_wanted: BTreeMap::new(),
+            health: None,
             stats: SyncStats::default(),
         };
         // The default policy must load: without it nothing can be proxied.
@@ -109,6 +114,11 @@ impl Proxier {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Serve health-check node ports (not in `--dry-run`).
+    pub fn enable_health_checks(&mut self) {
+        self.health = Some(crate::healthcheck::HealthServers::default());
     }
 
     /// Applies one batch of changes.
@@ -130,6 +140,7 @@ impl Proxier {
         let base = if std::mem::take(&mut self.base_dirty) { Some(self.render_base()?) } else { None };
         let mut delta: Vec<(ServicePortName, Option<Fragment>)> = Vec::new();
         for name in changes.removed {
+            self.health_wanted.remove(&(name.namespace.clone(), name.name.clone()));
             if let Some(id) = self.ids.remove(&name) {
                 self.backends.remove(id);
                 for policy in self.policies.values() {
@@ -155,6 +166,9 @@ impl Proxier {
                     self.failed.insert(name);
                 }
             }
+        }
+        if let Some(health) = &mut self.health {
+            health.sync(&self.health_wanted);
         }
         let changed: Vec<(ServicePortName, Option<&Fragment>)> = delta.iter().map(|(n, f)| (n.clone(), f.as_ref())).collect();
         let result = self.dataplane.apply(base.as_ref(), &changed);
@@ -196,6 +210,15 @@ impl Proxier {
         });
         let (policy_name, policy) = self.policy_for(svc);
         let endpoints = categorize(&svc.port, &svc.endpoints, &self.node);
+        let svc_key = (name.namespace.clone(), name.name.clone());
+        match svc.port.health_check_node_port {
+            Some(port) => {
+                self.health_wanted.insert(svc_key, (port, endpoints.local.len()));
+            }
+            None => {
+                self.health_wanted.remove(&svc_key);
+            }
+        }
         let eps = endpoints.internal(&svc.port).to_vec();
         let backends = {
             let mut p = policy.lock().expect("policy lock");
