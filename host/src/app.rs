@@ -106,7 +106,7 @@ impl App {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(self.source.run(tx));
         self.sync.run(rx).await;
-        Ok(())
+        anyhow::bail!("the state source stopped")
     }
 }
 

@@ -19,8 +19,8 @@ pub struct SyncLoop {
 }
 
 impl SyncLoop {
-    /// Runs until the source closes its channel.
-    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) {
+    /// Runs until the source closes its channel; returns itself then.
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) -> Self {
         let mut last_sync: Option<Instant> = None;
         let mut pending = false;
         loop {
@@ -34,7 +34,7 @@ impl SyncLoop {
                         self.apply(event);
                         pending = true;
                     }
-                    None => return,
+                    None => return self,
                 },
                 _ = tokio::time::sleep_until(wake), if last_sync.is_some() || pending => {
                     let periodic_due = Instant::now() >= periodic && last_sync.is_some();
@@ -66,5 +66,49 @@ impl SyncLoop {
         if updated + removed > 0 {
             tracing::debug!(updated, removed, took = ?self.proxier.stats.last_duration, "synced");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::*;
+
+    fn event(version: usize) -> SourceEvent {
+        let svc = format!("metadata: {{name: s, namespace: t}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: {}}}]}}\n", 1000 + version);
+        SourceEvent::Full { services: vec![serde_yaml::from_str(&svc).unwrap()], slices: vec![], node: None }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_are_batched_by_min_sync_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = format!("file:{}", dir.path().display());
+        let flags = crate::config::Cli::parse_from([
+            "kube-wasm-proxy", "--proxy-mode", "userspace", "--no-redirect", "--source", &source,
+            "--min-sync-period", "300ms", "--sync-period", "1h",
+        ])
+        .flags;
+        let app = crate::app::App::build(&flags).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let running = tokio::spawn(app.sync.run(rx));
+        // 50 changes over ~1 s: a sync per change would be 50.
+        let started = std::time::Instant::now();
+        for v in 0..50 {
+            tx.send(event(v)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(400)).await; // the last batch syncs
+        drop(tx);
+        let sync = running.await.unwrap();
+        let most = (elapsed.as_millis() / 300) as u64 + 2;
+        let syncs = sync.proxier.stats.syncs;
+        assert!((2..=most).contains(&syncs), "{syncs} syncs for 50 changes in {elapsed:?}");
+        // The last change was applied.
+        let port = sync.state.snapshot().next().map(|s| s.port.port);
+        assert_eq!(port, Some(1049));
     }
 }
