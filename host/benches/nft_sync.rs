@@ -1,0 +1,125 @@
+//! nftables sync at scale: N Services x 5 endpoints fed through the file
+//! source into a real kernel table (in a private network namespace).
+//!
+//! Measures (a) the full sync from empty, (b) one endpoint change to the
+//! rule being in the kernel, (c) peak RSS. Run as root:
+//!
+//!     cargo bench -p kube-wasm-proxy --bench nft_sync
+//!     KWP_BENCH_SIZES=1000,10000 cargo bench -p kube-wasm-proxy --bench nft_sync
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+const ENDPOINTS: usize = 5;
+const PER_FILE: usize = 1000;
+const CHANGES: usize = 7;
+
+fn main() -> anyhow::Result<()> {
+    // Bench harness flags (`--bench`) are not ours.
+    let sizes: Vec<usize> = std::env::var("KWP_BENCH_SIZES")
+        .unwrap_or_else(|_| "1000,10000,50000".into())
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0, "unshare(CLONE_NEWNET) failed: run as root");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let _guard = rt.enter();
+    println!("| services | endpoints | full sync (s) | one change, kernel only (ms, median of {CHANGES}) | one change, file to kernel (ms, median) | peak RSS (MiB) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for n in sizes {
+        let dir = tempfile::tempdir()?;
+        generate(dir.path(), n)?;
+        let flags = kwp::config::Cli::parse_from([
+            "kube-wasm-proxy",
+            "--proxy-mode",
+            "nftables",
+            "--source",
+            &format!("file:{}", dir.path().display()),
+            "--hostname-override",
+            "node-1",
+        ])
+        .flags;
+        let _ = std::process::Command::new("nft").args(["delete", "table", "ip", "kube-wasm-proxy"]).stderr(std::process::Stdio::null()).status();
+        let mut app = kwp::app::App::build(&flags)?;
+        let started = Instant::now();
+        app.scan_and_sync()?;
+        let full = started.elapsed();
+        anyhow::ensure!(app.sync.proxier.stats.apply_errors == 0, "full sync failed");
+
+        let (mut kernel, mut end_to_end) = (Vec::new(), Vec::new());
+        for i in 0..CHANGES {
+            // Move one endpoint of one Service: rewrite its file.
+            let svc = (i * 7919) % n;
+            let file = svc / PER_FILE;
+            write_file(dir.path(), file, n, Some((svc, i + 1)))?;
+            let t = Instant::now();
+            app.scan_and_sync()?;
+            end_to_end.push(t.elapsed());
+            kernel.push(app.sync.proxier.stats.last_duration);
+            anyhow::ensure!(app.sync.proxier.stats.apply_errors == 0, "incremental sync failed");
+        }
+        let table = std::process::Command::new("nft").args(["list", "table", "ip", "kube-wasm-proxy"]).output()?;
+        let text = String::from_utf8_lossy(&table.stdout);
+        anyhow::ensure!(text.contains(&format!("10.{}.{}.{} . tcp . 80", 96 + (n - 1) / 65536, ((n - 1) / 256) % 256, (n - 1) % 256)), "last service missing from the kernel");
+        println!(
+            "| {n} | {} | {:.2} | {:.1} | {:.1} | {} |",
+            n * ENDPOINTS,
+            full.as_secs_f64(),
+            ms(median(&mut kernel)),
+            ms(median(&mut end_to_end)),
+            peak_rss_mib()
+        );
+    }
+    let _ = std::process::Command::new("nft").args(["delete", "table", "ip", "kube-wasm-proxy"]).status();
+    Ok(())
+}
+
+fn generate(dir: &Path, n: usize) -> anyhow::Result<()> {
+    for file in 0..n.div_ceil(PER_FILE) {
+        write_file(dir, file, n, None)?;
+    }
+    Ok(())
+}
+
+/// Services `file*PER_FILE..` with their slices; `bump` = (service, k)
+/// shifts that service's first endpoint address by k.
+fn write_file(dir: &Path, file: usize, n: usize, bump: Option<(usize, usize)>) -> anyhow::Result<()> {
+    let mut y = String::new();
+    for s in file * PER_FILE..((file + 1) * PER_FILE).min(n) {
+        let ip = format!("10.{}.{}.{}", 96 + s / 65536, (s / 256) % 256, s % 256);
+        write!(y, "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{s}, namespace: bench}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n")?;
+        write!(y, "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{s}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n")?;
+        for e in 0..ENDPOINTS {
+            let shift = match bump {
+                Some((b, k)) if b == s && e == 0 => k,
+                _ => 0,
+            };
+            let idx = s * ENDPOINTS + e + shift * 1_000_000;
+            writeln!(y, "- addresses: ['172.{}.{}.{}']", 16 + (idx / 65536) % 16, (idx / 256) % 256, idx % 256)?;
+        }
+    }
+    let path = dir.join(format!("services-{file:04}.yaml"));
+    let tmp = dir.join(format!(".services-{file:04}.tmp"));
+    std::fs::write(&tmp, y)?;
+    std::fs::rename(tmp, path)?;
+    Ok(())
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())).flatten())
+        .map_or(0, |kb| kb / 1024)
+}
