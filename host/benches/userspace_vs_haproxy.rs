@@ -7,7 +7,9 @@
 //! Workloads, each for every target:
 //!  * requests/s: C persistent connections doing fixed-size ping-pong
 //!    (request -> response) for a fixed time; p50/p99 of each exchange;
-//!  * connections/s: C loops of connect, one exchange, close.
+//!  * connections/s: C loops of connect, one exchange, close: the backend
+//!    closes after answering and the client waits for that close, so a
+//!    connection counts only once it is fully torn down; p50/p99 of that.
 //!
 //! Targets run alternately (direct, kwp, haproxy, direct, kwp, ...) for
 //! several rounds and the medians are reported, since the machine is noisy.
@@ -51,6 +53,10 @@ const MAX_OPS_PER_WORKER: u64 = 20_000_000;
 const MAX_SAMPLES_PER_WORKER: usize = 4_000_000;
 /// Errors after which a connect-per-request worker gives up.
 const MAX_ERRORS_PER_WORKER: u64 = 1_000;
+/// First request byte asking the backend to close after its answer.
+const CLOSE: u8 = b'C';
+/// First request byte of a keep-alive request.
+const KEEP: u8 = 0x5a;
 /// Grace after the run's deadline before the run is declared hung.
 const HANG_GRACE: Duration = Duration::from_secs(30);
 
@@ -100,8 +106,8 @@ impl Knobs {
             targets,
             haproxy: std::env::var("KWP_BENCH_HAPROXY").unwrap_or_else(|_| "haproxy".into()),
         };
-        if k.conc == 0 || k.conc > 4096 {
-            bail!("KWP_BENCH_CONC must be 1..=4096");
+        if k.conc == 0 || k.conc > 4000 {
+            bail!("KWP_BENCH_CONC must be 1..=4000 (haproxy maxconn is 8000)");
         }
         if k.size == 0 || k.size > 1 << 20 {
             bail!("KWP_BENCH_SIZE must be 1..=1048576");
@@ -169,9 +175,16 @@ async fn serve_backend(mut conn: TcpStream, size: usize) {
     let _ = conn.set_nodelay(true);
     let mut req = vec![0u8; size];
     let resp = vec![0xa5u8; size];
-    // Ends at the client's EOF (or any error).
+    // Ends at the client's EOF (or any error), or after answering a
+    // request that starts with CLOSE: then the backend closes first, as an
+    // HTTP/1.0 server would, so TIME_WAIT stays on the server side and the
+    // load generator does not run out of ephemeral ports.
     while conn.read_exact(&mut req).await.is_ok() {
         if conn.write_all(&resp).await.is_err() {
+            break;
+        }
+        if req[0] == CLOSE {
+            let _ = conn.shutdown().await;
             break;
         }
     }
@@ -241,7 +254,7 @@ impl Haproxy {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cfg = format!(
-            "global\n    nbthread {threads}\n    maxconn 20000\n\ndefaults\n    mode tcp\n    timeout connect 3s\n    timeout client 60s\n    timeout server 60s\n\nfrontend bench\n    bind {addr}\n    default_backend bench\n\nbackend bench\n    balance roundrobin\n"
+            "global\n    nbthread {threads}\n    maxconn 8000\n\ndefaults\n    mode tcp\n    timeout connect 3s\n    timeout client 60s\n    timeout server 60s\n\nfrontend bench\n    bind {addr}\n    default_backend bench\n\nbackend bench\n    balance roundrobin\n"
         );
         for (i, b) in backends.iter().enumerate() {
             cfg.push_str(&format!("    server b{i} {b}\n"));
@@ -359,7 +372,7 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 async fn worker(addr: SocketAddr, workload: Workload, size: usize, dur: Duration, start: Arc<Barrier>) -> WorkerOut {
     let mut out = WorkerOut { lat_ns: Vec::with_capacity(1 << 16), ..WorkerOut::default() };
-    let req = vec![0x5au8; size];
+    let mut req = vec![KEEP; size];
     let mut resp = vec![0u8; size];
     match workload {
         Workload::PingPong => {
@@ -383,6 +396,7 @@ async fn worker(addr: SocketAddr, workload: Workload, size: usize, dur: Duration
             }
         }
         Workload::ConnPerRequest => {
+            req[0] = CLOSE;
             start.wait().await;
             let deadline = Instant::now() + dur;
             while out.ok + out.errors < MAX_OPS_PER_WORKER && out.errors < MAX_ERRORS_PER_WORKER {
@@ -392,8 +406,13 @@ async fn worker(addr: SocketAddr, workload: Workload, size: usize, dur: Duration
                 }
                 let one = async {
                     let mut s = connect(addr).await?;
-                    exchange(&mut s, &req, &mut resp).await
-                    // Dropped here: a normal close (FIN), everything having been read.
+                    exchange(&mut s, &req, &mut resp).await?;
+                    // The backend closes first; the connection is done
+                    // when its FIN has come through.
+                    match s.read(&mut resp).await? {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::other("data after the response")),
+                    }
                 };
                 match one.await {
                     Ok(()) => out.record(t.elapsed()),
@@ -484,8 +503,11 @@ fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    let load = std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default();
-    format!("{cores} cores, {cpu}, kernel {kernel}, loadavg {load}")
+    format!("{cores} cores, {cpu}, kernel {kernel}, loadavg {}", loadavg())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
 }
 
 // ---------------------------------------------------------------- main
@@ -554,7 +576,7 @@ fn main() -> Result<()> {
         for &(t, addr) in &addrs {
             let mut s = connect(addr).await.with_context(|| format!("connecting to {}", t.name()))?;
             let mut resp = vec![0u8; k.size];
-            tokio::time::timeout(Duration::from_secs(5), exchange(&mut s, &vec![0x5a; k.size], &mut resp))
+            tokio::time::timeout(Duration::from_secs(5), exchange(&mut s, &vec![KEEP; k.size], &mut resp))
                 .await
                 .with_context(|| format!("{} did not answer", t.name()))?
                 .with_context(|| format!("{} answered wrongly", t.name()))?;
@@ -646,6 +668,7 @@ fn main() -> Result<()> {
         println!("backend connections via {:<8} {:?}", t.name(), spread[ti]);
     }
     println!("ratios: throughput >1 = kwp faster; latency and CPU >1 = kwp slower/costlier");
+    println!("loadavg at the end: {}", loadavg());
 
     drop(haproxy);
     proxy_rt.shutdown_background();
