@@ -21,9 +21,20 @@ use crate::plan::{Fragment, Item};
 /// `None` is the base fragment.
 type Key = Option<ServicePortName>;
 
+/// One kernel object. Fragments may share objects (a class chain, a
+/// hairpin element for a pod behind two Services): the dataplane counts
+/// references and creates or deletes an object only on the first or last.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Obj {
+    Set(String),
+    Chain(String),
+    Element(String, String),
+}
+
 pub struct NftDataplane {
     table: String,
     applied: BTreeMap<Key, Fragment>,
+    refs: BTreeMap<Obj, usize>,
     needs_full: bool,
     /// Transactions applied and failed, for metrics.
     pub transactions: u64,
@@ -60,11 +71,18 @@ impl Objects {
         }
         o
     }
+
+    fn keys(&self) -> impl Iterator<Item = Obj> + '_ {
+        let sets = self.sets.keys().map(|n| Obj::Set(n.clone()));
+        let chains = self.chains.keys().map(|n| Obj::Chain(n.clone()));
+        let elements = self.elements.iter().map(|(s, e)| Obj::Element(s.clone(), e.clone()));
+        sets.chain(chains).chain(elements)
+    }
 }
 
 impl NftDataplane {
     pub fn new(table: &str) -> Self {
-        Self { table: table.into(), applied: BTreeMap::new(), needs_full: true, transactions: 0, failures: 0 }
+        Self { table: table.into(), applied: BTreeMap::new(), refs: BTreeMap::new(), needs_full: true, transactions: 0, failures: 0 }
     }
 
     /// Re-applies everything (repairs edits made behind our back).
@@ -157,36 +175,60 @@ impl NftDataplane {
         s
     }
 
-    /// Only what differs between `old` and `new` (same keys).
-    fn delta_script(&self, old: &Objects, new: &Objects) -> String {
+    /// Only what the changed fragments add or remove, given reference
+    /// counts: `old` and `new` are the changed keys' fragments before and
+    /// after; `diff` is each object's change in references.
+    fn delta_script(&self, old: &Objects, new: &Objects, diff: &BTreeMap<Obj, i64>) -> String {
         let t = &self.table;
+        let before = |o: &Obj| self.refs.get(o).copied().unwrap_or(0) as i64;
+        let added = |o: &Obj| before(o) == 0 && before(o) + diff.get(o).copied().unwrap_or(0) > 0;
+        let removed = |o: &Obj| before(o) > 0 && before(o) + diff.get(o).copied().unwrap_or(0) == 0;
         let mut s = String::new();
-        for (set, e) in old.elements.difference(&new.elements) {
-            // Map elements are deleted by key alone.
-            let key = e.split(" : ").next().unwrap_or(e);
-            s.push_str(&format!("delete element ip {t} {set} {{ {key} }}\n"));
+        for (set, e) in &old.elements {
+            if removed(&Obj::Element(set.clone(), e.clone())) {
+                // Map elements are deleted by key alone.
+                let key = e.split(" : ").next().unwrap_or(e);
+                s.push_str(&format!("delete element ip {t} {set} {{ {key} }}\n"));
+            }
         }
-        let changed_chains: Vec<&String> =
-            new.chains.iter().filter(|(n, c)| old.chains.get(*n).is_some_and(|o| o != *c)).map(|(n, _)| n).collect();
-        let removed_chains: Vec<&String> = old.chains.keys().filter(|n| !new.chains.contains_key(*n)).collect();
+        let changed_chains: Vec<&String> = new
+            .chains
+            .iter()
+            .filter(|(n, c)| !added(&Obj::Chain((*n).clone())) && old.chains.get(*n).is_some_and(|o| o != *c))
+            .map(|(n, _)| n)
+            .collect();
+        let removed_chains: Vec<&String> = old.chains.keys().filter(|n| removed(&Obj::Chain((*n).clone()))).collect();
         for name in changed_chains.iter().chain(&removed_chains) {
             s.push_str(&format!("flush chain ip {t} {name}\n"));
         }
-        let changed_sets: Vec<&String> = new.sets.iter().filter(|(n, d)| old.sets.get(*n).is_some_and(|o| o != *d)).map(|(n, _)| n).collect();
-        for name in old.sets.keys().filter(|n| !new.sets.contains_key(*n)).chain(changed_sets.iter().copied()) {
+        let changed_sets: Vec<&String> =
+            new.sets.iter().filter(|(n, d)| !added(&Obj::Set((*n).clone())) && old.sets.get(*n).is_some_and(|o| o != *d)).map(|(n, _)| n).collect();
+        for name in old.sets.keys().filter(|n| removed(&Obj::Set((*n).clone()))).chain(changed_sets.iter().copied()) {
             s.push_str(&format!("delete {} ip {t} {name}\n", set_kind(&old.sets[name])));
         }
-        for (name, decl) in new.sets.iter().filter(|(n, d)| old.sets.get(*n) != Some(*d)) {
-            self.add_set(&mut s, name, decl);
+        for (name, decl) in &new.sets {
+            if added(&Obj::Set(name.clone())) || changed_sets.contains(&name) {
+                self.add_set(&mut s, name, decl);
+            }
         }
-        for (name, (hook, _)) in new.chains.iter().filter(|(n, _)| !old.chains.contains_key(*n)) {
-            self.add_chain(&mut s, name, hook);
+        for (name, (hook, _)) in &new.chains {
+            if added(&Obj::Chain(name.clone())) {
+                self.add_chain(&mut s, name, hook);
+            }
         }
-        for (name, (_, rules)) in new.chains.iter().filter(|(n, c)| old.chains.get(*n) != Some(*c)) {
-            self.add_rules(&mut s, name, rules);
+        for (name, (_, rules)) in &new.chains {
+            if added(&Obj::Chain(name.clone())) || changed_chains.contains(&name) {
+                self.add_rules(&mut s, name, rules);
+            }
         }
-        let added: BTreeSet<(String, String)> = new.elements.difference(&old.elements).cloned().collect();
-        self.add_elements(&mut s, &added);
+        // An element whose set was re-created must be added again too.
+        let added_elements: BTreeSet<(String, String)> = new
+            .elements
+            .iter()
+            .filter(|(set, e)| added(&Obj::Element(set.clone(), e.clone())) || changed_sets.contains(&set))
+            .cloned()
+            .collect();
+        self.add_elements(&mut s, &added_elements);
         for name in removed_chains {
             s.push_str(&format!("delete chain ip {t} {name}\n"));
         }
@@ -196,36 +238,78 @@ impl NftDataplane {
 
 impl Dataplane for NftDataplane {
     fn apply(&mut self, base: Option<&Fragment>, changed: &[(ServicePortName, Option<&Fragment>)]) -> Result<()> {
-        let mut next = self.applied.clone();
-        let mut keys: Vec<Key> = Vec::new();
+        let mut changes: Vec<(Key, Option<&Fragment>)> = Vec::new();
         if let Some(base) = base {
-            next.insert(None, base.clone());
-            keys.push(None);
+            changes.push((None, Some(base)));
         }
-        for (name, fragment) in changed {
-            let key = Some(name.clone());
-            match fragment {
-                Some(f) => next.insert(key.clone(), (*f).clone()),
-                None => next.remove(&key),
-            };
-            keys.push(key);
-        }
+        changes.extend(changed.iter().map(|(n, f)| (Some(n.clone()), *f)));
+
         let script = if self.needs_full {
+            let mut next = self.applied.clone();
+            for (key, fragment) in &changes {
+                match fragment {
+                    Some(f) => next.insert(key.clone(), (*f).clone()),
+                    None => next.remove(key),
+                };
+            }
             self.full_script(&next)?
         } else {
-            let old = Objects::of(keys.iter().filter_map(|k| self.applied.get(k)));
-            let new = Objects::of(keys.iter().filter_map(|k| next.get(k)));
-            self.delta_script(&old, &new)
+            let old = Objects::of(changes.iter().filter_map(|(k, _)| self.applied.get(k)));
+            let new = Objects::of(changes.iter().filter_map(|(_, f)| *f));
+            let mut diff: BTreeMap<Obj, i64> = BTreeMap::new();
+            for (key, fragment) in &changes {
+                for o in self.applied.get(key).map(|f| Objects::of([f])).iter().flat_map(Objects::keys) {
+                    *diff.entry(o).or_default() -= 1;
+                }
+                for o in fragment.map(|f| Objects::of([f])).iter().flat_map(Objects::keys) {
+                    *diff.entry(o).or_default() += 1;
+                }
+            }
+            diff.retain(|_, d| *d != 0);
+            let script = self.delta_script(&old, &new, &diff);
+            if !script.is_empty() {
+                self.run(&script).context("nftables transaction")?;
+            }
+            for (o, d) in diff {
+                let r = self.refs.entry(o.clone()).or_default();
+                *r = (*r as i64 + d).max(0) as usize;
+                if *r == 0 {
+                    self.refs.remove(&o);
+                }
+            }
+            for (key, fragment) in changes {
+                match fragment {
+                    Some(f) => self.applied.insert(key, f.clone()),
+                    None => self.applied.remove(&key),
+                };
+            }
+            return Ok(());
         };
-        if !script.is_empty() {
-            self.run(&script).context("nftables transaction")?;
+        self.run(&script).context("nftables transaction")?;
+        for (key, fragment) in changes {
+            match fragment {
+                Some(f) => self.applied.insert(key, f.clone()),
+                None => self.applied.remove(&key),
+            };
         }
-        self.applied = next;
+        self.recount();
         Ok(())
     }
 
     fn resync(&mut self) -> Result<()> {
         NftDataplane::resync(self)
+    }
+}
+
+impl NftDataplane {
+    /// Reference counts from scratch (after a full reconcile).
+    fn recount(&mut self) {
+        self.refs.clear();
+        for f in self.applied.values() {
+            for o in Objects::of([f]).keys() {
+                *self.refs.entry(o).or_default() += 1;
+            }
+        }
     }
 }
 
