@@ -116,6 +116,9 @@ fn cluster_ip_spreads_over_local_and_remote_pods_without_masquerade() {
             assert_eq!(src, "10.244.1.12", "in-cluster source kept for {pod}");
         }
     }
+    // From outside the cluster CIDR: masqueraded.
+    let outside = many(8, || tcp_from(&c.client, addr("10.96.0.10", 80)));
+    assert!(outside.iter().all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP)), "{outside:?}");
 }
 
 #[test]
@@ -290,7 +293,7 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let first = dry_run();
-    assert!(first.contains("+   10.96.0.22 . tcp . 80 : goto svc-t.web.p.tcp"), "{first}");
+    assert!(first.contains("+   10.96.0.22 . tcp . 80 : goto class-1"), "{first}");
     assert!(!c.node.sh("nft list tables").contains("kube-wasm-proxy"), "a dry run must not touch the kernel");
 
     let p = start(&c, &service(&c, "web", "10.96.0.22", "", &["pod-a"], "TCP"));
@@ -300,7 +303,10 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
 
     write(dir.path(), "svc.yaml", &service(&c, "web", "10.96.0.22", "", &["pod-c"], "TCP"));
     let diff = dry_run();
-    assert!(diff.contains("+   meta l4proto tcp dnat to 10.244.2.11:8080") && diff.contains("-   meta l4proto tcp dnat to 10.244.1.11:8080"), "{diff}");
+    assert!(
+        diff.contains("+   10.96.0.22 . tcp . 80 . 0 : 10.244.2.11 . 8080") && diff.contains("-   10.96.0.22 . tcp . 80 . 0 : 10.244.1.11 . 8080"),
+        "{diff}"
+    );
 }
 
 #[test]
@@ -346,9 +352,11 @@ fn sctp_services_are_programmed() {
     let _p = start(&c, &service(&c, "sig", "10.96.0.24", spec, &["pod-a"], "SCTP"));
     eventually("sctp rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.24 . sctp . 80"));
     let table = c.node.sh("nft list table ip kube-wasm-proxy");
-    assert!(table.contains("10.96.0.24 . sctp . 80 : goto svc-t.sig.p.sctp"), "{table}");
-    assert!(table.contains("sctp . 30088 : goto ext-t.sig.p.sctp"), "{table}");
-    assert!(table.contains("meta l4proto sctp dnat to 10.244.1.11:8080"), "{table}");
+    assert!(table.contains("10.96.0.24 . sctp . 80 : goto class-1"), "{table}");
+    assert!(table.contains("10.96.0.24 . sctp . 80 . 0 : 10.244.1.11 . 8080"), "{table}");
+    assert!(table.contains("sctp . 30088 : goto np-class-1"), "{table}");
+    assert!(table.contains("sctp . 30088 . 0 : 10.244.1.11 . 8080"), "{table}");
+    assert!(table.contains("meta l4proto { tcp, udp, sctp } dnat ip to"), "{table}");
 }
 
 #[test]

@@ -44,17 +44,37 @@ pub fn render(cfg: &ModeConfig) -> Result<Fragment, String> {
         set(cfg, "no-endpoint-services", "type ipv4_addr . inet_proto . inet_service : verdict"),
         set(cfg, "no-endpoint-nodeports", "type inet_proto . inet_service : verdict"),
         set(cfg, "nodeport-ips", "type ipv4_addr"),
+        // Fast-path Services (see service.rs) keep their masquerade and
+        // hairpin decisions in these sets instead of chains of their own.
+        set(cfg, "masq-services", "type ipv4_addr . inet_proto . inet_service"),
+        set(cfg, "masq-nodeports", "type inet_proto . inet_service"),
+        set(cfg, "cluster-ips", "type ipv4_addr . inet_proto . inet_service"),
+        set(cfg, "hairpin", "type ipv4_addr . ipv4_addr"),
         chain(cfg, "nat-prerouting", Some("type nat hook prerouting priority dstnat"), rules(&["jump services"])),
         chain(cfg, "nat-output", Some("type nat hook output priority -100"), rules(&["jump services"])),
-        chain(cfg, "nat-postrouting", Some("type nat hook postrouting priority srcnat"), rules(&["jump masquerading"])),
+        chain(
+            cfg,
+            "nat-postrouting",
+            Some("type nat hook postrouting priority srcnat"),
+            rules(&["ct status dnat ip saddr . ip daddr @hairpin masquerade", "jump masquerading"]),
+        ),
         chain(
             cfg,
             "services",
             None,
-            vec![
-                "ip daddr . meta l4proto . th dport vmap @service-ips".into(),
-                format!("{on_node} meta l4proto . th dport vmap @service-nodeports"),
-            ],
+            [
+                vec!["ip daddr . meta l4proto . th dport @masq-services jump mark-for-masquerade".to_string()],
+                cluster_cidrs(cfg)
+                    .map(|c| format!("ip saddr != {{ {c} }} ip daddr . meta l4proto . th dport @cluster-ips jump mark-for-masquerade"))
+                    .into_iter()
+                    .collect(),
+                vec![
+                    format!("{on_node} meta l4proto . th dport @masq-nodeports jump mark-for-masquerade"),
+                    "ip daddr . meta l4proto . th dport vmap @service-ips".into(),
+                    format!("{on_node} meta l4proto . th dport vmap @service-nodeports"),
+                ],
+            ]
+            .concat(),
         ),
         chain(
             cfg,
@@ -90,4 +110,10 @@ pub fn render(cfg: &ModeConfig) -> Result<Fragment, String> {
         items.push(element(cfg, "nodeport-ips", ip));
     }
     Ok(Fragment { items })
+}
+
+/// The IPv4 cluster CIDRs as an nft set body, if any.
+pub fn cluster_cidrs(cfg: &ModeConfig) -> Option<String> {
+    let v4: Vec<&str> = cfg.cluster_cidrs.iter().map(String::as_str).filter(|c| c.contains('.')).collect();
+    (!v4.is_empty()).then(|| v4.join(", "))
 }

@@ -4,7 +4,7 @@ use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
 use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftFamily, NftSet};
 use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy};
 
-use crate::base::{chain, element, ipv4};
+use crate::base::{chain, cluster_cidrs, element, ipv4};
 
 fn proto(p: Protocol) -> &'static str {
     match p {
@@ -21,6 +21,9 @@ fn key(svc: &ServicePort) -> String {
 }
 
 pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backends: &BackendPlan) -> Result<Fragment, String> {
+    if fast_path(svc, backends) {
+        return Ok(render_fast(cfg, svc, endpoints, &weights(backends, endpoints.len())?));
+    }
     let key = key(svc);
     let p = proto(svc.protocol);
     let svc_chain = format!("svc-{key}");
@@ -146,9 +149,92 @@ pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backe
     Ok(Fragment { items })
 }
 
-fn cluster_cidrs(cfg: &ModeConfig) -> Option<String> {
-    let v4: Vec<&str> = cfg.cluster_cidrs.iter().map(String::as_str).filter(|c| c.contains('.')).collect();
-    (!v4.is_empty()).then(|| v4.join(", "))
+/// Most Services need no chain of their own: no affinity, no source ranges
+/// on LB IPs, externalTrafficPolicy Cluster, a weighted (not hashed)
+/// plan. They are pure map elements, which keeps the kernel's per-
+/// transaction validation (linear in the number of chains) small.
+fn fast_path(svc: &ServicePort, backends: &BackendPlan) -> bool {
+    let firewall = !svc.source_ranges.is_empty() && svc.load_balancer_ingress.iter().any(|lb| lb.ip_mode == IpMode::Vip);
+    matches!(backends, BackendPlan::Weights(_))
+        && svc.session_affinity == SessionAffinity::None
+        && svc.external_traffic_policy == TrafficPolicy::Cluster
+        && !firewall
+}
+
+/// A fast-path Service: for W slots (endpoints repeated by weight), each
+/// frontend maps to `goto class-W`, whose one rule DNATs through
+/// `backends-W` keyed by frontend and `numgen random mod W`.
+fn render_fast(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], weights: &[u32]) -> Fragment {
+    let p = proto(svc.protocol);
+    let mut items = Vec::new();
+    let slots: Vec<(String, u16)> = endpoints
+        .iter()
+        .zip(weights)
+        .filter_map(|(ep, w)| ipv4(&ep.address).map(|ip| std::iter::repeat_n((ip, ep.port), *w as usize)))
+        .flatten()
+        .collect();
+    let w = slots.len();
+    let cluster: Vec<String> = svc.cluster_ips.iter().filter_map(ipv4).collect();
+    let external: Vec<String> = svc
+        .external_ips
+        .iter()
+        .filter_map(ipv4)
+        .chain(svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip).filter_map(|lb| ipv4(&lb.ip)))
+        .collect();
+    if w == 0 {
+        for ip in cluster.iter().chain(&external) {
+            items.push(element(cfg, "no-endpoint-services", format!("{ip} . {p} . {} : goto reject-chain", svc.port)));
+        }
+        if let Some(np) = svc.node_port {
+            items.push(element(cfg, "no-endpoint-nodeports", format!("{p} . {np} : goto reject-chain")));
+        }
+        return Fragment { items };
+    }
+    let class = |prefix: &str, key: &str| -> Vec<Item> {
+        vec![
+            Item::NftSet(NftSet {
+                family: NftFamily::Ip,
+                table: cfg.table.clone(),
+                name: format!("{prefix}backends-{w}"),
+                declaration: format!("typeof {key} . numgen random mod {w} : ip daddr . th dport"),
+            }),
+            chain(
+                cfg,
+                &format!("{prefix}class-{w}"),
+                None,
+                vec![format!("meta l4proto {{ tcp, udp, sctp }} dnat ip to {key} . numgen random mod {w} map @{prefix}backends-{w}")],
+            ),
+        ]
+    };
+    items.extend(class("", "ip daddr . meta l4proto . th dport"));
+    for (i, ip) in cluster.iter().chain(&external).enumerate() {
+        let frontend = format!("{ip} . {p} . {}", svc.port);
+        items.push(element(cfg, "service-ips", format!("{frontend} : goto class-{w}")));
+        for (j, (ep, port)) in slots.iter().enumerate() {
+            items.push(element(cfg, &format!("backends-{w}"), format!("{frontend} . {j} : {ep} . {port}")));
+        }
+        let is_external = i >= cluster.len();
+        if is_external || cfg.masquerade_all {
+            items.push(element(cfg, "masq-services", frontend));
+        } else {
+            items.push(element(cfg, "cluster-ips", frontend));
+        }
+    }
+    if let Some(np) = svc.node_port {
+        items.extend(class("np-", "meta l4proto . th dport"));
+        items.push(element(cfg, "service-nodeports", format!("{p} . {np} : goto np-class-{w}")));
+        for (j, (ep, port)) in slots.iter().enumerate() {
+            items.push(element(cfg, &format!("np-backends-{w}"), format!("{p} . {np} . {j} : {ep} . {port}")));
+        }
+        items.push(element(cfg, "masq-nodeports", format!("{p} . {np}")));
+    }
+    let mut pods: Vec<&String> = slots.iter().map(|(ip, _)| ip).collect();
+    pods.sort();
+    pods.dedup();
+    for ip in pods {
+        items.push(element(cfg, "hairpin", format!("{ip} . {ip}")));
+    }
+    Fragment { items }
 }
 
 /// One weight per endpoint from the policy's plan.
