@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_wasm_target
-ensure_packages nftables iproute2
+ensure_packages nftables iproute2 conntrack
 cargo test --workspace --locked "$@"

@@ -64,6 +64,9 @@ impl App {
         let mut proxier = Proxier::new(runtime, catalog, mode, mode_settings, &settings.lb_policy, backends, dataplane)?;
         if !settings.dry_run {
             proxier.enable_health_checks();
+            if settings.mode != ProxyMode::Userspace {
+                proxier.enable_conntrack_cleanup();
+            }
         }
         let sync = SyncLoop {
             state: ClusterState::new(&settings.hostname),

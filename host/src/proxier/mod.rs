@@ -5,6 +5,7 @@
 //! fragment of that service in force and is retried on the next sync.
 
 pub mod backends;
+mod conntrack;
 pub mod nftables;
 pub mod userspace;
 
@@ -74,6 +75,10 @@ pub struct Proxier {
     /// Health-check node ports: service -> (port, local endpoints).
     health_wanted: BTreeMap<(String, String), (u16, usize)>,
     health: Option<crate::healthcheck::HealthServers>,
+    /// Kernel modes: flush stale UDP conntrack entries after changes.
+    conntrack: Option<conntrack::ConntrackCleaner>,
+    /// Endpoints rendered per service port in this sync, for the cleaner.
+    rendered: Vec<(crate::model::ServicePort, Vec<crate::model::Endpoint>)>,
     pub stats: SyncStats,
 }
 
@@ -105,6 +110,8 @@ impl Proxier {
             node: NodeInfo::default(),
             health_wanted: BTreeMap::new(),
             health: None,
+            conntrack: None,
+            rendered: Vec::new(),
             stats: SyncStats::default(),
         };
         // The default policy must load: without it nothing can be proxied.
@@ -114,6 +121,11 @@ impl Proxier {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Flush stale UDP conntrack entries (kernel modes).
+    pub fn enable_conntrack_cleanup(&mut self) {
+        self.conntrack = Some(conntrack::ConntrackCleaner::default());
     }
 
     /// Serve health-check node ports (not in `--dry-run`).
@@ -172,6 +184,18 @@ impl Proxier {
         }
         let changed: Vec<(ServicePortName, Option<&Fragment>)> = delta.iter().map(|(n, f)| (n.clone(), f.as_ref())).collect();
         let result = self.dataplane.apply(base.as_ref(), &changed);
+        let rendered = std::mem::take(&mut self.rendered);
+        if let (Ok(()), Some(cleaner)) = (&result, &mut self.conntrack) {
+            // Only once the new rules are in: new packets then take them.
+            for (name, fragment) in &delta {
+                if fragment.is_none() {
+                    cleaner.removed(name);
+                }
+            }
+            for (svc, eps) in &rendered {
+                cleaner.updated(svc, eps);
+            }
+        }
         if let Err(e) = &result {
             self.stats.apply_errors += 1;
             // Everything in this batch is retried: the dataplane kept its old state.
@@ -227,6 +251,9 @@ impl Proxier {
         };
         let fragment = self.mode.render_service(id, &svc.port, &policy_name, &eps, &backends)?;
         fragment.validate(&self.rules)?;
+        if self.conntrack.is_some() {
+            self.rendered.push((svc.port.clone(), eps.clone()));
+        }
         let addrs: Vec<String> = eps.iter().map(|e| e.socket_addr().to_string()).collect();
         let context = format!("policy {policy_name}, endpoints [{}], backends {backends:?}", addrs.join(", "));
         self.plan.context.insert(name.clone(), context);
