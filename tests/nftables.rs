@@ -425,3 +425,82 @@ fn stale_udp_conntrack_entries_are_flushed_when_an_endpoint_goes() {
     });
     assert_eq!(ask(), "pod-a");
 }
+
+/// A Service over explicit endpoint lines (`- {addresses: [...], ...}`).
+fn service_with(name: &str, ip: &str, spec: &str, endpoints: &[String]) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {ip}\n{spec}  ports: [{{name: p, port: 80, protocol: TCP}}]\n\
+---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+addressType: IPv4\nports: [{{name: p, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n{}---\n",
+        endpoints.concat()
+    )
+}
+
+fn ep(c: &Cluster, pod: &str, extra: &str) -> String {
+    let p = c.pod(pod);
+    let node = if p.local { "node-1" } else { "node-2" };
+    format!("- {{addresses: ['{}'], nodeName: {node}, {extra}}}\n", p.ip)
+}
+
+#[test]
+fn topology_hints_keep_traffic_in_the_zone_when_every_endpoint_has_them() {
+    let c = Cluster::new("topo");
+    let zone = |z: &str| format!("conditions: {{ready: true}}, zone: {z}, hints: {{forZones: [{{name: {z}}}]}}");
+    let hinted: Vec<String> = [("pod-a", "zone-a"), ("pod-c", "zone-a"), ("pod-b", "zone-b"), ("pod-d", "zone-b")]
+        .iter()
+        .map(|(pod, z)| ep(&c, pod, &zone(z)))
+        .collect();
+    let p = start(&c, &service_with("web", "10.96.0.28", "", &hinted));
+    let from = &c.pod("pod-b").ns;
+    // The node is in zone-a (Cluster::node_yaml).
+    assert_eq!(answered_by(&many(20, || tcp_from(from, addr("10.96.0.28", 80)))), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+
+    // One endpoint without hints: hints are ignored, all four serve.
+    let mut partial = hinted.clone();
+    partial[3] = ep(&c, "pod-d", "conditions: {ready: true}, zone: zone-b");
+    write(&p.dir, "objects.yaml", &service_with("web", "10.96.0.28", "", &partial));
+    eventually("all endpoints", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.244.2.12"));
+    assert_eq!(answered_by(&many(40, || tcp_from(from, addr("10.96.0.28", 80)))).len(), 4);
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+    let c = Cluster::new("term");
+    let ready = "conditions: {ready: true, serving: true, terminating: false}";
+    let draining = "conditions: {ready: false, serving: true, terminating: true}";
+    let gone = "conditions: {ready: false, serving: false, terminating: true}";
+    let p = start(&c, &service_with("web", "10.96.0.29", "", &[ep(&c, "pod-a", ready), ep(&c, "pod-c", draining)]));
+    let from = &c.pod("pod-b").ns;
+    assert_eq!(answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))), BTreeSet::from(["pod-a".to_string()]));
+
+    write(&p.dir, "objects.yaml", &service_with("web", "10.96.0.29", "", &[ep(&c, "pod-a", gone), ep(&c, "pod-c", draining)]));
+    eventually("fallback to the draining endpoint", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.244.2.11 . 8080"));
+    assert_eq!(answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))), BTreeSet::from(["pod-c".to_string()]));
+}
+
+#[test]
+fn masquerade_all_masquerades_in_cluster_sources_too() {
+    let c = Cluster::new("mall");
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "node.yaml", &Cluster::node_yaml());
+    write(dir.path(), "objects.yaml", &service(&c, "web", "10.96.0.30", "", &["pod-c"], "TCP"));
+    let config = dir.path().join("config.conf");
+    std::fs::write(&config, format!("{CONFIG}nftables:\n  masqueradeAll: true\n")).unwrap();
+    let source = format!("file:{}", dir.path().display());
+    let mut child = c.node.spawn(
+        env!("CARGO_BIN_EXE_kube-wasm-proxy"),
+        &["--proxy-mode", "nftables", "--source", &source, "--config", config.to_str().unwrap(), "--hostname-override", "node-1",
+          "--healthz-bind-address", "", "--metrics-bind-address", ""],
+    );
+    eventually("rules", || c.node.sh("nft list ruleset").contains("10.96.0.30"));
+    let outcome = tcp_from(&c.pod("pod-b").ns, addr("10.96.0.30", 80));
+    let _ = child.kill();
+    let _ = child.wait();
+    match outcome {
+        Outcome::Answered(pod, src) => {
+            assert_eq!(pod, "pod-c");
+            assert_eq!(src, "10.0.0.1", "masqueradeAll: the pod sees the node's address");
+        }
+        other => panic!("{other:?}"),
+    }
+}
