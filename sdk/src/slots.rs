@@ -53,12 +53,11 @@ pub fn weighted(weights: &[u32], size: usize) -> Vec<u32> {
     }
     let mut shares: Vec<(usize, u64, u64)> =
         weights.iter().enumerate().map(|(i, w)| (i, u64::from(*w) * size as u64 / total, u64::from(*w) * size as u64 % total)).collect();
-    let mut given: u64 = shares.iter().map(|s| s.1).sum();
+    let given: u64 = shares.iter().map(|s| s.1).sum();
     let mut by_remainder: Vec<usize> = (0..shares.len()).filter(|i| weights[*i] > 0).collect();
     by_remainder.sort_by_key(|i| std::cmp::Reverse(shares[*i].2));
     for i in by_remainder.iter().cycle().take((size as u64 - given) as usize) {
         shares[*i].1 += 1;
-        given += 1;
     }
     shares.iter().flat_map(|(i, n, _)| std::iter::repeat_n(*i as u32, *n as usize)).collect()
 }
