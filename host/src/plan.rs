@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::model::{Protocol, ServicePortName};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum NftFamily {
     Ip,
     Ip6,

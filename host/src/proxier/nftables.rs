@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 
 use super::Dataplane;
 use crate::model::ServicePortName;
-use crate::plan::{Fragment, Item};
+use crate::plan::{Fragment, Item, NftFamily};
 
 /// `None` is the base fragment.
 type Key = Option<ServicePortName>;
@@ -26,10 +26,13 @@ type Key = Option<ServicePortName>;
 /// references and creates or deletes an object only on the first or last.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Obj {
-    Set(String),
-    Chain(String),
-    Element(String, String),
+    Set(Fam, String),
+    Chain(Fam, String),
+    Element(Fam, String, String),
 }
+
+/// Every object lives in our table of one family (`ip` or `ip6`).
+type Fam = NftFamily;
 
 pub struct NftDataplane {
     table: String,
@@ -45,11 +48,11 @@ pub struct NftDataplane {
 #[derive(Default)]
 struct Objects {
     /// chain -> (hook, rules)
-    chains: BTreeMap<String, (Option<String>, Vec<String>)>,
+    chains: BTreeMap<(Fam, String), (Option<String>, Vec<String>)>,
     /// set -> declaration
-    sets: BTreeMap<String, String>,
+    sets: BTreeMap<(Fam, String), String>,
     /// (set, element)
-    elements: BTreeSet<(String, String)>,
+    elements: BTreeSet<(Fam, String, String)>,
 }
 
 impl Objects {
@@ -57,14 +60,14 @@ impl Objects {
         let mut o = Objects::default();
         for item in fragments.into_iter().flat_map(|f| &f.items) {
             match item {
-                Item::NftChain { name, hook, rules, .. } => {
-                    o.chains.insert(name.clone(), (hook.clone(), rules.clone()));
+                Item::NftChain { family, name, hook, rules, .. } => {
+                    o.chains.insert((*family, name.clone()), (hook.clone(), rules.clone()));
                 }
-                Item::NftSet { name, declaration, .. } => {
-                    o.sets.insert(name.clone(), declaration.clone());
+                Item::NftSet { family, name, declaration, .. } => {
+                    o.sets.insert((*family, name.clone()), declaration.clone());
                 }
-                Item::NftElement { set, element, .. } => {
-                    o.elements.insert((set.clone(), element.clone()));
+                Item::NftElement { family, set, element, .. } => {
+                    o.elements.insert((*family, set.clone(), element.clone()));
                 }
                 _ => {}
             }
@@ -73,9 +76,9 @@ impl Objects {
     }
 
     fn keys(&self) -> impl Iterator<Item = Obj> + '_ {
-        let sets = self.sets.keys().map(|n| Obj::Set(n.clone()));
-        let chains = self.chains.keys().map(|n| Obj::Chain(n.clone()));
-        let elements = self.elements.iter().map(|(s, e)| Obj::Element(s.clone(), e.clone()));
+        let sets = self.sets.keys().map(|(f, n)| Obj::Set(*f, n.clone()));
+        let chains = self.chains.keys().map(|(f, n)| Obj::Chain(*f, n.clone()));
+        let elements = self.elements.iter().map(|(f, s, e)| Obj::Element(*f, s.clone(), e.clone()));
         sets.chain(chains).chain(elements)
     }
 }
@@ -106,71 +109,79 @@ impl NftDataplane {
         }
     }
 
-    fn add_set(&self, out: &mut String, name: &str, declaration: &str) {
+    /// `FAMILY TABLE NAME`, as nft commands address an object.
+    fn at(&self, (family, name): &(Fam, String)) -> String {
+        format!("{family} {} {name}", self.table)
+    }
+
+    fn add_set(&self, out: &mut String, q: &(Fam, String), declaration: &str) {
         let kind = set_kind(declaration);
         let decl = declaration.trim().trim_end_matches(';');
-        out.push_str(&format!("add {kind} ip {} {name} {{ {decl}; }}\n", self.table));
+        out.push_str(&format!("add {kind} {} {{ {decl}; }}\n", self.at(q)));
     }
 
-    fn add_chain(&self, out: &mut String, name: &str, hook: &Option<String>) {
+    fn add_chain(&self, out: &mut String, q: &(Fam, String), hook: &Option<String>) {
         match hook {
-            Some(h) => out.push_str(&format!("add chain ip {} {name} {{ {}; }}\n", self.table, h.trim_end_matches(';'))),
-            None => out.push_str(&format!("add chain ip {} {name}\n", self.table)),
+            Some(h) => out.push_str(&format!("add chain {} {{ {}; }}\n", self.at(q), h.trim_end_matches(';'))),
+            None => out.push_str(&format!("add chain {}\n", self.at(q))),
         }
     }
 
-    fn add_rules(&self, out: &mut String, name: &str, rules: &[String]) {
+    fn add_rules(&self, out: &mut String, q: &(Fam, String), rules: &[String]) {
+        let at = self.at(q);
         for rule in rules {
-            out.push_str(&format!("add rule ip {} {name} {rule}\n", self.table));
+            out.push_str(&format!("add rule {at} {rule}\n"));
         }
     }
 
-    fn add_elements(&self, out: &mut String, elements: &BTreeSet<(String, String)>) {
-        let mut by_set: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (set, e) in elements {
-            by_set.entry(set).or_default().push(e);
+    fn add_elements(&self, out: &mut String, elements: &BTreeSet<(Fam, String, String)>) {
+        let mut by_set: BTreeMap<(Fam, String), Vec<&str>> = BTreeMap::new();
+        for (f, set, e) in elements {
+            by_set.entry((*f, set.clone())).or_default().push(e);
         }
-        for (set, elems) in by_set {
+        for (q, elems) in by_set {
             for chunk in elems.chunks(1000) {
-                out.push_str(&format!("add element ip {} {set} {{ {} }}\n", self.table, chunk.join(", ")));
+                out.push_str(&format!("add element {} {{ {} }}\n", self.at(&q), chunk.join(", ")));
             }
         }
     }
 
     /// Everything in `plan`, reconciled against what the kernel holds.
     fn full_script(&self, plan: &BTreeMap<Key, Fragment>) -> Result<String> {
-        let kernel = list_table(&self.table)?;
+        let kernel = list_tables(&self.table)?;
         Ok(self.full_script_over(plan, kernel))
     }
 
-    fn full_script_over(&self, plan: &BTreeMap<Key, Fragment>, kernel: (BTreeSet<String>, BTreeMap<String, &'static str>)) -> String {
+    fn full_script_over(&self, plan: &BTreeMap<Key, Fragment>, kernel: Kernel) -> String {
         let want = Objects::of(plan.values());
         let (kernel_chains, kernel_sets) = kernel;
         let t = &self.table;
-        let mut s = format!("add table ip {t}\n");
-        for (name, decl) in &want.sets {
-            self.add_set(&mut s, name, decl);
+        let families: BTreeSet<Fam> = want.chains.keys().map(|(f, _)| *f).chain(kernel_chains.iter().map(|(f, _)| *f)).collect();
+        let mut s: String = families.iter().map(|f| format!("add table {f} {t}\n")).collect();
+        for (q, decl) in &want.sets {
+            self.add_set(&mut s, q, decl);
         }
-        for (name, (hook, _)) in &want.chains {
-            self.add_chain(&mut s, name, hook);
+        for (q, (hook, _)) in &want.chains {
+            self.add_chain(&mut s, q, hook);
         }
-        for name in want.chains.keys().chain(kernel_chains.iter()) {
-            s.push_str(&format!("flush chain ip {t} {name}\n"));
+        let flush_chains: BTreeSet<&(Fam, String)> = want.chains.keys().chain(kernel_chains.iter()).collect();
+        for q in flush_chains {
+            s.push_str(&format!("flush chain {}\n", self.at(q)));
         }
-        let mut flush_sets: BTreeMap<&String, &str> = kernel_sets.iter().map(|(n, k)| (n, *k)).collect();
+        let mut flush_sets: BTreeMap<&(Fam, String), &str> = kernel_sets.iter().map(|(n, k)| (n, *k)).collect();
         flush_sets.extend(want.sets.iter().map(|(n, d)| (n, set_kind(d))));
-        for (name, kind) in flush_sets {
-            s.push_str(&format!("flush {kind} ip {t} {name}\n"));
+        for (q, kind) in flush_sets {
+            s.push_str(&format!("flush {kind} {}\n", self.at(q)));
         }
-        for (name, (_, rules)) in &want.chains {
-            self.add_rules(&mut s, name, rules);
+        for (q, (_, rules)) in &want.chains {
+            self.add_rules(&mut s, q, rules);
         }
         self.add_elements(&mut s, &want.elements);
-        for name in kernel_chains.iter().filter(|c| !want.chains.contains_key(*c)) {
-            s.push_str(&format!("delete chain ip {t} {name}\n"));
+        for q in kernel_chains.iter().filter(|c| !want.chains.contains_key(*c)) {
+            s.push_str(&format!("delete chain {}\n", self.at(q)));
         }
-        for (name, kind) in kernel_sets.iter().filter(|(n, _)| !want.sets.contains_key(*n)) {
-            s.push_str(&format!("delete {kind} ip {t} {name}\n"));
+        for (q, kind) in kernel_sets.iter().filter(|(n, _)| !want.sets.contains_key(*n)) {
+            s.push_str(&format!("delete {kind} {}\n", self.at(q)));
         }
         s
     }
@@ -179,58 +190,55 @@ impl NftDataplane {
     /// counts: `old` and `new` are the changed keys' fragments before and
     /// after; `diff` is each object's change in references.
     fn delta_script(&self, old: &Objects, new: &Objects, diff: &BTreeMap<Obj, i64>) -> String {
-        let t = &self.table;
         let before = |o: &Obj| self.refs.get(o).copied().unwrap_or(0) as i64;
         let added = |o: &Obj| before(o) == 0 && before(o) + diff.get(o).copied().unwrap_or(0) > 0;
         let removed = |o: &Obj| before(o) > 0 && before(o) + diff.get(o).copied().unwrap_or(0) == 0;
+        let chain = |(f, n): &(Fam, String)| Obj::Chain(*f, n.clone());
+        let set = |(f, n): &(Fam, String)| Obj::Set(*f, n.clone());
         let mut s = String::new();
-        for (set, e) in &old.elements {
-            if removed(&Obj::Element(set.clone(), e.clone())) {
+        for (f, name, e) in &old.elements {
+            if removed(&Obj::Element(*f, name.clone(), e.clone())) {
                 // Map elements are deleted by key alone.
                 let key = e.split(" : ").next().unwrap_or(e);
-                s.push_str(&format!("delete element ip {t} {set} {{ {key} }}\n"));
+                s.push_str(&format!("delete element {} {{ {key} }}\n", self.at(&(*f, name.clone()))));
             }
         }
-        let changed_chains: Vec<&String> = new
-            .chains
-            .iter()
-            .filter(|(n, c)| !added(&Obj::Chain((*n).clone())) && old.chains.get(*n).is_some_and(|o| o != *c))
-            .map(|(n, _)| n)
-            .collect();
-        let removed_chains: Vec<&String> = old.chains.keys().filter(|n| removed(&Obj::Chain((*n).clone()))).collect();
-        for name in changed_chains.iter().chain(&removed_chains) {
-            s.push_str(&format!("flush chain ip {t} {name}\n"));
+        let changed_chains: Vec<&(Fam, String)> =
+            new.chains.iter().filter(|(q, c)| !added(&chain(q)) && old.chains.get(*q).is_some_and(|o| o != *c)).map(|(q, _)| q).collect();
+        let removed_chains: Vec<&(Fam, String)> = old.chains.keys().filter(|q| removed(&chain(q))).collect();
+        for q in changed_chains.iter().chain(&removed_chains) {
+            s.push_str(&format!("flush chain {}\n", self.at(q)));
         }
-        let changed_sets: Vec<&String> =
-            new.sets.iter().filter(|(n, d)| !added(&Obj::Set((*n).clone())) && old.sets.get(*n).is_some_and(|o| o != *d)).map(|(n, _)| n).collect();
-        for name in old.sets.keys().filter(|n| removed(&Obj::Set((*n).clone()))).chain(changed_sets.iter().copied()) {
-            s.push_str(&format!("delete {} ip {t} {name}\n", set_kind(&old.sets[name])));
+        let changed_sets: Vec<&(Fam, String)> =
+            new.sets.iter().filter(|(q, d)| !added(&set(q)) && old.sets.get(*q).is_some_and(|o| o != *d)).map(|(q, _)| q).collect();
+        for q in old.sets.keys().filter(|q| removed(&set(q))).chain(changed_sets.iter().copied()) {
+            s.push_str(&format!("delete {} {}\n", set_kind(&old.sets[q]), self.at(q)));
         }
-        for (name, decl) in &new.sets {
-            if added(&Obj::Set(name.clone())) || changed_sets.contains(&name) {
-                self.add_set(&mut s, name, decl);
+        for (q, decl) in &new.sets {
+            if added(&set(q)) || changed_sets.contains(&q) {
+                self.add_set(&mut s, q, decl);
             }
         }
-        for (name, (hook, _)) in &new.chains {
-            if added(&Obj::Chain(name.clone())) {
-                self.add_chain(&mut s, name, hook);
+        for (q, (hook, _)) in &new.chains {
+            if added(&chain(q)) {
+                self.add_chain(&mut s, q, hook);
             }
         }
-        for (name, (_, rules)) in &new.chains {
-            if added(&Obj::Chain(name.clone())) || changed_chains.contains(&name) {
-                self.add_rules(&mut s, name, rules);
+        for (q, (_, rules)) in &new.chains {
+            if added(&chain(q)) || changed_chains.contains(&q) {
+                self.add_rules(&mut s, q, rules);
             }
         }
         // An element whose set was re-created must be added again too.
-        let added_elements: BTreeSet<(String, String)> = new
+        let added_elements: BTreeSet<(Fam, String, String)> = new
             .elements
             .iter()
-            .filter(|(set, e)| added(&Obj::Element(set.clone(), e.clone())) || changed_sets.contains(&set))
+            .filter(|(f, name, e)| added(&Obj::Element(*f, name.clone(), e.clone())) || changed_sets.contains(&&(*f, name.clone())))
             .cloned()
             .collect();
         self.add_elements(&mut s, &added_elements);
-        for name in removed_chains {
-            s.push_str(&format!("delete chain ip {t} {name}\n"));
+        for q in removed_chains {
+            s.push_str(&format!("delete chain {}\n", self.at(q)));
         }
         s
     }
@@ -339,18 +347,28 @@ pub fn diff_against_kernel(table: &str, plan: &crate::plan::Plan) -> Result<Stri
         if !out.status.success() {
             bail!("nft refused the plan: {}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        Ok(String::from_utf8_lossy(&run(&["netns", "exec", &scratch, "nft", "list", "table", "ip", table])?.stdout).into_owned())
+        let mut listing = String::new();
+        for family in ["ip", "ip6"] {
+            listing.push_str(&String::from_utf8_lossy(&run(&["netns", "exec", &scratch, "nft", "list", "table", family, table])?.stdout));
+        }
+        Ok(listing)
     })();
     let _ = run(&["netns", "delete", &scratch]);
     let wanted = wanted?;
-    let current = Command::new("nft").args(["list", "table", "ip", table]).output().context("running nft")?;
-    let current = if current.status.success() { String::from_utf8_lossy(&current.stdout).into_owned() } else { String::new() };
+    let mut current = String::new();
+    for family in ["ip", "ip6"] {
+        let out = Command::new("nft").args(["list", "table", family, table]).output().context("running nft")?;
+        if out.status.success() {
+            current.push_str(&String::from_utf8_lossy(&out.stdout));
+        }
+    }
     Ok(diff_listings(&current, &wanted))
 }
 
 /// Lines (with the block they belong to) only in `old` (-) or only in `new` (+).
 fn diff_listings(old: &str, new: &str) -> String {
     fn lines(text: &str) -> Vec<(String, String)> {
+        let mut table = String::new();
         let mut block = String::new();
         let mut out = Vec::new();
         let mut in_elements = false;
@@ -363,8 +381,10 @@ fn diff_listings(old: &str, new: &str) -> String {
             } else if in_elements {
                 out.extend(split_elements(line).map(|e| (block.clone(), e)));
             } else {
-                if line.ends_with('{') {
-                    block = line.trim_end_matches('{').trim().to_string();
+                if let Some(t) = line.strip_prefix("table ") {
+                    table = t.trim_end_matches('{').trim().to_string();
+                } else if line.ends_with('{') {
+                    block = format!("{table}: {}", line.trim_end_matches('{').trim());
                 }
                 out.push((block.clone(), line.to_string()));
             }
@@ -425,38 +445,28 @@ fn nft(script: &str) -> Result<()> {
     Ok(())
 }
 
-/// Chain names and set/map names (with their kind) currently in our table;
-/// empty if the table is absent.
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn listing_diffs_are_per_block() {
-        let old = "table ip t {\n\tchain a {\n\t\tjump b\n\t}\n\tchain c {\n\t\taccept\n\t}\n}\n";
-        let new = "table ip t {\n\tchain a {\n\t\tjump b\n\t\tdrop\n\t}\n}\n";
-        let d = super::diff_listings(old, new);
-        assert!(d.contains("chain a\n+   drop"), "{d}");
-        assert!(d.contains("chain c\n-   chain c {\n-   accept"), "{d}");
-        assert_eq!(super::diff_listings(new, new), "# no changes: the kernel already holds this plan\n");
-    }
-}
+/// Chains, and sets/maps with their kind, in our tables of both families.
+type Kernel = (BTreeSet<(Fam, String)>, BTreeMap<(Fam, String), &'static str>);
 
-fn list_table(table: &str) -> Result<(BTreeSet<String>, BTreeMap<String, &'static str>)> {
-    let out = Command::new("nft").args(["-j", "list", "table", "ip", table]).output().context("running nft")?;
-    if !out.status.success() {
-        return Ok(Default::default()); // no such table yet
-    }
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing nft -j output")?;
-    let mut chains = BTreeSet::new();
-    let mut sets = BTreeMap::new();
-    for obj in json.get("nftables").and_then(|v| v.as_array()).into_iter().flatten() {
-        if let Some(name) = obj.get("chain").and_then(|c| c.get("name")).and_then(|n| n.as_str()) {
-            chains.insert(name.to_string());
+/// What our tables hold now (empty where a table is absent).
+fn list_tables(table: &str) -> Result<Kernel> {
+    let mut kernel = Kernel::default();
+    for family in [NftFamily::Ip, NftFamily::Ip6] {
+        let out = Command::new("nft").args(["-j", "list", "table", &family.to_string(), table]).output().context("running nft")?;
+        if !out.status.success() {
+            continue; // no such table yet
         }
-        for kind in ["set", "map"] {
-            if let Some(name) = obj.get(kind).and_then(|c| c.get("name")).and_then(|n| n.as_str()) {
-                sets.insert(name.to_string(), kind);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing nft -j output")?;
+        for obj in json.get("nftables").and_then(|v| v.as_array()).into_iter().flatten() {
+            if let Some(name) = obj.get("chain").and_then(|c| c.get("name")).and_then(|n| n.as_str()) {
+                kernel.0.insert((family, name.to_string()));
+            }
+            for kind in ["set", "map"] {
+                if let Some(name) = obj.get(kind).and_then(|c| c.get("name")).and_then(|n| n.as_str()) {
+                    kernel.1.insert((family, name.to_string()), kind);
+                }
             }
         }
     }
-    Ok((chains, sets))
+    Ok(kernel)
 }

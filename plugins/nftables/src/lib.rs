@@ -18,6 +18,7 @@
 //! - `nat-postrouting` masquerades packets carrying mark 0x4000.
 
 mod base;
+mod family;
 mod service;
 
 use std::cell::RefCell;

@@ -1,10 +1,10 @@
 //! One service port's chains and map elements.
 
 use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
-use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftFamily, NftSet};
+use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftSet};
 use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy};
 
-use crate::base::{chain, cluster_cidrs, element, ipv4};
+use crate::family::{Fam, V4, V6};
 
 fn proto(p: Protocol) -> &'static str {
     match p {
@@ -20,10 +20,23 @@ fn key(svc: &ServicePort) -> String {
     format!("{}.{}.{}.{}", svc.namespace, svc.name, port, proto(svc.protocol))
 }
 
+/// Both families: a dual-stack Service has a cluster IP (and endpoints) in
+/// each; a single-stack one renders nothing for the other family.
 pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backends: &BackendPlan) -> Result<Fragment, String> {
-    if fast_path(svc, backends) {
-        return Ok(render_fast(cfg, svc, endpoints, &weights(backends, endpoints.len())?));
+    let mut items = Vec::new();
+    for f in [V4, V6] {
+        if svc.cluster_ips.iter().any(|ip| f.ip(ip).is_some()) {
+            items.extend(render_family(cfg, f, svc, endpoints, backends)?.items);
+        }
     }
+    Ok(Fragment { items })
+}
+
+fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpoint], backends: &BackendPlan) -> Result<Fragment, String> {
+    if fast_path(svc, backends) {
+        return Ok(render_fast(cfg, f, svc, endpoints, &weights(backends, endpoints.len())?));
+    }
+    let l3 = f.l3;
     let key = key(svc);
     let p = proto(svc.protocol);
     let svc_chain = format!("svc-{key}");
@@ -31,7 +44,7 @@ pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backe
     let fw_chain = format!("fw-{key}");
     let mut items: Vec<Item> = Vec::new();
     // Only IPv4 endpoints can back an `ip` table's DNAT.
-    let usable: Vec<usize> = (0..endpoints.len()).filter(|i| ipv4(&endpoints[*i].address).is_some()).collect();
+    let usable: Vec<usize> = (0..endpoints.len()).filter(|i| f.ip(&endpoints[*i].address).is_some()).collect();
     let weights = weights(backends, endpoints.len())?;
 
     // Per-endpoint chains.
@@ -41,20 +54,20 @@ pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backe
     };
     for &i in &usable {
         let ep = &endpoints[i];
-        let ip = ipv4(&ep.address).expect("usable");
-        let mut rules = vec![format!("ip saddr {ip} jump mark-for-masquerade")];
+        let ip = f.ip(&ep.address).expect("usable");
+        let mut rules = vec![format!("{l3} saddr {ip} jump mark-for-masquerade")];
         if let Some(timeout) = affinity {
             let set = format!("aff-{key}-{i}");
             items.push(Item::NftSet(NftSet {
-                family: NftFamily::Ip,
+                family: f.family,
                 table: cfg.table.clone(),
                 name: set.clone(),
-                declaration: format!("type ipv4_addr; flags dynamic,timeout; timeout {timeout}s;"),
+                declaration: format!("type {}; flags dynamic,timeout; timeout {timeout}s;", f.addr),
             }));
-            rules.push(format!("update @{set} {{ ip saddr }}"));
+            rules.push(format!("update @{set} {{ {l3} saddr }}"));
         }
-        rules.push(format!("meta l4proto {p} dnat to {ip}:{}", ep.port));
-        items.push(chain(cfg, &format!("ep-{key}-{i}"), None, rules));
+        rules.push(format!("meta l4proto {p} dnat to {}", f.host_port(&ip, ep.port)));
+        items.push(f.chain(cfg, &format!("ep-{key}-{i}"), None, rules));
     }
 
     // Internal traffic: the endpoints the host chose for this service's
@@ -64,12 +77,12 @@ pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backe
         let mut rules = Vec::new();
         if cfg.masquerade_all {
             rules.push("jump mark-for-masquerade".to_string());
-        } else if let Some(cidrs) = cluster_cidrs(cfg) {
-            rules.push(format!("ip saddr != {{ {cidrs} }} jump mark-for-masquerade"));
+        } else if let Some(cidrs) = f.cluster_cidrs(cfg) {
+            rules.push(format!("{l3} saddr != {{ {cidrs} }} jump mark-for-masquerade"));
         }
-        rules.extend(affinity_rules(&key, &internal, affinity));
-        rules.push(selection(&key, &internal, &weights, backends));
-        items.push(chain(cfg, &svc_chain, None, rules));
+        rules.extend(affinity_rules(l3, &key, &internal, affinity));
+        rules.push(selection(l3, &key, &internal, &weights, backends));
+        items.push(f.chain(cfg, &svc_chain, None, rules));
     }
 
     // External traffic (node ports, external IPs, load-balancer IPs).
@@ -84,13 +97,13 @@ pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backe
             if !internal.is_empty() {
                 r.push(format!("fib saddr type local goto {svc_chain}"));
             }
-            r.extend(affinity_rules(&key, &external, affinity));
-            r.push(selection(&key, &external, &weights, &BackendPlan::Weights(weights.clone())));
+            r.extend(affinity_rules(l3, &key, &external, affinity));
+            r.push(selection(l3, &key, &external, &weights, &BackendPlan::Weights(weights.clone())));
             r
         } else {
             vec!["jump mark-for-masquerade".to_string(), format!("goto {svc_chain}")]
         };
-        items.push(chain(cfg, &ext_chain, None, rules));
+        items.push(f.chain(cfg, &ext_chain, None, rules));
     }
 
     // Map elements.
@@ -100,10 +113,10 @@ pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backe
     } else {
         Some(format!("goto {svc_chain}"))
     };
-    for ip in svc.cluster_ips.iter().filter_map(ipv4) {
+    for ip in svc.cluster_ips.iter().filter_map(|ip| f.ip(ip)) {
         match &internal_verdict {
-            Some(v) => items.push(element(cfg, "service-ips", format!("{ip} . {p} . {} : {v}", svc.port))),
-            None => items.push(element(
+            Some(v) => items.push(f.element(cfg, "service-ips", format!("{ip} . {p} . {} : {v}", svc.port))),
+            None => items.push(f.element(
                 cfg,
                 "no-endpoint-services",
                 format!("{ip} . {p} . {} : {}", svc.port, no_endpoints(svc.internal_traffic_policy == TrafficPolicy::Local)),
@@ -111,39 +124,39 @@ pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backe
         }
     }
     let external_verdict = (!external.is_empty()).then(|| format!("goto {ext_chain}"));
-    let mut external_ips: Vec<String> = svc.external_ips.iter().filter_map(ipv4).collect();
-    let lb_ips: Vec<String> = svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip).filter_map(|lb| ipv4(&lb.ip)).collect();
+    let mut external_ips: Vec<String> = svc.external_ips.iter().filter_map(|ip| f.ip(ip)).collect();
+    let lb_ips: Vec<String> = svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip).filter_map(|lb| f.ip(&lb.ip)).collect();
     let firewall = !svc.source_ranges.is_empty() && !lb_ips.is_empty() && external_verdict.is_some();
     if firewall {
         let ranges: Vec<String> = svc
             .source_ranges
             .iter()
-            .filter_map(|c| ipv4(&c.address).map(|a| format!("{a}/{}", c.prefix_len)))
+            .filter_map(|c| f.ip(&c.address).map(|a| format!("{a}/{}", c.prefix_len)))
             .collect();
         let mut rules = Vec::new();
         if !ranges.is_empty() {
-            rules.push(format!("ip saddr != {{ {} }} drop", ranges.join(", ")));
+            rules.push(format!("{l3} saddr != {{ {} }} drop", ranges.join(", ")));
         }
         rules.push(format!("goto {ext_chain}"));
-        items.push(chain(cfg, &fw_chain, None, rules));
+        items.push(f.chain(cfg, &fw_chain, None, rules));
     }
     for ip in &lb_ips {
         if firewall {
-            items.push(element(cfg, "service-ips", format!("{ip} . {p} . {} : goto {fw_chain}", svc.port)));
+            items.push(f.element(cfg, "service-ips", format!("{ip} . {p} . {} : goto {fw_chain}", svc.port)));
         } else {
             external_ips.push(ip.clone());
         }
     }
     for ip in &external_ips {
         match &external_verdict {
-            Some(v) => items.push(element(cfg, "service-ips", format!("{ip} . {p} . {} : {v}", svc.port))),
-            None => items.push(element(cfg, "no-endpoint-services", format!("{ip} . {p} . {} : {}", svc.port, no_endpoints(local_only)))),
+            Some(v) => items.push(f.element(cfg, "service-ips", format!("{ip} . {p} . {} : {v}", svc.port))),
+            None => items.push(f.element(cfg, "no-endpoint-services", format!("{ip} . {p} . {} : {}", svc.port, no_endpoints(local_only)))),
         }
     }
     if let Some(node_port) = svc.node_port {
         match &external_verdict {
-            Some(v) => items.push(element(cfg, "service-nodeports", format!("{p} . {node_port} : {v}"))),
-            None => items.push(element(cfg, "no-endpoint-nodeports", format!("{p} . {node_port} : {}", no_endpoints(local_only)))),
+            Some(v) => items.push(f.element(cfg, "service-nodeports", format!("{p} . {node_port} : {v}"))),
+            None => items.push(f.element(cfg, "no-endpoint-nodeports", format!("{p} . {node_port} : {}", no_endpoints(local_only)))),
         }
     }
     Ok(Fragment { items })
@@ -164,75 +177,76 @@ fn fast_path(svc: &ServicePort, backends: &BackendPlan) -> bool {
 /// A fast-path Service: for W slots (endpoints repeated by weight), each
 /// frontend maps to `goto class-W`, whose one rule DNATs through
 /// `backends-W` keyed by frontend and `numgen random mod W`.
-fn render_fast(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], weights: &[u32]) -> Fragment {
+fn render_fast(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpoint], weights: &[u32]) -> Fragment {
     let p = proto(svc.protocol);
+    let l3 = f.l3;
     let mut items = Vec::new();
     let slots: Vec<(String, u16)> = endpoints
         .iter()
         .zip(weights)
-        .filter_map(|(ep, w)| ipv4(&ep.address).map(|ip| std::iter::repeat_n((ip, ep.port), *w as usize)))
+        .filter_map(|(ep, w)| f.ip(&ep.address).map(|ip| std::iter::repeat_n((ip, ep.port), *w as usize)))
         .flatten()
         .collect();
     let w = slots.len();
-    let cluster: Vec<String> = svc.cluster_ips.iter().filter_map(ipv4).collect();
+    let cluster: Vec<String> = svc.cluster_ips.iter().filter_map(|ip| f.ip(ip)).collect();
     let external: Vec<String> = svc
         .external_ips
         .iter()
-        .filter_map(ipv4)
-        .chain(svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip).filter_map(|lb| ipv4(&lb.ip)))
+        .filter_map(|ip| f.ip(ip))
+        .chain(svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip).filter_map(|lb| f.ip(&lb.ip)))
         .collect();
     if w == 0 {
         for ip in cluster.iter().chain(&external) {
-            items.push(element(cfg, "no-endpoint-services", format!("{ip} . {p} . {} : goto reject-chain", svc.port)));
+            items.push(f.element(cfg, "no-endpoint-services", format!("{ip} . {p} . {} : goto reject-chain", svc.port)));
         }
         if let Some(np) = svc.node_port {
-            items.push(element(cfg, "no-endpoint-nodeports", format!("{p} . {np} : goto reject-chain")));
+            items.push(f.element(cfg, "no-endpoint-nodeports", format!("{p} . {np} : goto reject-chain")));
         }
         return Fragment { items };
     }
     let class = |prefix: &str, key: &str| -> Vec<Item> {
         vec![
             Item::NftSet(NftSet {
-                family: NftFamily::Ip,
+                family: f.family,
                 table: cfg.table.clone(),
                 name: format!("{prefix}backends-{w}"),
-                declaration: format!("typeof {key} . numgen random mod {w} : ip daddr . th dport"),
+                declaration: format!("typeof {key} . numgen random mod {w} : {l3} daddr . th dport"),
             }),
-            chain(
+            f.chain(
                 cfg,
                 &format!("{prefix}class-{w}"),
                 None,
-                vec![format!("meta l4proto {{ tcp, udp, sctp }} dnat ip to {key} . numgen random mod {w} map @{prefix}backends-{w}")],
+                vec![format!("meta l4proto {{ tcp, udp, sctp }} dnat {l3} to {key} . numgen random mod {w} map @{prefix}backends-{w}")],
             ),
         ]
     };
-    items.extend(class("", "ip daddr . meta l4proto . th dport"));
+    items.extend(class("", &format!("{l3} daddr . meta l4proto . th dport")));
     for (i, ip) in cluster.iter().chain(&external).enumerate() {
         let frontend = format!("{ip} . {p} . {}", svc.port);
-        items.push(element(cfg, "service-ips", format!("{frontend} : goto class-{w}")));
+        items.push(f.element(cfg, "service-ips", format!("{frontend} : goto class-{w}")));
         for (j, (ep, port)) in slots.iter().enumerate() {
-            items.push(element(cfg, &format!("backends-{w}"), format!("{frontend} . {j} : {ep} . {port}")));
+            items.push(f.element(cfg, &format!("backends-{w}"), format!("{frontend} . {j} : {ep} . {port}")));
         }
         let is_external = i >= cluster.len();
         if is_external || cfg.masquerade_all {
-            items.push(element(cfg, "masq-services", frontend));
+            items.push(f.element(cfg, "masq-services", frontend));
         } else {
-            items.push(element(cfg, "cluster-ips", frontend));
+            items.push(f.element(cfg, "cluster-ips", frontend));
         }
     }
     if let Some(np) = svc.node_port {
         items.extend(class("np-", "meta l4proto . th dport"));
-        items.push(element(cfg, "service-nodeports", format!("{p} . {np} : goto np-class-{w}")));
+        items.push(f.element(cfg, "service-nodeports", format!("{p} . {np} : goto np-class-{w}")));
         for (j, (ep, port)) in slots.iter().enumerate() {
-            items.push(element(cfg, &format!("np-backends-{w}"), format!("{p} . {np} . {j} : {ep} . {port}")));
+            items.push(f.element(cfg, &format!("np-backends-{w}"), format!("{p} . {np} . {j} : {ep} . {port}")));
         }
-        items.push(element(cfg, "masq-nodeports", format!("{p} . {np}")));
+        items.push(f.element(cfg, "masq-nodeports", format!("{p} . {np}")));
     }
     let mut pods: Vec<&String> = slots.iter().map(|(ip, _)| ip).collect();
     pods.sort();
     pods.dedup();
     for ip in pods {
-        items.push(element(cfg, "hairpin", format!("{ip} . {ip}")));
+        items.push(f.element(cfg, "hairpin", format!("{ip} . {ip}")));
     }
     Fragment { items }
 }
@@ -253,23 +267,23 @@ fn weights(plan: &BackendPlan, n: usize) -> Result<Vec<u32>, String> {
 }
 
 /// Existing ClientIP affinity wins over a new pick.
-fn affinity_rules(key: &str, eps: &[usize], affinity: Option<u32>) -> Vec<String> {
+fn affinity_rules(l3: &str, key: &str, eps: &[usize], affinity: Option<u32>) -> Vec<String> {
     match affinity {
-        Some(_) => eps.iter().map(|i| format!("ip saddr @aff-{key}-{i} goto ep-{key}-{i}")).collect(),
+        Some(_) => eps.iter().map(|i| format!("{l3} saddr @aff-{key}-{i} goto ep-{key}-{i}")).collect(),
         None => Vec::new(),
     }
 }
 
 /// The rule choosing among `eps`: `numgen` over weight ranges, or a hash
 /// of the client address into the policy's slot table.
-fn selection(key: &str, eps: &[usize], weights: &[u32], plan: &BackendPlan) -> String {
+fn selection(l3: &str, key: &str, eps: &[usize], weights: &[u32], plan: &BackendPlan) -> String {
     if let BackendPlan::Slots(slots) = plan {
         let allowed: Vec<u32> = slots.iter().copied().filter(|s| eps.contains(&(*s as usize))).collect();
         if allowed.len() == slots.len() && !slots.is_empty() {
             let entries = runs(slots.iter().map(|s| *s as usize)).into_iter().map(|(lo, hi, ep)| arm(key, lo, hi, ep)).collect::<Vec<_>>();
             // A fixed seed: without one the kernel picks a random seed per
             // rule, and every re-render would reshuffle all clients.
-            return format!("jhash ip saddr mod {} seed {JHASH_SEED:#x} vmap {{ {} }}", slots.len(), entries.join(", "));
+            return format!("jhash {l3} saddr mod {} seed {JHASH_SEED:#x} vmap {{ {} }}", slots.len(), entries.join(", "));
         }
     }
     let mut arms = Vec::new();
@@ -306,10 +320,10 @@ mod tests {
 
     #[test]
     fn selection_follows_the_plan() {
-        assert_eq!(selection("k", &[0, 1], &[1, 1], &BackendPlan::Weights(vec![1, 1])), "numgen random mod 2 vmap { 0 : goto ep-k-0, 1 : goto ep-k-1 }");
-        assert_eq!(selection("k", &[0, 2], &[3, 0, 1], &BackendPlan::Weights(vec![3, 0, 1])), "numgen random mod 4 vmap { 0-2 : goto ep-k-0, 3 : goto ep-k-2 }");
+        assert_eq!(selection("ip", "k", &[0, 1], &[1, 1], &BackendPlan::Weights(vec![1, 1])), "numgen random mod 2 vmap { 0 : goto ep-k-0, 1 : goto ep-k-1 }");
+        assert_eq!(selection("ip", "k", &[0, 2], &[3, 0, 1], &BackendPlan::Weights(vec![3, 0, 1])), "numgen random mod 4 vmap { 0-2 : goto ep-k-0, 3 : goto ep-k-2 }");
         assert_eq!(
-            selection("k", &[0, 1], &[2, 1], &BackendPlan::Slots(vec![0, 0, 1])),
+            selection("ip", "k", &[0, 1], &[2, 1], &BackendPlan::Slots(vec![0, 0, 1])),
             "jhash ip saddr mod 3 seed 0x6b777031 vmap { 0-1 : goto ep-k-0, 2 : goto ep-k-1 }"
         );
         assert!(weights(&BackendPlan::Weights(vec![1]), 2).is_err());
