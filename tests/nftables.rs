@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::topology::{CLIENT_IP, Cluster, NODE_IP, Outcome, POD_PORT, tcp_from, udp_from};
+use common::topology::{CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, POD_PORT, tcp_from, udp_from};
 use common::write;
 
 struct Proxy {
@@ -26,7 +26,7 @@ impl Drop for Proxy {
     }
 }
 
-const CONFIG: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: 10.244.0.0/16\n";
+const CONFIG: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: 10.244.0.0/16,fd00:10:244::/48\n";
 
 /// Starts the proxy in the node namespace on a file source holding `objects`.
 fn start(cluster: &Cluster, objects: &str) -> Proxy {
@@ -503,4 +503,35 @@ fn masquerade_all_masquerades_in_cluster_sources_too() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn dual_stack_services_answer_on_both_families() {
+    let c = Cluster::new("ds");
+    let slice = |family: &str, pods: &[&str]| {
+        let mut y = format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-{}, namespace: t, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {family}\nports: [{{name: p, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n",
+            family.to_lowercase()
+        );
+        for pod in pods {
+            let p = c.pod(pod);
+            let ip = if family == "IPv6" { p.ip6.clone() } else { p.ip.to_string() };
+            let node = if p.local { "node-1" } else { "node-2" };
+            y.push_str(&format!("- {{addresses: ['{ip}'], nodeName: {node}}}\n"));
+        }
+        y
+    };
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.31\n  clusterIPs: [10.96.0.31, 'fd00:96::31']\n  ports: [{name: p, port: 80, protocol: TCP, nodePort: 30091}]\n".to_string();
+    let _p = start(&c, &(svc + &slice("IPv4", &["pod-a", "pod-c"]) + &slice("IPv6", &["pod-a", "pod-c"])));
+    eventually("ip6 rules", || c.node.sh("nft list ruleset").contains("fd00:96::31 . tcp . 80"));
+    let from = &c.pod("pod-b").ns;
+    let v4 = many(16, || tcp_from(from, addr("10.96.0.31", 80)));
+    assert_eq!(answered_by(&v4), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+    let v6 = many(16, || tcp_from(from, "[fd00:96::31]:80".parse().unwrap()));
+    assert_eq!(answered_by(&v6), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+    let pod_b6 = c.pod("pod-b").ip6.clone();
+    assert!(v6.iter().all(|o| matches!(o, Outcome::Answered(_, src) if *src == pod_b6)), "in-cluster IPv6 source kept: {v6:?}");
+    // IPv6 node port from outside: answered and masqueraded.
+    let np = many(8, || tcp_from(&c.client, format!("[{NODE_IP6}]:30091").parse().unwrap()));
+    assert!(np.iter().all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP6)), "{np:?}");
 }

@@ -21,11 +21,14 @@ use super::netns::Netns;
 
 pub const NODE_IP: &str = "203.0.113.1";
 pub const CLIENT_IP: &str = "203.0.113.2";
+pub const NODE_IP6: &str = "2001:db8:1::1";
+pub const CLIENT_IP6: &str = "2001:db8:1::2";
 pub const POD_PORT: u16 = 8080;
 
 pub struct Pod {
     pub name: &'static str,
     pub ip: &'static str,
+    pub ip6: String,
     pub local: bool,
     pub ns: Netns,
 }
@@ -45,20 +48,28 @@ impl Cluster {
         let node = Netns::new(&format!("kwp-{tag}-node"));
         let remote = Netns::new(&format!("kwp-{tag}-rem"));
         let client = Netns::new(&format!("kwp-{tag}-cli"));
+        for ns in [&node, &remote, &client] {
+            // Addresses usable at once: no duplicate address detection.
+            ns.sh("sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 net.ipv6.conf.all.forwarding=1");
+        }
         for ns in [&node, &remote] {
             // No ICMP redirects: a pod told to reach a hairpinned service
             // "directly" would bypass the node, as CNI bridges also avoid.
             ns.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.default.send_redirects=0 && ip link add br0 type bridge && ip link set br0 up");
         }
-        node.sh("ip addr add 10.244.1.1/24 dev br0");
-        remote.sh("ip addr add 10.244.2.1/24 dev br0");
+        node.sh("ip addr add 10.244.1.1/24 dev br0 && ip -6 addr add fd00:10:244:1::1/64 dev br0 nodad");
+        remote.sh("ip addr add 10.244.2.1/24 dev br0 && ip -6 addr add fd00:10:244:2::1/64 dev br0 nodad");
         link(&node, "eth-cli", &client, "eth0");
         // A default route, as every real node has: service IPs are not local.
         node.sh(&format!("ip addr add {NODE_IP}/24 dev eth-cli && ip link set eth-cli up && ip route add default via {CLIENT_IP}"));
         client.sh(&format!("ip addr add {CLIENT_IP}/24 dev eth0 && ip link set eth0 up && ip route add default via {NODE_IP}"));
+        node.sh(&format!("ip -6 addr add {NODE_IP6}/64 dev eth-cli nodad && ip -6 route add default via {CLIENT_IP6}"));
+        client.sh(&format!("ip -6 addr add {CLIENT_IP6}/64 dev eth0 nodad && ip -6 route add default via {NODE_IP6}"));
         link(&node, "eth-rem", &remote, "eth-node");
         node.sh("ip addr add 10.0.0.1/24 dev eth-rem && ip link set eth-rem up && ip route add 10.244.2.0/24 via 10.0.0.2");
         remote.sh("ip addr add 10.0.0.2/24 dev eth-node && ip link set eth-node up && ip route add default via 10.0.0.1");
+        node.sh("ip -6 addr add fd00:0:0:1::1/64 dev eth-rem nodad && ip -6 route add fd00:10:244:2::/64 via fd00:0:0:1::2");
+        remote.sh("ip -6 addr add fd00:0:0:1::2/64 dev eth-node nodad && ip -6 route add default via fd00:0:0:1::1");
 
         let mut pods = Vec::new();
         for (i, (name, ip, local)) in PODS.iter().enumerate() {
@@ -71,8 +82,12 @@ impl Cluster {
             // Service may be sent back out the port it came in on.
             host.sh(&format!("ip link set {port} master br0 && ip link set {port} type bridge_slave hairpin on && ip link set {port} up"));
             ns.sh(&format!("ip addr add {ip}/24 dev eth0 && ip link set eth0 up && ip route add default via {gw}"));
+            // fd00:10:244:<node>::<host>, mirroring the IPv4 address.
+            let octets: Vec<&str> = ip.split('.').collect();
+            let ip6 = format!("fd00:10:244:{}::{}", octets[2], octets[3]);
+            ns.sh(&format!("ip -6 addr add {ip6}/64 dev eth0 nodad && ip -6 route add default via fd00:10:244:{}::1", octets[2]));
             serve(&ns, name);
-            pods.push(Pod { name, ip, local: *local, ns });
+            pods.push(Pod { name, ip, ip6, local: *local, ns });
         }
         Cluster { node, remote, client, pods }
     }
@@ -84,7 +99,7 @@ impl Cluster {
     /// Node YAML for the proxy's file source (name node-1, InternalIP).
     pub fn node_yaml() -> String {
         format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n  labels: {{topology.kubernetes.io/zone: zone-a}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {NODE_IP}}}\n"
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-1\n  labels: {{topology.kubernetes.io/zone: zone-a}}\nstatus:\n  addresses:\n  - {{type: InternalIP, address: {NODE_IP}}}\n  - {{type: InternalIP, address: '{NODE_IP6}'}}\n"
         )
     }
 }
@@ -94,19 +109,22 @@ fn link(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
     a.sh(&format!("ip link add {a_name} type veth peer name {b_name} netns {}", b.name));
 }
 
-/// TCP and UDP servers answering "<name> <peer ip>".
+/// TCP and UDP servers answering "<name> <peer ip>", on IPv4 and IPv6.
 fn serve(ns: &Netns, name: &'static str) {
+    ns.background(move || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).expect("socket");
+        socket.set_only_v6(true).expect("v6only");
+        socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, POD_PORT)).into()).expect("pod tcp6 bind");
+        socket.listen(128).expect("listen");
+        let listener: TcpListener = socket.into();
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || answer(conn, name));
+        }
+    });
     ns.background(move || {
         let listener = TcpListener::bind(("0.0.0.0", POD_PORT)).expect("pod tcp bind");
         for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut conn = conn;
-                let peer = conn.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
-                let mut buf = [0u8; 64];
-                let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
-                let _ = conn.read(&mut buf);
-                let _ = conn.write_all(format!("{name} {peer}").as_bytes());
-            });
+            std::thread::spawn(move || answer(conn, name));
         }
     });
     ns.background(move || {
@@ -116,6 +134,15 @@ fn serve(ns: &Netns, name: &'static str) {
             let _ = socket.send_to(format!("{name} {}", peer.ip()).as_bytes(), peer);
         }
     });
+}
+
+/// Reads the request and answers "<name> <peer ip>".
+fn answer(mut conn: TcpStream, name: &str) {
+    let peer = conn.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+    let mut buf = [0u8; 64];
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = conn.read(&mut buf);
+    let _ = conn.write_all(format!("{name} {peer}").as_bytes());
 }
 
 /// What happened to one connection attempt.

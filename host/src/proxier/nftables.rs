@@ -470,3 +470,17 @@ fn list_tables(table: &str) -> Result<Kernel> {
     }
     Ok(kernel)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn listing_diffs_are_per_block() {
+        let old = "table ip t {\n\tchain a {\n\t\tjump b\n\t}\n\tchain c {\n\t\taccept\n\t}\n\tmap m {\n\t\telements = { 1 : goto a,\n\t\t\t     2 : goto c }\n\t}\n}\n";
+        let new = "table ip t {\n\tchain a {\n\t\tjump b\n\t\tdrop\n\t}\n\tmap m {\n\t\telements = { 1 : goto a }\n\t}\n}\n";
+        let d = super::diff_listings(old, new);
+        assert!(d.contains("ip t: chain a\n+   drop"), "{d}");
+        assert!(d.contains("ip t: chain c\n-   chain c {\n-   accept"), "{d}");
+        assert!(d.contains("ip t: map m\n-   2 : goto c"), "one line per element: {d}");
+        assert_eq!(super::diff_listings(new, new), "# no changes: the kernel already holds this plan\n");
+    }
+}
