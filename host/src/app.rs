@@ -39,7 +39,7 @@ impl App {
         let mode_settings = ModeSettings {
             table: crate::plan::Rules::default().nft_table,
             masquerade_all: settings.masquerade_all,
-            cluster_cidrs: settings.cluster_cidrs.clone(),
+            detect_local: settings.detect_local.clone(),
             ..ModeSettings::default()
         };
         let mode = Mode::new(runtime.clone(), settings.mode.as_str(), &component, mode_settings.clone())?;

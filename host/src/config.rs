@@ -94,6 +94,18 @@ pub struct Flags {
     /// Userspace mode: never install nftables redirects, even with CAP_NET_ADMIN; only open listeners.
     #[arg(long)]
     pub no_redirect: bool,
+    /// How to tell local pod traffic: ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix.
+    #[arg(long, value_name = "MODE")]
+    pub detect_local_mode: Option<String>,
+    /// The cluster's pod CIDRs (comma-separated), for --detect-local-mode ClusterCIDR.
+    #[arg(long, value_name = "CIDRS")]
+    pub cluster_cidr: Option<String>,
+    /// The pods' bridge, for --detect-local-mode BridgeInterface.
+    #[arg(long, value_name = "NAME")]
+    pub pod_bridge_interface: Option<String>,
+    /// The pods' interface name prefix, for --detect-local-mode InterfaceNamePrefix.
+    #[arg(long, value_name = "PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
     /// Print the plan and exit, applying nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -114,7 +126,20 @@ pub struct Settings {
     pub userspace_bind_address: std::net::IpAddr,
     pub masquerade_all: bool,
     pub cluster_cidrs: Vec<String>,
+    pub detect_local: DetectLocal,
     pub dry_run: bool,
+}
+
+/// detectLocalMode, as upstream: which sources count as this node's pods.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum DetectLocal {
+    #[default]
+    None,
+    ClusterCidr(Vec<String>),
+    /// The Node's spec.podCIDRs, known once the Node object is.
+    NodeCidr,
+    BridgeInterface(String),
+    InterfaceNamePrefix(String),
 }
 
 /// Fields of KubeProxyConfiguration v1alpha1 (top level); anything else is
@@ -164,19 +189,44 @@ impl Settings {
             lb_policy: flags.lb_policy.clone().unwrap_or_else(|| "round-robin".into()),
             userspace_bind_address: flags.userspace_bind_address.unwrap_or([127, 0, 0, 1].into()),
             masquerade_all: mode_section("masqueradeAll").and_then(Value::as_bool).unwrap_or(false),
-            cluster_cidrs: file
-                .top
-                .get("clusterCIDR")
-                .and_then(Value::as_str)
+            cluster_cidrs: flags
+                .cluster_cidr
+                .clone()
+                .or(file.top.get("clusterCIDR").and_then(Value::as_str).map(str::to_string))
                 .map(|s| s.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect())
                 .unwrap_or_default(),
+            detect_local: DetectLocal::None,
             dry_run: flags.dry_run,
         };
+        let mut settings = settings;
+        settings.detect_local = detect_local(flags, &file, &settings.cluster_cidrs)?;
         if settings.min_sync_period > settings.sync_period {
             bail!("minSyncPeriod ({:?}) is longer than syncPeriod ({:?})", settings.min_sync_period, settings.sync_period);
         }
         Ok(settings)
     }
+}
+
+/// Upstream's rules: the mode defaults to ClusterCIDR when a cluster CIDR
+/// is known, else to no detection; each mode needs its parameter.
+fn detect_local(flags: &Flags, file: &FileConfig, cluster_cidrs: &[String]) -> Result<DetectLocal> {
+    let section = file.top.get("detectLocal").and_then(Value::as_mapping);
+    let field = |flag: &Option<String>, key: &str| {
+        flag.clone().or_else(|| section.and_then(|m| m.get(key)).and_then(Value::as_str).map(str::to_string)).filter(|s| !s.is_empty())
+    };
+    let mode = flags.detect_local_mode.clone().or(file.top.get("detectLocalMode").and_then(Value::as_str).map(str::to_string)).unwrap_or_default();
+    Ok(match mode.as_str() {
+        "" | "ClusterCIDR" if cluster_cidrs.is_empty() => DetectLocal::None,
+        "" | "ClusterCIDR" => DetectLocal::ClusterCidr(cluster_cidrs.to_vec()),
+        "NodeCIDR" => DetectLocal::NodeCidr,
+        "BridgeInterface" => DetectLocal::BridgeInterface(
+            field(&flags.pod_bridge_interface, "bridgeInterface").context("detectLocalMode BridgeInterface needs detectLocal.bridgeInterface")?,
+        ),
+        "InterfaceNamePrefix" => DetectLocal::InterfaceNamePrefix(
+            field(&flags.pod_interface_name_prefix, "interfaceNamePrefix").context("detectLocalMode InterfaceNamePrefix needs detectLocal.interfaceNamePrefix")?,
+        ),
+        other => bail!("unknown detectLocalMode {other:?} (ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix)"),
+    })
 }
 
 #[derive(Debug, Default)]
@@ -294,12 +344,25 @@ mod tests {
         assert_eq!(s.sync_period, Duration::from_secs(45));
         assert_eq!(s.min_sync_period, Duration::from_secs(2));
         assert_eq!(s.cluster_cidrs, ["10.244.0.0/16", "fd00::/64"]);
+        assert_eq!(s.detect_local, DetectLocal::ClusterCidr(vec!["10.244.0.0/16".into(), "fd00::/64".into()]));
         assert_eq!(s.metrics_bind_address, Some("127.0.0.1:19249".parse().unwrap()));
         assert_eq!(s.healthz_bind_address, Some("0.0.0.0:10256".parse().unwrap()));
 
         let s = Settings::resolve(&flags(&["--config", config, "--proxy-mode", "userspace", "--sync-period", "10s"])).unwrap();
         assert_eq!(s.mode, ProxyMode::Userspace);
         assert_eq!(s.sync_period, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn detect_local_modes_follow_upstream() {
+        let s = Settings::resolve(&flags(&[])).unwrap();
+        assert_eq!(s.detect_local, DetectLocal::None, "no cluster CIDR, no detection");
+        let s = Settings::resolve(&flags(&["--detect-local-mode", "BridgeInterface", "--pod-bridge-interface", "cni0"])).unwrap();
+        assert_eq!(s.detect_local, DetectLocal::BridgeInterface("cni0".into()));
+        let s = Settings::resolve(&flags(&["--detect-local-mode", "NodeCIDR"])).unwrap();
+        assert_eq!(s.detect_local, DetectLocal::NodeCidr);
+        assert!(Settings::resolve(&flags(&["--detect-local-mode", "InterfaceNamePrefix"])).is_err(), "prefix required");
+        assert!(Settings::resolve(&flags(&["--detect-local-mode", "Bogus"])).is_err());
     }
 
     #[test]

@@ -159,6 +159,8 @@ impl Endpoint {
 pub struct NodeInfo {
     pub name: String,
     pub addresses: Vec<IpAddr>,
+    /// spec.podCIDRs, for detectLocalMode NodeCIDR.
+    pub pod_cidrs: Vec<String>,
     pub zone: Option<String>,
     pub labels: Vec<(String, String)>,
 }

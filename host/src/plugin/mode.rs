@@ -31,7 +31,7 @@ pub struct ModeSettings {
     pub node: NodeInfo,
     pub table: String,
     pub masquerade_all: bool,
-    pub cluster_cidrs: Vec<String>,
+    pub detect_local: crate::config::DetectLocal,
     pub extra: String,
 }
 
@@ -78,7 +78,7 @@ impl Mode {
             node: node_to_wit(&s.node),
             table: s.table.clone(),
             masquerade_all: s.masquerade_all,
-            cluster_cidrs: s.cluster_cidrs.clone(),
+            detect_local: detect_local_to_wit(&s.detect_local, &s.node),
             extra: s.extra.clone(),
         };
         let result = self.sandbox.call("configure", |st, b| b.kwp_proxy_mode().call_configure(st, &config))?;
@@ -110,6 +110,19 @@ impl Mode {
     fn fragment(&self, call: &'static str, result: Result<wit_plan::Fragment, String>) -> Result<Fragment, PluginError> {
         let fragment = result.map_err(|message| PluginError::Rejected { plugin: self.sandbox.name.clone(), call, message })?;
         Ok(Fragment { items: fragment.items.into_iter().map(item_from_wit).collect() })
+    }
+}
+
+/// NodeCIDR resolves to the Node's podCIDRs (no detection until known).
+fn detect_local_to_wit(d: &crate::config::DetectLocal, node: &NodeInfo) -> wit_mode::DetectLocal {
+    use crate::config::DetectLocal as D;
+    match d {
+        D::None => wit_mode::DetectLocal::None,
+        D::ClusterCidr(c) => wit_mode::DetectLocal::Cidrs(c.clone()),
+        D::NodeCidr if node.pod_cidrs.is_empty() => wit_mode::DetectLocal::None,
+        D::NodeCidr => wit_mode::DetectLocal::Cidrs(node.pod_cidrs.clone()),
+        D::BridgeInterface(b) => wit_mode::DetectLocal::BridgeInterface(b.clone()),
+        D::InterfaceNamePrefix(p) => wit_mode::DetectLocal::InterfacePrefix(p.clone()),
     }
 }
 

@@ -236,6 +236,7 @@ pub fn node_info(node: &Node) -> NodeInfo {
     NodeInfo {
         name: node.metadata.name.clone().unwrap_or_default(),
         addresses: addresses.into_iter().map(|(_, ip)| ip).collect(),
+        pod_cidrs: node.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).unwrap_or_default(),
         zone: labels.get(ZONE_LABEL).cloned(),
         labels: labels.into_iter().collect(),
     }

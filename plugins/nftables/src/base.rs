@@ -25,8 +25,8 @@ fn render_family(cfg: &ModeConfig, f: Fam) -> Vec<Item> {
     let on_node = if cfg.node.addresses.is_empty() { "fib daddr type local".to_string() } else { format!("{l3} daddr @nodeport-ips") };
     let frontend = format!("{l3} daddr . meta l4proto . th dport");
     let mut services = vec![format!("{frontend} @masq-services jump mark-for-masquerade")];
-    if let Some(cidrs) = f.cluster_cidrs(cfg) {
-        services.push(format!("{l3} saddr != {{ {cidrs} }} {frontend} @cluster-ips jump mark-for-masquerade"));
+    if let Some(not_local) = f.not_local(cfg) {
+        services.push(format!("{not_local} {frontend} @cluster-ips jump mark-for-masquerade"));
     }
     services.extend([
         format!("{on_node} meta l4proto . th dport @masq-nodeports jump mark-for-masquerade"),

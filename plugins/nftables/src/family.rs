@@ -1,7 +1,7 @@
 //! The two IP families: every object is rendered once per family, into
 //! the host's `ip` and `ip6` tables of the same name.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
+use kwp_sdk::mode::exports::kwp::proxy::mode::{DetectLocal, ModeConfig};
 use kwp_sdk::mode::kwp::proxy::plan::{Item, NftChain, NftElement, NftFamily, NftSet};
 use kwp_sdk::mode::kwp::proxy::types::IpAddress;
 
@@ -32,11 +32,19 @@ impl Fam {
         if self.family == NftFamily::Ip6 { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
     }
 
-    /// The cluster CIDRs of this family as an nft set body, if any.
-    pub fn cluster_cidrs(&self, cfg: &ModeConfig) -> Option<String> {
-        let sep = if self.family == NftFamily::Ip6 { ':' } else { '.' };
-        let mine: Vec<&str> = cfg.cluster_cidrs.iter().map(String::as_str).filter(|c| c.contains(sep)).collect();
-        (!mine.is_empty()).then(|| mine.join(", "))
+    /// A match for "the source is not one of this node's pods", from the
+    /// configured detect-local mode; `None` when nothing is detected.
+    pub fn not_local(&self, cfg: &ModeConfig) -> Option<String> {
+        match &cfg.detect_local {
+            DetectLocal::None => None,
+            DetectLocal::Cidrs(cidrs) => {
+                let sep = if self.family == NftFamily::Ip6 { ':' } else { '.' };
+                let mine: Vec<&str> = cidrs.iter().map(String::as_str).filter(|c| c.contains(sep)).collect();
+                (!mine.is_empty()).then(|| format!("{} saddr != {{ {} }}", self.l3, mine.join(", ")))
+            }
+            DetectLocal::BridgeInterface(name) => Some(format!("iifname != \"{name}\"")),
+            DetectLocal::InterfacePrefix(prefix) => Some(format!("iifname != \"{prefix}*\"")),
+        }
     }
 
     pub fn chain(&self, cfg: &ModeConfig, name: &str, hook: Option<&str>, rules: Vec<String>) -> Item {

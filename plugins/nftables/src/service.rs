@@ -77,8 +77,8 @@ fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpo
         let mut rules = Vec::new();
         if cfg.masquerade_all {
             rules.push("jump mark-for-masquerade".to_string());
-        } else if let Some(cidrs) = f.cluster_cidrs(cfg) {
-            rules.push(format!("{l3} saddr != {{ {cidrs} }} jump mark-for-masquerade"));
+        } else if let Some(not_local) = f.not_local(cfg) {
+            rules.push(format!("{not_local} jump mark-for-masquerade"));
         }
         rules.extend(affinity_rules(l3, &key, &internal, affinity));
         rules.push(selection(l3, &key, &internal, &weights, backends));

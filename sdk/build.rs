@@ -1,0 +1,4 @@
+// wit-bindgen reads ../wit at compile time; make cargo rebuild when it changes.
+fn main() {
+    println!("cargo:rerun-if-changed=../wit");
+}
