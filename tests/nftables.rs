@@ -567,3 +567,43 @@ fn detect_local_modes_decide_who_is_masqueraded() {
         c.node.sh("nft delete table ip kube-wasm-proxy && nft delete table ip6 kube-wasm-proxy");
     }
 }
+
+#[test]
+fn a_refused_transaction_keeps_the_last_good_rules_and_spares_other_services() {
+    use kwp::model::{Protocol, ServicePortName};
+    use kwp::plan::{Fragment, Item, NftFamily};
+    use kwp::proxier::Dataplane;
+    use kwp::proxier::nftables::NftDataplane;
+
+    let ns = common::netns::Netns::new("kwp-txn");
+    ns.run_in(|| {
+        let name = |n: &str| ServicePortName { namespace: "t".into(), name: n.into(), port: "p".into(), protocol: Protocol::Tcp };
+        let chain = |chain: &str, rule: &str| Fragment {
+            items: vec![Item::NftChain {
+                family: NftFamily::Ip,
+                table: "kube-wasm-proxy".into(),
+                name: chain.into(),
+                hook: None,
+                rules: vec![rule.into()],
+            }],
+        };
+        let list = || String::from_utf8_lossy(&std::process::Command::new("nft").args(["list", "table", "ip", "kube-wasm-proxy"]).output().unwrap().stdout).into_owned();
+        let mut dp = NftDataplane::new("kube-wasm-proxy");
+        let (a, b) = (name("a"), name("b"));
+        dp.apply(Some(&chain("base", "accept")), &[(a.clone(), Some(&chain("svc-a", "tcp dport 1 accept")))]).unwrap();
+
+        // a's new rule is not nft; b is fine: b lands, a keeps its old rule.
+        let bad = chain("svc-a", "this is not nft");
+        let good = chain("svc-b", "tcp dport 2 accept");
+        let err = dp.apply(None, &[(a.clone(), Some(&bad)), (b.clone(), Some(&good))]).unwrap_err();
+        assert!(format!("{err:#}").contains("t/a:p/tcp"), "{err:#}");
+        let table = list();
+        assert!(table.contains("tcp dport 1 accept"), "the last good rule of a stays:\n{table}");
+        assert!(table.contains("tcp dport 2 accept"), "b is applied despite a:\n{table}");
+        assert_eq!(dp.failures, 2, "the batch and a's retry");
+
+        // Fixing a applies it: the failure was recoverable.
+        dp.apply(None, &[(a.clone(), Some(&chain("svc-a", "tcp dport 3 accept")))]).unwrap();
+        assert!(list().contains("tcp dport 3 accept"));
+    });
+}

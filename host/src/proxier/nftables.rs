@@ -101,9 +101,10 @@ impl NftDataplane {
                 self.needs_full = false;
                 Ok(())
             }
+            // nft transactions are all or nothing: the kernel still holds
+            // what `applied` says, so deltas can go on from there.
             Err(e) => {
                 self.failures += 1;
-                self.needs_full = true;
                 Err(e)
             }
         }
@@ -262,36 +263,25 @@ impl Dataplane for NftDataplane {
             }
             self.full_script(&next)?
         } else {
-            let old = Objects::of(changes.iter().filter_map(|(k, _)| self.applied.get(k)));
-            let new = Objects::of(changes.iter().filter_map(|(_, f)| *f));
-            let mut diff: BTreeMap<Obj, i64> = BTreeMap::new();
-            for (key, fragment) in &changes {
-                for o in self.applied.get(key).map(|f| Objects::of([f])).iter().flat_map(Objects::keys) {
-                    *diff.entry(o).or_default() -= 1;
+            return match self.apply_delta(&changes) {
+                Ok(()) => Ok(()),
+                // One bad fragment must not hold back the others: apply
+                // each change on its own and report the ones that fail.
+                Err(e) if changes.len() > 1 => {
+                    tracing::warn!(error = format!("{e:#}"), "batch refused; applying changes one by one");
+                    let failed: Vec<String> = changes
+                        .iter()
+                        .filter_map(|c| {
+                            self.apply_delta(std::slice::from_ref(c)).err().map(|e| {
+                                let name = c.0.as_ref().map_or("base".to_string(), ToString::to_string);
+                                format!("{name}: {e:#}")
+                            })
+                        })
+                        .collect();
+                    if failed.is_empty() { Ok(()) } else { bail!("{}", failed.join("; ")) }
                 }
-                for o in fragment.map(|f| Objects::of([f])).iter().flat_map(Objects::keys) {
-                    *diff.entry(o).or_default() += 1;
-                }
-            }
-            diff.retain(|_, d| *d != 0);
-            let script = self.delta_script(&old, &new, &diff);
-            if !script.is_empty() {
-                self.run(&script).context("nftables transaction")?;
-            }
-            for (o, d) in diff {
-                let r = self.refs.entry(o.clone()).or_default();
-                *r = (*r as i64 + d).max(0) as usize;
-                if *r == 0 {
-                    self.refs.remove(&o);
-                }
-            }
-            for (key, fragment) in changes {
-                match fragment {
-                    Some(f) => self.applied.insert(key, f.clone()),
-                    None => self.applied.remove(&key),
-                };
-            }
-            return Ok(());
+                Err(e) => Err(e),
+            };
         };
         self.run(&script).context("nftables transaction")?;
         for (key, fragment) in changes {
@@ -310,6 +300,41 @@ impl Dataplane for NftDataplane {
 }
 
 impl NftDataplane {
+    /// One delta transaction for `changes`; on success the host's view
+    /// (fragments and reference counts) moves with the kernel.
+    fn apply_delta(&mut self, changes: &[(Key, Option<&Fragment>)]) -> Result<()> {
+        let old = Objects::of(changes.iter().filter_map(|(k, _)| self.applied.get(k)));
+        let new = Objects::of(changes.iter().filter_map(|(_, f)| *f));
+        let mut diff: BTreeMap<Obj, i64> = BTreeMap::new();
+        for (key, fragment) in changes {
+            for o in self.applied.get(key).map(|f| Objects::of([f])).iter().flat_map(Objects::keys) {
+                *diff.entry(o).or_default() -= 1;
+            }
+            for o in fragment.map(|f| Objects::of([f])).iter().flat_map(Objects::keys) {
+                *diff.entry(o).or_default() += 1;
+            }
+        }
+        diff.retain(|_, d| *d != 0);
+        let script = self.delta_script(&old, &new, &diff);
+        if !script.is_empty() {
+            self.run(&script).context("nftables transaction")?;
+        }
+        for (o, d) in diff {
+            let r = self.refs.entry(o.clone()).or_default();
+            *r = (*r as i64 + d).max(0) as usize;
+            if *r == 0 {
+                self.refs.remove(&o);
+            }
+        }
+        for (key, fragment) in changes {
+            match fragment {
+                Some(f) => self.applied.insert(key.clone(), (*f).clone()),
+                None => self.applied.remove(key),
+            };
+        }
+        Ok(())
+    }
+
     /// Reference counts from scratch (after a full reconcile).
     fn recount(&mut self) {
         self.refs.clear();
