@@ -607,3 +607,16 @@ fn a_refused_transaction_keeps_the_last_good_rules_and_spares_other_services() {
         assert!(list().contains("tcp dport 3 accept"));
     });
 }
+
+#[test]
+fn node_port_addresses_limit_where_node_ports_answer() {
+    let c = Cluster::new("npa");
+    let config = format!("{CONFIG}nodePortAddresses: [10.0.0.0/24]\n");
+    let spec = "  type: NodePort\n  # nodePort: 30092\n";
+    let _p = start_with(&c, &service(&c, "web", "10.96.0.33", spec, &["pod-a"], "TCP"), &config, &Cluster::node_yaml());
+    eventually("rules", || c.node.sh("nft list ruleset").contains("30092"));
+    // 10.0.0.1 (the node's address towards the remote node) is in range...
+    assert!(matches!(tcp_from(&c.remote, addr("10.0.0.1", 30092)), Outcome::Answered(p, _) if p == "pod-a"));
+    // ...the Node's InternalIP is not, so nothing listens there.
+    assert_eq!(tcp_from(&c.client, addr(NODE_IP, 30092)), Outcome::Refused);
+}

@@ -40,6 +40,7 @@ impl App {
             table: crate::plan::Rules::default().nft_table,
             masquerade_all: settings.masquerade_all,
             detect_local: settings.detect_local.clone(),
+            node_port_addresses: settings.node_port_addresses.clone(),
             ..ModeSettings::default()
         };
         let mode = Mode::new(runtime.clone(), settings.mode.as_str(), &component, mode_settings.clone())?;

@@ -94,6 +94,9 @@ pub struct Flags {
     /// Userspace mode: never install nftables redirects, even with CAP_NET_ADMIN; only open listeners.
     #[arg(long)]
     pub no_redirect: bool,
+    /// Addresses node ports answer on: "primary" (the Node's addresses, the default) or CIDRs (local addresses within them), comma-separated.
+    #[arg(long, value_name = "CIDRS")]
+    pub nodeport_addresses: Option<String>,
     /// How to tell local pod traffic: ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix.
     #[arg(long, value_name = "MODE")]
     pub detect_local_mode: Option<String>,
@@ -127,6 +130,8 @@ pub struct Settings {
     pub masquerade_all: bool,
     pub cluster_cidrs: Vec<String>,
     pub detect_local: DetectLocal,
+    /// nodePortAddresses; empty means "primary" (the Node's addresses).
+    pub node_port_addresses: Vec<crate::model::Cidr>,
     pub dry_run: bool,
 }
 
@@ -196,6 +201,7 @@ impl Settings {
                 .map(|s| s.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect())
                 .unwrap_or_default(),
             detect_local: DetectLocal::None,
+            node_port_addresses: node_port_addresses(flags, &file)?,
             dry_run: flags.dry_run,
         };
         let mut settings = settings;
@@ -205,6 +211,21 @@ impl Settings {
         }
         Ok(settings)
     }
+}
+
+/// `--nodeport-addresses` or `nodePortAddresses`: CIDRs, or "primary".
+fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<crate::model::Cidr>> {
+    let list: Vec<String> = match &flags.nodeport_addresses {
+        Some(s) => s.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect(),
+        None => file.top.get("nodePortAddresses").and_then(Value::as_sequence).into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+    };
+    if list.iter().any(|c| c == "primary") {
+        if list.len() > 1 {
+            bail!("nodePortAddresses: \"primary\" cannot be combined with CIDRs");
+        }
+        return Ok(Vec::new());
+    }
+    list.iter().map(|c| c.parse().map_err(|e: String| anyhow::anyhow!("nodePortAddresses: {e}"))).collect()
 }
 
 /// Upstream's rules: the mode defaults to ClusterCIDR when a cluster CIDR
@@ -363,6 +384,10 @@ mod tests {
         assert_eq!(s.detect_local, DetectLocal::NodeCidr);
         assert!(Settings::resolve(&flags(&["--detect-local-mode", "InterfaceNamePrefix"])).is_err(), "prefix required");
         assert!(Settings::resolve(&flags(&["--detect-local-mode", "Bogus"])).is_err());
+        let s = Settings::resolve(&flags(&["--nodeport-addresses", "10.0.0.0/8, 192.0.2.0/24"])).unwrap();
+        assert_eq!(s.node_port_addresses.len(), 2);
+        assert!(Settings::resolve(&flags(&["--nodeport-addresses", "primary"])).unwrap().node_port_addresses.is_empty());
+        assert!(Settings::resolve(&flags(&["--nodeport-addresses", "primary,10.0.0.0/8"])).is_err());
     }
 
     #[test]

@@ -29,6 +29,9 @@ use bindings::kwp::proxy::plan as wit_plan;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModeSettings {
     pub node: NodeInfo,
+    /// nodePortAddresses: when set, node ports answer on this node's local
+    /// addresses within these CIDRs instead of the Node's addresses.
+    pub node_port_addresses: Vec<crate::model::Cidr>,
     pub table: String,
     pub masquerade_all: bool,
     pub detect_local: crate::config::DetectLocal,
@@ -74,8 +77,12 @@ impl Mode {
 
     fn configure(&mut self) -> Result<(), PluginError> {
         let s = &self.settings;
+        let mut node = s.node.clone();
+        if !s.node_port_addresses.is_empty() {
+            node.addresses = crate::model::local_addresses().into_iter().filter(|ip| s.node_port_addresses.iter().any(|c| c.contains(*ip))).collect();
+        }
         let config = wit_mode::ModeConfig {
-            node: node_to_wit(&s.node),
+            node: node_to_wit(&node),
             table: s.table.clone(),
             masquerade_all: s.masquerade_all,
             detect_local: detect_local_to_wit(&s.detect_local, &s.node),
