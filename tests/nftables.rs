@@ -620,3 +620,21 @@ fn node_port_addresses_limit_where_node_ports_answer() {
     // ...the Node's InternalIP is not, so nothing listens there.
     assert_eq!(tcp_from(&c.client, addr(NODE_IP, 30092)), Outcome::Refused);
 }
+
+#[test]
+fn client_ip_affinity_expires_after_its_timeout() {
+    let c = Cluster::new("afft");
+    let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n";
+    let _p = start(&c, &service(&c, "web", "10.96.0.34", spec, &["pod-a", "pod-b", "pod-c", "pod-d"], "TCP"));
+    let from = &c.client;
+    let mut seen = BTreeSet::new();
+    for _ in 0..6 {
+        // Back to back: sticky...
+        let burst = answered_by(&many(3, || tcp_from(from, addr("10.96.0.34", 80))));
+        assert_eq!(burst.len(), 1, "{burst:?}");
+        seen.extend(burst);
+        // ...then idle past the timeout: a fresh pick.
+        std::thread::sleep(Duration::from_millis(1600));
+    }
+    assert!(seen.len() > 1, "after the timeout the client must be free to move: {seen:?}");
+}
