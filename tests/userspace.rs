@@ -169,3 +169,70 @@ async fn an_annotated_policy_is_used_and_an_unknown_one_falls_back() {
     let addr = listener(&mapping, "bog").await;
     assert_eq!(spread(addr, 4).await, BTreeMap::from([("r1".into(), 2), ("r2".into(), 2)]));
 }
+
+/// A backend that says its name at once and holds the connection until the
+/// client closes it.
+async fn holding_backend(name: &'static str) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = conn.write_all(name.as_bytes()).await;
+                let mut sink = Vec::new();
+                let _ = conn.read_to_end(&mut sink).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn open(addr: std::net::SocketAddr) -> (tokio::net::TcpStream, String) {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(3), conn.read(&mut buf)).await.unwrap().unwrap();
+    (conn, String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_sends_new_connections_to_the_idlest_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = [holding_backend("a").await, holding_backend("b").await, holding_backend("c").await];
+    let svc = service("lc", "10.96.0.9", "TCP", "").replace("metadata:\n", "metadata:\n  annotations: {kube-wasm-proxy.io/lb-policy: least-connections}\n");
+    write(dir.path(), "lc.yaml", &(svc + &slices("lc", "TCP", &backends)));
+    let mapping = start_proxy(dir.path(), &[]).await;
+    let addr = listener(&mapping, "lc").await;
+    let mut held = BTreeMap::new();
+    for _ in 0..3 {
+        let (conn, who) = open(addr).await;
+        held.insert(who, conn);
+    }
+    assert_eq!(held.keys().cloned().collect::<Vec<_>>(), ["a", "b", "c"], "one each while equal");
+    // Close the one on b: b is now the least loaded, twice over.
+    let mut on_b = held.remove("b").unwrap();
+    on_b.shutdown().await.unwrap();
+    drop(on_b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_again, who) = open(addr).await;
+    assert_eq!(who, "b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ip_affinity_works_with_every_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = [tcp_backend("x1").await, tcp_backend("x2").await, tcp_backend("x3").await];
+    let sticky = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}\n";
+    let policies = ["round-robin", "random", "maglev", "weighted", "least-connections"];
+    for (i, policy) in policies.iter().enumerate() {
+        let name = format!("aff-{i}");
+        let svc = service(&name, &format!("10.96.1.{i}"), "TCP", sticky)
+            .replace("metadata:\n", &format!("metadata:\n  annotations: {{kube-wasm-proxy.io/lb-policy: {policy}}}\n"));
+        write(dir.path(), &format!("{name}.yaml"), &(svc + &slices(&name, "TCP", &backends)));
+    }
+    let mapping = start_proxy(dir.path(), &[]).await;
+    for (i, policy) in policies.iter().enumerate() {
+        let addr = listener(&mapping, &format!("aff-{i}")).await;
+        let seen = spread(addr, 8).await;
+        assert_eq!(seen.len(), 1, "{policy}: one client, one backend: {seen:?}");
+    }
+}

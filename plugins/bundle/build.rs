@@ -8,6 +8,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("kwp-plugin-nftables", "kwp_plugin_nftables"),
     ("kwp-plugin-maglev", "kwp_plugin_maglev"),
     ("kwp-plugin-weighted", "kwp_plugin_weighted"),
+    ("kwp-plugin-least-connections", "kwp_plugin_least_connections"),
 ];
 
 fn main() {

@@ -30,7 +30,7 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "export_policy_world",
         default_bindings_module: "kwp_sdk::bindings",
-        additional_derives: [PartialEq, Eq, Hash],
+        additional_derives: [PartialEq, Eq, Hash, PartialOrd, Ord],
     });
 }
 
@@ -42,7 +42,7 @@ pub mod mode {
         pub_export_macro: true,
         export_macro_name: "export_mode_world",
         default_bindings_module: "kwp_sdk::mode",
-        additional_derives: [PartialEq, Eq, Hash],
+        additional_derives: [PartialEq, Eq, Hash, PartialOrd, Ord],
     });
 }
 

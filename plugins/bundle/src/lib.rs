@@ -19,7 +19,7 @@ mod tests {
     #[test]
     fn every_bundled_plugin_is_a_component() {
         let names: Vec<_> = super::bundled().map(|(n, _)| n).collect();
-        assert_eq!(names, ["round-robin", "random", "userspace", "nftables", "maglev", "weighted"]);
+        assert_eq!(names, ["round-robin", "random", "userspace", "nftables", "maglev", "weighted", "least-connections"]);
         for (name, bytes) in super::bundled() {
             // Component binaries start with the wasm magic and layer 1.
             assert_eq!(&bytes[..4], b"\0asm", "{name}");
