@@ -74,6 +74,7 @@ impl App {
             proxier,
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
+            reloads: None,
         };
         let source = FileSource::new(&dir, &settings.hostname);
         Ok(Self { settings, sync, mapping, source })
@@ -105,10 +106,20 @@ impl App {
         Ok(out)
     }
 
+    /// The plugin runtime (its reload counters).
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.sync.proxier.runtime()
+    }
+
     /// Runs until interrupted.
-    pub async fn run(self) -> Result<()> {
+    pub async fn run(mut self) -> Result<()> {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(self.source.run(tx));
+        if let Some(dir) = self.sync.proxier.catalog().dir().map(std::path::Path::to_path_buf) {
+            let (reload_tx, reload_rx) = mpsc::channel(4);
+            self.sync.reloads = Some(reload_rx);
+            tokio::spawn(watch_plugins(dir, self.sync.proxier.runtime(), reload_tx));
+        }
         self.sync.run(rx).await;
         anyhow::bail!("the state source stopped")
     }
@@ -126,6 +137,34 @@ pub async fn run(flags: Flags) -> Result<()> {
         signal = shutdown_signal() => {
             tracing::info!(signal, "exiting");
             Ok(())
+        }
+    }
+}
+
+/// Hot reload: polls the plugin directory, and re-reads it all on SIGHUP;
+/// each changed plugin is compiled and probed on a blocking thread, off
+/// the sync path, and only a passing candidate goes to the sync loop.
+async fn watch_plugins(dir: std::path::PathBuf, runtime: Arc<Runtime>, tx: mpsc::Sender<crate::plugin::reload::Candidate>) {
+    use crate::plugin::reload::{Watcher, candidate_from_file};
+    let mut watcher = Watcher::new(&dir);
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: re-reading every plugin");
+                watcher.forget();
+            }
+        }
+        for (name, path) in watcher.changed() {
+            let rt = runtime.clone();
+            let checked = tokio::task::spawn_blocking(move || candidate_from_file(&rt, &name, &path)).await;
+            if let Ok(Some(candidate)) = checked
+                && tx.send(candidate).await.is_err()
+            {
+                return;
+            }
         }
     }
 }

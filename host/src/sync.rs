@@ -16,6 +16,8 @@ pub struct SyncLoop {
     pub proxier: Proxier,
     pub min_sync_period: Duration,
     pub sync_period: Duration,
+    /// Checked plugin versions to swap in (hot reload).
+    pub reloads: Option<mpsc::Receiver<crate::plugin::reload::Candidate>>,
 }
 
 impl SyncLoop {
@@ -28,7 +30,17 @@ impl SyncLoop {
             let earliest = last_sync.map_or(now, |t| t + self.min_sync_period);
             let periodic = last_sync.map_or(now, |t| t + self.sync_period);
             let wake = if pending { earliest.min(periodic) } else { periodic };
+            let reload = async {
+                match self.reloads.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                Some(candidate) = reload => {
+                    self.proxier.reload_policy(&candidate);
+                    pending = true;
+                }
                 event = events.recv() => match event {
                     Some(event) => {
                         self.apply(event);

@@ -87,6 +87,11 @@ pub fn write(dir: &Path, file: &str, text: &str) {
 
 /// Starts the proxy in userspace mode on `dir`; returns its listener map.
 pub async fn start_proxy(dir: &Path, extra: &[&str]) -> Mapping {
+    start_proxy_with_runtime(dir, extra).await.0
+}
+
+/// Like `start_proxy`, also returning the plugin runtime (reload counters).
+pub async fn start_proxy_with_runtime(dir: &Path, extra: &[&str]) -> (Mapping, std::sync::Arc<kwp::plugin::Runtime>) {
     let source = format!("file:{}", dir.display());
     let mut args = vec![
         "kube-wasm-proxy",
@@ -104,8 +109,9 @@ pub async fn start_proxy(dir: &Path, extra: &[&str]) -> Mapping {
     let flags = Cli::parse_from(args).flags;
     let app = kwp::app::App::build(&flags).expect("proxy builds");
     let mapping = app.mapping.clone().expect("userspace mapping");
+    let runtime = app.runtime();
     tokio::spawn(app.run());
-    mapping
+    (mapping, runtime)
 }
 
 /// The local listener of `e2e/<service>:p`, waiting for it to appear.

@@ -10,6 +10,7 @@ mod catalog;
 mod convert;
 pub mod mode;
 pub mod policy;
+pub mod reload;
 mod sandbox;
 #[cfg(test)]
 mod tests;
@@ -63,6 +64,17 @@ pub struct Runtime {
     limits: Limits,
     compiled: Mutex<HashMap<[u8; 32], Component>>,
     ticker_stop: Arc<AtomicBool>,
+    /// Digests of plugin versions rolled back after a reload: never loaded again.
+    quarantined: Mutex<std::collections::HashSet<[u8; 32]>>,
+    pub reloads: ReloadStats,
+}
+
+/// Hot-reload counters, exported as metrics.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub reloads: AtomicU64,
+    pub rejections: AtomicU64,
+    pub rollbacks: AtomicU64,
 }
 
 impl Runtime {
@@ -84,7 +96,15 @@ impl Runtime {
                 }
             })
             .context("starting the epoch ticker")?;
-        Ok(Arc::new(Self { engine, linker, limits, compiled: Mutex::default(), ticker_stop }))
+        Ok(Arc::new(Self {
+            engine,
+            linker,
+            limits,
+            compiled: Mutex::default(),
+            ticker_stop,
+            quarantined: Mutex::default(),
+            reloads: ReloadStats::default(),
+        }))
     }
 
     pub fn limits(&self) -> &Limits {
@@ -101,6 +121,14 @@ impl Runtime {
         let component = Component::new(&self.engine, bytes).map_err(anyhow::Error::from).context("compiling the component")?;
         self.compiled.lock().expect("cache lock").insert(digest, component.clone());
         Ok(component)
+    }
+
+    pub fn quarantine(&self, digest: [u8; 32]) {
+        self.quarantined.lock().expect("quarantine lock").insert(digest);
+    }
+
+    pub fn is_quarantined(&self, digest: &[u8; 32]) -> bool {
+        self.quarantined.lock().expect("quarantine lock").contains(digest)
     }
 
     /// Number of distinct components compiled so far.

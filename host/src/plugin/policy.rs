@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use wasmtime::component::Component;
@@ -35,35 +36,151 @@ impl From<wit::BackendPlan> for BackendPlan {
 }
 
 /// One loaded policy plugin. The host keeps every endpoint set it pushed,
-/// so a fresh instance (after a trap) is brought back to the same state.
+/// so a fresh instance (after a trap or a reload) is brought back to the
+/// same state.
 pub struct Policy {
+    runtime: Arc<Runtime>,
+    name: String,
     sandbox: Sandbox<bindings::PolicyPlugin>,
+    component: Component,
     config: String,
     pushed: BTreeMap<u32, Vec<wit::Endpoint>>,
+    /// Set after a hot reload: the version to go back to if the new one fails.
+    probation: Option<Probation>,
 }
+
+struct Probation {
+    previous: Component,
+    digest: [u8; 32],
+    until: Instant,
+    failures: u32,
+}
+
+/// How long a reloaded plugin is watched, and how many failed calls (traps,
+/// deadline or memory hits, bad answers) in that time roll it back.
+pub const PROBATION: Duration = Duration::from_secs(120);
+pub const PROBATION_FAILURES: u32 = 3;
+
+/// The service id used by the probe run on a candidate before a reload.
+pub const PROBE_SERVICE: u32 = u32::MAX;
 
 impl Policy {
     /// Instantiates and configures the policy; a `configure` error is fatal
     /// here, so a bad plugin or config is refused before it is used.
     pub fn new(runtime: Arc<Runtime>, name: &str, component: &Component, config: &str) -> Result<Self> {
+        let sandbox = Self::sandbox(&runtime, name, component)?;
+        let mut policy = Self {
+            runtime,
+            name: name.into(),
+            sandbox,
+            component: component.clone(),
+            config: config.into(),
+            pushed: BTreeMap::new(),
+            probation: None,
+        };
+        policy.ensure()?;
+        Ok(policy)
+    }
+
+    fn sandbox(runtime: &Arc<Runtime>, name: &str, component: &Component) -> Result<Sandbox<bindings::PolicyPlugin>> {
         let pre = runtime
             .linker
             .instantiate_pre(component)
             .and_then(bindings::PolicyPluginPre::new)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("plugin {name} does not implement the kwp:proxy/policy world"))?;
-        let sandbox = Sandbox::new(name, runtime, Box::new(move |store| pre.instantiate(store)));
-        let mut policy = Self { sandbox, config: config.into(), pushed: BTreeMap::new() };
-        policy.ensure()?;
-        Ok(policy)
+            .with_context(|| format!("plugin {name} does not implement the kwp:proxy/policy@0.1.0 world"))?;
+        Ok(Sandbox::new(name, runtime.clone(), Box::new(move |store| pre.instantiate(store))))
     }
 
     pub fn name(&self) -> &str {
-        &self.sandbox.name
+        &self.name
     }
 
     pub fn stats(&self) -> Arc<PluginStats> {
         self.sandbox.stats.clone()
+    }
+
+    /// Swaps in a new version of the plugin: a fresh instance is configured
+    /// and given every endpoint set before it replaces the current one, so
+    /// a failure leaves the current version serving. Calls already running
+    /// finish on the old instance (the caller holds the policy's lock).
+    pub fn reload(&mut self, component: &Component, digest: [u8; 32]) -> Result<()> {
+        let sandbox = Self::sandbox(&self.runtime, &self.name, component)?;
+        let previous = std::mem::replace(&mut self.sandbox, sandbox);
+        let previous_component = std::mem::replace(&mut self.component, component.clone());
+        if let Err(e) = self.ensure() {
+            self.sandbox = previous;
+            self.component = previous_component;
+            return Err(e).context("the new version failed to start");
+        }
+        self.probation = Some(Probation { previous: previous_component, digest, until: Instant::now() + PROBATION, failures: 0 });
+        Ok(())
+    }
+
+    /// Counts a failed call against a reloaded version and rolls it back
+    /// once it has failed too often in its probation.
+    fn observe<R>(&mut self, result: Result<R, PluginError>) -> Result<R, PluginError> {
+        if result.is_err()
+            && let Some(p) = self.probation.as_mut()
+        {
+            if Instant::now() > p.until {
+                self.probation = None;
+            } else {
+                p.failures += 1;
+                if p.failures >= PROBATION_FAILURES {
+                    self.roll_back();
+                }
+            }
+        }
+        result
+    }
+
+    fn roll_back(&mut self) {
+        let Some(p) = self.probation.take() else { return };
+        match Self::sandbox(&self.runtime, &self.name, &p.previous) {
+            Ok(sandbox) => {
+                self.sandbox = sandbox;
+                self.component = p.previous;
+                let restored = self.ensure();
+                self.runtime.quarantine(p.digest);
+                self.runtime.reloads.rollbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    policy = self.name,
+                    failures = p.failures,
+                    restored = restored.is_ok(),
+                    "reloaded policy kept failing; rolled back to the previous version and quarantined it"
+                );
+            }
+            Err(e) => tracing::error!(policy = self.name, error = format!("{e:#}"), "cannot roll back"),
+        }
+    }
+
+    /// Exercises a candidate with sample endpoints under the deadline:
+    /// every call must return, and picks must name a pushed endpoint.
+    pub fn probe(&mut self) -> Result<(), PluginError> {
+        let sample: Vec<Endpoint> = (1..=3u8)
+            .map(|i| Endpoint {
+                ip: [10, 255, 255, i].into(),
+                port: 8080,
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: None,
+                zone: None,
+                zone_hints: Vec::new(),
+                node_hints: Vec::new(),
+                is_local: true,
+            })
+            .collect();
+        self.set_endpoints(PROBE_SERVICE, &sample)?;
+        for i in 0..16u8 {
+            let picked = self.pick(PROBE_SERVICE, [192, 0, 2, i].into(), 40_000 + u16::from(i))?;
+            if let Some(ep) = picked {
+                self.connection_closed(PROBE_SERVICE, ep)?;
+            }
+        }
+        self.plan(PROBE_SERVICE)?;
+        self.remove_service(PROBE_SERVICE)
     }
 
     /// Re-creates the instance if needed and replays config and endpoints.
@@ -74,7 +191,7 @@ impl Policy {
         let config = self.config.clone();
         let configured = self.sandbox.call("configure", |s, b| b.kwp_proxy_policy().call_configure(s, &config))?;
         if let Err(message) = configured {
-            return Err(PluginError::Rejected { plugin: self.sandbox.name.clone(), call: "configure", message });
+            return Err(PluginError::Rejected { plugin: self.name.clone(), call: "configure", message });
         }
         for (service, endpoints) in &self.pushed {
             self.sandbox.call("set-endpoints", |s, b| b.kwp_proxy_policy().call_set_endpoints(s, *service, endpoints))?;
@@ -84,43 +201,37 @@ impl Policy {
 
     pub fn set_endpoints(&mut self, service: u32, endpoints: &[Endpoint]) -> Result<(), PluginError> {
         let eps: Vec<wit::Endpoint> = endpoints.iter().map(endpoint_to_wit).collect();
-        self.ensure()?;
-        let result = self.sandbox.call("set-endpoints", |s, b| b.kwp_proxy_policy().call_set_endpoints(s, service, &eps));
+        let result = self.ensure().and_then(|()| self.sandbox.call("set-endpoints", |s, b| b.kwp_proxy_policy().call_set_endpoints(s, service, &eps)));
         // Remember it even if the call trapped: the replay retries it.
         self.pushed.insert(service, eps);
-        result
+        self.observe(result)
     }
 
     pub fn remove_service(&mut self, service: u32) -> Result<(), PluginError> {
         self.pushed.remove(&service);
-        self.ensure()?;
-        self.sandbox.call("remove-service", |s, b| b.kwp_proxy_policy().call_remove_service(s, service))
+        let result = self.ensure().and_then(|()| self.sandbox.call("remove-service", |s, b| b.kwp_proxy_policy().call_remove_service(s, service)));
+        self.observe(result)
     }
 
     /// The endpoint index for a new connection, `None` if there is none.
     /// An index outside the pushed list is treated as an error.
     pub fn pick(&mut self, service: u32, client: IpAddr, client_port: u16) -> Result<Option<u32>, PluginError> {
-        self.ensure()?;
         let ip = ip_to_wit(client);
-        let pick = self.sandbox.call("pick", |s, b| b.kwp_proxy_policy().call_pick(s, service, ip, client_port))?;
         let n = self.pushed.get(&service).map_or(0, Vec::len);
-        match pick {
-            Some(i) if i as usize >= n => Err(PluginError::Rejected {
-                plugin: self.sandbox.name.clone(),
-                call: "pick",
-                message: format!("picked endpoint {i} of {n}"),
-            }),
+        let result = self.ensure().and_then(|()| self.sandbox.call("pick", |s, b| b.kwp_proxy_policy().call_pick(s, service, ip, client_port))).and_then(|pick| match pick {
+            Some(i) if i as usize >= n => Err(PluginError::Rejected { plugin: self.name.clone(), call: "pick", message: format!("picked endpoint {i} of {n}") }),
             other => Ok(other),
-        }
+        });
+        self.observe(result)
     }
 
     pub fn connection_closed(&mut self, service: u32, endpoint: u32) -> Result<(), PluginError> {
-        self.ensure()?;
-        self.sandbox.call("connection-closed", |s, b| b.kwp_proxy_policy().call_connection_closed(s, service, endpoint))
+        let result = self.ensure().and_then(|()| self.sandbox.call("connection-closed", |s, b| b.kwp_proxy_policy().call_connection_closed(s, service, endpoint)));
+        self.observe(result)
     }
 
     pub fn plan(&mut self, service: u32) -> Result<BackendPlan, PluginError> {
-        self.ensure()?;
-        Ok(self.sandbox.call("plan", |s, b| b.kwp_proxy_policy().call_plan(s, service))?.into())
+        let result = self.ensure().and_then(|()| self.sandbox.call("plan", |s, b| b.kwp_proxy_policy().call_plan(s, service)));
+        self.observe(result).map(Into::into)
     }
 }

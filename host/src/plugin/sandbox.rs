@@ -63,7 +63,18 @@ impl<B> Sandbox<B> {
         let (store, bindings) = self.live.as_mut().expect("ensured");
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         store.set_epoch_deadline(self.runtime.deadline_ticks());
-        match f(store, bindings) {
+        // A host function can panic under the guest: WASI's stdout/stderr
+        // block on tokio, which panics on a runtime worker thread (a plugin
+        // that prints, or panics and so prints, on the data path). That is
+        // the plugin's failure, not the proxy's: contain it like a trap.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store, bindings)));
+        let result = outcome.unwrap_or_else(|panic| {
+            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            Err(wasmtime::Error::msg(format!(
+                "the host panicked under the call ({what}); plugins cannot use stdout or stderr outside the probe"
+            )))
+        });
+        match result {
             Ok(r) => Ok(r),
             Err(err) => {
                 let (mut store, _) = self.live.take().expect("ensured");

@@ -67,8 +67,11 @@ pub struct Proxier {
     next_id: u32,
     plan: Plan,
     base_dirty: bool,
-    /// Service ports whose last render failed, retried each sync.
+    /// Service ports to render again next sync: the last render failed,
+    /// or their policy was reloaded.
     failed: BTreeSet<ServicePortName>,
+    /// Which policy instance each service port uses.
+    policy_of: HashMap<ServicePortName, (String, String)>,
     backends: Arc<Backends>,
     dataplane: Box<dyn Dataplane>,
     node: NodeInfo,
@@ -105,6 +108,7 @@ impl Proxier {
             plan: Plan::default(),
             base_dirty: true,
             failed: BTreeSet::new(),
+            policy_of: HashMap::new(),
             backends,
             dataplane,
             node: NodeInfo::default(),
@@ -121,6 +125,38 @@ impl Proxier {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.clone()
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Swaps a checked new version of a policy into every instance of it;
+    /// the services using it are rendered again on the next sync, since
+    /// their kernel plans may differ.
+    pub fn reload_policy(&mut self, candidate: &crate::plugin::reload::Candidate) {
+        for ((name, config), policy) in &self.policies {
+            if *name != candidate.name {
+                continue;
+            }
+            match policy.lock().expect("policy lock").reload(&candidate.component, candidate.digest) {
+                Ok(()) => {
+                    self.runtime.reloads.reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(policy = name, config, "reloaded policy");
+                }
+                Err(e) => {
+                    self.runtime.reloads.rejections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(policy = name, config, error = format!("{e:#}"), "reload failed; the current version stays");
+                }
+            }
+        }
+        let using: Vec<ServicePortName> =
+            self.policy_of.iter().filter(|(_, (n, _))| *n == candidate.name).map(|(s, _)| s.clone()).collect();
+        self.failed.extend(using);
     }
 
     /// Flush stale UDP conntrack entries (kernel modes).
@@ -153,6 +189,7 @@ impl Proxier {
         let mut delta: Vec<(ServicePortName, Option<Fragment>)> = Vec::new();
         for name in changes.removed {
             self.health_wanted.remove(&(name.namespace.clone(), name.name.clone()));
+            self.policy_of.remove(&name);
             if let Some(id) = self.ids.remove(&name) {
                 self.backends.remove(id);
                 for policy in self.policies.values() {
@@ -233,6 +270,8 @@ impl Proxier {
             self.next_id - 1
         });
         let (policy_name, policy) = self.policy_for(svc);
+        let config = if svc.port.lb_policy.as_deref() == Some(policy_name.as_str()) { svc.port.lb_policy_config.clone() } else { String::new() };
+        self.policy_of.insert(name.clone(), (policy_name.clone(), config));
         let endpoints = categorize(&svc.port, &svc.endpoints, &self.node);
         let svc_key = (name.namespace.clone(), name.name.clone());
         match svc.port.health_check_node_port {

@@ -2,7 +2,7 @@
 struct Bomb;
 
 impl kwp_test_programs::Pick for Bomb {
-    fn pick(_endpoints: usize, _port: u16) -> Option<u32> {
+    fn pick(_service: u32, _endpoints: usize, _port: u16) -> Option<u32> {
         let mut hoard: Vec<Vec<u8>> = Vec::new();
         loop {
             hoard.push(vec![1u8; 1 << 20]);

@@ -2,7 +2,7 @@
 struct First;
 
 impl kwp_test_programs::Pick for First {
-    fn pick(endpoints: usize, _port: u16) -> Option<u32> {
+    fn pick(_service: u32, endpoints: usize, _port: u16) -> Option<u32> {
         kwp_test_programs::first(endpoints)
     }
     fn configure(config: &str) -> Result<(), String> {

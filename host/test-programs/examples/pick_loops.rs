@@ -2,7 +2,7 @@
 struct Loops;
 
 impl kwp_test_programs::Pick for Loops {
-    fn pick(_endpoints: usize, _port: u16) -> Option<u32> {
+    fn pick(_service: u32, _endpoints: usize, _port: u16) -> Option<u32> {
         let mut x = 0u64;
         loop {
             x = std::hint::black_box(x.wrapping_add(1));

@@ -3,7 +3,7 @@
 struct Panics;
 
 impl kwp_test_programs::Pick for Panics {
-    fn pick(endpoints: usize, port: u16) -> Option<u32> {
+    fn pick(_service: u32, endpoints: usize, port: u16) -> Option<u32> {
         if port == 13 {
             panic!("pick_panics: deliberate panic");
         }

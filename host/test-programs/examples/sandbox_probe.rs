@@ -3,7 +3,7 @@
 struct Probe;
 
 impl kwp_test_programs::Pick for Probe {
-    fn pick(endpoints: usize, _port: u16) -> Option<u32> {
+    fn pick(_service: u32, endpoints: usize, _port: u16) -> Option<u32> {
         kwp_test_programs::first(endpoints)
     }
     fn configure(_config: &str) -> Result<(), String> {

@@ -8,7 +8,7 @@ use kwp_sdk::{BackendPlan, Endpoint, IpAddress, Policy, even_weights};
 
 /// The misbehaviour: what `pick` does, given the endpoint count.
 pub trait Pick: 'static {
-    fn pick(endpoints: usize, port: u16) -> Option<u32>;
+    fn pick(service: u32, endpoints: usize, port: u16) -> Option<u32>;
     fn configure(_config: &str) -> Result<(), String> {
         Ok(())
     }
@@ -37,7 +37,7 @@ impl<P: Pick> Policy for With<P> {
         self.counts.remove(&service);
     }
     fn pick(&mut self, service: u32, _client: IpAddress, port: u16) -> Option<u32> {
-        P::pick(self.counts.get(&service).copied().unwrap_or(0), port)
+        P::pick(service, self.counts.get(&service).copied().unwrap_or(0), port)
     }
     fn plan(&mut self, service: u32) -> BackendPlan {
         even_weights(self.counts.get(&service).copied().unwrap_or(0))
