@@ -143,3 +143,31 @@ fn bundled_policies_spread_connections_through_the_host() {
         }
     }
 }
+
+#[test]
+fn a_component_of_another_wit_version_is_refused_clearly() {
+    let rt = runtime();
+    let err = policy(&rt, "wrong_wit_version", "").err().expect("must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("kwp:proxy/policy@0.1.0"), "{msg}");
+}
+
+#[test]
+fn a_component_missing_an_export_is_refused_clearly() {
+    let rt = runtime();
+    let err = policy(&rt, "missing_export", "").err().expect("must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("does not implement") && msg.contains("pick"), "{msg}");
+}
+
+#[test]
+fn reload_candidates_are_checked_before_use() {
+    let rt = runtime();
+    for bad in ["wrong_wit_version", "missing_export", "pick_loops", "memory_bomb"] {
+        assert!(reload::prepare(&rt, bad, program(bad)).is_err(), "{bad} passed the reload checks");
+    }
+    let good = reload::prepare(&rt, "pick_first", program("pick_first")).unwrap();
+    rt.quarantine(good.digest);
+    let err = reload::prepare(&rt, "pick_first", program("pick_first")).err().unwrap();
+    assert!(format!("{err:#}").contains("quarantined"));
+}

@@ -335,3 +335,53 @@ impl Proxier {
         Ok(shared)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::PlanError;
+
+    /// A proxier whose mode is the test program `mode`, over one Service.
+    fn sync_with_mode(mode: &str) -> (Proxier, ClusterState) {
+        let runtime = Runtime::new(crate::plugin::Limits::default()).unwrap();
+        let component = runtime.compile(kwp_test_programs_artifacts::program(mode)).unwrap();
+        let settings = ModeSettings { table: Rules::default().nft_table, ..ModeSettings::default() };
+        let mode = Mode::new(runtime.clone(), mode, &component, settings.clone()).unwrap();
+        let mut proxier =
+            Proxier::new(runtime, Catalog::new(None), mode, settings, "round-robin", Arc::default(), Box::new(NoDataplane)).unwrap();
+        let mut state = ClusterState::new("n");
+        let svc: k8s_openapi::api::core::v1::Service =
+            serde_yaml::from_str("metadata: {name: web, namespace: t}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n").unwrap();
+        state.replace_all(&[svc], &[], None);
+        let changes = state.take_changes();
+        proxier.sync(changes, &state).unwrap();
+        (proxier, state)
+    }
+
+    #[test]
+    fn a_plan_naming_a_foreign_table_is_refused_and_nothing_is_applied() {
+        let (proxier, _) = sync_with_mode("foreign_table");
+        assert_eq!(proxier.stats.failed_services, 1);
+        assert!(proxier.plan().services.is_empty(), "the refused fragment must not be in the plan");
+        let fragment = Fragment {
+            items: vec![crate::plan::Item::NftChain {
+                family: crate::plan::NftFamily::Inet,
+                table: "filter".into(),
+                name: "input".into(),
+                hook: None,
+                rules: vec![],
+            }],
+        };
+        assert!(matches!(fragment.validate(&Rules::default()), Err(PlanError::ForeignTable(..))));
+    }
+
+    #[test]
+    fn an_oversized_plan_is_refused_and_retried() {
+        let (mut proxier, state) = sync_with_mode("oversized_plan");
+        assert_eq!(proxier.stats.failed_services, 1);
+        assert!(proxier.plan().services.is_empty());
+        // Kept for retry on the next sync (and refused again).
+        proxier.sync(Changes::default(), &state).unwrap();
+        assert_eq!(proxier.stats.failed_services, 2);
+    }
+}
