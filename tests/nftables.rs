@@ -17,6 +17,8 @@ struct Proxy {
     child: Child,
     _dir: tempfile::TempDir,
     dir: std::path::PathBuf,
+    /// Everything the proxy logged so far.
+    logs: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Drop for Proxy {
@@ -35,6 +37,10 @@ fn start(cluster: &Cluster, objects: &str) -> Proxy {
 
 /// Like `start`, with its own KubeProxyConfiguration and Node.
 fn start_with(cluster: &Cluster, objects: &str, config_text: &str, node_yaml: &str) -> Proxy {
+    start_full(cluster, objects, config_text, node_yaml, &[])
+}
+
+fn start_full(cluster: &Cluster, objects: &str, config_text: &str, node_yaml: &str, extra: &[&str]) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     write(&path, "node.yaml", node_yaml);
@@ -45,15 +51,26 @@ fn start_with(cluster: &Cluster, objects: &str, config_text: &str, node_yaml: &s
     std::fs::create_dir(path.join("objects")).unwrap();
     std::fs::rename(path.join("node.yaml"), path.join("objects/node.yaml")).unwrap();
     std::fs::rename(path.join("objects.yaml"), path.join("objects/objects.yaml")).unwrap();
-    let child = cluster.node.spawn(
-        env!("CARGO_BIN_EXE_kube-wasm-proxy"),
-        &[
-            "--proxy-mode", "nftables", "--source", &source, "--config", config.to_str().unwrap(),
-            "--hostname-override", "node-1", "--min-sync-period", "50ms", "--sync-period", "2s",
-            "--healthz-bind-address", "", "--metrics-bind-address", "",
-        ],
-    );
-    let proxy = Proxy { child, _dir: dir, dir: path.join("objects") };
+    let mut args = vec![
+        "--proxy-mode", "nftables", "--source", &source, "--config", config.to_str().unwrap(),
+        "--hostname-override", "node-1", "--min-sync-period", "50ms", "--sync-period", "2s",
+        "--healthz-bind-address", "", "--metrics-bind-address", "",
+    ];
+    args.extend_from_slice(extra);
+    let mut child = cluster.node.spawn(env!("CARGO_BIN_EXE_kube-wasm-proxy"), &args);
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    if let Some(stderr) = child.stderr.take() {
+        let logs = logs.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = logs.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+    }
+    let proxy = Proxy { child, _dir: dir, dir: path.join("objects"), logs };
     eventually("the proxy's table", || cluster.node.sh("nft list tables").contains("kube-wasm-proxy"));
     proxy
 }
@@ -655,4 +672,51 @@ fn weighted_policy_weights_reach_the_kernel() {
     assert_eq!(answered_by(&outcomes).len(), 2);
     // 3 : 1 is 150 of 200; allow for randomness.
     assert!((125..=175).contains(&on_a), "{on_a} of 200 on the weight-3 pod");
+}
+
+#[test]
+fn the_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected() {
+    let c = Cluster::new("mrl");
+    let plugins = tempfile::tempdir().unwrap();
+    let nftables = kwp_plugins_bundle::bundled().find(|(n, _)| n == "nftables").unwrap().1.to_vec();
+    let install = |bytes: &[u8]| {
+        std::fs::write(plugins.path().join(".tmp"), bytes).unwrap();
+        std::fs::rename(plugins.path().join(".tmp"), plugins.path().join("nftables.wasm")).unwrap();
+    };
+    install(&nftables);
+    let dir = plugins.path().display().to_string();
+    let p = start_full(&c, &service(&c, "web", "10.96.0.36", "", &["pod-a", "pod-c"], "TCP"), CONFIG, &Cluster::node_yaml(), &["--plugin-dir", &dir]);
+    eventually("rules", || c.node.sh("nft list ruleset").contains("10.96.0.36"));
+    let logged = |what: &str| p.logs.lock().unwrap().matches(what).count();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        let path = format!("/run/netns/{}", c.pod("pod-b").ns.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }, 0);
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match common::topology::tcp_here(addr("10.96.0.36", 80)) {
+                    Outcome::Answered(..) => ok += 1,
+                    other => failed.push(other),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    // A new build of the mode (same code here) is swapped in and everything
+    // re-rendered with it.
+    install(&[nftables.as_slice(), b"".as_slice()].concat());
+    eventually("the mode reload", || logged("reloaded proxy mode") == 1);
+    // A mode whose plan names another table fails its probe: rejected.
+    install(kwp_test_programs_artifacts::program("foreign_table"));
+    eventually("the rejection", || logged("reload rejected") == 1);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.join().unwrap();
+    assert!(failed.is_empty(), "{} failed of {}: {failed:?}", failed.len(), ok + failed.len());
+    assert!(ok > 10, "only {ok} connections");
+    assert!(c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.36 . tcp . 80"));
 }

@@ -39,22 +39,78 @@ pub struct ModeSettings {
 }
 
 pub struct Mode {
+    runtime: Arc<Runtime>,
     sandbox: Sandbox<bindings::ProxyMode>,
     settings: ModeSettings,
 }
 
 impl Mode {
     pub fn new(runtime: Arc<Runtime>, name: &str, component: &Component, settings: ModeSettings) -> Result<Self> {
+        let sandbox = Self::sandbox(&runtime, name, component)?;
+        let mut mode = Self { runtime, sandbox, settings };
+        mode.ensure()?;
+        Ok(mode)
+    }
+
+    fn sandbox(runtime: &Arc<Runtime>, name: &str, component: &Component) -> Result<Sandbox<bindings::ProxyMode>> {
         let pre = runtime
             .linker
             .instantiate_pre(component)
             .and_then(bindings::ProxyModePre::new)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("plugin {name} does not implement the kwp:proxy/proxy-mode world"))?;
-        let sandbox = Sandbox::new(name, runtime, Box::new(move |store| pre.instantiate(store)));
-        let mut mode = Self { sandbox, settings };
-        mode.ensure()?;
-        Ok(mode)
+            .with_context(|| format!("plugin {name} does not implement the kwp:proxy/proxy-mode@0.1.0 world"))?;
+        Ok(Sandbox::new(name, runtime.clone(), Box::new(move |store| pre.instantiate(store))))
+    }
+
+    /// Swaps in a new version: it must configure with the current settings
+    /// first, or the current version stays.
+    pub fn reload(&mut self, component: &Component) -> Result<()> {
+        let sandbox = Self::sandbox(&self.runtime, &self.sandbox.name.clone(), component)?;
+        let previous = std::mem::replace(&mut self.sandbox, sandbox);
+        if let Err(e) = self.ensure() {
+            self.sandbox = previous;
+            return Err(e).context("the new version failed to start");
+        }
+        Ok(())
+    }
+
+    /// Renders the base and a sample Service under the deadline and checks
+    /// the fragments against the host's rules.
+    pub fn probe(&mut self, rules: &crate::plan::Rules) -> Result<()> {
+        self.render_base()?.validate(rules).context("probe: base fragment")?;
+        let svc = ServicePort {
+            name: crate::model::ServicePortName { namespace: "kwp-probe".into(), name: "probe".into(), port: "p".into(), protocol: crate::model::Protocol::Tcp },
+            cluster_ips: vec![[10, 255, 255, 1].into()],
+            port: 80,
+            node_port: Some(30999),
+            external_ips: Vec::new(),
+            load_balancer_ingress: Vec::new(),
+            source_ranges: Vec::new(),
+            affinity_timeout: None,
+            external_policy: crate::model::TrafficPolicy::Cluster,
+            internal_policy: crate::model::TrafficPolicy::Cluster,
+            health_check_node_port: None,
+            lb_policy: None,
+            lb_policy_config: String::new(),
+        };
+        let eps: Vec<Endpoint> = (1..=2u8)
+            .map(|i| Endpoint {
+                ip: [10, 255, 254, i].into(),
+                port: 8080,
+                ready: true,
+                serving: true,
+                terminating: false,
+                node_name: None,
+                zone: None,
+                zone_hints: Vec::new(),
+                node_hints: Vec::new(),
+                is_local: true,
+            })
+            .collect();
+        self.render_service(u32::MAX, &svc, "round-robin", &eps, &BackendPlan::Weights(vec![1, 1]))?
+            .validate(rules)
+            .context("probe: service fragment")?;
+        Ok(())
     }
 
     pub fn name(&self) -> &str {

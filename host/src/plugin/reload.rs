@@ -1,4 +1,4 @@
-//! Hot reload of policy plugins: a replaced `<name>.wasm` in the plugin
+//! Hot reload of plugins: a replaced `<name>.wasm` in the plugin
 //! directory (or SIGHUP) is compiled and probed away from the sync path,
 //! and only a candidate that passes is handed to the sync loop to swap in.
 
@@ -20,7 +20,12 @@ pub struct Candidate {
     pub name: String,
     pub component: Component,
     pub digest: [u8; 32],
+    /// A proxy mode rather than a policy.
+    pub is_mode: bool,
 }
+
+/// Plugin names that are proxy modes.
+pub const MODE_NAMES: &[&str] = &["userspace", "nftables", "iptables", "ipvs"];
 
 /// Compiles `bytes` as policy `name` and runs the checks a reload needs:
 /// not quarantined, the policy world at our WIT version, `configure`
@@ -32,9 +37,16 @@ pub fn prepare(runtime: &Arc<Runtime>, name: &str, bytes: &[u8]) -> Result<Candi
         bail!("this version of {name} was rolled back before and is quarantined");
     }
     let component = runtime.compile(bytes)?;
-    let mut probe = Policy::new(runtime.clone(), name, &component, "")?;
-    probe.probe().context("probe with sample endpoints")?;
-    Ok(Candidate { name: name.into(), component, digest })
+    let is_mode = MODE_NAMES.contains(&name);
+    if is_mode {
+        let settings = super::mode::ModeSettings { table: crate::plan::Rules::default().nft_table, ..Default::default() };
+        let mut probe = super::mode::Mode::new(runtime.clone(), name, &component, settings)?;
+        probe.probe(&crate::plan::Rules::default())?;
+    } else {
+        let mut probe = Policy::new(runtime.clone(), name, &component, "")?;
+        probe.probe().context("probe with sample endpoints")?;
+    }
+    Ok(Candidate { name: name.into(), component, digest, is_mode })
 }
 
 /// Polls the plugin directory for replaced files.

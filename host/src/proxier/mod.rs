@@ -139,6 +139,9 @@ impl Proxier {
     /// the services using it are rendered again on the next sync, since
     /// their kernel plans may differ.
     pub fn reload_policy(&mut self, candidate: &crate::plugin::reload::Candidate) {
+        if candidate.is_mode {
+            return self.reload_mode(candidate);
+        }
         for ((name, config), policy) in &self.policies {
             if *name != candidate.name {
                 continue;
@@ -242,6 +245,26 @@ impl Proxier {
         }
         self.stats.last_duration = started.elapsed();
         result
+    }
+
+    /// Swaps in a new version of the running proxy mode and renders
+    /// everything again with it; the dataplane applies only what changed.
+    fn reload_mode(&mut self, candidate: &crate::plugin::reload::Candidate) {
+        if candidate.name != self.mode.name() {
+            return; // another mode's file: not in use
+        }
+        match self.mode.reload(&candidate.component) {
+            Ok(()) => {
+                self.runtime.reloads.reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(mode = candidate.name, "reloaded proxy mode");
+                self.base_dirty = true;
+                self.failed.extend(self.plan.services.keys().cloned());
+            }
+            Err(e) => {
+                self.runtime.reloads.rejections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(mode = candidate.name, error = format!("{e:#}"), "mode reload failed; the current version stays");
+            }
+        }
     }
 
     /// The periodic full resync (syncPeriod).
