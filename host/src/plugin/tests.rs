@@ -122,7 +122,7 @@ fn mode_plugins_load_and_the_wrong_world_is_refused() {
     // A policy component is not a proxy mode: refused with a clear error.
     let (_, rr) = catalog.load("round-robin").unwrap();
     let err = mode::Mode::new(rt.clone(), "round-robin", &rt.compile(&rr).unwrap(), mode::ModeSettings::default()).err().unwrap();
-    assert!(format!("{err:#}").contains("proxy-mode world"), "{err:#}");
+    assert!(format!("{err:#}").contains("kwp:proxy/proxy-mode@0.1.0 world"), "{err:#}");
     assert!(catalog.load("no-such-plugin").is_err());
 }
 
