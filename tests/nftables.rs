@@ -233,29 +233,12 @@ fn a_restart_adopts_the_table_without_dropping_a_connection() {
     assert!(matches!(tcp_from(&c.pod("pod-b").ns, addr("10.96.0.18", 80)), Outcome::Answered(..)));
 
     // A client hammering the Service while the proxy is killed and replaced.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = {
-        let stop = stop.clone();
-        let path = format!("/run/netns/{}", c.pod("pod-b").ns.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }, 0);
-            let (mut ok, mut failed) = (0, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match common::topology::tcp_here(addr("10.96.0.18", 80)) {
-                    Outcome::Answered(..) => ok += 1,
-                    other => failed.push(other),
-                }
-            }
-            (ok, failed)
-        })
-    };
+    let client = common::topology::ContinuousClient::start(&c.pod("pod-b").ns, addr("10.96.0.18", 80));
     std::thread::sleep(Duration::from_millis(300));
     drop(first); // SIGKILL: the table stays behind
     let second = start(&c, &objects);
     std::thread::sleep(Duration::from_millis(1500)); // its first (full) sync has run
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = client.join().unwrap();
+    let (ok, failed) = client.stop();
     assert!(failed.is_empty(), "{} failed of {}: {failed:?}", failed.len(), ok + failed.len());
     assert!(ok > 20, "only {ok} connections");
     assert!(c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.18 . tcp . 80"));
@@ -689,23 +672,7 @@ fn the_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected() {
     eventually("rules", || c.node.sh("nft list ruleset").contains("10.96.0.36"));
     let logged = |what: &str| p.logs.lock().unwrap().matches(what).count();
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = {
-        let stop = stop.clone();
-        let path = format!("/run/netns/{}", c.pod("pod-b").ns.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(path).unwrap();
-            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }, 0);
-            let (mut ok, mut failed) = (0, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match common::topology::tcp_here(addr("10.96.0.36", 80)) {
-                    Outcome::Answered(..) => ok += 1,
-                    other => failed.push(other),
-                }
-            }
-            (ok, failed)
-        })
-    };
+    let client = common::topology::ContinuousClient::start(&c.pod("pod-b").ns, addr("10.96.0.36", 80));
     // A new build of the mode (same code here) is swapped in and everything
     // re-rendered with it.
     install(&[nftables.as_slice(), b"".as_slice()].concat());
@@ -714,8 +681,7 @@ fn the_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected() {
     install(kwp_test_programs_artifacts::program("foreign_table"));
     eventually("the rejection", || logged("reload rejected") == 1);
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = client.join().unwrap();
+    let (ok, failed) = client.stop();
     assert!(failed.is_empty(), "{} failed of {}: {failed:?}", failed.len(), ok + failed.len());
     assert!(ok > 10, "only {ok} connections");
     assert!(c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.36 . tcp . 80"));

@@ -99,6 +99,10 @@ async fn policies_reload_under_traffic_with_rejection_and_rollback() {
     wait_for("the quarantine to refuse it", || rejections() == 2).await;
     assert_eq!(reloads(), 2);
 
+    // SIGHUP re-reads every plugin file, changed or not (here: refused again).
+    unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
+    wait_for("SIGHUP to re-read the file", || rejections() == 3).await;
+
     stop.store(true, Ordering::Relaxed);
     client.await.unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "{} requests succeeded", ok.load(Ordering::Relaxed));

@@ -152,6 +152,22 @@ impl Endpoint {
     pub fn socket_addr(&self) -> std::net::SocketAddr {
         (self.ip, self.port).into()
     }
+
+    /// A ready, local endpoint (probes of reload candidates).
+    pub fn sample(ip: IpAddr, port: u16) -> Self {
+        Endpoint {
+            ip,
+            port,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
+            is_local: true,
+        }
+    }
 }
 
 /// This node, as far as the proxy cares.

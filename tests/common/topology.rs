@@ -224,3 +224,37 @@ fn parse(reply: &str) -> Outcome {
         None => Outcome::Other(format!("unexpected reply {reply:?}")),
     }
 }
+
+/// A client connecting to `addr` back to back from a namespace until
+/// stopped, recording every failure.
+pub struct ContinuousClient {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<Outcome>)>,
+}
+
+impl ContinuousClient {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let path = format!("/run/netns/{}", ns.name);
+        let thread = std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).expect("open netns");
+            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }, 0);
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match tcp_here(addr) {
+                    Outcome::Answered(..) => ok += 1,
+                    other => failed.push(other),
+                }
+            }
+            (ok, failed)
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops it: (successful connections, failures).
+    pub fn stop(self) -> (usize, Vec<Outcome>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("client thread")
+    }
+}

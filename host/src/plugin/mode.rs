@@ -93,20 +93,7 @@ impl Mode {
             lb_policy: None,
             lb_policy_config: String::new(),
         };
-        let eps: Vec<Endpoint> = (1..=2u8)
-            .map(|i| Endpoint {
-                ip: [10, 255, 254, i].into(),
-                port: 8080,
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: None,
-                zone: None,
-                zone_hints: Vec::new(),
-                node_hints: Vec::new(),
-                is_local: true,
-            })
-            .collect();
+        let eps: Vec<Endpoint> = (1..=2u8).map(|i| Endpoint::sample([10, 255, 254, i].into(), 8080)).collect();
         self.render_service(u32::MAX, &svc, "round-robin", &eps, &BackendPlan::Weights(vec![1, 1]))?
             .validate(rules)
             .context("probe: service fragment")?;

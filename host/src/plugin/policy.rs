@@ -158,20 +158,7 @@ impl Policy {
     /// Exercises a candidate with sample endpoints under the deadline:
     /// every call must return, and picks must name a pushed endpoint.
     pub fn probe(&mut self) -> Result<(), PluginError> {
-        let sample: Vec<Endpoint> = (1..=3u8)
-            .map(|i| Endpoint {
-                ip: [10, 255, 255, i].into(),
-                port: 8080,
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: None,
-                zone: None,
-                zone_hints: Vec::new(),
-                node_hints: Vec::new(),
-                is_local: true,
-            })
-            .collect();
+        let sample: Vec<Endpoint> = (1..=3u8).map(|i| Endpoint::sample([10, 255, 255, i].into(), 8080)).collect();
         self.set_endpoints(PROBE_SERVICE, &sample)?;
         for i in 0..16u8 {
             let picked = self.pick(PROBE_SERVICE, [192, 0, 2, i].into(), 40_000 + u16::from(i))?;
