@@ -69,12 +69,28 @@ impl App {
                 proxier.enable_conntrack_cleanup();
             }
         }
+        let configz = serde_json::json!({
+            "kubeproxy.config.k8s.io": {
+                "mode": settings.mode.as_str(),
+                "hostnameOverride": settings.hostname,
+                "healthzBindAddress": settings.healthz_bind_address.map(|a| a.to_string()).unwrap_or_default(),
+                "metricsBindAddress": settings.metrics_bind_address.map(|a| a.to_string()).unwrap_or_default(),
+                "syncPeriod": format!("{:?}", settings.sync_period),
+                "minSyncPeriod": format!("{:?}", settings.min_sync_period),
+                "clusterCIDR": settings.cluster_cidrs.join(","),
+            },
+            "kube-wasm-proxy": { "source": settings.source, "lbPolicy": settings.lb_policy },
+        })
+        .to_string();
+        let mut metrics = crate::metrics::Metrics::new(settings.mode.as_str(), settings.sync_period, configz);
+        metrics.runtime = Some(proxier.runtime());
         let sync = SyncLoop {
             state: ClusterState::new(&settings.hostname),
             proxier,
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,
             reloads: None,
+            metrics: Arc::new(metrics),
         };
         let source = FileSource::new(&dir, &settings.hostname);
         Ok(Self { settings, sync, mapping, source })
@@ -115,6 +131,16 @@ impl App {
     pub async fn run(mut self) -> Result<()> {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(self.source.run(tx));
+        for (addr, healthz) in [(self.settings.healthz_bind_address, true), (self.settings.metrics_bind_address, false)] {
+            if let Some(addr) = addr {
+                let metrics = self.sync.metrics.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = crate::metrics::serve(addr, metrics, healthz).await {
+                        tracing::error!(%addr, error = format!("{e:#}"), "health/metrics server stopped");
+                    }
+                });
+            }
+        }
         if let Some(dir) = self.sync.proxier.catalog().dir().map(std::path::Path::to_path_buf) {
             let (reload_tx, reload_rx) = mpsc::channel(4);
             self.sync.reloads = Some(reload_rx);

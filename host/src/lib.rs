@@ -5,6 +5,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod healthcheck;
+pub mod metrics;
 pub mod model;
 pub mod plan;
 pub mod plugin;

@@ -18,6 +18,7 @@ pub struct SyncLoop {
     pub sync_period: Duration,
     /// Checked plugin versions to swap in (hot reload).
     pub reloads: Option<mpsc::Receiver<crate::plugin::reload::Candidate>>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl SyncLoop {
@@ -63,18 +64,51 @@ impl SyncLoop {
 
     fn apply(&mut self, event: SourceEvent) {
         match event {
-            SourceEvent::Full { services, slices, node } => self.state.replace_all(&services, &slices, node.as_ref()),
+            SourceEvent::Full { services, slices, node } => {
+                let deleting = node.as_ref().is_some_and(|n| n.metadata.deletion_timestamp.is_some());
+                self.metrics.node_deleting.store(deleting, std::sync::atomic::Ordering::Relaxed);
+                self.state.replace_all(&services, &slices, node.as_ref());
+            }
         }
+        if self.state.pending() > 0 {
+            self.metrics.queued();
+        }
+        self.publish_change_counts();
+    }
+
+    fn publish_change_counts(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &self.metrics;
+        m.service_changes.0.store(self.state.service_changes.0, Relaxed);
+        m.service_changes.1.store(self.state.service_changes.1, Relaxed);
+        m.endpoint_changes.0.store(self.state.endpoint_changes.0, Relaxed);
+        m.endpoint_changes.1.store(self.state.endpoint_changes.1, Relaxed);
     }
 
     /// One sync: whatever changed (possibly nothing; the proxier then only
     /// retries earlier failures).
     pub fn sync(&mut self) {
-        let changes = self.state.take_changes();
+        let mut changes = self.state.take_changes();
+        let triggers = std::mem::take(&mut changes.triggers);
         let (updated, removed) = (changes.updated.len(), changes.removed.len());
-        if let Err(e) = self.proxier.sync(changes, &self.state) {
+        let failed_before = self.proxier.stats.failed_services;
+        let result = self.proxier.sync(changes, &self.state);
+        if let Err(e) = &result {
             tracing::error!(error = format!("{e:#}"), "sync failed; will retry");
         }
+        let ok = result.is_ok() && self.proxier.stats.failed_services == failed_before;
+        self.metrics.synced(self.proxier.stats.last_duration, ok);
+        if ok {
+            let now = std::time::SystemTime::now();
+            for t in triggers {
+                self.metrics.network_programming.observe(now.duration_since(t).unwrap_or_default());
+            }
+        }
+        self.publish_change_counts();
+        let (internal, external) = self.proxier.no_local_endpoints();
+        self.metrics.no_local_endpoints.0.store(internal, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.no_local_endpoints.1.store(external, std::sync::atomic::Ordering::Relaxed);
+        *self.metrics.plugins.lock().expect("metrics lock") = self.proxier.plugin_stats().into_iter().collect();
         if updated + removed > 0 {
             tracing::debug!(updated, removed, took = ?self.proxier.stats.last_duration, "synced");
         }

@@ -93,18 +93,19 @@ pub async fn start_proxy(dir: &Path, extra: &[&str]) -> Mapping {
 /// Like `start_proxy`, also returning the plugin runtime (reload counters).
 pub async fn start_proxy_with_runtime(dir: &Path, extra: &[&str]) -> (Mapping, std::sync::Arc<kwp::plugin::Runtime>) {
     let source = format!("file:{}", dir.display());
-    let mut args = vec![
-        "kube-wasm-proxy",
-        "--proxy-mode",
-        "userspace",
-        "--no-redirect",
-        "--source",
-        &source,
-        "--min-sync-period",
-        "50ms",
-        "--hostname-override",
-        "e2e-node",
+    let mut args = vec!["kube-wasm-proxy", "--proxy-mode", "userspace", "--no-redirect", "--source", &source];
+    // Defaults the caller may override: fast syncs, no health/metrics ports.
+    let defaults = [
+        ("--min-sync-period", "50ms"),
+        ("--hostname-override", "e2e-node"),
+        ("--healthz-bind-address", ""),
+        ("--metrics-bind-address", ""),
     ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
     args.extend_from_slice(extra);
     let flags = Cli::parse_from(args).flags;
     let app = kwp::app::App::build(&flags).expect("proxy builds");

@@ -72,6 +72,8 @@ pub struct Proxier {
     failed: BTreeSet<ServicePortName>,
     /// Which policy instance each service port uses.
     policy_of: HashMap<ServicePortName, (String, String)>,
+    /// Service ports with a Local (internal, external) policy and no local endpoint.
+    no_local: HashMap<ServicePortName, (bool, bool)>,
     backends: Arc<Backends>,
     dataplane: Box<dyn Dataplane>,
     node: NodeInfo,
@@ -109,6 +111,7 @@ impl Proxier {
             base_dirty: true,
             failed: BTreeSet::new(),
             policy_of: HashMap::new(),
+            no_local: HashMap::new(),
             backends,
             dataplane,
             node: NodeInfo::default(),
@@ -125,6 +128,22 @@ impl Proxier {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// (internal, external): service ports with a Local traffic policy and
+    /// no local endpoint (kubeproxy_sync_proxy_rules_no_local_endpoints_total).
+    pub fn no_local_endpoints(&self) -> (u64, u64) {
+        self.no_local.values().fold((0, 0), |(i, e), (ni, ne)| (i + u64::from(*ni), e + u64::from(*ne)))
+    }
+
+    /// Per-plugin counters, by plugin name (policies with a config by `name[config]`).
+    pub fn plugin_stats(&self) -> Vec<(String, Arc<crate::plugin::PluginStats>)> {
+        let mut out = vec![(self.mode.name().to_string(), self.mode.stats())];
+        for ((name, config), p) in &self.policies {
+            let label = if config.is_empty() { name.clone() } else { format!("{name}[{config}]") };
+            out.push((label, p.lock().expect("policy lock").stats()));
+        }
+        out
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -190,9 +209,13 @@ impl Proxier {
 
         let base = if std::mem::take(&mut self.base_dirty) { Some(self.render_base()?) } else { None };
         let mut delta: Vec<(ServicePortName, Option<Fragment>)> = Vec::new();
+        // The plan as it was for every changed service, to put back if the
+        // dataplane refuses the change (the plan must match the kernel).
+        let mut undo: Vec<(ServicePortName, Option<Fragment>)> = Vec::new();
         for name in changes.removed {
             self.health_wanted.remove(&(name.namespace.clone(), name.name.clone()));
             self.policy_of.remove(&name);
+            self.no_local.remove(&name);
             if let Some(id) = self.ids.remove(&name) {
                 self.backends.remove(id);
                 for policy in self.policies.values() {
@@ -200,7 +223,8 @@ impl Proxier {
                 }
             }
             self.plan.context.remove(&name);
-            if self.plan.services.remove(&name).is_some() {
+            if let Some(old) = self.plan.services.remove(&name) {
+                undo.push((name.clone(), Some(old)));
                 delta.push((name, None));
             }
         }
@@ -208,7 +232,8 @@ impl Proxier {
             match self.render_service(&svc) {
                 Ok(fragment) => {
                     if self.plan.services.get(&name) != Some(&fragment) {
-                        self.plan.services.insert(name.clone(), fragment.clone());
+                        let old = self.plan.services.insert(name.clone(), fragment.clone());
+                        undo.push((name.clone(), old));
                         delta.push((name, Some(fragment)));
                     }
                 }
@@ -238,6 +263,12 @@ impl Proxier {
         }
         if let Err(e) = &result {
             self.stats.apply_errors += 1;
+            for (name, old) in undo {
+                match old {
+                    Some(f) => self.plan.services.insert(name, f),
+                    None => self.plan.services.remove(&name),
+                };
+            }
             // Everything in this batch is retried: the dataplane kept its old state.
             self.failed.extend(delta.into_iter().map(|(n, _)| n));
             self.base_dirty |= base.is_some();
@@ -296,6 +327,11 @@ impl Proxier {
         let config = if svc.port.lb_policy.as_deref() == Some(policy_name.as_str()) { svc.port.lb_policy_config.clone() } else { String::new() };
         self.policy_of.insert(name.clone(), (policy_name.clone(), config));
         let endpoints = categorize(&svc.port, &svc.endpoints, &self.node);
+        let no_local = endpoints.local.is_empty();
+        self.no_local.insert(
+            name.clone(),
+            (svc.port.internal_policy == crate::model::TrafficPolicy::Local && no_local, svc.port.external_policy == crate::model::TrafficPolicy::Local && no_local),
+        );
         let svc_key = (name.namespace.clone(), name.name.clone());
         match svc.port.health_check_node_port {
             Some(port) => {

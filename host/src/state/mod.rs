@@ -33,6 +33,8 @@ pub struct Changes {
     pub removed: Vec<ServicePortName>,
     /// The node object changed (labels, zone, addresses).
     pub node_changed: bool,
+    /// When the changed EndpointSlices' changes were triggered.
+    pub triggers: Vec<std::time::SystemTime>,
 }
 
 impl Changes {
@@ -53,6 +55,13 @@ pub struct ClusterState {
     node_changed: bool,
     /// Services whose ports or endpoints may differ from `last`.
     dirty: BTreeSet<Key>,
+    /// Service and EndpointSlice changes seen (totals) and not yet synced
+    /// (pending), as upstream's change-tracker metrics count them.
+    pub service_changes: (u64, u64),
+    pub endpoint_changes: (u64, u64),
+    /// last-change-trigger-time of EndpointSlices changed since the last
+    /// take (network programming latency).
+    triggers: Vec<std::time::SystemTime>,
     last: BTreeMap<ServicePortName, ServiceState>,
 }
 
@@ -82,6 +91,8 @@ impl ClusterState {
         } else if self.services.get(&key) != Some(&ports) {
             self.services.insert(key.clone(), ports);
             self.dirty.insert(key);
+            self.service_changes.0 += 1;
+            self.service_changes.1 += 1;
         }
         skip
     }
@@ -89,6 +100,8 @@ impl ClusterState {
     pub fn delete_service(&mut self, key: &Key) {
         if self.services.remove(key).is_some() {
             self.dirty.insert(key.clone());
+            self.service_changes.0 += 1;
+            self.service_changes.1 += 1;
         }
     }
 
@@ -99,6 +112,12 @@ impl ClusterState {
             return;
         };
         let endpoints = convert::slice_endpoints(slice, &self.node_name);
+        let trigger = slice
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("endpoints.kubernetes.io/last-change-trigger-time"))
+            .and_then(|t| crate::metrics::parse_trigger_time(t));
         if self.slice_owner.get(&key) == Some(&service) {
             let current = self.slices.get(&service).and_then(|s| s.get(&key.1));
             if current == Some(&endpoints) {
@@ -111,6 +130,9 @@ impl ClusterState {
         }
         self.slices.entry(service.clone()).or_default().insert(key.1, endpoints);
         self.dirty.insert(service);
+        self.triggers.extend(trigger);
+        self.endpoint_changes.0 += 1;
+        self.endpoint_changes.1 += 1;
     }
 
     pub fn delete_slice(&mut self, key: &Key) {
@@ -122,6 +144,8 @@ impl ClusterState {
                 }
             }
             self.dirty.insert(service);
+            self.endpoint_changes.0 += 1;
+            self.endpoint_changes.1 += 1;
         }
     }
 
@@ -154,6 +178,9 @@ impl ClusterState {
     /// The changes since the last call, as service-port states.
     pub fn take_changes(&mut self) -> Changes {
         let mut changes = Changes { node_changed: std::mem::take(&mut self.node_changed), ..Changes::default() };
+        self.service_changes.1 = 0;
+        self.endpoint_changes.1 = 0;
+        changes.triggers = std::mem::take(&mut self.triggers);
         for key in std::mem::take(&mut self.dirty) {
             let current: BTreeMap<ServicePortName, ServiceState> = self
                 .services
