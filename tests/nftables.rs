@@ -624,7 +624,8 @@ fn node_port_addresses_limit_where_node_ports_answer() {
 #[test]
 fn client_ip_affinity_expires_after_its_timeout() {
     let c = Cluster::new("afft");
-    let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}\n";
+    // 2 s: long enough for a burst of connections on a loaded machine.
+    let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n";
     let _p = start(&c, &service(&c, "web", "10.96.0.34", spec, &["pod-a", "pod-b", "pod-c", "pod-d"], "TCP"));
     let from = &c.client;
     let mut seen = BTreeSet::new();
@@ -634,7 +635,7 @@ fn client_ip_affinity_expires_after_its_timeout() {
         assert_eq!(burst.len(), 1, "{burst:?}");
         seen.extend(burst);
         // ...then idle past the timeout: a fresh pick.
-        std::thread::sleep(Duration::from_millis(1600));
+        std::thread::sleep(Duration::from_millis(2600));
     }
     assert!(seen.len() > 1, "after the timeout the client must be free to move: {seen:?}");
 }
