@@ -171,3 +171,12 @@ fn reload_candidates_are_checked_before_use() {
     let err = reload::prepare(&rt, "pick_first", program("pick_first")).err().unwrap();
     assert!(format!("{err:#}").contains("quarantined"));
 }
+
+#[test]
+fn a_plan_that_never_returns_is_stopped_by_the_deadline() {
+    let rt = runtime();
+    let mut p = policy(&rt, "plan_loops", "").unwrap();
+    p.set_endpoints(1, &endpoints(2)).unwrap();
+    assert!(matches!(p.plan(1).unwrap_err(), PluginError::Deadline { .. }));
+    assert_eq!(p.pick(1, CLIENT, 1).unwrap(), Some(0), "the next call works on a fresh instance");
+}

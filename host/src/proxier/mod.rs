@@ -435,6 +435,16 @@ mod tests {
     }
 
     #[test]
+    fn a_render_that_never_returns_is_stopped_and_refused() {
+        let (proxier, _) = sync_with_mode("render_loops");
+        assert_eq!(proxier.stats.failed_services, 1);
+        assert!(proxier.plan().services.is_empty());
+        let stats = proxier.plugin_stats();
+        let mode = stats.iter().find(|(n, _)| n == "render_loops").unwrap();
+        assert_eq!(mode.1.deadline_hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[test]
     fn an_oversized_plan_is_refused_and_retried() {
         let (mut proxier, state) = sync_with_mode("oversized_plan");
         assert_eq!(proxier.stats.failed_services, 1);

@@ -12,6 +12,8 @@ pub trait Pick: 'static {
     fn configure(_config: &str) -> Result<(), String> {
         Ok(())
     }
+    /// Called before `plan` answers (a hook for misbehaving there).
+    fn before_plan(_service: u32) {}
 }
 
 /// A policy that keeps endpoint counts and delegates `pick` to `P`.
@@ -40,6 +42,7 @@ impl<P: Pick> Policy for With<P> {
         P::pick(service, self.counts.get(&service).copied().unwrap_or(0), port)
     }
     fn plan(&mut self, service: u32) -> BackendPlan {
+        P::before_plan(service);
         even_weights(self.counts.get(&service).copied().unwrap_or(0))
     }
 }
