@@ -22,13 +22,18 @@ pub struct App {
     pub sync: SyncLoop,
     /// Userspace mode's listener map.
     pub mapping: Option<Mapping>,
-    source: FileSource,
+    source: Source,
+}
+
+enum Source {
+    File(FileSource),
+    Kubernetes,
 }
 
 impl App {
     pub fn build(flags: &Flags) -> Result<Self> {
         let settings = Settings::resolve(flags)?;
-        let dir = crate::source::parse(&settings.source)?;
+        let source_spec = crate::source::parse(&settings.source)?;
         if !matches!(settings.mode, ProxyMode::Userspace | ProxyMode::Nftables) {
             bail!("proxy mode {} is not available yet; use --proxy-mode userspace or nftables", settings.mode.as_str());
         }
@@ -91,16 +96,20 @@ impl App {
             sync_period: settings.sync_period,
             reloads: None,
             metrics: Arc::new(metrics),
+            synced: Vec::new(),
         };
-        let source = FileSource::new(&dir, &settings.hostname);
+        let source = match source_spec {
+            crate::source::Spec::File(dir) => Source::File(FileSource::new(&dir, &settings.hostname)),
+            crate::source::Spec::Kubernetes => Source::Kubernetes,
+        };
         Ok(Self { settings, sync, mapping, source })
     }
 
     /// Reads the source once and syncs what changed (benchmarks, dry runs).
     pub fn scan_and_sync(&mut self) -> Result<()> {
-        if let Some(event) = self.source.scan()? {
-            let crate::source::SourceEvent::Full { services, slices, node } = event;
-            self.sync.state.replace_all(&services, &slices, node.as_ref());
+        let Source::File(source) = &mut self.source else { bail!("--dry-run reads --source file:DIR only") };
+        if let Some(event) = source.scan()? {
+            self.sync.apply(event);
         }
         self.sync.sync();
         Ok(())
@@ -129,8 +138,17 @@ impl App {
 
     /// Runs until interrupted.
     pub async fn run(mut self) -> Result<()> {
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(self.source.run(tx));
+        let (tx, rx) = mpsc::channel(1024);
+        match std::mem::replace(&mut self.source, Source::Kubernetes) {
+            Source::File(source) => {
+                tokio::spawn(source.run(tx));
+            }
+            Source::Kubernetes => {
+                let client = crate::source::kubernetes::client(self.settings.kubeconfig.as_ref()).await?;
+                let errors = self.sync.metrics.source_errors.clone();
+                tokio::spawn(crate::source::kubernetes::run(client, self.settings.hostname.clone(), tx, errors));
+            }
+        }
         for (addr, healthz) in [(self.settings.healthz_bind_address, true), (self.settings.metrics_bind_address, false)] {
             if let Some(addr) = addr {
                 let metrics = self.sync.metrics.clone();

@@ -79,7 +79,10 @@ pub struct Flags {
     /// Longest time between two full syncs, e.g. 30s, 1m.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub sync_period: Option<Duration>,
-    /// Where cluster state comes from: `file:DIR` (Kubernetes YAML in a directory).
+    /// Path to a kubeconfig for --source kubernetes (default: clientConnection.kubeconfig, then in-cluster).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where cluster state comes from: `kubernetes` (the API server, the default) or `file:DIR` (Kubernetes YAML in a directory).
     #[arg(long, value_name = "SOURCE")]
     pub source: Option<String>,
     /// Directory holding plugin components (`<name>.wasm`); default: `plugins/` beside the binary, then the bundled ones.
@@ -124,6 +127,7 @@ pub struct Settings {
     pub min_sync_period: Duration,
     pub sync_period: Duration,
     pub source: String,
+    pub kubeconfig: Option<PathBuf>,
     pub plugin_dir: Option<PathBuf>,
     pub lb_policy: String,
     pub userspace_bind_address: std::net::IpAddr,
@@ -190,6 +194,14 @@ impl Settings {
             min_sync_period: flags.min_sync_period.or(duration_field("minSyncPeriod")?).unwrap_or(Duration::from_secs(1)),
             sync_period: flags.sync_period.or(duration_field("syncPeriod")?).unwrap_or(Duration::from_secs(30)),
             source: flags.source.clone().unwrap_or_else(|| "kubernetes".into()),
+            kubeconfig: flags.kubeconfig.clone().or_else(|| {
+                file.top
+                    .get("clientConnection")
+                    .and_then(|c| c.get("kubeconfig"))
+                    .and_then(Value::as_str)
+                    .filter(|k| !k.is_empty())
+                    .map(PathBuf::from)
+            }),
             plugin_dir: flags.plugin_dir.clone(),
             lb_policy: flags.lb_policy.clone().unwrap_or_else(|| "round-robin".into()),
             userspace_bind_address: flags.userspace_bind_address.unwrap_or([127, 0, 0, 1].into()),

@@ -72,6 +72,8 @@ pub struct Metrics {
     /// traffic_policy internal / external
     pub no_local_endpoints: (AtomicU64, AtomicU64),
     pub sync_errors: AtomicU64,
+    /// Source errors (API watch failures).
+    pub source_errors: Arc<AtomicU64>,
     pub node_deleting: AtomicBool,
     health_timeout: Duration,
     healthz: Mutex<BTreeMap<u16, u64>>,
@@ -94,6 +96,7 @@ impl Metrics {
             endpoint_changes: Default::default(),
             no_local_endpoints: Default::default(),
             sync_errors: AtomicU64::new(0),
+            source_errors: Arc::default(),
             node_deleting: AtomicBool::new(false),
             health_timeout: sync_period * 2,
             healthz: Mutex::default(),
@@ -172,6 +175,7 @@ impl Metrics {
             }
         }
         counter(&mut o, "kwp_sync_proxy_rules_errors_total", "Syncs that failed to render or apply some rules", load(&self.sync_errors));
+        counter(&mut o, "kwp_source_errors_total", "Errors reading cluster state (API watch failures)", load(&self.source_errors));
         if let Some(rt) = &self.runtime {
             counter(&mut o, "kwp_plugin_reloads_total", "Plugin versions swapped in", load(&rt.reloads.reloads));
             counter(&mut o, "kwp_plugin_reload_rejections_total", "Plugin versions refused at reload", load(&rt.reloads.rejections));

@@ -19,6 +19,9 @@ pub struct SyncLoop {
     /// Checked plugin versions to swap in (hot reload).
     pub reloads: Option<mpsc::Receiver<crate::plugin::reload::Candidate>>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Kinds whose first listing is complete; nothing is written to the
+    /// dataplane before Services and EndpointSlices both have one.
+    pub synced: Vec<crate::source::Kind>,
 }
 
 impl SyncLoop {
@@ -31,6 +34,7 @@ impl SyncLoop {
             let earliest = last_sync.map_or(now, |t| t + self.min_sync_period);
             let periodic = last_sync.map_or(now, |t| t + self.sync_period);
             let wake = if pending { earliest.min(periodic) } else { periodic };
+            let ready = self.ready();
             let reload = async {
                 match self.reloads.as_mut() {
                     Some(rx) => rx.recv().await,
@@ -49,7 +53,7 @@ impl SyncLoop {
                     }
                     None => return self,
                 },
-                _ = tokio::time::sleep_until(wake), if last_sync.is_some() || pending => {
+                _ = tokio::time::sleep_until(wake), if ready && (last_sync.is_some() || pending) => {
                     let periodic_due = Instant::now() >= periodic && last_sync.is_some();
                     self.sync();
                     if periodic_due {
@@ -62,12 +66,37 @@ impl SyncLoop {
         }
     }
 
-    fn apply(&mut self, event: SourceEvent) {
+    /// Whether Services and EndpointSlices have both been listed once.
+    pub fn ready(&self) -> bool {
+        use crate::source::Kind;
+        self.synced.contains(&Kind::Service) && self.synced.contains(&Kind::EndpointSlice)
+    }
+
+    pub fn apply(&mut self, event: SourceEvent) {
+        use crate::source::{Kind, Object};
+        let node_deleting = |n: &k8s_openapi::api::core::v1::Node| n.metadata.deletion_timestamp.is_some();
         match event {
             SourceEvent::Full { services, slices, node } => {
-                let deleting = node.as_ref().is_some_and(|n| n.metadata.deletion_timestamp.is_some());
-                self.metrics.node_deleting.store(deleting, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.node_deleting.store(node.as_ref().is_some_and(node_deleting), std::sync::atomic::Ordering::Relaxed);
                 self.state.replace_all(&services, &slices, node.as_ref());
+                self.synced = vec![Kind::Service, Kind::EndpointSlice, Kind::Node];
+            }
+            SourceEvent::Apply(Object::Service(s)) => {
+                self.state.upsert_service(&s);
+            }
+            SourceEvent::Apply(Object::Slice(s)) => self.state.upsert_slice(&s),
+            SourceEvent::Apply(Object::Node(n)) => {
+                self.metrics.node_deleting.store(node_deleting(&n), std::sync::atomic::Ordering::Relaxed);
+                self.state.set_node(&n);
+            }
+            SourceEvent::Delete(Kind::Service, key) => self.state.delete_service(&key),
+            SourceEvent::Delete(Kind::EndpointSlice, key) => self.state.delete_slice(&key),
+            SourceEvent::Delete(Kind::Node, _) => {}
+            SourceEvent::Synced(kind) => {
+                if !self.synced.contains(&kind) {
+                    tracing::info!(?kind, "initial listing complete");
+                    self.synced.push(kind);
+                }
             }
         }
         if self.state.pending() > 0 {

@@ -6,6 +6,7 @@
 
 pub mod netns;
 pub mod topology;
+pub mod apiserver;
 
 use std::net::SocketAddr;
 use std::path::Path;

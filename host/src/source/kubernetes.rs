@@ -1,0 +1,99 @@
+//! `--source kubernetes`: watches the API server like upstream kube-proxy:
+//! Services (not those handed to another proxy, not headless), all
+//! EndpointSlices, and this node's Node object. Watch errors, 410 Gone and
+//! API-server restarts are retried with backoff and a relist; meanwhile the
+//! rules in force stay as they are. Objects that vanished while the watch
+//! was down are deleted when the relist completes.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::{Kind, Object, SourceEvent};
+use crate::state::convert::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, object_key};
+
+/// A client from `kubeconfig` if given, else in-cluster or `~/.kube/config`.
+pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.context("loading kubeconfig")?
+        }
+        None => kube::Config::infer().await.context("no kubeconfig given and no in-cluster service account")?,
+    };
+    Client::try_from(config).context("creating the API client")
+}
+
+/// Watches until `tx` closes. `errors` counts watch errors (a metric).
+pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>, errors: Arc<AtomicU64>) {
+    let services = watcher::Config::default().labels(&format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"));
+    let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    tokio::join!(
+        watch(Api::<Service>::all(client.clone()), services, Kind::Service, Object::Service, tx.clone(), errors.clone()),
+        watch(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), Kind::EndpointSlice, Object::Slice, tx.clone(), errors.clone()),
+        watch(Api::<Node>::all(client), node, Kind::Node, Object::Node, tx, errors),
+    );
+}
+
+async fn watch<K>(api: Api<K>, config: watcher::Config, kind: Kind, wrap: fn(K) -> Object, tx: mpsc::Sender<SourceEvent>, errors: Arc<AtomicU64>)
+where
+    K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+{
+    let mut known: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut listing: Option<BTreeSet<(String, String)>> = None;
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    while let Some(event) = stream.next().await {
+        let out = match event {
+            Ok(Event::Apply(obj)) => {
+                known.insert(object_key(obj.meta()));
+                vec![SourceEvent::Apply(wrap(obj))]
+            }
+            Ok(Event::Delete(obj)) => {
+                let key = object_key(obj.meta());
+                known.remove(&key);
+                vec![SourceEvent::Delete(kind, key)]
+            }
+            Ok(Event::Init) => {
+                listing = Some(BTreeSet::new());
+                Vec::new()
+            }
+            Ok(Event::InitApply(obj)) => {
+                let key = object_key(obj.meta());
+                listing.get_or_insert_with(BTreeSet::new).insert(key.clone());
+                known.insert(key);
+                vec![SourceEvent::Apply(wrap(obj))]
+            }
+            Ok(Event::InitDone) => {
+                // The relist is the whole truth: anything else is gone.
+                let listed = listing.take().unwrap_or_default();
+                let gone: Vec<_> = known.difference(&listed).cloned().collect();
+                known = listed;
+                let mut out: Vec<SourceEvent> = gone.into_iter().map(|k| SourceEvent::Delete(kind, k)).collect();
+                out.push(SourceEvent::Synced(kind));
+                out
+            }
+            Err(e) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(?kind, error = %e, "watch failed; retrying with backoff, rules stay in force");
+                Vec::new()
+            }
+        };
+        for event in out {
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
