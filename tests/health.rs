@@ -9,24 +9,40 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// (status code, body) of GET `path`.
 async fn get(port: u16, path: &str) -> (u16, String) {
-    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     conn.read_to_string(&mut out).await.unwrap();
-    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
 async fn eventually_status(port: u16, path: &str, want: u16) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok((code, body)) = tokio::time::timeout(Duration::from_secs(1), get(port, path)).await
+        if let Ok((code, body)) =
+            tokio::time::timeout(Duration::from_secs(1), get(port, path)).await
             && code == want
         {
             return body;
@@ -44,21 +60,42 @@ async fn health_and_metrics_follow_upstream() {
         "labels: {kubernetes.io/service-name: web}",
         "labels: {kubernetes.io/service-name: web}\n  annotations: {endpoints.kubernetes.io/last-change-trigger-time: '2026-01-01T00:00:00Z'}",
     );
-    write(dir.path(), "web.yaml", &(service("web", "10.96.0.1", "TCP", "") + &slice));
+    write(
+        dir.path(),
+        "web.yaml",
+        &(service("web", "10.96.0.1", "TCP", "") + &slice),
+    );
     let (hz, mp) = (free_port(), free_port());
     let (hz_addr, mp_addr) = (format!("127.0.0.1:{hz}"), format!("127.0.0.1:{mp}"));
     let mapping = start_proxy(
         dir.path(),
-        &["--healthz-bind-address", &hz_addr, "--metrics-bind-address", &mp_addr, "--sync-period", "300ms", "--min-sync-period", "50ms"],
+        &[
+            "--healthz-bind-address",
+            &hz_addr,
+            "--metrics-bind-address",
+            &mp_addr,
+            "--sync-period",
+            "300ms",
+            "--min-sync-period",
+            "50ms",
+        ],
     )
     .await;
     listener(&mapping, "web").await;
 
     let body = eventually_status(hz, "/healthz", 200).await;
-    assert!(body.contains("\"lastUpdated\"") && body.contains("\"nodeEligible\": true"), "{body}");
+    assert!(
+        body.contains("\"lastUpdated\"") && body.contains("\"nodeEligible\": true"),
+        "{body}"
+    );
     assert_eq!(get(hz, "/livez").await.0, 200);
     assert_eq!(get(mp, "/proxyMode").await, (200, "userspace".to_string()));
-    assert!(get(mp, "/configz").await.1.contains("\"mode\":\"userspace\""));
+    assert!(
+        get(mp, "/configz")
+            .await
+            .1
+            .contains("\"mode\":\"userspace\"")
+    );
     let metrics = get(mp, "/metrics").await.1;
     for name in [
         "kubeproxy_sync_proxy_rules_duration_seconds_count",
@@ -77,7 +114,11 @@ async fn health_and_metrics_follow_upstream() {
 
     // A change that cannot be programmed (userspace mode has no SCTP) makes
     // the proxy unhealthy after 2 x syncPeriod...
-    write(dir.path(), "sctp.yaml", &(service("sig", "10.96.0.2", "SCTP", "") + &slices("sig", "SCTP", &[backend])));
+    write(
+        dir.path(),
+        "sctp.yaml",
+        &(service("sig", "10.96.0.2", "SCTP", "") + &slices("sig", "SCTP", &[backend])),
+    );
     eventually_status(hz, "/healthz", 503).await;
     assert_eq!(get(hz, "/livez").await.0, 503);
     // ...and healthy again once it is gone.
@@ -94,5 +135,8 @@ async fn health_and_metrics_follow_upstream() {
     assert!(body.contains("\"nodeEligible\": false"), "{body}");
     assert_eq!(get(hz, "/livez").await.0, 200);
     let metrics = get(mp, "/metrics").await.1;
-    assert!(metrics.contains("kubeproxy_proxy_healthz_total{code=\"503\"}"), "{metrics}");
+    assert!(
+        metrics.contains("kubeproxy_proxy_healthz_total{code=\"503\"}"),
+        "{metrics}"
+    );
 }

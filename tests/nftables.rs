@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::topology::{CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, POD_PORT, tcp_from, udp_from};
+use common::topology::{
+    CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, POD_PORT, tcp_from, udp_from,
+};
 use common::write;
 
 struct Proxy {
@@ -40,7 +42,13 @@ fn start_with(cluster: &Cluster, objects: &str, config_text: &str, node_yaml: &s
     start_full(cluster, objects, config_text, node_yaml, &[])
 }
 
-fn start_full(cluster: &Cluster, objects: &str, config_text: &str, node_yaml: &str, extra: &[&str]) -> Proxy {
+fn start_full(
+    cluster: &Cluster,
+    objects: &str,
+    config_text: &str,
+    node_yaml: &str,
+    extra: &[&str],
+) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     write(&path, "node.yaml", node_yaml);
@@ -52,26 +60,54 @@ fn start_full(cluster: &Cluster, objects: &str, config_text: &str, node_yaml: &s
     std::fs::rename(path.join("node.yaml"), path.join("objects/node.yaml")).unwrap();
     std::fs::rename(path.join("objects.yaml"), path.join("objects/objects.yaml")).unwrap();
     let mut args = vec![
-        "--proxy-mode", "nftables", "--source", &source, "--config", config.to_str().unwrap(),
-        "--hostname-override", "node-1", "--min-sync-period", "50ms", "--sync-period", "2s",
-        "--healthz-bind-address", "", "--metrics-bind-address", "",
+        "--proxy-mode",
+        "nftables",
+        "--source",
+        &source,
+        "--config",
+        config.to_str().unwrap(),
+        "--hostname-override",
+        "node-1",
+        "--min-sync-period",
+        "50ms",
+        "--sync-period",
+        "2s",
+        "--healthz-bind-address",
+        "",
+        "--metrics-bind-address",
+        "",
     ];
     args.extend_from_slice(extra);
-    let mut child = cluster.node.spawn(env!("CARGO_BIN_EXE_kube-wasm-proxy"), &args);
+    let mut child = cluster
+        .node
+        .spawn(env!("CARGO_BIN_EXE_kube-wasm-proxy"), &args);
     let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     if let Some(stderr) = child.stderr.take() {
         let logs = logs.clone();
         std::thread::spawn(move || {
             use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let mut l = logs.lock().unwrap();
                 l.push_str(&line);
                 l.push('\n');
             }
         });
     }
-    let proxy = Proxy { child, _dir: dir, dir: path.join("objects"), logs };
-    eventually("the proxy's table", || cluster.node.sh("nft list tables").contains("kube-wasm-proxy"));
+    let proxy = Proxy {
+        child,
+        _dir: dir,
+        dir: path.join("objects"),
+        logs,
+    };
+    eventually("the proxy's table", || {
+        cluster
+            .node
+            .sh("nft list tables")
+            .contains("kube-wasm-proxy")
+    });
     proxy
 }
 
@@ -88,7 +124,14 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 }
 
 /// A Service, its EndpointSlice over the named pods, one port 80 -> 8080.
-fn service(cluster: &Cluster, name: &str, ip: &str, spec: &str, pods: &[&str], proto: &str) -> String {
+fn service(
+    cluster: &Cluster,
+    name: &str,
+    ip: &str,
+    spec: &str,
+    pods: &[&str],
+    proto: &str,
+) -> String {
     let mut y = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {ip}\n{spec}  ports: [{{name: p, port: 80, protocol: {proto}, targetPort: {POD_PORT}{np}}}]\n",
         np = spec_node_port(spec),
@@ -99,14 +142,20 @@ fn service(cluster: &Cluster, name: &str, ip: &str, spec: &str, pods: &[&str], p
     for pod in pods {
         let p = cluster.pod(pod);
         let node = if p.local { "node-1" } else { "node-2" };
-        y.push_str(&format!("- {{addresses: ['{}'], nodeName: {node}, conditions: {{ready: true}}}}\n", p.ip));
+        y.push_str(&format!(
+            "- {{addresses: ['{}'], nodeName: {node}, conditions: {{ready: true}}}}\n",
+            p.ip
+        ));
     }
     y + "---\n"
 }
 
 /// `# nodePort: N` in a spec becomes the port's nodePort.
 fn spec_node_port(spec: &str) -> String {
-    spec.lines().find_map(|l| l.trim().strip_prefix("# nodePort: ")).map(|n| format!(", nodePort: {n}")).unwrap_or_default()
+    spec.lines()
+        .find_map(|l| l.trim().strip_prefix("# nodePort: "))
+        .map(|n| format!(", nodePort: {n}"))
+        .unwrap_or_default()
 }
 
 fn answered_by(outcomes: &[Outcome]) -> BTreeSet<String> {
@@ -126,12 +175,27 @@ fn many(n: usize, f: impl Fn() -> Outcome) -> Vec<Outcome> {
 #[test]
 fn cluster_ip_spreads_over_local_and_remote_pods_without_masquerade() {
     let c = Cluster::new("cip");
-    let _p = start(&c, &service(&c, "web", "10.96.0.10", "", &["pod-a", "pod-b", "pod-c", "pod-d"], "TCP"));
+    let _p = start(
+        &c,
+        &service(
+            &c,
+            "web",
+            "10.96.0.10",
+            "",
+            &["pod-a", "pod-b", "pod-c", "pod-d"],
+            "TCP",
+        ),
+    );
     let from = &c.pod("pod-b").ns;
     let outcomes = many(40, || tcp_from(from, addr("10.96.0.10", 80)));
-    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a", "pod-b", "pod-c", "pod-d"].map(String::from)));
+    assert_eq!(
+        answered_by(&outcomes),
+        BTreeSet::from(["pod-a", "pod-b", "pod-c", "pod-d"].map(String::from))
+    );
     for o in &outcomes {
-        let Outcome::Answered(pod, src) = o else { unreachable!() };
+        let Outcome::Answered(pod, src) = o else {
+            unreachable!()
+        };
         if pod == "pod-b" {
             assert_eq!(src, "10.244.1.1", "hairpin to itself must be masqueraded");
         } else {
@@ -140,18 +204,31 @@ fn cluster_ip_spreads_over_local_and_remote_pods_without_masquerade() {
     }
     // From outside the cluster CIDR: masqueraded.
     let outside = many(8, || tcp_from(&c.client, addr("10.96.0.10", 80)));
-    assert!(outside.iter().all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP)), "{outside:?}");
+    assert!(
+        outside
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP)),
+        "{outside:?}"
+    );
 }
 
 #[test]
 fn node_port_from_outside_is_masqueraded() {
     let c = Cluster::new("np");
     let spec = "  type: NodePort\n  # nodePort: 30080\n";
-    let _p = start(&c, &service(&c, "web", "10.96.0.11", spec, &["pod-a", "pod-c"], "TCP"));
+    let _p = start(
+        &c,
+        &service(&c, "web", "10.96.0.11", spec, &["pod-a", "pod-c"], "TCP"),
+    );
     let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30080)));
-    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+    assert_eq!(
+        answered_by(&outcomes),
+        BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()])
+    );
     for o in &outcomes {
-        let Outcome::Answered(_, src) = o else { unreachable!() };
+        let Outcome::Answered(_, src) = o else {
+            unreachable!()
+        };
         assert_ne!(src, CLIENT_IP, "externalTrafficPolicy Cluster masquerades");
     }
 }
@@ -160,30 +237,91 @@ fn node_port_from_outside_is_masqueraded() {
 fn external_traffic_policy_local_keeps_the_client_ip_and_local_pods() {
     let c = Cluster::new("etp");
     let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n  # nodePort: 30081\n";
-    let _p = start(&c, &service(&c, "web", "10.96.0.12", spec, &["pod-a", "pod-b", "pod-c"], "TCP"));
+    let _p = start(
+        &c,
+        &service(
+            &c,
+            "web",
+            "10.96.0.12",
+            spec,
+            &["pod-a", "pod-b", "pod-c"],
+            "TCP",
+        ),
+    );
     let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30081)));
-    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string(), "pod-b".to_string()]));
-    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Answered(_, src) if src == CLIENT_IP)), "{outcomes:?}");
+    assert_eq!(
+        answered_by(&outcomes),
+        BTreeSet::from(["pod-a".to_string(), "pod-b".to_string()])
+    );
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src == CLIENT_IP)),
+        "{outcomes:?}"
+    );
 }
 
 #[test]
 fn no_endpoints_rejects_and_no_local_endpoints_drops() {
     let c = Cluster::new("rej");
-    let none = service(&c, "empty", "10.96.0.13", "  type: NodePort\n  # nodePort: 30082\n", &[], "TCP");
-    let remote_only = service(&c, "far", "10.96.0.14", "  type: NodePort\n  externalTrafficPolicy: Local\n  # nodePort: 30083\n", &["pod-c"], "TCP");
+    let none = service(
+        &c,
+        "empty",
+        "10.96.0.13",
+        "  type: NodePort\n  # nodePort: 30082\n",
+        &[],
+        "TCP",
+    );
+    let remote_only = service(
+        &c,
+        "far",
+        "10.96.0.14",
+        "  type: NodePort\n  externalTrafficPolicy: Local\n  # nodePort: 30083\n",
+        &["pod-c"],
+        "TCP",
+    );
     let _p = start(&c, &(none + &remote_only));
-    eventually("rules for both services", || c.node.sh("nft list table ip kube-wasm-proxy").contains("30083"));
-    assert_eq!(tcp_from(&c.pod("pod-a").ns, addr("10.96.0.13", 80)), Outcome::Refused, "cluster IP without endpoints");
-    assert_eq!(tcp_from(&c.client, addr(NODE_IP, 30082)), Outcome::Refused, "node port without endpoints");
-    assert_eq!(tcp_from(&c.client, addr(NODE_IP, 30083)), Outcome::TimedOut, "Local policy, no local endpoint: drop");
-    assert!(matches!(tcp_from(&c.pod("pod-a").ns, addr("10.96.0.14", 80)), Outcome::Answered(p, _) if p == "pod-c"), "internal traffic still served");
+    eventually("rules for both services", || {
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("30083")
+    });
+    assert_eq!(
+        tcp_from(&c.pod("pod-a").ns, addr("10.96.0.13", 80)),
+        Outcome::Refused,
+        "cluster IP without endpoints"
+    );
+    assert_eq!(
+        tcp_from(&c.client, addr(NODE_IP, 30082)),
+        Outcome::Refused,
+        "node port without endpoints"
+    );
+    assert_eq!(
+        tcp_from(&c.client, addr(NODE_IP, 30083)),
+        Outcome::TimedOut,
+        "Local policy, no local endpoint: drop"
+    );
+    assert!(
+        matches!(tcp_from(&c.pod("pod-a").ns, addr("10.96.0.14", 80)), Outcome::Answered(p, _) if p == "pod-c"),
+        "internal traffic still served"
+    );
 }
 
 #[test]
 fn client_ip_affinity_sticks_to_one_pod() {
     let c = Cluster::new("aff");
     let spec = "  type: NodePort\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  # nodePort: 30084\n";
-    let _p = start(&c, &service(&c, "web", "10.96.0.15", spec, &["pod-a", "pod-b", "pod-c", "pod-d"], "TCP"));
+    let _p = start(
+        &c,
+        &service(
+            &c,
+            "web",
+            "10.96.0.15",
+            spec,
+            &["pod-a", "pod-b", "pod-c", "pod-d"],
+            "TCP",
+        ),
+    );
     let outcomes = many(12, || tcp_from(&c.client, addr(NODE_IP, 30084)));
     assert_eq!(answered_by(&outcomes).len(), 1, "{outcomes:?}");
     let outcomes = many(12, || tcp_from(&c.pod("pod-a").ns, addr("10.96.0.15", 80)));
@@ -193,10 +331,20 @@ fn client_ip_affinity_sticks_to_one_pod() {
 #[test]
 fn udp_cluster_ip_works() {
     let c = Cluster::new("udp");
-    let _p = start(&c, &service(&c, "dns", "10.96.0.53", "", &["pod-a", "pod-c"], "UDP"));
-    eventually("udp rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.53 . udp"));
+    let _p = start(
+        &c,
+        &service(&c, "dns", "10.96.0.53", "", &["pod-a", "pod-c"], "UDP"),
+    );
+    eventually("udp rules", || {
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.96.0.53 . udp")
+    });
     let outcomes = many(20, || udp_from(&c.pod("pod-b").ns, addr("10.96.0.53", 80)));
-    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+    assert_eq!(
+        answered_by(&outcomes),
+        BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()])
+    );
 }
 
 #[test]
@@ -204,25 +352,60 @@ fn endpoint_changes_apply_incrementally_and_other_tables_are_untouched() {
     let c = Cluster::new("inc");
     c.node.sh("nft add table inet bystander && nft add chain inet bystander input '{ type filter hook input priority 0; }' && nft add rule inet bystander input tcp dport 9 accept");
     let before = c.node.sh("nft list table inet bystander");
-    let p = start(&c, &service(&c, "web", "10.96.0.16", "", &["pod-a", "pod-c", "pod-d"], "TCP"));
+    let p = start(
+        &c,
+        &service(
+            &c,
+            "web",
+            "10.96.0.16",
+            "",
+            &["pod-a", "pod-c", "pod-d"],
+            "TCP",
+        ),
+    );
     let from = &c.pod("pod-b").ns;
     assert!(answered_by(&many(30, || tcp_from(from, addr("10.96.0.16", 80)))).contains("pod-d"));
 
-    write(&p.dir, "objects.yaml", &service(&c, "web", "10.96.0.16", "", &["pod-a", "pod-c"], "TCP"));
-    eventually("pod-d removed", || !c.node.sh("nft list table ip kube-wasm-proxy").contains("10.244.2.12"));
-    assert_eq!(answered_by(&many(20, || tcp_from(from, addr("10.96.0.16", 80)))), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
-    assert_eq!(c.node.sh("nft list table inet bystander"), before, "another program's table changed");
+    write(
+        &p.dir,
+        "objects.yaml",
+        &service(&c, "web", "10.96.0.16", "", &["pod-a", "pod-c"], "TCP"),
+    );
+    eventually("pod-d removed", || {
+        !c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.244.2.12")
+    });
+    assert_eq!(
+        answered_by(&many(20, || tcp_from(from, addr("10.96.0.16", 80)))),
+        BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()])
+    );
+    assert_eq!(
+        c.node.sh("nft list table inet bystander"),
+        before,
+        "another program's table changed"
+    );
 }
 
 #[test]
 fn a_deleted_table_is_repaired_within_sync_period() {
     let c = Cluster::new("rep");
     let _p = start(&c, &service(&c, "web", "10.96.0.17", "", &["pod-a"], "TCP"));
-    assert!(matches!(tcp_from(&c.pod("pod-b").ns, addr("10.96.0.17", 80)), Outcome::Answered(..)));
+    assert!(matches!(
+        tcp_from(&c.pod("pod-b").ns, addr("10.96.0.17", 80)),
+        Outcome::Answered(..)
+    ));
     c.node.sh("nft delete table ip kube-wasm-proxy");
     // --sync-period 2s in `start`.
-    eventually("the table to come back", || c.node.sh("nft list tables").contains("kube-wasm-proxy"));
-    eventually("traffic to flow again", || matches!(tcp_from(&c.pod("pod-b").ns, addr("10.96.0.17", 80)), Outcome::Answered(..)));
+    eventually("the table to come back", || {
+        c.node.sh("nft list tables").contains("kube-wasm-proxy")
+    });
+    eventually("traffic to flow again", || {
+        matches!(
+            tcp_from(&c.pod("pod-b").ns, addr("10.96.0.17", 80)),
+            Outcome::Answered(..)
+        )
+    });
 }
 
 #[test]
@@ -230,18 +413,31 @@ fn a_restart_adopts_the_table_without_dropping_a_connection() {
     let c = Cluster::new("rst");
     let objects = service(&c, "web", "10.96.0.18", "", &["pod-a", "pod-c"], "TCP");
     let first = start(&c, &objects);
-    assert!(matches!(tcp_from(&c.pod("pod-b").ns, addr("10.96.0.18", 80)), Outcome::Answered(..)));
+    assert!(matches!(
+        tcp_from(&c.pod("pod-b").ns, addr("10.96.0.18", 80)),
+        Outcome::Answered(..)
+    ));
 
     // A client hammering the Service while the proxy is killed and replaced.
-    let client = common::topology::ContinuousClient::start(&c.pod("pod-b").ns, addr("10.96.0.18", 80));
+    let client =
+        common::topology::ContinuousClient::start(&c.pod("pod-b").ns, addr("10.96.0.18", 80));
     std::thread::sleep(Duration::from_millis(300));
     drop(first); // SIGKILL: the table stays behind
     let second = start(&c, &objects);
     std::thread::sleep(Duration::from_millis(1500)); // its first (full) sync has run
     let (ok, failed) = client.stop();
-    assert!(failed.is_empty(), "{} failed of {}: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
     assert!(ok > 20, "only {ok} connections");
-    assert!(c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.18 . tcp . 80"));
+    assert!(
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.96.0.18 . tcp . 80")
+    );
     drop(second);
 }
 
@@ -253,37 +449,86 @@ fn external_and_load_balancer_ips_with_source_ranges() {
     let spec = "  type: LoadBalancer\n  externalIPs: [198.51.100.7]\n  loadBalancerSourceRanges: [203.0.113.0/30]\n  # nodePort: 30085\n";
     let mut objects = service(&c, "lb", "10.96.0.19", spec, &["pod-a"], "TCP");
     objects = objects.replacen("---\n", "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.8}, {ip: 198.51.100.9, ipMode: Proxy}]\n---\n", 1);
-    let spec2 = "  type: LoadBalancer\n  loadBalancerSourceRanges: [192.0.2.0/24]\n  # nodePort: 30086\n";
+    let spec2 =
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [192.0.2.0/24]\n  # nodePort: 30086\n";
     let mut other = service(&c, "closed", "10.96.0.20", spec2, &["pod-a"], "TCP");
-    other = other.replacen("---\n", "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.10}]\n---\n", 1);
+    other = other.replacen(
+        "---\n",
+        "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.10}]\n---\n",
+        1,
+    );
     let p = start(&c, &(objects + &other));
-    eventually("rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("198.51.100.10"));
+    eventually("rules", || {
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("198.51.100.10")
+    });
     let _ = &p;
-    assert!(matches!(tcp_from(&c.client, addr("198.51.100.7", 80)), Outcome::Answered(p, _) if p == "pod-a"), "external IP");
-    assert!(matches!(tcp_from(&c.client, addr("198.51.100.8", 80)), Outcome::Answered(p, _) if p == "pod-a"), "LB IP from an allowed source");
-    assert_eq!(tcp_from(&c.client, addr("198.51.100.10", 80)), Outcome::TimedOut, "LB IP from a source outside loadBalancerSourceRanges");
-    assert!(matches!(tcp_from(&c.client, addr(NODE_IP, 30086)), Outcome::Answered(..)), "source ranges apply to LB IPs only, not node ports");
+    assert!(
+        matches!(tcp_from(&c.client, addr("198.51.100.7", 80)), Outcome::Answered(p, _) if p == "pod-a"),
+        "external IP"
+    );
+    assert!(
+        matches!(tcp_from(&c.client, addr("198.51.100.8", 80)), Outcome::Answered(p, _) if p == "pod-a"),
+        "LB IP from an allowed source"
+    );
+    assert_eq!(
+        tcp_from(&c.client, addr("198.51.100.10", 80)),
+        Outcome::TimedOut,
+        "LB IP from a source outside loadBalancerSourceRanges"
+    );
+    assert!(
+        matches!(
+            tcp_from(&c.client, addr(NODE_IP, 30086)),
+            Outcome::Answered(..)
+        ),
+        "source ranges apply to LB IPs only, not node ports"
+    );
     let table = c.node.sh("nft list table ip kube-wasm-proxy");
-    assert!(!table.contains("198.51.100.9"), "ipMode Proxy ingress must not be captured:\n{table}");
+    assert!(
+        !table.contains("198.51.100.9"),
+        "ipMode Proxy ingress must not be captured:\n{table}"
+    );
 }
 
 #[test]
 fn internal_traffic_policy_local_and_traffic_from_the_node() {
     let c = Cluster::new("itp");
     let spec = "  internalTrafficPolicy: Local\n";
-    let _p = start(&c, &service(&c, "web", "10.96.0.21", spec, &["pod-a", "pod-c", "pod-d"], "TCP"));
+    let _p = start(
+        &c,
+        &service(
+            &c,
+            "web",
+            "10.96.0.21",
+            spec,
+            &["pod-a", "pod-c", "pod-d"],
+            "TCP",
+        ),
+    );
     let outcomes = many(15, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.21", 80)));
-    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string()]), "only the local endpoint");
+    assert_eq!(
+        answered_by(&outcomes),
+        BTreeSet::from(["pod-a".to_string()]),
+        "only the local endpoint"
+    );
     // From the node itself (OUTPUT hook); off-cluster source, so masqueraded.
     let outcomes = many(5, || tcp_from(&c.node, addr("10.96.0.21", 80)));
-    assert_eq!(answered_by(&outcomes), BTreeSet::from(["pod-a".to_string()]));
+    assert_eq!(
+        answered_by(&outcomes),
+        BTreeSet::from(["pod-a".to_string()])
+    );
 }
 
 #[test]
 fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
     let c = Cluster::new("dry");
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "svc.yaml", &service(&c, "web", "10.96.0.22", "", &["pod-a"], "TCP"));
+    write(
+        dir.path(),
+        "svc.yaml",
+        &service(&c, "web", "10.96.0.22", "", &["pod-a"], "TCP"),
+    );
     write(dir.path(), "node.yaml", &Cluster::node_yaml());
     let source = format!("file:{}", dir.path().display());
     let config = dir.path().join("config.conf").display().to_string();
@@ -291,25 +536,57 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
     let dry_run = || {
         let out = c.node.spawn(
             env!("CARGO_BIN_EXE_kube-wasm-proxy"),
-            &["--proxy-mode", "nftables", "--dry-run", "--source", &source, "--hostname-override", "node-1", "--config", &config],
+            &[
+                "--proxy-mode",
+                "nftables",
+                "--dry-run",
+                "--source",
+                &source,
+                "--hostname-override",
+                "node-1",
+                "--config",
+                &config,
+            ],
         );
         let out = out.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let first = dry_run();
-    assert!(first.contains("+   10.96.0.22 . tcp . 80 : goto class-1"), "{first}");
-    assert!(!c.node.sh("nft list tables").contains("kube-wasm-proxy"), "a dry run must not touch the kernel");
+    assert!(
+        first.contains("+   10.96.0.22 . tcp . 80 : goto class-1"),
+        "{first}"
+    );
+    assert!(
+        !c.node.sh("nft list tables").contains("kube-wasm-proxy"),
+        "a dry run must not touch the kernel"
+    );
 
     let p = start(&c, &service(&c, "web", "10.96.0.22", "", &["pod-a"], "TCP"));
-    eventually("rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.22"));
+    eventually("rules", || {
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.96.0.22")
+    });
     drop(p);
-    assert!(dry_run().contains("# no changes"), "same plan as the kernel");
+    assert!(
+        dry_run().contains("# no changes"),
+        "same plan as the kernel"
+    );
 
-    write(dir.path(), "svc.yaml", &service(&c, "web", "10.96.0.22", "", &["pod-c"], "TCP"));
+    write(
+        dir.path(),
+        "svc.yaml",
+        &service(&c, "web", "10.96.0.22", "", &["pod-c"], "TCP"),
+    );
     let diff = dry_run();
     assert!(
-        diff.contains("+   10.96.0.22 . tcp . 80 . 0 : 10.244.2.11 . 8080") && diff.contains("-   10.96.0.22 . tcp . 80 . 0 : 10.244.1.11 . 8080"),
+        diff.contains("+   10.96.0.22 . tcp . 80 . 0 : 10.244.2.11 . 8080")
+            && diff.contains("-   10.96.0.22 . tcp . 80 . 0 : 10.244.1.11 . 8080"),
         "{diff}"
     );
 }
@@ -317,7 +594,9 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
 #[test]
 fn maglev_in_the_kernel_keeps_clients_and_moves_few_when_a_pod_goes() {
     let c = Cluster::new("mag");
-    let clients: Vec<std::net::IpAddr> = (10..70).map(|i| format!("203.0.113.{i}").parse().unwrap()).collect();
+    let clients: Vec<std::net::IpAddr> = (10..70)
+        .map(|i| format!("203.0.113.{i}").parse().unwrap())
+        .collect();
     for ip in &clients {
         c.client.sh(&format!("ip addr add {ip}/24 dev eth0"));
     }
@@ -326,8 +605,16 @@ fn maglev_in_the_kernel_keeps_clients_and_moves_few_when_a_pod_goes() {
             .replacen("metadata: {name: web, namespace: t}", "metadata: {name: web, namespace: t, annotations: {kube-wasm-proxy.io/lb-policy: maglev}}", 1)
     };
     let p = start(&c, &annotated(&["pod-a", "pod-b", "pod-c", "pod-d"]));
-    eventually("maglev rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("jhash ip saddr mod 251"));
-    let who = |src: std::net::IpAddr| match common::topology::tcp_from_source(&c.client, src, addr(NODE_IP, 30087)) {
+    eventually("maglev rules", || {
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("jhash ip saddr mod 251")
+    });
+    let who = |src: std::net::IpAddr| match common::topology::tcp_from_source(
+        &c.client,
+        src,
+        addr(NODE_IP, 30087),
+    ) {
         Outcome::Answered(pod, _) => pod,
         other => panic!("{src}: {other:?}"),
     };
@@ -338,14 +625,26 @@ fn maglev_in_the_kernel_keeps_clients_and_moves_few_when_a_pod_goes() {
     let used: BTreeSet<&String> = before.iter().collect();
     assert!(used.len() >= 3, "hash spreads clients: {used:?}");
 
-    write(&p.dir, "objects.yaml", &annotated(&["pod-a", "pod-b", "pod-c"]));
-    eventually("pod-d gone", || !c.node.sh("nft list table ip kube-wasm-proxy").contains("10.244.2.12"));
+    write(
+        &p.dir,
+        "objects.yaml",
+        &annotated(&["pod-a", "pod-b", "pod-c"]),
+    );
+    eventually("pod-d gone", || {
+        !c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.244.2.12")
+    });
     let after: Vec<String> = clients.iter().map(|ip| who(*ip)).collect();
     assert!(!after.contains(&"pod-d".to_string()));
-    let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / clients.len() as f64;
+    let moved =
+        before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / clients.len() as f64;
     let had_d = before.iter().filter(|p| *p == "pod-d").count() as f64 / clients.len() as f64;
     // Those on pod-d must move; Maglev moves few others (about 1/N in all).
-    assert!(moved <= had_d + 0.12, "moved {moved:.2} of clients, {had_d:.2} were on the removed pod");
+    assert!(
+        moved <= had_d + 0.12,
+        "moved {moved:.2} of clients, {had_d:.2} were on the removed pod"
+    );
 }
 
 #[test]
@@ -354,14 +653,33 @@ fn sctp_services_are_programmed() {
     // rules the kernel accepted.
     let c = Cluster::new("sctp");
     let spec = "  type: NodePort\n  # nodePort: 30088\n";
-    let _p = start(&c, &service(&c, "sig", "10.96.0.24", spec, &["pod-a"], "SCTP"));
-    eventually("sctp rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.24 . sctp . 80"));
+    let _p = start(
+        &c,
+        &service(&c, "sig", "10.96.0.24", spec, &["pod-a"], "SCTP"),
+    );
+    eventually("sctp rules", || {
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.96.0.24 . sctp . 80")
+    });
     let table = c.node.sh("nft list table ip kube-wasm-proxy");
-    assert!(table.contains("10.96.0.24 . sctp . 80 : goto class-1"), "{table}");
-    assert!(table.contains("10.96.0.24 . sctp . 80 . 0 : 10.244.1.11 . 8080"), "{table}");
+    assert!(
+        table.contains("10.96.0.24 . sctp . 80 : goto class-1"),
+        "{table}"
+    );
+    assert!(
+        table.contains("10.96.0.24 . sctp . 80 . 0 : 10.244.1.11 . 8080"),
+        "{table}"
+    );
     assert!(table.contains("sctp . 30088 : goto np-class-1"), "{table}");
-    assert!(table.contains("sctp . 30088 . 0 : 10.244.1.11 . 8080"), "{table}");
-    assert!(table.contains("meta l4proto { tcp, udp, sctp } dnat ip to"), "{table}");
+    assert!(
+        table.contains("sctp . 30088 . 0 : 10.244.1.11 . 8080"),
+        "{table}"
+    );
+    assert!(
+        table.contains("meta l4proto { tcp, udp, sctp } dnat ip to"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -369,12 +687,25 @@ fn health_check_node_ports_report_local_endpoints() {
     let c = Cluster::new("hc");
     let local = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n  # nodePort: 30089\n";
     let remote = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32002\n  # nodePort: 30090\n";
-    let _p = start(&c, &(service(&c, "here", "10.96.0.25", local, &["pod-a", "pod-b", "pod-c"], "TCP") + &service(&c, "away", "10.96.0.26", remote, &["pod-c"], "TCP")));
+    let _p = start(
+        &c,
+        &(service(
+            &c,
+            "here",
+            "10.96.0.25",
+            local,
+            &["pod-a", "pod-b", "pod-c"],
+            "TCP",
+        ) + &service(&c, "away", "10.96.0.26", remote, &["pod-c"], "TCP")),
+    );
     let get = |port: u16| {
         c.client.run_in(move || {
-            let mut conn = std::net::TcpStream::connect_timeout(&addr(NODE_IP, port), Duration::from_secs(1)).map_err(|e| e.to_string())?;
+            let mut conn =
+                std::net::TcpStream::connect_timeout(&addr(NODE_IP, port), Duration::from_secs(1))
+                    .map_err(|e| e.to_string())?;
             use std::io::{Read, Write};
-            conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+            conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .map_err(|e| e.to_string())?;
             let mut out = String::new();
             conn.read_to_string(&mut out).map_err(|e| e.to_string())?;
             Ok::<String, String>(out)
@@ -387,27 +718,46 @@ fn health_check_node_ports_report_local_endpoints() {
     });
     let here = here.unwrap();
     assert!(here.starts_with("HTTP/1.1 200"), "{here}");
-    assert!(here.contains(r#""localEndpoints":2"#) && here.contains(r#""serviceProxyHealthy":true"#), "{here}");
-    assert!(here.contains(r#""service":{"namespace":"t","name":"here"}"#), "{here}");
+    assert!(
+        here.contains(r#""localEndpoints":2"#) && here.contains(r#""serviceProxyHealthy":true"#),
+        "{here}"
+    );
+    assert!(
+        here.contains(r#""service":{"namespace":"t","name":"here"}"#),
+        "{here}"
+    );
     let away = get(32002).unwrap();
-    assert!(away.starts_with("HTTP/1.1 503") && away.contains(r#""localEndpoints":0"#), "{away}");
+    assert!(
+        away.starts_with("HTTP/1.1 503") && away.contains(r#""localEndpoints":0"#),
+        "{away}"
+    );
 }
 
 #[test]
 fn stale_udp_conntrack_entries_are_flushed_when_an_endpoint_goes() {
     let c = Cluster::new("ct");
     let p = start(&c, &service(&c, "dns", "10.96.0.27", "", &["pod-c"], "UDP"));
-    eventually("udp rules", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.27 . udp"));
+    eventually("udp rules", || {
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.96.0.27 . udp")
+    });
     // One long-lived flow: the same socket (5-tuple) throughout.
     let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<String>>();
     c.pod("pod-b").ns.background(move || {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         while let Ok(reply_to) = rx.recv() {
             let _ = socket.send_to(b"who", addr("10.96.0.27", 80));
             let mut buf = [0u8; 128];
             let answer = match socket.recv_from(&mut buf) {
-                Ok((n, _)) => String::from_utf8_lossy(&buf[..n]).split(' ').next().unwrap_or_default().to_string(),
+                Ok((n, _)) => String::from_utf8_lossy(&buf[..n])
+                    .split(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
                 Err(_) => "timeout".into(),
             };
             let _ = reply_to.send(answer);
@@ -421,8 +771,16 @@ fn stale_udp_conntrack_entries_are_flushed_when_an_endpoint_goes() {
     assert_eq!(ask(), "pod-c");
     // pod-c leaves the Service but keeps running: only a stale conntrack
     // entry could still send the flow there.
-    write(&p.dir, "objects.yaml", &service(&c, "dns", "10.96.0.27", "", &["pod-a"], "UDP"));
-    eventually("pod-c removed", || !c.node.sh("nft list table ip kube-wasm-proxy").contains("10.244.2.11"));
+    write(
+        &p.dir,
+        "objects.yaml",
+        &service(&c, "dns", "10.96.0.27", "", &["pod-a"], "UDP"),
+    );
+    eventually("pod-c removed", || {
+        !c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.244.2.11")
+    });
     let mut answer = String::new();
     eventually("the flow to reach pod-a", || {
         answer = ask();
@@ -450,22 +808,43 @@ fn ep(c: &Cluster, pod: &str, extra: &str) -> String {
 #[test]
 fn topology_hints_keep_traffic_in_the_zone_when_every_endpoint_has_them() {
     let c = Cluster::new("topo");
-    let zone = |z: &str| format!("conditions: {{ready: true}}, zone: {z}, hints: {{forZones: [{{name: {z}}}]}}");
-    let hinted: Vec<String> = [("pod-a", "zone-a"), ("pod-c", "zone-a"), ("pod-b", "zone-b"), ("pod-d", "zone-b")]
-        .iter()
-        .map(|(pod, z)| ep(&c, pod, &zone(z)))
-        .collect();
+    let zone = |z: &str| {
+        format!("conditions: {{ready: true}}, zone: {z}, hints: {{forZones: [{{name: {z}}}]}}")
+    };
+    let hinted: Vec<String> = [
+        ("pod-a", "zone-a"),
+        ("pod-c", "zone-a"),
+        ("pod-b", "zone-b"),
+        ("pod-d", "zone-b"),
+    ]
+    .iter()
+    .map(|(pod, z)| ep(&c, pod, &zone(z)))
+    .collect();
     let p = start(&c, &service_with("web", "10.96.0.28", "", &hinted));
     let from = &c.pod("pod-b").ns;
     // The node is in zone-a (Cluster::node_yaml).
-    assert_eq!(answered_by(&many(20, || tcp_from(from, addr("10.96.0.28", 80)))), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+    assert_eq!(
+        answered_by(&many(20, || tcp_from(from, addr("10.96.0.28", 80)))),
+        BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()])
+    );
 
     // One endpoint without hints: hints are ignored, all four serve.
     let mut partial = hinted.clone();
     partial[3] = ep(&c, "pod-d", "conditions: {ready: true}, zone: zone-b");
-    write(&p.dir, "objects.yaml", &service_with("web", "10.96.0.28", "", &partial));
-    eventually("all endpoints", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.244.2.12"));
-    assert_eq!(answered_by(&many(40, || tcp_from(from, addr("10.96.0.28", 80)))).len(), 4);
+    write(
+        &p.dir,
+        "objects.yaml",
+        &service_with("web", "10.96.0.28", "", &partial),
+    );
+    eventually("all endpoints", || {
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.244.2.12")
+    });
+    assert_eq!(
+        answered_by(&many(40, || tcp_from(from, addr("10.96.0.28", 80)))).len(),
+        4
+    );
 }
 
 #[test]
@@ -474,13 +853,40 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
     let ready = "conditions: {ready: true, serving: true, terminating: false}";
     let draining = "conditions: {ready: false, serving: true, terminating: true}";
     let gone = "conditions: {ready: false, serving: false, terminating: true}";
-    let p = start(&c, &service_with("web", "10.96.0.29", "", &[ep(&c, "pod-a", ready), ep(&c, "pod-c", draining)]));
+    let p = start(
+        &c,
+        &service_with(
+            "web",
+            "10.96.0.29",
+            "",
+            &[ep(&c, "pod-a", ready), ep(&c, "pod-c", draining)],
+        ),
+    );
     let from = &c.pod("pod-b").ns;
-    assert_eq!(answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))), BTreeSet::from(["pod-a".to_string()]));
+    assert_eq!(
+        answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))),
+        BTreeSet::from(["pod-a".to_string()])
+    );
 
-    write(&p.dir, "objects.yaml", &service_with("web", "10.96.0.29", "", &[ep(&c, "pod-a", gone), ep(&c, "pod-c", draining)]));
-    eventually("fallback to the draining endpoint", || c.node.sh("nft list table ip kube-wasm-proxy").contains("10.244.2.11 . 8080"));
-    assert_eq!(answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))), BTreeSet::from(["pod-c".to_string()]));
+    write(
+        &p.dir,
+        "objects.yaml",
+        &service_with(
+            "web",
+            "10.96.0.29",
+            "",
+            &[ep(&c, "pod-a", gone), ep(&c, "pod-c", draining)],
+        ),
+    );
+    eventually("fallback to the draining endpoint", || {
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.244.2.11 . 8080")
+    });
+    assert_eq!(
+        answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))),
+        BTreeSet::from(["pod-c".to_string()])
+    );
 }
 
 #[test]
@@ -488,23 +894,48 @@ fn masquerade_all_masquerades_in_cluster_sources_too() {
     let c = Cluster::new("mall");
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "node.yaml", &Cluster::node_yaml());
-    write(dir.path(), "objects.yaml", &service(&c, "web", "10.96.0.30", "", &["pod-c"], "TCP"));
+    write(
+        dir.path(),
+        "objects.yaml",
+        &service(&c, "web", "10.96.0.30", "", &["pod-c"], "TCP"),
+    );
     let config = dir.path().join("config.conf");
-    std::fs::write(&config, format!("{CONFIG}nftables:\n  masqueradeAll: true\n")).unwrap();
+    std::fs::write(
+        &config,
+        format!("{CONFIG}nftables:\n  masqueradeAll: true\n"),
+    )
+    .unwrap();
     let source = format!("file:{}", dir.path().display());
     let mut child = c.node.spawn(
         env!("CARGO_BIN_EXE_kube-wasm-proxy"),
-        &["--proxy-mode", "nftables", "--source", &source, "--config", config.to_str().unwrap(), "--hostname-override", "node-1",
-          "--healthz-bind-address", "", "--metrics-bind-address", ""],
+        &[
+            "--proxy-mode",
+            "nftables",
+            "--source",
+            &source,
+            "--config",
+            config.to_str().unwrap(),
+            "--hostname-override",
+            "node-1",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ],
     );
-    eventually("rules", || c.node.sh("nft list ruleset").contains("10.96.0.30"));
+    eventually("rules", || {
+        c.node.sh("nft list ruleset").contains("10.96.0.30")
+    });
     let outcome = tcp_from(&c.pod("pod-b").ns, addr("10.96.0.30", 80));
     let _ = child.kill();
     let _ = child.wait();
     match outcome {
         Outcome::Answered(pod, src) => {
             assert_eq!(pod, "pod-c");
-            assert_eq!(src, "10.0.0.1", "masqueradeAll: the pod sees the node's address");
+            assert_eq!(
+                src, "10.0.0.1",
+                "masqueradeAll: the pod sees the node's address"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -520,25 +951,52 @@ fn dual_stack_services_answer_on_both_families() {
         );
         for pod in pods {
             let p = c.pod(pod);
-            let ip = if family == "IPv6" { p.ip6.clone() } else { p.ip.to_string() };
+            let ip = if family == "IPv6" {
+                p.ip6.clone()
+            } else {
+                p.ip.to_string()
+            };
             let node = if p.local { "node-1" } else { "node-2" };
             y.push_str(&format!("- {{addresses: ['{ip}'], nodeName: {node}}}\n"));
         }
         y
     };
     let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.31\n  clusterIPs: [10.96.0.31, 'fd00:96::31']\n  ports: [{name: p, port: 80, protocol: TCP, nodePort: 30091}]\n".to_string();
-    let _p = start(&c, &(svc + &slice("IPv4", &["pod-a", "pod-c"]) + &slice("IPv6", &["pod-a", "pod-c"])));
-    eventually("ip6 rules", || c.node.sh("nft list ruleset").contains("fd00:96::31 . tcp . 80"));
+    let _p = start(
+        &c,
+        &(svc + &slice("IPv4", &["pod-a", "pod-c"]) + &slice("IPv6", &["pod-a", "pod-c"])),
+    );
+    eventually("ip6 rules", || {
+        c.node
+            .sh("nft list ruleset")
+            .contains("fd00:96::31 . tcp . 80")
+    });
     let from = &c.pod("pod-b").ns;
     let v4 = many(16, || tcp_from(from, addr("10.96.0.31", 80)));
-    assert_eq!(answered_by(&v4), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+    assert_eq!(
+        answered_by(&v4),
+        BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()])
+    );
     let v6 = many(16, || tcp_from(from, "[fd00:96::31]:80".parse().unwrap()));
-    assert_eq!(answered_by(&v6), BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()]));
+    assert_eq!(
+        answered_by(&v6),
+        BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()])
+    );
     let pod_b6 = c.pod("pod-b").ip6.clone();
-    assert!(v6.iter().all(|o| matches!(o, Outcome::Answered(_, src) if *src == pod_b6)), "in-cluster IPv6 source kept: {v6:?}");
+    assert!(
+        v6.iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if *src == pod_b6)),
+        "in-cluster IPv6 source kept: {v6:?}"
+    );
     // IPv6 node port from outside: answered and masqueraded.
-    let np = many(8, || tcp_from(&c.client, format!("[{NODE_IP6}]:30091").parse().unwrap()));
-    assert!(np.iter().all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP6)), "{np:?}");
+    let np = many(8, || {
+        tcp_from(&c.client, format!("[{NODE_IP6}]:30091").parse().unwrap())
+    });
+    assert!(
+        np.iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP6)),
+        "{np:?}"
+    );
 }
 
 #[test]
@@ -550,21 +1008,59 @@ fn detect_local_modes_decide_who_is_masqueraded() {
         Outcome::Answered(_, src) => src,
         other => panic!("{other:?}"),
     };
-    let node_with_cidr = |cidr: &str| Cluster::node_yaml().replace("status:", &format!("spec:\n  podCIDRs: ['{cidr}']\nstatus:"));
+    let node_with_cidr = |cidr: &str| {
+        Cluster::node_yaml().replace(
+            "status:",
+            &format!("spec:\n  podCIDRs: ['{cidr}']\nstatus:"),
+        )
+    };
     let cases = [
-        (format!("{base}detectLocalMode: BridgeInterface\ndetectLocal: {{bridgeInterface: br0}}\n"), Cluster::node_yaml(), true),
-        (format!("{base}detectLocalMode: InterfaceNamePrefix\ndetectLocal: {{interfaceNamePrefix: br}}\n"), Cluster::node_yaml(), true),
-        (format!("{base}detectLocalMode: NodeCIDR\n"), node_with_cidr("10.244.1.0/24"), true),
-        (format!("{base}detectLocalMode: NodeCIDR\n"), node_with_cidr("10.244.9.0/24"), false),
+        (
+            format!(
+                "{base}detectLocalMode: BridgeInterface\ndetectLocal: {{bridgeInterface: br0}}\n"
+            ),
+            Cluster::node_yaml(),
+            true,
+        ),
+        (
+            format!(
+                "{base}detectLocalMode: InterfaceNamePrefix\ndetectLocal: {{interfaceNamePrefix: br}}\n"
+            ),
+            Cluster::node_yaml(),
+            true,
+        ),
+        (
+            format!("{base}detectLocalMode: NodeCIDR\n"),
+            node_with_cidr("10.244.1.0/24"),
+            true,
+        ),
+        (
+            format!("{base}detectLocalMode: NodeCIDR\n"),
+            node_with_cidr("10.244.9.0/24"),
+            false,
+        ),
     ];
     for (config, node, pod_is_local) in cases {
         let p = start_with(&c, &objects, &config, &node);
-        eventually("rules", || c.node.sh("nft list ruleset").contains("10.96.0.32 . tcp . 80"));
+        eventually("rules", || {
+            c.node
+                .sh("nft list ruleset")
+                .contains("10.96.0.32 . tcp . 80")
+        });
         let from_pod = source_seen(&c.pod("pod-b").ns);
-        assert_eq!(from_pod == "10.244.1.12", pod_is_local, "{config} {node}: pod source seen as {from_pod}");
-        assert_ne!(source_seen(&c.client), CLIENT_IP, "{config}: an outside source is masqueraded");
+        assert_eq!(
+            from_pod == "10.244.1.12",
+            pod_is_local,
+            "{config} {node}: pod source seen as {from_pod}"
+        );
+        assert_ne!(
+            source_seen(&c.client),
+            CLIENT_IP,
+            "{config}: an outside source is masqueraded"
+        );
         drop(p);
-        c.node.sh("nft delete table ip kube-wasm-proxy && nft delete table ip6 kube-wasm-proxy");
+        c.node
+            .sh("nft delete table ip kube-wasm-proxy && nft delete table ip6 kube-wasm-proxy");
     }
 }
 
@@ -577,7 +1073,12 @@ fn a_refused_transaction_keeps_the_last_good_rules_and_spares_other_services() {
 
     let ns = common::netns::Netns::new("kwp-txn");
     ns.run_in(|| {
-        let name = |n: &str| ServicePortName { namespace: "t".into(), name: n.into(), port: "p".into(), protocol: Protocol::Tcp };
+        let name = |n: &str| ServicePortName {
+            namespace: "t".into(),
+            name: n.into(),
+            port: "p".into(),
+            protocol: Protocol::Tcp,
+        };
         let chain = |chain: &str, rule: &str| Fragment {
             items: vec![Item::NftChain {
                 family: NftFamily::Ip,
@@ -587,23 +1088,48 @@ fn a_refused_transaction_keeps_the_last_good_rules_and_spares_other_services() {
                 rules: vec![rule.into()],
             }],
         };
-        let list = || String::from_utf8_lossy(&std::process::Command::new("nft").args(["list", "table", "ip", "kube-wasm-proxy"]).output().unwrap().stdout).into_owned();
+        let list = || {
+            String::from_utf8_lossy(
+                &std::process::Command::new("nft")
+                    .args(["list", "table", "ip", "kube-wasm-proxy"])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .into_owned()
+        };
         let mut dp = NftDataplane::new("kube-wasm-proxy");
         let (a, b) = (name("a"), name("b"));
-        dp.apply(Some(&chain("base", "accept")), &[(a.clone(), Some(&chain("svc-a", "tcp dport 1 accept")))]).unwrap();
+        dp.apply(
+            Some(&chain("base", "accept")),
+            &[(a.clone(), Some(&chain("svc-a", "tcp dport 1 accept")))],
+        )
+        .unwrap();
 
         // a's new rule is not nft; b is fine: b lands, a keeps its old rule.
         let bad = chain("svc-a", "this is not nft");
         let good = chain("svc-b", "tcp dport 2 accept");
-        let err = dp.apply(None, &[(a.clone(), Some(&bad)), (b.clone(), Some(&good))]).unwrap_err();
+        let err = dp
+            .apply(None, &[(a.clone(), Some(&bad)), (b.clone(), Some(&good))])
+            .unwrap_err();
         assert!(format!("{err:#}").contains("t/a:p/tcp"), "{err:#}");
         let table = list();
-        assert!(table.contains("tcp dport 1 accept"), "the last good rule of a stays:\n{table}");
-        assert!(table.contains("tcp dport 2 accept"), "b is applied despite a:\n{table}");
+        assert!(
+            table.contains("tcp dport 1 accept"),
+            "the last good rule of a stays:\n{table}"
+        );
+        assert!(
+            table.contains("tcp dport 2 accept"),
+            "b is applied despite a:\n{table}"
+        );
         assert_eq!(dp.failures, 2, "the batch and a's retry");
 
         // Fixing a applies it: the failure was recoverable.
-        dp.apply(None, &[(a.clone(), Some(&chain("svc-a", "tcp dport 3 accept")))]).unwrap();
+        dp.apply(
+            None,
+            &[(a.clone(), Some(&chain("svc-a", "tcp dport 3 accept")))],
+        )
+        .unwrap();
         assert!(list().contains("tcp dport 3 accept"));
     });
 }
@@ -613,10 +1139,17 @@ fn node_port_addresses_limit_where_node_ports_answer() {
     let c = Cluster::new("npa");
     let config = format!("{CONFIG}nodePortAddresses: [10.0.0.0/24]\n");
     let spec = "  type: NodePort\n  # nodePort: 30092\n";
-    let _p = start_with(&c, &service(&c, "web", "10.96.0.33", spec, &["pod-a"], "TCP"), &config, &Cluster::node_yaml());
+    let _p = start_with(
+        &c,
+        &service(&c, "web", "10.96.0.33", spec, &["pod-a"], "TCP"),
+        &config,
+        &Cluster::node_yaml(),
+    );
     eventually("rules", || c.node.sh("nft list ruleset").contains("30092"));
     // 10.0.0.1 (the node's address towards the remote node) is in range...
-    assert!(matches!(tcp_from(&c.remote, addr("10.0.0.1", 30092)), Outcome::Answered(p, _) if p == "pod-a"));
+    assert!(
+        matches!(tcp_from(&c.remote, addr("10.0.0.1", 30092)), Outcome::Answered(p, _) if p == "pod-a")
+    );
     // ...the Node's InternalIP is not, so nothing listens there.
     assert_eq!(tcp_from(&c.client, addr(NODE_IP, 30092)), Outcome::Refused);
 }
@@ -625,8 +1158,19 @@ fn node_port_addresses_limit_where_node_ports_answer() {
 fn client_ip_affinity_expires_after_its_timeout() {
     let c = Cluster::new("afft");
     // 2 s: long enough for a burst of connections on a loaded machine.
-    let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n";
-    let _p = start(&c, &service(&c, "web", "10.96.0.34", spec, &["pod-a", "pod-b", "pod-c", "pod-d"], "TCP"));
+    let spec =
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n";
+    let _p = start(
+        &c,
+        &service(
+            &c,
+            "web",
+            "10.96.0.34",
+            spec,
+            &["pod-a", "pod-b", "pod-c", "pod-d"],
+            "TCP",
+        ),
+    );
     let from = &c.client;
     let mut seen = BTreeSet::new();
     for _ in 0..6 {
@@ -637,7 +1181,10 @@ fn client_ip_affinity_expires_after_its_timeout() {
         // ...then idle past the timeout: a fresh pick.
         std::thread::sleep(Duration::from_millis(2600));
     }
-    assert!(seen.len() > 1, "after the timeout the client must be free to move: {seen:?}");
+    assert!(
+        seen.len() > 1,
+        "after the timeout the client must be free to move: {seen:?}"
+    );
 }
 
 #[test]
@@ -650,30 +1197,55 @@ fn weighted_policy_weights_reach_the_kernel() {
         1,
     );
     let _p = start(&c, &objects);
-    eventually("weighted rules", || c.node.sh("nft list ruleset").contains("goto class-4"));
+    eventually("weighted rules", || {
+        c.node.sh("nft list ruleset").contains("goto class-4")
+    });
     let outcomes = many(200, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.35", 80)));
-    let on_a = outcomes.iter().filter(|o| matches!(o, Outcome::Answered(p, _) if p == "pod-a")).count();
+    let on_a = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Answered(p, _) if p == "pod-a"))
+        .count();
     assert_eq!(answered_by(&outcomes).len(), 2);
     // 3 : 1 is 150 of 200; allow for randomness.
-    assert!((125..=175).contains(&on_a), "{on_a} of 200 on the weight-3 pod");
+    assert!(
+        (125..=175).contains(&on_a),
+        "{on_a} of 200 on the weight-3 pod"
+    );
 }
 
 #[test]
 fn the_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected() {
     let c = Cluster::new("mrl");
     let plugins = tempfile::tempdir().unwrap();
-    let nftables = kwp_plugins_bundle::bundled().find(|(n, _)| n == "nftables").unwrap().1.to_vec();
+    let nftables = kwp_plugins_bundle::bundled()
+        .find(|(n, _)| n == "nftables")
+        .unwrap()
+        .1
+        .to_vec();
     let install = |bytes: &[u8]| {
         std::fs::write(plugins.path().join(".tmp"), bytes).unwrap();
-        std::fs::rename(plugins.path().join(".tmp"), plugins.path().join("nftables.wasm")).unwrap();
+        std::fs::rename(
+            plugins.path().join(".tmp"),
+            plugins.path().join("nftables.wasm"),
+        )
+        .unwrap();
     };
     install(&nftables);
     let dir = plugins.path().display().to_string();
-    let p = start_full(&c, &service(&c, "web", "10.96.0.36", "", &["pod-a", "pod-c"], "TCP"), CONFIG, &Cluster::node_yaml(), &["--plugin-dir", &dir]);
-    eventually("rules", || c.node.sh("nft list ruleset").contains("10.96.0.36"));
+    let p = start_full(
+        &c,
+        &service(&c, "web", "10.96.0.36", "", &["pod-a", "pod-c"], "TCP"),
+        CONFIG,
+        &Cluster::node_yaml(),
+        &["--plugin-dir", &dir],
+    );
+    eventually("rules", || {
+        c.node.sh("nft list ruleset").contains("10.96.0.36")
+    });
     let logged = |what: &str| p.logs.lock().unwrap().matches(what).count();
 
-    let client = common::topology::ContinuousClient::start(&c.pod("pod-b").ns, addr("10.96.0.36", 80));
+    let client =
+        common::topology::ContinuousClient::start(&c.pod("pod-b").ns, addr("10.96.0.36", 80));
     // A new build of the mode (same code here) is swapped in and everything
     // re-rendered with it.
     install(&[nftables.as_slice(), b"".as_slice()].concat());
@@ -683,7 +1255,16 @@ fn the_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected() {
     eventually("the rejection", || logged("reload rejected") == 1);
     std::thread::sleep(Duration::from_millis(500));
     let (ok, failed) = client.stop();
-    assert!(failed.is_empty(), "{} failed of {}: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
     assert!(ok > 10, "only {ok} connections");
-    assert!(c.node.sh("nft list table ip kube-wasm-proxy").contains("10.96.0.36 . tcp . 80"));
+    assert!(
+        c.node
+            .sh("nft list table ip kube-wasm-proxy")
+            .contains("10.96.0.36 . tcp . 80")
+    );
 }

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn bundled(name: &str) -> Vec<u8> {
-    kwp_plugins_bundle::bundled().find(|(n, _)| n == name).map(|(_, b)| b.to_vec()).expect("bundled plugin")
+    kwp_plugins_bundle::bundled()
+        .find(|(n, _)| n == name)
+        .map(|(_, b)| b.to_vec())
+        .expect("bundled plugin")
 }
 
 /// Replaces `dir/name.wasm` atomically, as an operator's `mv` would.
@@ -37,13 +40,26 @@ async fn policies_reload_under_traffic_with_rejection_and_rollback() {
     let state = tempfile::tempdir().unwrap();
     let plugins = tempfile::tempdir().unwrap();
     install(plugins.path(), "round-robin", &bundled("round-robin"));
-    let backends = [tcp_backend("r1").await, tcp_backend("r2").await, tcp_backend("r3").await];
-    write(state.path(), "web.yaml", &(service("web", "10.96.0.1", "TCP", "") + &slices("web", "TCP", &backends)));
+    let backends = [
+        tcp_backend("r1").await,
+        tcp_backend("r2").await,
+        tcp_backend("r3").await,
+    ];
+    write(
+        state.path(),
+        "web.yaml",
+        &(service("web", "10.96.0.1", "TCP", "") + &slices("web", "TCP", &backends)),
+    );
     // The continuous client uses its own Service (same policy instance, its
     // own round-robin position), so `order` below sees clean sequences.
-    write(state.path(), "bg.yaml", &(service("bg", "10.96.0.2", "TCP", "") + &slices("bg", "TCP", &backends)));
+    write(
+        state.path(),
+        "bg.yaml",
+        &(service("bg", "10.96.0.2", "TCP", "") + &slices("bg", "TCP", &backends)),
+    );
     let plugin_dir = plugins.path().display().to_string();
-    let (mapping, runtime) = start_proxy_with_runtime(state.path(), &["--plugin-dir", &plugin_dir]).await;
+    let (mapping, runtime) =
+        start_proxy_with_runtime(state.path(), &["--plugin-dir", &plugin_dir]).await;
     let addr = listener(&mapping, "web").await;
     let bg = listener(&mapping, "bg").await;
 
@@ -68,18 +84,31 @@ async fn policies_reload_under_traffic_with_rejection_and_rollback() {
         }
         v
     };
-    let strictly_cycles = |v: &[String]| v.windows(3).all(|w| w[0] != w[1] && w[1] != w[2] && w[0] != w[2]);
-    assert!(strictly_cycles(&order(12).await), "round-robin to start with");
+    let strictly_cycles = |v: &[String]| {
+        v.windows(3)
+            .all(|w| w[0] != w[1] && w[1] != w[2] && w[0] != w[2])
+    };
+    assert!(
+        strictly_cycles(&order(12).await),
+        "round-robin to start with"
+    );
 
     // 1. A new version (here: the random policy under the same name) swaps in.
     let reloads = || runtime.reloads.reloads.load(Ordering::Relaxed);
     install(plugins.path(), "round-robin", &bundled("random"));
     wait_for("the reload", || reloads() == 1).await;
-    assert!(!strictly_cycles(&order(40).await), "the new version picks now");
+    assert!(
+        !strictly_cycles(&order(40).await),
+        "the new version picks now"
+    );
 
     // 2. A version that hangs in the probe is rejected; the current one stays.
     let rejections = || runtime.reloads.rejections.load(Ordering::Relaxed);
-    install(plugins.path(), "round-robin", kwp_test_programs_artifacts::program("pick_loops"));
+    install(
+        plugins.path(),
+        "round-robin",
+        kwp_test_programs_artifacts::program("pick_loops"),
+    );
     wait_for("the rejection", || rejections() == 1).await;
     assert_eq!(reloads(), 1);
 
@@ -94,8 +123,16 @@ async fn policies_reload_under_traffic_with_rejection_and_rollback() {
     for who in order(30).await {
         *seen.entry(who).or_insert(0) += 1;
     }
-    assert_eq!(seen.len(), 3, "the previous version spreads again: {seen:?}");
-    install(plugins.path(), "round-robin", &[sneaky, b"".as_slice()].concat());
+    assert_eq!(
+        seen.len(),
+        3,
+        "the previous version spreads again: {seen:?}"
+    );
+    install(
+        plugins.path(),
+        "round-robin",
+        &[sneaky, b"".as_slice()].concat(),
+    );
     wait_for("the quarantine to refuse it", || rejections() == 2).await;
     assert_eq!(reloads(), 2);
 
@@ -105,6 +142,11 @@ async fn policies_reload_under_traffic_with_rejection_and_rollback() {
 
     stop.store(true, Ordering::Relaxed);
     client.await.unwrap();
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "{} requests succeeded", ok.load(Ordering::Relaxed));
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "{} requests succeeded",
+        ok.load(Ordering::Relaxed)
+    );
     assert!(ok.load(Ordering::Relaxed) > 50);
 }

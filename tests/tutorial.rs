@@ -7,7 +7,10 @@ use std::process::Command;
 
 #[test]
 fn the_policy_tutorial_works_as_written() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf();
     let doc = std::fs::read_to_string(repo.join("docs/writing-a-policy.md")).expect("the tutorial");
     let mut script = String::from("set -euxo pipefail\n");
     let mut in_block = false;
@@ -28,8 +31,15 @@ fn the_policy_tutorial_works_as_written() {
     }
     assert!(blocks >= 5, "found only {blocks} sh blocks");
     let work = tempfile::tempdir().unwrap();
-    let bin_dir = Path::new(env!("CARGO_BIN_EXE_kube-wasm-proxy")).parent().unwrap().to_path_buf();
-    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_kube-wasm-proxy"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let out = Command::new("bash")
         .arg("-c")
         .arg(&script)

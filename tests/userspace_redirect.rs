@@ -34,7 +34,8 @@ fn start_backend(ns: &Netns, name: &'static str) -> SocketAddr {
 fn ask_cluster_ip(ns: &Netns) -> Result<String, String> {
     ns.run_in(|| {
         let addr: SocketAddr = format!("{CLUSTER_IP}:80").parse().unwrap();
-        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| e.to_string())?;
+        let mut conn = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            .map_err(|e| e.to_string())?;
         conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         conn.write_all(b"who\n").map_err(|e| e.to_string())?;
         let mut out = String::new();
@@ -58,22 +59,45 @@ fn cluster_ip_traffic_is_redirected_to_the_listener() {
     ns.sh("ip link add kwp0 type veth peer name kwp1 && ip addr add 10.0.0.2/24 dev kwp0 && ip link set kwp0 up && ip link set kwp1 up && ip route add 10.96.0.0/16 dev kwp0");
     let backend = start_backend(&ns, "redirected");
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "svc.yaml", &(service("web", CLUSTER_IP, "TCP", "") + &slices("web", "TCP", &[backend])));
+    write(
+        dir.path(),
+        "svc.yaml",
+        &(service("web", CLUSTER_IP, "TCP", "") + &slices("web", "TCP", &[backend])),
+    );
 
     let source = format!("file:{}", dir.path().display());
     let mut proxy = ns.spawn(
         env!("CARGO_BIN_EXE_kube-wasm-proxy"),
-        &["--proxy-mode", "userspace", "--source", &source, "--min-sync-period", "50ms", "--healthz-bind-address", "", "--metrics-bind-address", ""],
+        &[
+            "--proxy-mode",
+            "userspace",
+            "--source",
+            &source,
+            "--min-sync-period",
+            "50ms",
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ],
     );
     let guard = KillOnDrop(&mut proxy);
 
-    eventually("the cluster IP to answer", || ask_cluster_ip(&ns).is_ok_and(|r| r == "redirected"));
+    eventually("the cluster IP to answer", || {
+        ask_cluster_ip(&ns).is_ok_and(|r| r == "redirected")
+    });
     let table = ns.sh("nft list table ip kube-wasm-proxy-userspace");
-    assert!(table.contains(&format!("ip daddr {CLUSTER_IP} tcp dport 80 redirect to :")), "{table}");
+    assert!(
+        table.contains(&format!("ip daddr {CLUSTER_IP} tcp dport 80 redirect to :")),
+        "{table}"
+    );
 
     // Service gone: its redirect goes, and the cluster IP stops answering.
     std::fs::remove_file(dir.path().join("svc.yaml")).unwrap();
-    eventually("the redirect to go", || !ns.sh("nft list table ip kube-wasm-proxy-userspace").contains(CLUSTER_IP));
+    eventually("the redirect to go", || {
+        !ns.sh("nft list table ip kube-wasm-proxy-userspace")
+            .contains(CLUSTER_IP)
+    });
     assert!(ask_cluster_ip(&ns).is_err());
 
     // SIGTERM: the process removes its table on the way out.
@@ -81,7 +105,11 @@ fn cluster_ip_traffic_is_redirected_to_the_listener() {
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let status = guard.0.wait().unwrap();
     assert!(status.success(), "exit status {status}");
-    assert!(!ns.sh("nft list tables").contains("kube-wasm-proxy-userspace"), "table left behind");
+    assert!(
+        !ns.sh("nft list tables")
+            .contains("kube-wasm-proxy-userspace"),
+        "table left behind"
+    );
 }
 
 struct KillOnDrop<'a>(&'a mut std::process::Child);

@@ -24,10 +24,17 @@ fn main() -> anyhow::Result<()> {
         .split(',')
         .map(|s| s.trim().parse())
         .collect::<Result<_, _>>()?;
-    anyhow::ensure!(unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0, "unshare(CLONE_NEWNET) failed: run as root");
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    anyhow::ensure!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0,
+        "unshare(CLONE_NEWNET) failed: run as root"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let _guard = rt.enter();
-    println!("| services | endpoints | full sync (s) | one change, kernel only (ms, median of {CHANGES}) | one change, file to kernel (ms, median) | peak RSS (MiB) |");
+    println!(
+        "| services | endpoints | full sync (s) | one change, kernel only (ms, median of {CHANGES}) | one change, file to kernel (ms, median) | peak RSS (MiB) |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         let dir = tempfile::tempdir()?;
@@ -42,7 +49,10 @@ fn main() -> anyhow::Result<()> {
             "node-1",
         ])
         .flags;
-        let _ = std::process::Command::new("nft").args(["delete", "table", "ip", "kube-wasm-proxy"]).stderr(std::process::Stdio::null()).status();
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "ip", "kube-wasm-proxy"])
+            .stderr(std::process::Stdio::null())
+            .status();
         let mut app = kwp::app::App::build(&flags)?;
         let started = Instant::now();
         app.scan_and_sync()?;
@@ -59,11 +69,24 @@ fn main() -> anyhow::Result<()> {
             app.scan_and_sync()?;
             end_to_end.push(t.elapsed());
             kernel.push(app.sync.proxier.stats.last_duration);
-            anyhow::ensure!(app.sync.proxier.stats.apply_errors == 0, "incremental sync failed");
+            anyhow::ensure!(
+                app.sync.proxier.stats.apply_errors == 0,
+                "incremental sync failed"
+            );
         }
-        let table = std::process::Command::new("nft").args(["list", "table", "ip", "kube-wasm-proxy"]).output()?;
+        let table = std::process::Command::new("nft")
+            .args(["list", "table", "ip", "kube-wasm-proxy"])
+            .output()?;
         let text = String::from_utf8_lossy(&table.stdout);
-        anyhow::ensure!(text.contains(&format!("10.{}.{}.{} . tcp . 80", 96 + (n - 1) / 65536, ((n - 1) / 256) % 256, (n - 1) % 256)), "last service missing from the kernel");
+        anyhow::ensure!(
+            text.contains(&format!(
+                "10.{}.{}.{} . tcp . 80",
+                96 + (n - 1) / 65536,
+                ((n - 1) / 256) % 256,
+                (n - 1) % 256
+            )),
+            "last service missing from the kernel"
+        );
         println!(
             "| {n} | {} | {:.2} | {:.1} | {:.1} | {} |",
             n * ENDPOINTS,
@@ -73,7 +96,9 @@ fn main() -> anyhow::Result<()> {
             peak_rss_mib()
         );
     }
-    let _ = std::process::Command::new("nft").args(["delete", "table", "ip", "kube-wasm-proxy"]).status();
+    let _ = std::process::Command::new("nft")
+        .args(["delete", "table", "ip", "kube-wasm-proxy"])
+        .status();
     Ok(())
 }
 
@@ -86,19 +111,36 @@ fn generate(dir: &Path, n: usize) -> anyhow::Result<()> {
 
 /// Services `file*PER_FILE..` with their slices; `bump` = (service, k)
 /// shifts that service's first endpoint address by k.
-fn write_file(dir: &Path, file: usize, n: usize, bump: Option<(usize, usize)>) -> anyhow::Result<()> {
+fn write_file(
+    dir: &Path,
+    file: usize,
+    n: usize,
+    bump: Option<(usize, usize)>,
+) -> anyhow::Result<()> {
     let mut y = String::new();
     for s in file * PER_FILE..((file + 1) * PER_FILE).min(n) {
         let ip = format!("10.{}.{}.{}", 96 + s / 65536, (s / 256) % 256, s % 256);
-        write!(y, "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{s}, namespace: bench}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n")?;
-        write!(y, "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{s}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n")?;
+        write!(
+            y,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{s}, namespace: bench}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n"
+        )?;
+        write!(
+            y,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{s}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+        )?;
         for e in 0..ENDPOINTS {
             let shift = match bump {
                 Some((b, k)) if b == s && e == 0 => k,
                 _ => 0,
             };
             let idx = s * ENDPOINTS + e + shift * 1_000_000;
-            writeln!(y, "- addresses: ['172.{}.{}.{}']", 16 + (idx / 65536) % 16, (idx / 256) % 256, idx % 256)?;
+            writeln!(
+                y,
+                "- addresses: ['172.{}.{}.{}']",
+                16 + (idx / 65536) % 16,
+                (idx / 256) % 256,
+                idx % 256
+            )?;
         }
     }
     let path = dir.join(format!("services-{file:04}.yaml"));
@@ -120,6 +162,13 @@ fn ms(d: Duration) -> f64 {
 fn peak_rss_mib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())).flatten())
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| {
+                    l.strip_prefix("VmHWM:")
+                        .map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+                })
+                .flatten()
+        })
         .map_or(0, |kb| kb / 1024)
 }

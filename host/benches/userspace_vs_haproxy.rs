@@ -75,7 +75,10 @@ struct Knobs {
 
 fn env<T: FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v.trim().parse().map_err(|_| anyhow::anyhow!("{name}={v:?} is not valid")),
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not valid")),
         _ => Ok(default),
     }
 }
@@ -89,7 +92,9 @@ impl Knobs {
                     "direct" => Ok(Target::Direct),
                     "kwp" => Ok(Target::Kwp),
                     "haproxy" => Ok(Target::Haproxy),
-                    other => bail!("KWP_BENCH_TARGETS: unknown target {other:?} (direct, kwp, haproxy)"),
+                    other => {
+                        bail!("KWP_BENCH_TARGETS: unknown target {other:?} (direct, kwp, haproxy)")
+                    }
                 })
                 .collect::<Result<Vec<_>>>()?,
             _ => vec![Target::Direct, Target::Kwp, Target::Haproxy],
@@ -155,7 +160,9 @@ enum Workload {
 /// Starts one backend: answers every `size`-byte request with `size` bytes,
 /// as many times as the client asks on one connection.
 async fn start_backend(size: usize, accepted: Arc<AtomicU64>) -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding a backend")?;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a backend")?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
@@ -222,7 +229,10 @@ fn start_kwp(rt: &tokio::runtime::Runtime, dir: &Path) -> Result<SocketAddr> {
         let _guard = rt.enter();
         kwp::app::App::build(&flags).context("building kube-wasm-proxy")?
     };
-    let mapping = app.mapping.clone().context("no userspace mapping (dry run?)")?;
+    let mapping = app
+        .mapping
+        .clone()
+        .context("no userspace mapping (dry run?)")?;
     rt.spawn(async move {
         if let Err(e) = app.run().await {
             eprintln!("kube-wasm-proxy stopped: {e:#}");
@@ -251,7 +261,9 @@ struct Haproxy {
 
 impl Haproxy {
     fn start(bin: &str, backends: &[SocketAddr], threads: usize, dir: &Path) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cfg = format!(
             "global\n    nbthread {threads}\n    maxconn 8000\n\ndefaults\n    mode tcp\n    timeout connect 3s\n    timeout client 60s\n    timeout server 60s\n\nfrontend bench\n    bind {addr}\n    default_backend bench\n\nbackend bench\n    balance roundrobin\n"
@@ -271,18 +283,26 @@ impl Haproxy {
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
-            .with_context(|| format!("starting {bin} (apt-get install -y haproxy, or set KWP_BENCH_HAPROXY)"))?;
+            .with_context(|| {
+                format!("starting {bin} (apt-get install -y haproxy, or set KWP_BENCH_HAPROXY)")
+            })?;
         let mut h = Self { child, addr, log };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = h.child.try_wait()? {
-                bail!("haproxy exited with {status}: {}", std::fs::read_to_string(&h.log).unwrap_or_default());
+                bail!(
+                    "haproxy exited with {status}: {}",
+                    std::fs::read_to_string(&h.log).unwrap_or_default()
+                );
             }
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 return Ok(h);
             }
             if Instant::now() > deadline {
-                bail!("haproxy did not listen on {addr} within 10 s: {}", std::fs::read_to_string(&h.log).unwrap_or_default());
+                bail!(
+                    "haproxy did not listen on {addr} within 10 s: {}",
+                    std::fs::read_to_string(&h.log).unwrap_or_default()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -320,7 +340,9 @@ fn cpu_ns(pid: &str, prefix: Option<&str>) -> Option<u64> {
                 continue;
             }
         }
-        let Ok(stat) = std::fs::read_to_string(task.join("schedstat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.join("schedstat")) else {
+            continue;
+        };
         total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(total)
@@ -339,7 +361,8 @@ impl WorkerOut {
     fn record(&mut self, took: Duration) {
         self.ok += 1;
         if self.lat_ns.len() < MAX_SAMPLES_PER_WORKER {
-            self.lat_ns.push(u32::try_from(took.as_nanos()).unwrap_or(u32::MAX));
+            self.lat_ns
+                .push(u32::try_from(took.as_nanos()).unwrap_or(u32::MAX));
         }
     }
 }
@@ -370,8 +393,17 @@ async fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
     Ok(s)
 }
 
-async fn worker(addr: SocketAddr, workload: Workload, size: usize, dur: Duration, start: Arc<Barrier>) -> WorkerOut {
-    let mut out = WorkerOut { lat_ns: Vec::with_capacity(1 << 16), ..WorkerOut::default() };
+async fn worker(
+    addr: SocketAddr,
+    workload: Workload,
+    size: usize,
+    dur: Duration,
+    start: Arc<Barrier>,
+) -> WorkerOut {
+    let mut out = WorkerOut {
+        lat_ns: Vec::with_capacity(1 << 16),
+        ..WorkerOut::default()
+    };
     let mut req = vec![KEEP; size];
     let mut resp = vec![0u8; size];
     match workload {
@@ -428,7 +460,13 @@ async fn worker(addr: SocketAddr, workload: Workload, size: usize, dur: Duration
 }
 
 /// Runs `conc` workers against `addr` for `dur`; `cpu` samples the proxy's CPU time.
-async fn load(addr: SocketAddr, workload: Workload, k: &Knobs, dur: Duration, cpu: &dyn Fn() -> Option<u64>) -> Result<Run> {
+async fn load(
+    addr: SocketAddr,
+    workload: Workload,
+    k: &Knobs,
+    dur: Duration,
+    cpu: &dyn Fn() -> Option<u64>,
+) -> Result<Run> {
     let start = Arc::new(Barrier::new(k.conc + 1));
     let mut set = JoinSet::new();
     for _ in 0..k.conc {
@@ -469,7 +507,13 @@ async fn load(addr: SocketAddr, workload: Workload, k: &Knobs, dur: Duration, cp
         (Some(a), Some(b)) if ok > 0 => Some(b.saturating_sub(a) as f64 / 1000.0 / ok as f64),
         _ => None,
     };
-    Ok(Run { rate: ok as f64 / elapsed.as_secs_f64(), p50_us: pct(0.50), p99_us: pct(0.99), errors, cpu_us })
+    Ok(Run {
+        rate: ok as f64 / elapsed.as_secs_f64(),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        errors,
+        cpu_us,
+    })
 }
 
 // ---------------------------------------------------------------- report
@@ -481,7 +525,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 fn fmt(x: f64) -> String {
@@ -499,15 +547,27 @@ fn fmt(x: f64) -> String {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
-    format!("{cores} cores, {cpu}, kernel {kernel}, loadavg {}", loadavg())
+    format!(
+        "{cores} cores, {cpu}, kernel {kernel}, loadavg {}",
+        loadavg()
+    )
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------- main
@@ -516,7 +576,10 @@ fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; there is nothing to filter, so arguments are ignored.
     let k = Knobs::from_env()?;
     if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
     }
     println!("userspace_vs_haproxy: {}", machine());
     println!(
@@ -574,12 +637,17 @@ fn main() -> Result<()> {
     // Sanity: one exchange through each target.
     load_rt.block_on(async {
         for &(t, addr) in &addrs {
-            let mut s = connect(addr).await.with_context(|| format!("connecting to {}", t.name()))?;
-            let mut resp = vec![0u8; k.size];
-            tokio::time::timeout(Duration::from_secs(5), exchange(&mut s, &vec![KEEP; k.size], &mut resp))
+            let mut s = connect(addr)
                 .await
-                .with_context(|| format!("{} did not answer", t.name()))?
-                .with_context(|| format!("{} answered wrongly", t.name()))?;
+                .with_context(|| format!("connecting to {}", t.name()))?;
+            let mut resp = vec![0u8; k.size];
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                exchange(&mut s, &vec![KEEP; k.size], &mut resp),
+            )
+            .await
+            .with_context(|| format!("{} did not answer", t.name()))?
+            .with_context(|| format!("{} answered wrongly", t.name()))?;
         }
         anyhow::Ok(())
     })?;
@@ -595,7 +663,10 @@ fn main() -> Result<()> {
         }
     };
 
-    let workloads = [(Workload::PingPong, "requests/s"), (Workload::ConnPerRequest, "connections/s")];
+    let workloads = [
+        (Workload::PingPong, "requests/s"),
+        (Workload::ConnPerRequest, "connections/s"),
+    ];
     // results[workload][target] = runs
     let mut results: Vec<Vec<Vec<Run>>> = vec![vec![Vec::new(); addrs.len()]; workloads.len()];
     let mut spread: Vec<Vec<u64>> = vec![vec![0; k.backends]; addrs.len()];
@@ -607,7 +678,8 @@ fn main() -> Result<()> {
                     if !k.warmup.is_zero() {
                         load(addr, workload, &k, k.warmup, &|| None::<u64>).await?;
                     }
-                    let before: Vec<u64> = accepted.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+                    let before: Vec<u64> =
+                        accepted.iter().map(|a| a.load(Ordering::Relaxed)).collect();
                     let run = load(addr, workload, &k, k.secs, &*cpu).await?;
                     for (i, a) in accepted.iter().enumerate() {
                         spread[ti][i] += a.load(Ordering::Relaxed) - before[i];
@@ -631,26 +703,42 @@ fn main() -> Result<()> {
     // The table of medians.
     let idx = |t: Target| addrs.iter().position(|&(x, _)| x == t);
     let (kwp_i, ha_i) = (idx(Target::Kwp), idx(Target::Haproxy));
-    println!("\nmedians of {} rounds ({:?} each, concurrency {}, {} B):\n", k.rounds, k.secs, k.conc, k.size);
+    println!(
+        "\nmedians of {} rounds ({:?} each, concurrency {}, {} B):\n",
+        k.rounds, k.secs, k.conc, k.size
+    );
     let mut header = format!("| {:<26} |", "metric");
     for &(t, _) in &addrs {
         header.push_str(&format!(" {:>9} |", t.name()));
     }
     header.push_str(" kwp/haproxy |");
     println!("{header}");
-    println!("|{}|", header[1..header.len() - 1].split('|').map(|c| "-".repeat(c.len())).collect::<Vec<_>>().join("|"));
+    println!(
+        "|{}|",
+        header[1..header.len() - 1]
+            .split('|')
+            .map(|c| "-".repeat(c.len()))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
     let rows: [(&str, usize, fn(&Run) -> f64); 8] = [
         ("requests/s", 0, |r| r.rate),
         ("request p50 latency (us)", 0, |r| r.p50_us),
         ("request p99 latency (us)", 0, |r| r.p99_us),
-        ("proxy CPU per request (us)", 0, |r| r.cpu_us.unwrap_or(f64::NAN)),
+        ("proxy CPU per request (us)", 0, |r| {
+            r.cpu_us.unwrap_or(f64::NAN)
+        }),
         ("connections/s", 1, |r| r.rate),
         ("connection p50 (us)", 1, |r| r.p50_us),
         ("connection p99 (us)", 1, |r| r.p99_us),
-        ("proxy CPU per conn (us)", 1, |r| r.cpu_us.unwrap_or(f64::NAN)),
+        ("proxy CPU per conn (us)", 1, |r| {
+            r.cpu_us.unwrap_or(f64::NAN)
+        }),
     ];
     for (name, wi, f) in rows {
-        let meds: Vec<f64> = (0..addrs.len()).map(|ti| median(results[wi][ti].iter().map(f).collect())).collect();
+        let meds: Vec<f64> = (0..addrs.len())
+            .map(|ti| median(results[wi][ti].iter().map(f).collect()))
+            .collect();
         let mut line = format!("| {name:<26} |");
         for m in &meds {
             line.push_str(&format!(" {:>9} |", fmt(*m)));

@@ -9,8 +9,8 @@ use crate::config::{Flags, ProxyMode, Settings};
 use crate::plugin::mode::{Mode, ModeSettings};
 use crate::plugin::{Catalog, Limits, Runtime};
 use crate::proxier::backends::Backends;
-use crate::proxier::userspace::{Mapping, Redirector, UserspaceDataplane};
 use crate::proxier::nftables::NftDataplane;
+use crate::proxier::userspace::{Mapping, Redirector, UserspaceDataplane};
 use crate::proxier::{Dataplane, NoDataplane, Proxier};
 use crate::source::file::FileSource;
 use crate::state::ClusterState;
@@ -35,12 +35,17 @@ impl App {
         let settings = Settings::resolve(flags)?;
         let source_spec = crate::source::parse(&settings.source)?;
         if !matches!(settings.mode, ProxyMode::Userspace | ProxyMode::Nftables) {
-            bail!("proxy mode {} is not available yet; use --proxy-mode userspace or nftables", settings.mode.as_str());
+            bail!(
+                "proxy mode {} is not available yet; use --proxy-mode userspace or nftables",
+                settings.mode.as_str()
+            );
         }
         let runtime = Runtime::new(Limits::default())?;
         let catalog = Catalog::new(settings.plugin_dir.clone());
         let (source, bytes) = catalog.load(settings.mode.as_str())?;
-        let component = runtime.compile(&bytes).with_context(|| format!("mode plugin {source}"))?;
+        let component = runtime
+            .compile(&bytes)
+            .with_context(|| format!("mode plugin {source}"))?;
         let mode_settings = ModeSettings {
             table: crate::plan::Rules::default().nft_table,
             masquerade_all: settings.masquerade_all,
@@ -48,14 +53,26 @@ impl App {
             node_port_addresses: settings.node_port_addresses.clone(),
             ..ModeSettings::default()
         };
-        let mode = Mode::new(runtime.clone(), settings.mode.as_str(), &component, mode_settings.clone())?;
+        let mode = Mode::new(
+            runtime.clone(),
+            settings.mode.as_str(),
+            &component,
+            mode_settings.clone(),
+        )?;
         let backends = Arc::new(Backends::default());
         let (dataplane, mapping): (Box<dyn Dataplane>, _) = if settings.dry_run {
             (Box::new(NoDataplane), None)
         } else if settings.mode == ProxyMode::Nftables {
-            (Box::new(NftDataplane::new(&crate::plan::Rules::default().nft_table)), None)
+            (
+                Box::new(NftDataplane::new(&crate::plan::Rules::default().nft_table)),
+                None,
+            )
         } else {
-            let redirector = if flags.no_redirect { None } else { Redirector::detect() };
+            let redirector = if flags.no_redirect {
+                None
+            } else {
+                Redirector::detect()
+            };
             let bind = match (&redirector, flags.userspace_bind_address) {
                 (Some(_), None) => std::net::Ipv4Addr::UNSPECIFIED.into(),
                 _ => settings.userspace_bind_address,
@@ -67,7 +84,15 @@ impl App {
             let mapping = dp.mapping();
             (Box::new(dp), Some(mapping))
         };
-        let mut proxier = Proxier::new(runtime, catalog, mode, mode_settings, &settings.lb_policy, backends, dataplane)?;
+        let mut proxier = Proxier::new(
+            runtime,
+            catalog,
+            mode,
+            mode_settings,
+            &settings.lb_policy,
+            backends,
+            dataplane,
+        )?;
         if !settings.dry_run {
             proxier.enable_health_checks();
             if settings.mode != ProxyMode::Userspace {
@@ -87,7 +112,8 @@ impl App {
             "kube-wasm-proxy": { "source": settings.source, "lbPolicy": settings.lb_policy },
         })
         .to_string();
-        let mut metrics = crate::metrics::Metrics::new(settings.mode.as_str(), settings.sync_period, configz);
+        let mut metrics =
+            crate::metrics::Metrics::new(settings.mode.as_str(), settings.sync_period, configz);
         metrics.runtime = Some(proxier.runtime());
         let sync = SyncLoop {
             state: ClusterState::new(&settings.hostname),
@@ -99,15 +125,24 @@ impl App {
             synced: Vec::new(),
         };
         let source = match source_spec {
-            crate::source::Spec::File(dir) => Source::File(FileSource::new(&dir, &settings.hostname)),
+            crate::source::Spec::File(dir) => {
+                Source::File(FileSource::new(&dir, &settings.hostname))
+            }
             crate::source::Spec::Kubernetes => Source::Kubernetes,
         };
-        Ok(Self { settings, sync, mapping, source })
+        Ok(Self {
+            settings,
+            sync,
+            mapping,
+            source,
+        })
     }
 
     /// Reads the source once and syncs what changed (benchmarks, dry runs).
     pub fn scan_and_sync(&mut self) -> Result<()> {
-        let Source::File(source) = &mut self.source else { bail!("--dry-run reads --source file:DIR only") };
+        let Source::File(source) = &mut self.source else {
+            bail!("--dry-run reads --source file:DIR only")
+        };
         if let Some(event) = source.scan()? {
             self.sync.apply(event);
         }
@@ -123,7 +158,10 @@ impl App {
         let mut out = plan.to_string();
         if self.settings.mode == ProxyMode::Nftables {
             out.push_str("\n# diff against the kernel\n");
-            match crate::proxier::nftables::diff_against_kernel(&crate::plan::Rules::default().nft_table, plan) {
+            match crate::proxier::nftables::diff_against_kernel(
+                &crate::plan::Rules::default().nft_table,
+                plan,
+            ) {
                 Ok(diff) => out.push_str(&diff),
                 Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),
             }
@@ -144,12 +182,21 @@ impl App {
                 tokio::spawn(source.run(tx));
             }
             Source::Kubernetes => {
-                let client = crate::source::kubernetes::client(self.settings.kubeconfig.as_ref()).await?;
+                let client =
+                    crate::source::kubernetes::client(self.settings.kubeconfig.as_ref()).await?;
                 let errors = self.sync.metrics.source_errors.clone();
-                tokio::spawn(crate::source::kubernetes::run(client, self.settings.hostname.clone(), tx, errors));
+                tokio::spawn(crate::source::kubernetes::run(
+                    client,
+                    self.settings.hostname.clone(),
+                    tx,
+                    errors,
+                ));
             }
         }
-        for (addr, healthz) in [(self.settings.healthz_bind_address, true), (self.settings.metrics_bind_address, false)] {
+        for (addr, healthz) in [
+            (self.settings.healthz_bind_address, true),
+            (self.settings.metrics_bind_address, false),
+        ] {
             if let Some(addr) = addr {
                 let metrics = self.sync.metrics.clone();
                 tokio::spawn(async move {
@@ -159,7 +206,13 @@ impl App {
                 });
             }
         }
-        if let Some(dir) = self.sync.proxier.catalog().dir().map(std::path::Path::to_path_buf) {
+        if let Some(dir) = self
+            .sync
+            .proxier
+            .catalog()
+            .dir()
+            .map(std::path::Path::to_path_buf)
+        {
             let (reload_tx, reload_rx) = mpsc::channel(4);
             self.sync.reloads = Some(reload_rx);
             tokio::spawn(watch_plugins(dir, self.sync.proxier.runtime(), reload_tx));
@@ -175,7 +228,12 @@ pub async fn run(flags: Flags) -> Result<()> {
         print!("{}", app.dry_run()?);
         return Ok(());
     }
-    tracing::info!(mode = app.settings.mode.as_str(), source = app.settings.source, node = app.settings.hostname, "kube-wasm-proxy starting");
+    tracing::info!(
+        mode = app.settings.mode.as_str(),
+        source = app.settings.source,
+        node = app.settings.hostname,
+        "kube-wasm-proxy starting"
+    );
     tokio::select! {
         r = app.run() => r,
         signal = shutdown_signal() => {
@@ -188,7 +246,11 @@ pub async fn run(flags: Flags) -> Result<()> {
 /// Hot reload: polls the plugin directory, and re-reads it all on SIGHUP;
 /// each changed plugin is compiled and probed on a blocking thread, off
 /// the sync path, and only a passing candidate goes to the sync loop.
-async fn watch_plugins(dir: std::path::PathBuf, runtime: Arc<Runtime>, tx: mpsc::Sender<crate::plugin::reload::Candidate>) {
+async fn watch_plugins(
+    dir: std::path::PathBuf,
+    runtime: Arc<Runtime>,
+    tx: mpsc::Sender<crate::plugin::reload::Candidate>,
+) {
     use crate::plugin::reload::{Watcher, candidate_from_file};
     let mut watcher = Watcher::new(&dir);
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -203,7 +265,8 @@ async fn watch_plugins(dir: std::path::PathBuf, runtime: Arc<Runtime>, tx: mpsc:
         }
         for (name, path) in watcher.changed() {
             let rt = runtime.clone();
-            let checked = tokio::task::spawn_blocking(move || candidate_from_file(&rt, &name, &path)).await;
+            let checked =
+                tokio::task::spawn_blocking(move || candidate_from_file(&rt, &name, &path)).await;
             if let Ok(Some(candidate)) = checked
                 && tx.send(candidate).await.is_err()
             {

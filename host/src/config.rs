@@ -154,45 +154,109 @@ pub enum DetectLocal {
 /// Fields of KubeProxyConfiguration v1alpha1 (top level); anything else is
 /// warned about.
 const KNOWN_FIELDS: &[&str] = &[
-    "apiVersion", "kind", "featureGates", "clientConnection", "hostnameOverride", "bindAddress",
-    "healthzBindAddress", "metricsBindAddress", "bindAddressHardFail", "enableProfiling",
-    "showHiddenMetricsForVersion", "mode", "iptables", "ipvs", "nftables", "winkernel",
-    "detectLocalMode", "detectLocal", "clusterCIDR", "nodePortAddresses", "oomScoreAdj", "conntrack",
-    "configSyncPeriod", "portRange", "logging", "syncPeriod", "minSyncPeriod", "windowsRunAsService",
+    "apiVersion",
+    "kind",
+    "featureGates",
+    "clientConnection",
+    "hostnameOverride",
+    "bindAddress",
+    "healthzBindAddress",
+    "metricsBindAddress",
+    "bindAddressHardFail",
+    "enableProfiling",
+    "showHiddenMetricsForVersion",
+    "mode",
+    "iptables",
+    "ipvs",
+    "nftables",
+    "winkernel",
+    "detectLocalMode",
+    "detectLocal",
+    "clusterCIDR",
+    "nodePortAddresses",
+    "oomScoreAdj",
+    "conntrack",
+    "configSyncPeriod",
+    "portRange",
+    "logging",
+    "syncPeriod",
+    "minSyncPeriod",
+    "windowsRunAsService",
 ];
 
 impl Settings {
     pub fn resolve(flags: &Flags) -> Result<Self> {
         let file = match &flags.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading --config {}", path.display()))?;
-                parse_config(&text).with_context(|| format!("parsing --config {}", path.display()))?
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading --config {}", path.display()))?;
+                parse_config(&text)
+                    .with_context(|| format!("parsing --config {}", path.display()))?
             }
             None => FileConfig::default(),
         };
-        let mode = flags.proxy_mode.or(file.mode).unwrap_or(ProxyMode::Userspace);
-        let mode_section = |field: &str| file.mode_sections.get(mode.as_str()).and_then(|s| s.get(field));
+        let mode = flags
+            .proxy_mode
+            .or(file.mode)
+            .unwrap_or(ProxyMode::Userspace);
+        let mode_section = |field: &str| {
+            file.mode_sections
+                .get(mode.as_str())
+                .and_then(|s| s.get(field))
+        };
         let duration_field = |field: &str| -> Result<Option<Duration>> {
-            file.top.get(field).or(mode_section(field)).and_then(Value::as_str).map(parse_duration).transpose().map_err(anyhow::Error::msg)
+            file.top
+                .get(field)
+                .or(mode_section(field))
+                .and_then(Value::as_str)
+                .map(parse_duration)
+                .transpose()
+                .map_err(anyhow::Error::msg)
         };
         let hostname = flags
             .hostname_override
             .clone()
-            .or(file.top.get("hostnameOverride").and_then(Value::as_str).map(str::to_string))
+            .or(file
+                .top
+                .get("hostnameOverride")
+                .and_then(Value::as_str)
+                .map(str::to_string))
             .filter(|h| !h.is_empty())
             .unwrap_or_else(hostname)
             .to_lowercase();
-        let addr = |flag: &Option<String>, field: &str, default: &str| -> Result<Option<SocketAddr>> {
-            let s = flag.clone().or(file.top.get(field).and_then(Value::as_str).map(str::to_string)).unwrap_or(default.into());
-            parse_bind_address(&s).with_context(|| format!("{field} {s:?}"))
-        };
+        let addr =
+            |flag: &Option<String>, field: &str, default: &str| -> Result<Option<SocketAddr>> {
+                let s = flag
+                    .clone()
+                    .or(file
+                        .top
+                        .get(field)
+                        .and_then(Value::as_str)
+                        .map(str::to_string))
+                    .unwrap_or(default.into());
+                parse_bind_address(&s).with_context(|| format!("{field} {s:?}"))
+            };
         let settings = Settings {
             mode,
             hostname,
-            healthz_bind_address: addr(&flags.healthz_bind_address, "healthzBindAddress", "0.0.0.0:10256")?,
-            metrics_bind_address: addr(&flags.metrics_bind_address, "metricsBindAddress", "127.0.0.1:10249")?,
-            min_sync_period: flags.min_sync_period.or(duration_field("minSyncPeriod")?).unwrap_or(Duration::from_secs(1)),
-            sync_period: flags.sync_period.or(duration_field("syncPeriod")?).unwrap_or(Duration::from_secs(30)),
+            healthz_bind_address: addr(
+                &flags.healthz_bind_address,
+                "healthzBindAddress",
+                "0.0.0.0:10256",
+            )?,
+            metrics_bind_address: addr(
+                &flags.metrics_bind_address,
+                "metricsBindAddress",
+                "127.0.0.1:10249",
+            )?,
+            min_sync_period: flags
+                .min_sync_period
+                .or(duration_field("minSyncPeriod")?)
+                .unwrap_or(Duration::from_secs(1)),
+            sync_period: flags
+                .sync_period
+                .or(duration_field("syncPeriod")?)
+                .unwrap_or(Duration::from_secs(30)),
             source: flags.source.clone().unwrap_or_else(|| "kubernetes".into()),
             kubeconfig: flags.kubeconfig.clone().or_else(|| {
                 file.top
@@ -203,14 +267,30 @@ impl Settings {
                     .map(PathBuf::from)
             }),
             plugin_dir: flags.plugin_dir.clone(),
-            lb_policy: flags.lb_policy.clone().unwrap_or_else(|| "round-robin".into()),
-            userspace_bind_address: flags.userspace_bind_address.unwrap_or([127, 0, 0, 1].into()),
-            masquerade_all: mode_section("masqueradeAll").and_then(Value::as_bool).unwrap_or(false),
+            lb_policy: flags
+                .lb_policy
+                .clone()
+                .unwrap_or_else(|| "round-robin".into()),
+            userspace_bind_address: flags
+                .userspace_bind_address
+                .unwrap_or([127, 0, 0, 1].into()),
+            masquerade_all: mode_section("masqueradeAll")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             cluster_cidrs: flags
                 .cluster_cidr
                 .clone()
-                .or(file.top.get("clusterCIDR").and_then(Value::as_str).map(str::to_string))
-                .map(|s| s.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect())
+                .or(file
+                    .top
+                    .get("clusterCIDR")
+                    .and_then(Value::as_str)
+                    .map(str::to_string))
+                .map(|s| {
+                    s.split(',')
+                        .map(|c| c.trim().to_string())
+                        .filter(|c| !c.is_empty())
+                        .collect()
+                })
                 .unwrap_or_default(),
             detect_local: DetectLocal::None,
             node_port_addresses: node_port_addresses(flags, &file)?,
@@ -219,7 +299,11 @@ impl Settings {
         let mut settings = settings;
         settings.detect_local = detect_local(flags, &file, &settings.cluster_cidrs)?;
         if settings.min_sync_period > settings.sync_period {
-            bail!("minSyncPeriod ({:?}) is longer than syncPeriod ({:?})", settings.min_sync_period, settings.sync_period);
+            bail!(
+                "minSyncPeriod ({:?}) is longer than syncPeriod ({:?})",
+                settings.min_sync_period,
+                settings.sync_period
+            );
         }
         Ok(settings)
     }
@@ -228,8 +312,19 @@ impl Settings {
 /// `--nodeport-addresses` or `nodePortAddresses`: CIDRs, or "primary".
 fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<crate::model::Cidr>> {
     let list: Vec<String> = match &flags.nodeport_addresses {
-        Some(s) => s.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect(),
-        None => file.top.get("nodePortAddresses").and_then(Value::as_sequence).into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+        Some(s) => s
+            .split(',')
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect(),
+        None => file
+            .top
+            .get("nodePortAddresses")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect(),
     };
     if list.iter().any(|c| c == "primary") {
         if list.len() > 1 {
@@ -237,7 +332,12 @@ fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<crate::mo
         }
         return Ok(Vec::new());
     }
-    list.iter().map(|c| c.parse().map_err(|e: String| anyhow::anyhow!("nodePortAddresses: {e}"))).collect()
+    list.iter()
+        .map(|c| {
+            c.parse()
+                .map_err(|e: String| anyhow::anyhow!("nodePortAddresses: {e}"))
+        })
+        .collect()
 }
 
 /// Upstream's rules: the mode defaults to ClusterCIDR when a cluster CIDR
@@ -245,20 +345,40 @@ fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<crate::mo
 fn detect_local(flags: &Flags, file: &FileConfig, cluster_cidrs: &[String]) -> Result<DetectLocal> {
     let section = file.top.get("detectLocal").and_then(Value::as_mapping);
     let field = |flag: &Option<String>, key: &str| {
-        flag.clone().or_else(|| section.and_then(|m| m.get(key)).and_then(Value::as_str).map(str::to_string)).filter(|s| !s.is_empty())
+        flag.clone()
+            .or_else(|| {
+                section
+                    .and_then(|m| m.get(key))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .filter(|s| !s.is_empty())
     };
-    let mode = flags.detect_local_mode.clone().or(file.top.get("detectLocalMode").and_then(Value::as_str).map(str::to_string)).unwrap_or_default();
+    let mode = flags
+        .detect_local_mode
+        .clone()
+        .or(file
+            .top
+            .get("detectLocalMode")
+            .and_then(Value::as_str)
+            .map(str::to_string))
+        .unwrap_or_default();
     Ok(match mode.as_str() {
         "" | "ClusterCIDR" if cluster_cidrs.is_empty() => DetectLocal::None,
         "" | "ClusterCIDR" => DetectLocal::ClusterCidr(cluster_cidrs.to_vec()),
         "NodeCIDR" => DetectLocal::NodeCidr,
         "BridgeInterface" => DetectLocal::BridgeInterface(
-            field(&flags.pod_bridge_interface, "bridgeInterface").context("detectLocalMode BridgeInterface needs detectLocal.bridgeInterface")?,
+            field(&flags.pod_bridge_interface, "bridgeInterface")
+                .context("detectLocalMode BridgeInterface needs detectLocal.bridgeInterface")?,
         ),
         "InterfaceNamePrefix" => DetectLocal::InterfaceNamePrefix(
-            field(&flags.pod_interface_name_prefix, "interfaceNamePrefix").context("detectLocalMode InterfaceNamePrefix needs detectLocal.interfaceNamePrefix")?,
+            field(&flags.pod_interface_name_prefix, "interfaceNamePrefix").context(
+                "detectLocalMode InterfaceNamePrefix needs detectLocal.interfaceNamePrefix",
+            )?,
         ),
-        other => bail!("unknown detectLocalMode {other:?} (ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix)"),
+        other => bail!(
+            "unknown detectLocalMode {other:?} (ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix)"
+        ),
     })
 }
 
@@ -271,13 +391,22 @@ struct FileConfig {
 
 fn parse_config(text: &str) -> Result<FileConfig> {
     let value: Value = serde_yaml::from_str(text).context("not YAML")?;
-    let Value::Mapping(top) = value else { bail!("not a mapping") };
+    let Value::Mapping(top) = value else {
+        bail!("not a mapping")
+    };
     let kind = top.get("kind").and_then(Value::as_str);
     if kind != Some("KubeProxyConfiguration") {
         bail!("kind is {kind:?}, expected KubeProxyConfiguration");
     }
-    if let Some(api) = top.get("apiVersion").and_then(Value::as_str).filter(|a| *a != "kubeproxy.config.k8s.io/v1alpha1") {
-        tracing::warn!(api, "unexpected apiVersion; reading it as kubeproxy.config.k8s.io/v1alpha1");
+    if let Some(api) = top
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .filter(|a| *a != "kubeproxy.config.k8s.io/v1alpha1")
+    {
+        tracing::warn!(
+            api,
+            "unexpected apiVersion; reading it as kubeproxy.config.k8s.io/v1alpha1"
+        );
     }
     for key in top.keys().filter_map(Value::as_str) {
         if !KNOWN_FIELDS.contains(&key) {
@@ -292,7 +421,11 @@ fn parse_config(text: &str) -> Result<FileConfig> {
         .into_iter()
         .filter_map(|m| Some((m.to_string(), top.get(m)?.as_mapping()?.clone())))
         .collect();
-    Ok(FileConfig { top, mode, mode_sections })
+    Ok(FileConfig {
+        top,
+        mode,
+        mode_sections,
+    })
 }
 
 /// `0.0.0.0:10256`, `:10256`, a bare IP (default port kept by the caller)
@@ -301,7 +434,11 @@ fn parse_bind_address(s: &str) -> Result<Option<SocketAddr>> {
     if s.is_empty() {
         return Ok(None);
     }
-    let s = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_string() };
+    let s = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
     Ok(Some(s.parse().context("expected IP:port")?))
 }
 
@@ -316,10 +453,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("empty duration".into());
     }
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or(format!("{s:?}: missing unit"))?;
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or(format!("{s:?}: missing unit"))?;
         let (num, tail) = rest.split_at(digits);
-        let value: f64 = num.parse().map_err(|_| format!("{s:?}: bad number {num:?}"))?;
-        let unit_len = tail.find(|c: char| c.is_ascii_digit()).unwrap_or(tail.len());
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?}: bad number {num:?}"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
         let (unit, tail) = tail.split_at(unit_len);
         let scale = match unit {
             "ns" => 1e-9,
@@ -337,7 +480,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 #[cfg(test)]
@@ -377,11 +522,28 @@ mod tests {
         assert_eq!(s.sync_period, Duration::from_secs(45));
         assert_eq!(s.min_sync_period, Duration::from_secs(2));
         assert_eq!(s.cluster_cidrs, ["10.244.0.0/16", "fd00::/64"]);
-        assert_eq!(s.detect_local, DetectLocal::ClusterCidr(vec!["10.244.0.0/16".into(), "fd00::/64".into()]));
-        assert_eq!(s.metrics_bind_address, Some("127.0.0.1:19249".parse().unwrap()));
-        assert_eq!(s.healthz_bind_address, Some("0.0.0.0:10256".parse().unwrap()));
+        assert_eq!(
+            s.detect_local,
+            DetectLocal::ClusterCidr(vec!["10.244.0.0/16".into(), "fd00::/64".into()])
+        );
+        assert_eq!(
+            s.metrics_bind_address,
+            Some("127.0.0.1:19249".parse().unwrap())
+        );
+        assert_eq!(
+            s.healthz_bind_address,
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
 
-        let s = Settings::resolve(&flags(&["--config", config, "--proxy-mode", "userspace", "--sync-period", "10s"])).unwrap();
+        let s = Settings::resolve(&flags(&[
+            "--config",
+            config,
+            "--proxy-mode",
+            "userspace",
+            "--sync-period",
+            "10s",
+        ]))
+        .unwrap();
         assert_eq!(s.mode, ProxyMode::Userspace);
         assert_eq!(s.sync_period, Duration::from_secs(10));
     }
@@ -389,17 +551,41 @@ mod tests {
     #[test]
     fn detect_local_modes_follow_upstream() {
         let s = Settings::resolve(&flags(&[])).unwrap();
-        assert_eq!(s.detect_local, DetectLocal::None, "no cluster CIDR, no detection");
-        let s = Settings::resolve(&flags(&["--detect-local-mode", "BridgeInterface", "--pod-bridge-interface", "cni0"])).unwrap();
+        assert_eq!(
+            s.detect_local,
+            DetectLocal::None,
+            "no cluster CIDR, no detection"
+        );
+        let s = Settings::resolve(&flags(&[
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            "cni0",
+        ]))
+        .unwrap();
         assert_eq!(s.detect_local, DetectLocal::BridgeInterface("cni0".into()));
         let s = Settings::resolve(&flags(&["--detect-local-mode", "NodeCIDR"])).unwrap();
         assert_eq!(s.detect_local, DetectLocal::NodeCidr);
-        assert!(Settings::resolve(&flags(&["--detect-local-mode", "InterfaceNamePrefix"])).is_err(), "prefix required");
+        assert!(
+            Settings::resolve(&flags(&["--detect-local-mode", "InterfaceNamePrefix"])).is_err(),
+            "prefix required"
+        );
         assert!(Settings::resolve(&flags(&["--detect-local-mode", "Bogus"])).is_err());
-        let s = Settings::resolve(&flags(&["--nodeport-addresses", "10.0.0.0/8, 192.0.2.0/24"])).unwrap();
+        let s = Settings::resolve(&flags(&[
+            "--nodeport-addresses",
+            "10.0.0.0/8, 192.0.2.0/24",
+        ]))
+        .unwrap();
         assert_eq!(s.node_port_addresses.len(), 2);
-        assert!(Settings::resolve(&flags(&["--nodeport-addresses", "primary"])).unwrap().node_port_addresses.is_empty());
-        assert!(Settings::resolve(&flags(&["--nodeport-addresses", "primary,10.0.0.0/8"])).is_err());
+        assert!(
+            Settings::resolve(&flags(&["--nodeport-addresses", "primary"]))
+                .unwrap()
+                .node_port_addresses
+                .is_empty()
+        );
+        assert!(
+            Settings::resolve(&flags(&["--nodeport-addresses", "primary,10.0.0.0/8"])).is_err()
+        );
     }
 
     #[test]
@@ -408,8 +594,12 @@ mod tests {
         let path = dir.path().join("c.yaml");
         std::fs::write(&path, "kind: Pod\n").unwrap();
         let err = Settings::resolve(&flags(&["--config", path.to_str().unwrap()])).unwrap_err();
-        assert!(format!("{err:#}").contains("expected KubeProxyConfiguration"), "{err:#}");
-        let err = Settings::resolve(&flags(&["--min-sync-period", "1m", "--sync-period", "1s"])).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("expected KubeProxyConfiguration"),
+            "{err:#}"
+        );
+        let err = Settings::resolve(&flags(&["--min-sync-period", "1m", "--sync-period", "1s"]))
+            .unwrap_err();
         assert!(err.to_string().contains("longer than syncPeriod"));
     }
 }

@@ -27,7 +27,15 @@ struct Example {
 }
 
 const EXAMPLES: &[Example] = &[
-    Example { name: "web", udp: false, cluster_ip: "10.96.0.10", port: 80, backends: 3, annotations: "", spec_extra: "" },
+    Example {
+        name: "web",
+        udp: false,
+        cluster_ip: "10.96.0.10",
+        port: 80,
+        backends: 3,
+        annotations: "",
+        spec_extra: "",
+    },
     Example {
         name: "api",
         udp: false,
@@ -46,7 +54,15 @@ const EXAMPLES: &[Example] = &[
         annotations: "",
         spec_extra: "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n",
     },
-    Example { name: "echo", udp: true, cluster_ip: "10.96.0.53", port: 53, backends: 2, annotations: "", spec_extra: "" },
+    Example {
+        name: "echo",
+        udp: true,
+        cluster_ip: "10.96.0.53",
+        port: 53,
+        backends: 2,
+        annotations: "",
+        spec_extra: "",
+    },
 ];
 
 pub async fn run(mut flags: Flags, dir: Option<PathBuf>, run_for: Option<Duration>) -> Result<()> {
@@ -54,7 +70,10 @@ pub async fn run(mut flags: Flags, dir: Option<PathBuf>, run_for: Option<Duratio
     let dir = match dir {
         Some(d) => d,
         None => {
-            tmp = tempfile::Builder::new().prefix("kwp-demo-").tempdir().context("creating a temporary directory")?;
+            tmp = tempfile::Builder::new()
+                .prefix("kwp-demo-")
+                .tempdir()
+                .context("creating a temporary directory")?;
             tmp.path().to_path_buf()
         }
     };
@@ -63,10 +82,15 @@ pub async fn run(mut flags: Flags, dir: Option<PathBuf>, run_for: Option<Duratio
         let mut addrs = Vec::new();
         for i in 1..=ex.backends {
             let who = format!("{}-{i}", ex.name);
-            addrs.push(if ex.udp { start_udp_backend(who).await? } else { start_http_backend(who).await? });
+            addrs.push(if ex.udp {
+                start_udp_backend(who).await?
+            } else {
+                start_http_backend(who).await?
+            });
         }
         let path = dir.join(format!("{}.yaml", ex.name));
-        std::fs::write(&path, objects(ex, &addrs)).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, objects(ex, &addrs))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     flags.source = Some(format!("file:{}", dir.display()));
     flags.proxy_mode = Some(ProxyMode::Userspace);
@@ -75,22 +99,34 @@ pub async fn run(mut flags: Flags, dir: Option<PathBuf>, run_for: Option<Duratio
     flags.healthz_bind_address.get_or_insert_with(String::new);
     flags.metrics_bind_address.get_or_insert_with(String::new);
     let app = App::build(&flags)?;
-    let mapping = app.mapping.clone().context("the demo needs the userspace dataplane (drop --dry-run)")?;
+    let mapping = app
+        .mapping
+        .clone()
+        .context("the demo needs the userspace dataplane (drop --dry-run)")?;
     let running = tokio::spawn(app.run());
 
     // Wait for the first sync to open every listener, then say how to reach them.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while mapping.read().expect("mapping lock").len() < EXAMPLES.len() && tokio::time::Instant::now() < deadline {
+    while mapping.read().expect("mapping lock").len() < EXAMPLES.len()
+        && tokio::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("kube-wasm-proxy demo: example cluster in {} (edit the files; changes apply live)\n", dir.display());
+    println!(
+        "kube-wasm-proxy demo: example cluster in {} (edit the files; changes apply live)\n",
+        dir.display()
+    );
     for (name, (listener, local)) in mapping.read().expect("mapping lock").iter() {
         let how = if listener.protocol == crate::model::Protocol::Udp {
             format!("echo hello | nc -u -w1 {} {}", local.ip(), local.port())
         } else {
             format!("curl http://{local}/")
         };
-        let front = listener.frontends.first().map(ToString::to_string).unwrap_or_default();
+        let front = listener
+            .frontends
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         println!("  {name:<28} {front:<18} ->  {how}");
     }
     println!("\nPress Ctrl-C to stop.");
@@ -117,7 +153,11 @@ fn objects(ex: &Example, backends: &[SocketAddr]) -> String {
     let mut yaml = format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n{ann}spec:\n  type: ClusterIP\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n{extra}  ports:\n  - name: {port_name}\n    protocol: {proto}\n    port: {port}\n    targetPort: {backend_port}\n",
         name = ex.name,
-        ann = if ex.annotations.is_empty() { String::new() } else { format!("  annotations:\n{}", ex.annotations) },
+        ann = if ex.annotations.is_empty() {
+            String::new()
+        } else {
+            format!("  annotations:\n{}", ex.annotations)
+        },
         ip = ex.cluster_ip,
         extra = ex.spec_extra,
         port = ex.port,
@@ -136,7 +176,9 @@ fn objects(ex: &Example, backends: &[SocketAddr]) -> String {
 
 /// A tiny HTTP server answering every request with its name.
 async fn start_http_backend(who: String) -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.context("binding a demo backend")?;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a demo backend")?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
@@ -152,7 +194,10 @@ async fn start_http_backend(who: String) -> Result<SocketAddr> {
                     }
                 }
                 let body = format!("hello from {who}\n");
-                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
                 let _ = conn.write_all(resp.as_bytes()).await;
                 let _ = conn.shutdown().await;
             });
@@ -163,7 +208,9 @@ async fn start_http_backend(who: String) -> Result<SocketAddr> {
 
 /// A UDP server echoing each datagram prefixed with its name.
 async fn start_udp_backend(who: String) -> Result<SocketAddr> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.context("binding a demo backend")?;
+    let socket = UdpSocket::bind("127.0.0.1:0")
+        .await
+        .context("binding a demo backend")?;
     let addr = socket.local_addr()?;
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65_535];

@@ -25,7 +25,8 @@ impl HealthServers {
     /// Sets the wanted servers: service -> (port, local endpoints).
     /// Servers for ports no longer wanted are stopped.
     pub fn sync(&mut self, wanted: &BTreeMap<(String, String), (u16, usize)>) {
-        *self.counts.lock().expect("counts lock") = wanted.iter().map(|(k, (_, n))| (k.clone(), *n)).collect();
+        *self.counts.lock().expect("counts lock") =
+            wanted.iter().map(|(k, (_, n))| (k.clone(), *n)).collect();
         self.servers.retain(|port, (svc, task)| {
             let keep = wanted.get(svc).is_some_and(|(p, _)| p == port);
             if !keep {
@@ -46,7 +47,9 @@ impl HealthServers {
                     let task = tokio::spawn(serve(listener, svc.clone(), self.counts.clone()));
                     self.servers.insert(*port, (svc.clone(), task));
                 }
-                Err(e) => tracing::error!(service = format!("{}/{}", svc.0, svc.1), port, error = %e, "cannot open the health-check node port"),
+                Err(e) => {
+                    tracing::error!(service = format!("{}/{}", svc.0, svc.1), port, error = %e, "cannot open the health-check node port")
+                }
             }
         }
     }
@@ -60,15 +63,25 @@ impl Drop for HealthServers {
 
 async fn serve(listener: TcpListener, svc: (String, String), counts: Counts) {
     while let Ok((mut conn, _)) = listener.accept().await {
-        let count = counts.lock().expect("counts lock").get(&svc).copied().unwrap_or(0);
+        let count = counts
+            .lock()
+            .expect("counts lock")
+            .get(&svc)
+            .copied()
+            .unwrap_or(0);
         let body = format!(
             "{{\"service\":{{\"namespace\":{:?},\"name\":{:?}}},\"localEndpoints\":{count},\"serviceProxyHealthy\":true}}",
             svc.0, svc.1
         );
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
-            let status = if count > 0 { "200 OK" } else { "503 Service Unavailable" };
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
+            let status = if count > 0 {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {count}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -80,14 +80,19 @@ impl FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let (addr, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR"))?;
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not a CIDR"))?;
         let address: IpAddr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
         let prefix_len: u8 = len.parse().map_err(|e| format!("{s:?}: {e}"))?;
         let max = if address.is_ipv4() { 32 } else { 128 };
         if prefix_len > max {
             return Err(format!("{s:?}: prefix longer than {max}"));
         }
-        Ok(Cidr { address, prefix_len })
+        Ok(Cidr {
+            address,
+            prefix_len,
+        })
     }
 }
 
@@ -100,8 +105,15 @@ impl fmt::Display for Cidr {
 impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.address, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(net.to_bits().into(), ip.to_bits().into(), 32, self.prefix_len),
-            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix_eq(net.to_bits(), ip.to_bits(), 128, self.prefix_len),
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
+                net.to_bits().into(),
+                ip.to_bits().into(),
+                32,
+                self.prefix_len,
+            ),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(net.to_bits(), ip.to_bits(), 128, self.prefix_len)
+            }
             _ => false,
         }
     }

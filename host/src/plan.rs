@@ -38,12 +38,43 @@ pub struct Listener {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item {
-    NftChain { family: NftFamily, table: String, name: String, hook: Option<String>, rules: Vec<String> },
-    NftSet { family: NftFamily, table: String, name: String, declaration: String },
-    NftElement { family: NftFamily, table: String, set: String, element: String },
-    IptablesChain { ipv6: bool, table: String, name: String, rules: Vec<String> },
-    IpvsVirtualServer { address: SocketAddr, protocol: Protocol, scheduler: String, persistence_timeout: u32 },
-    IpvsRealServer { virtual_address: SocketAddr, protocol: Protocol, address: SocketAddr, weight: u32 },
+    NftChain {
+        family: NftFamily,
+        table: String,
+        name: String,
+        hook: Option<String>,
+        rules: Vec<String>,
+    },
+    NftSet {
+        family: NftFamily,
+        table: String,
+        name: String,
+        declaration: String,
+    },
+    NftElement {
+        family: NftFamily,
+        table: String,
+        set: String,
+        element: String,
+    },
+    IptablesChain {
+        ipv6: bool,
+        table: String,
+        name: String,
+        rules: Vec<String>,
+    },
+    IpvsVirtualServer {
+        address: SocketAddr,
+        protocol: Protocol,
+        scheduler: String,
+        persistence_timeout: u32,
+    },
+    IpvsRealServer {
+        virtual_address: SocketAddr,
+        protocol: Protocol,
+        address: SocketAddr,
+        weight: u32,
+    },
     Listener(Listener),
 }
 
@@ -65,7 +96,11 @@ pub struct Rules {
 
 impl Default for Rules {
     fn default() -> Self {
-        Self { nft_table: "kube-wasm-proxy".into(), iptables_prefix: "KWP-".into(), max_items: 100_000 }
+        Self {
+            nft_table: "kube-wasm-proxy".into(),
+            iptables_prefix: "KWP-".into(),
+            max_items: 100_000,
+        }
     }
 }
 
@@ -89,34 +124,61 @@ impl Fragment {
             return Err(PlanError::TooLarge(self.items.len(), rules.max_items));
         }
         let own_table = |t: &str| {
-            if t == rules.nft_table { Ok(()) } else { Err(PlanError::ForeignTable(t.into(), rules.nft_table.clone())) }
+            if t == rules.nft_table {
+                Ok(())
+            } else {
+                Err(PlanError::ForeignTable(t.into(), rules.nft_table.clone()))
+            }
         };
         for item in &self.items {
             match item {
-                Item::NftChain { table, name, hook, rules: lines, .. } => {
+                Item::NftChain {
+                    table,
+                    name,
+                    hook,
+                    rules: lines,
+                    ..
+                } => {
                     own_table(table)?;
                     check_name(name)?;
                     hook.iter().try_for_each(|h| check_braced(h, false))?;
                     lines.iter().try_for_each(|l| check_text(l))?;
                 }
-                Item::NftSet { table, name, declaration, .. } => {
+                Item::NftSet {
+                    table,
+                    name,
+                    declaration,
+                    ..
+                } => {
                     own_table(table)?;
                     check_name(name)?;
                     check_braced(declaration, true)?;
                 }
-                Item::NftElement { table, set, element, .. } => {
+                Item::NftElement {
+                    table,
+                    set,
+                    element,
+                    ..
+                } => {
                     own_table(table)?;
                     check_name(set)?;
                     check_braced(element, false)?;
                 }
-                Item::IptablesChain { name, rules: lines, .. } => {
+                Item::IptablesChain {
+                    name, rules: lines, ..
+                } => {
                     if !name.starts_with(&rules.iptables_prefix) {
-                        return Err(PlanError::ForeignChain(name.clone(), rules.iptables_prefix.clone()));
+                        return Err(PlanError::ForeignChain(
+                            name.clone(),
+                            rules.iptables_prefix.clone(),
+                        ));
                     }
                     check_name(name)?;
                     lines.iter().try_for_each(|l| check_text(l))?;
                 }
-                Item::IpvsVirtualServer { .. } | Item::IpvsRealServer { .. } | Item::Listener(_) => {}
+                Item::IpvsVirtualServer { .. }
+                | Item::IpvsRealServer { .. }
+                | Item::Listener(_) => {}
             }
         }
         Ok(())
@@ -124,8 +186,16 @@ impl Fragment {
 }
 
 fn check_name(name: &str) -> Result<(), PlanError> {
-    let ok = !name.is_empty() && name.len() <= 200 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if ok { Ok(()) } else { Err(PlanError::BadName(name.into())) }
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(PlanError::BadName(name.into()))
+    }
 }
 
 /// nft and iptables-restore read one command per line (nft also splits on
@@ -138,11 +208,19 @@ fn check_text(text: &str) -> Result<(), PlanError> {
 /// not close the brace; a set declaration may use `;` inside it.
 fn check_braced(text: &str, allow_semicolon: bool) -> Result<(), PlanError> {
     check_chars(text, &['\n', '\r', '{', '}'])?;
-    if allow_semicolon { Ok(()) } else { check_text(text) }
+    if allow_semicolon {
+        Ok(())
+    } else {
+        check_text(text)
+    }
 }
 
 fn check_chars(text: &str, forbidden: &[char]) -> Result<(), PlanError> {
-    if text.contains(forbidden) { Err(PlanError::Injection(text.into())) } else { Ok(()) }
+    if text.contains(forbidden) {
+        Err(PlanError::Injection(text.into()))
+    } else {
+        Ok(())
+    }
 }
 
 /// A whole plan, for `--dry-run`.
@@ -158,32 +236,78 @@ pub struct Plan {
 impl fmt::Display for Item {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Item::NftChain { family, table, name, hook, rules } => {
+            Item::NftChain {
+                family,
+                table,
+                name,
+                hook,
+                rules,
+            } => {
                 writeln!(f, "nft chain {family} {table} {name}")?;
                 if let Some(hook) = hook {
                     writeln!(f, "    {hook}")?;
                 }
                 rules.iter().try_for_each(|r| writeln!(f, "    {r}"))
             }
-            Item::NftSet { family, table, name, declaration } => writeln!(f, "nft set {family} {table} {name} {{ {declaration} }}"),
-            Item::NftElement { family, table, set, element } => writeln!(f, "nft element {family} {table} {set} {{ {element} }}"),
-            Item::IptablesChain { ipv6, table, name, rules } => {
-                writeln!(f, "{} -t {table} chain {name}", if *ipv6 { "ip6tables" } else { "iptables" })?;
-                rules.iter().try_for_each(|r| writeln!(f, "    -A {name} {r}"))
+            Item::NftSet {
+                family,
+                table,
+                name,
+                declaration,
+            } => writeln!(f, "nft set {family} {table} {name} {{ {declaration} }}"),
+            Item::NftElement {
+                family,
+                table,
+                set,
+                element,
+            } => writeln!(f, "nft element {family} {table} {set} {{ {element} }}"),
+            Item::IptablesChain {
+                ipv6,
+                table,
+                name,
+                rules,
+            } => {
+                writeln!(
+                    f,
+                    "{} -t {table} chain {name}",
+                    if *ipv6 { "ip6tables" } else { "iptables" }
+                )?;
+                rules
+                    .iter()
+                    .try_for_each(|r| writeln!(f, "    -A {name} {r}"))
             }
-            Item::IpvsVirtualServer { address, protocol, scheduler, persistence_timeout } => {
+            Item::IpvsVirtualServer {
+                address,
+                protocol,
+                scheduler,
+                persistence_timeout,
+            } => {
                 write!(f, "ipvs virtual {protocol} {address} scheduler {scheduler}")?;
                 if *persistence_timeout > 0 {
                     write!(f, " persistent {persistence_timeout}s")?;
                 }
                 writeln!(f)
             }
-            Item::IpvsRealServer { virtual_address, protocol, address, weight } => {
-                writeln!(f, "ipvs real {protocol} {virtual_address} -> {address} weight {weight}")
+            Item::IpvsRealServer {
+                virtual_address,
+                protocol,
+                address,
+                weight,
+            } => {
+                writeln!(
+                    f,
+                    "ipvs real {protocol} {virtual_address} -> {address} weight {weight}"
+                )
             }
             Item::Listener(l) => {
                 let fronts: Vec<String> = l.frontends.iter().map(ToString::to_string).collect();
-                write!(f, "listen {} for service #{} frontends [{}]", l.protocol, l.service, fronts.join(", "))?;
+                write!(
+                    f,
+                    "listen {} for service #{} frontends [{}]",
+                    l.protocol,
+                    l.service,
+                    fronts.join(", ")
+                )?;
                 if l.protocol == Protocol::Udp {
                     write!(f, " udp-idle {}ms", l.udp_idle_timeout.as_millis())?;
                 }
@@ -227,18 +351,59 @@ mod tests {
     #[test]
     fn only_owned_tables_and_single_commands_pass() {
         let rules = Rules::default();
-        assert_eq!(chain("kube-wasm-proxy", "ip daddr 10.0.0.1 accept").validate(&rules), Ok(()));
-        assert!(matches!(chain("filter", "accept").validate(&rules), Err(PlanError::ForeignTable(..))));
-        assert!(matches!(chain("kube-wasm-proxy", "accept; flush ruleset").validate(&rules), Err(PlanError::Injection(_))));
-        assert!(matches!(chain("kube-wasm-proxy", "accept\nflush ruleset").validate(&rules), Err(PlanError::Injection(_))));
+        assert_eq!(
+            chain("kube-wasm-proxy", "ip daddr 10.0.0.1 accept").validate(&rules),
+            Ok(())
+        );
+        assert!(matches!(
+            chain("filter", "accept").validate(&rules),
+            Err(PlanError::ForeignTable(..))
+        ));
+        assert!(matches!(
+            chain("kube-wasm-proxy", "accept; flush ruleset").validate(&rules),
+            Err(PlanError::Injection(_))
+        ));
+        assert!(matches!(
+            chain("kube-wasm-proxy", "accept\nflush ruleset").validate(&rules),
+            Err(PlanError::Injection(_))
+        ));
         let set = |decl: &str| Fragment {
-            items: vec![Item::NftSet { family: NftFamily::Ip, table: "kube-wasm-proxy".into(), name: "s".into(), declaration: decl.into() }],
+            items: vec![Item::NftSet {
+                family: NftFamily::Ip,
+                table: "kube-wasm-proxy".into(),
+                name: "s".into(),
+                declaration: decl.into(),
+            }],
         };
-        assert_eq!(set("type ipv4_addr; flags dynamic,timeout; timeout 10s;").validate(&rules), Ok(()));
-        assert!(matches!(set("type ipv4_addr; }; flush ruleset; add set ip t x {").validate(&rules), Err(PlanError::Injection(_))));
-        let ipt = Fragment { items: vec![Item::IptablesChain { ipv6: false, table: "nat".into(), name: "KUBE-SERVICES".into(), rules: vec![] }] };
-        assert!(matches!(ipt.validate(&rules), Err(PlanError::ForeignChain(..))));
-        let big = Fragment { items: vec![chain("kube-wasm-proxy", "accept").items[0].clone(); 3] };
-        assert_eq!(big.validate(&Rules { max_items: 2, ..Rules::default() }), Err(PlanError::TooLarge(3, 2)));
+        assert_eq!(
+            set("type ipv4_addr; flags dynamic,timeout; timeout 10s;").validate(&rules),
+            Ok(())
+        );
+        assert!(matches!(
+            set("type ipv4_addr; }; flush ruleset; add set ip t x {").validate(&rules),
+            Err(PlanError::Injection(_))
+        ));
+        let ipt = Fragment {
+            items: vec![Item::IptablesChain {
+                ipv6: false,
+                table: "nat".into(),
+                name: "KUBE-SERVICES".into(),
+                rules: vec![],
+            }],
+        };
+        assert!(matches!(
+            ipt.validate(&rules),
+            Err(PlanError::ForeignChain(..))
+        ));
+        let big = Fragment {
+            items: vec![chain("kube-wasm-proxy", "accept").items[0].clone(); 3],
+        };
+        assert_eq!(
+            big.validate(&Rules {
+                max_items: 2,
+                ..Rules::default()
+            }),
+            Err(PlanError::TooLarge(3, 2))
+        );
     }
 }

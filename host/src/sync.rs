@@ -33,7 +33,11 @@ impl SyncLoop {
             let now = Instant::now();
             let earliest = last_sync.map_or(now, |t| t + self.min_sync_period);
             let periodic = last_sync.map_or(now, |t| t + self.sync_period);
-            let wake = if pending { earliest.min(periodic) } else { periodic };
+            let wake = if pending {
+                earliest.min(periodic)
+            } else {
+                periodic
+            };
             let ready = self.ready();
             let reload = async {
                 match self.reloads.as_mut() {
@@ -74,10 +78,18 @@ impl SyncLoop {
 
     pub fn apply(&mut self, event: SourceEvent) {
         use crate::source::{Kind, Object};
-        let node_deleting = |n: &k8s_openapi::api::core::v1::Node| n.metadata.deletion_timestamp.is_some();
+        let node_deleting =
+            |n: &k8s_openapi::api::core::v1::Node| n.metadata.deletion_timestamp.is_some();
         match event {
-            SourceEvent::Full { services, slices, node } => {
-                self.metrics.node_deleting.store(node.as_ref().is_some_and(node_deleting), std::sync::atomic::Ordering::Relaxed);
+            SourceEvent::Full {
+                services,
+                slices,
+                node,
+            } => {
+                self.metrics.node_deleting.store(
+                    node.as_ref().is_some_and(node_deleting),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 self.state.replace_all(&services, &slices, node.as_ref());
                 self.synced = vec![Kind::Service, Kind::EndpointSlice, Kind::Node];
             }
@@ -86,7 +98,9 @@ impl SyncLoop {
             }
             SourceEvent::Apply(Object::Slice(s)) => self.state.upsert_slice(&s),
             SourceEvent::Apply(Object::Node(n)) => {
-                self.metrics.node_deleting.store(node_deleting(&n), std::sync::atomic::Ordering::Relaxed);
+                self.metrics
+                    .node_deleting
+                    .store(node_deleting(&n), std::sync::atomic::Ordering::Relaxed);
                 self.state.set_node(&n);
             }
             SourceEvent::Delete(Kind::Service, key) => self.state.delete_service(&key),
@@ -108,10 +122,18 @@ impl SyncLoop {
     fn publish_change_counts(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let m = &self.metrics;
-        m.service_changes.0.store(self.state.service_changes.0, Relaxed);
-        m.service_changes.1.store(self.state.service_changes.1, Relaxed);
-        m.endpoint_changes.0.store(self.state.endpoint_changes.0, Relaxed);
-        m.endpoint_changes.1.store(self.state.endpoint_changes.1, Relaxed);
+        m.service_changes
+            .0
+            .store(self.state.service_changes.0, Relaxed);
+        m.service_changes
+            .1
+            .store(self.state.service_changes.1, Relaxed);
+        m.endpoint_changes
+            .0
+            .store(self.state.endpoint_changes.0, Relaxed);
+        m.endpoint_changes
+            .1
+            .store(self.state.endpoint_changes.1, Relaxed);
     }
 
     /// One sync: whatever changed (possibly nothing; the proxier then only
@@ -130,14 +152,23 @@ impl SyncLoop {
         if ok {
             let now = std::time::SystemTime::now();
             for t in triggers {
-                self.metrics.network_programming.observe(now.duration_since(t).unwrap_or_default());
+                self.metrics
+                    .network_programming
+                    .observe(now.duration_since(t).unwrap_or_default());
             }
         }
         self.publish_change_counts();
         let (internal, external) = self.proxier.no_local_endpoints();
-        self.metrics.no_local_endpoints.0.store(internal, std::sync::atomic::Ordering::Relaxed);
-        self.metrics.no_local_endpoints.1.store(external, std::sync::atomic::Ordering::Relaxed);
-        *self.metrics.plugins.lock().expect("metrics lock") = self.proxier.plugin_stats().into_iter().collect();
+        self.metrics
+            .no_local_endpoints
+            .0
+            .store(internal, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .no_local_endpoints
+            .1
+            .store(external, std::sync::atomic::Ordering::Relaxed);
+        *self.metrics.plugins.lock().expect("metrics lock") =
+            self.proxier.plugin_stats().into_iter().collect();
         if updated + removed > 0 {
             tracing::debug!(updated, removed, took = ?self.proxier.stats.last_duration, "synced");
         }
@@ -153,8 +184,15 @@ mod tests {
     use super::*;
 
     fn event(version: usize) -> SourceEvent {
-        let svc = format!("metadata: {{name: s, namespace: t}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: {}}}]}}\n", 1000 + version);
-        SourceEvent::Full { services: vec![serde_yaml::from_str(&svc).unwrap()], slices: vec![], node: None }
+        let svc = format!(
+            "metadata: {{name: s, namespace: t}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: {}}}]}}\n",
+            1000 + version
+        );
+        SourceEvent::Full {
+            services: vec![serde_yaml::from_str(&svc).unwrap()],
+            slices: vec![],
+            node: None,
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,8 +200,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = format!("file:{}", dir.path().display());
         let flags = crate::config::Cli::parse_from([
-            "kube-wasm-proxy", "--proxy-mode", "userspace", "--no-redirect", "--source", &source,
-            "--min-sync-period", "300ms", "--sync-period", "1h",
+            "kube-wasm-proxy",
+            "--proxy-mode",
+            "userspace",
+            "--no-redirect",
+            "--source",
+            &source,
+            "--min-sync-period",
+            "300ms",
+            "--sync-period",
+            "1h",
         ])
         .flags;
         let app = crate::app::App::build(&flags).unwrap();
@@ -181,7 +227,10 @@ mod tests {
         let sync = running.await.unwrap();
         let most = (elapsed.as_millis() / 300) as u64 + 2;
         let syncs = sync.proxier.stats.syncs;
-        assert!((2..=most).contains(&syncs), "{syncs} syncs for 50 changes in {elapsed:?}");
+        assert!(
+            (2..=most).contains(&syncs),
+            "{syncs} syncs for 50 changes in {elapsed:?}"
+        );
         // The last change was applied.
         let port = sync.state.snapshot().next().map(|s| s.port.port);
         assert_eq!(port, Some(1049));

@@ -8,7 +8,10 @@ const PLUGINS: &[(&str, &str)] = &[
     ("kwp-plugin-nftables", "kwp_plugin_nftables"),
     ("kwp-plugin-maglev", "kwp_plugin_maglev"),
     ("kwp-plugin-weighted", "kwp_plugin_weighted"),
-    ("kwp-plugin-least-connections", "kwp_plugin_least_connections"),
+    (
+        "kwp-plugin-least-connections",
+        "kwp_plugin_least_connections",
+    ),
 ];
 
 fn main() {

@@ -55,7 +55,9 @@ mod tests {
         assert_eq!(a, flow_hash(IpAddress::V4(0x0a00_0001), 1000));
         assert_ne!(a, flow_hash(IpAddress::V4(0x0a00_0001), 1001));
         // Consecutive ports land in both halves of a 2-bucket split.
-        let odd = (0..1000u16).filter(|p| flow_hash(IpAddress::V4(1), *p) % 2 == 1).count();
+        let odd = (0..1000u16)
+            .filter(|p| flow_hash(IpAddress::V4(1), *p) % 2 == 1)
+            .count();
         assert!((400..600).contains(&odd), "{odd}");
     }
 }

@@ -19,7 +19,11 @@ pub fn maglev(backends: &[String], size: usize) -> Vec<u32> {
         .iter()
         .map(|b| {
             let offset = stable_hash(b.as_bytes()) % m;
-            let skip = if m > 1 { stable_hash(format!("skip:{b}").as_bytes()) % (m - 1) + 1 } else { 1 };
+            let skip = if m > 1 {
+                stable_hash(format!("skip:{b}").as_bytes()) % (m - 1) + 1
+            } else {
+                1
+            };
             (offset, skip)
         })
         .collect();
@@ -51,15 +55,31 @@ pub fn weighted(weights: &[u32], size: usize) -> Vec<u32> {
     if total == 0 || size == 0 {
         return Vec::new();
     }
-    let mut shares: Vec<(usize, u64, u64)> =
-        weights.iter().enumerate().map(|(i, w)| (i, u64::from(*w) * size as u64 / total, u64::from(*w) * size as u64 % total)).collect();
+    let mut shares: Vec<(usize, u64, u64)> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            (
+                i,
+                u64::from(*w) * size as u64 / total,
+                u64::from(*w) * size as u64 % total,
+            )
+        })
+        .collect();
     let given: u64 = shares.iter().map(|s| s.1).sum();
     let mut by_remainder: Vec<usize> = (0..shares.len()).filter(|i| weights[*i] > 0).collect();
     by_remainder.sort_by_key(|i| std::cmp::Reverse(shares[*i].2));
-    for i in by_remainder.iter().cycle().take((size as u64 - given) as usize) {
+    for i in by_remainder
+        .iter()
+        .cycle()
+        .take((size as u64 - given) as usize)
+    {
         shares[*i].1 += 1;
     }
-    shares.iter().flat_map(|(i, n, _)| std::iter::repeat_n(*i as u32, *n as usize)).collect()
+    shares
+        .iter()
+        .flat_map(|(i, n, _)| std::iter::repeat_n(*i as u32, *n as usize))
+        .collect()
 }
 
 #[cfg(test)]

@@ -42,7 +42,13 @@ impl<P: Policy> Harness<P> {
     /// Picks for `connections` new flows from distinct client ports of
     /// `client`, returning how many landed on each endpoint index (`None`
     /// picks are counted in the last slot).
-    pub fn distribution(&mut self, service: u32, client: IpAddress, endpoints: usize, connections: u32) -> Vec<u32> {
+    pub fn distribution(
+        &mut self,
+        service: u32,
+        client: IpAddress,
+        endpoints: usize,
+        connections: u32,
+    ) -> Vec<u32> {
         let mut counts = vec![0; endpoints + 1];
         for i in 0..connections {
             let port = 1024 + (i % 60000) as u16;

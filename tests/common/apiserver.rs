@@ -38,7 +38,10 @@ pub struct Binaries {
 
 /// The repository's root (the tests' crate is `host/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_path_buf()
 }
 
 /// Runs `scripts/control-plane.sh` once per test process: installs etcd
@@ -54,7 +57,12 @@ pub fn binaries() -> &'static Binaries {
             .stderr(Stdio::inherit())
             .output()
             .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        assert!(out.status.success(), "{} failed ({}); see its output above", script.display(), out.status);
+        assert!(
+            out.status.success(),
+            "{} failed ({}); see its output above",
+            script.display(),
+            out.status
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         let find = |name: &str| -> PathBuf {
             text.lines()
@@ -62,13 +70,18 @@ pub fn binaries() -> &'static Binaries {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| panic!("{} printed no {name}=: {text}", script.display()))
         };
-        Binaries { etcd: find("ETCD"), kube_apiserver: find("KUBE_APISERVER"), kube_proxy: find("KUBE_PROXY") }
+        Binaries {
+            etcd: find("ETCD"),
+            kube_apiserver: find("KUBE_APISERVER"),
+            kube_proxy: find("KUBE_PROXY"),
+        }
     })
 }
 
 /// The pinned Kubernetes version (`KUBE_VERSION` in the script), e.g. `v1.34.12`.
 pub fn kube_version() -> String {
-    let script = std::fs::read_to_string(repo_root().join("scripts/control-plane.sh")).expect("read control-plane.sh");
+    let script = std::fs::read_to_string(repo_root().join("scripts/control-plane.sh"))
+        .expect("read control-plane.sh");
     script
         .lines()
         .find_map(|l| l.strip_prefix("KUBE_VERSION="))
@@ -120,27 +133,51 @@ impl ControlPlane {
         // etcd fsyncs every write; on tmpfs that costs nothing.
         let base = Path::new("/dev/shm");
         let tmp = if base.is_dir() {
-            tempfile::Builder::new().prefix("kwp-control-plane-").tempdir_in(base)
+            tempfile::Builder::new()
+                .prefix("kwp-control-plane-")
+                .tempdir_in(base)
         } else {
-            tempfile::Builder::new().prefix("kwp-control-plane-").tempdir()
+            tempfile::Builder::new()
+                .prefix("kwp-control-plane-")
+                .tempdir()
         }
         .map_err(|e| format!("temp dir: {e}"))?;
         let dir = tmp.path().to_path_buf();
         let admin_token = random_token();
         make_pki(&dir)?;
-        std::fs::write(dir.join("tokens.csv"), format!("{admin_token},admin,admin-uid,\"system:masters\"\n"))
-            .map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.join("tokens.csv"),
+            format!("{admin_token},admin,admin-uid,\"system:masters\"\n"),
+        )
+        .map_err(|e| e.to_string())?;
 
         let [client_port, peer_port, secure_port] = free_ports();
         let etcd_url = format!("http://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let mut etcd = Command::new(&bins.etcd);
-        etcd.args(["--name", "kwp-test", "--logger", "zap", "--log-level", "warn"])
-            .arg("--data-dir")
-            .arg(dir.join("etcd"))
-            .args(["--listen-client-urls", &etcd_url, "--advertise-client-urls", &etcd_url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .arg(format!("--initial-cluster=kwp-test={peer_url}"));
+        etcd.args([
+            "--name",
+            "kwp-test",
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &etcd_url,
+            "--advertise-client-urls",
+            &etcd_url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+        ])
+        .arg(format!("--initial-cluster=kwp-test={peer_url}"));
         let etcd = spawn_logged(etcd, &dir.join("etcd.log"))?;
         let mut cp = ControlPlane {
             url: format!("https://127.0.0.1:{secure_port}"),
@@ -153,8 +190,12 @@ impl ControlPlane {
             etcd: Some(etcd),
             apiserver: None,
         };
-        wait_for_port(client_port, Duration::from_secs(30), cp.etcd.as_mut().unwrap())
-            .map_err(|e| format!("etcd: {e}\n{}", cp.etcd_log()))?;
+        wait_for_port(
+            client_port,
+            Duration::from_secs(30),
+            cp.etcd.as_mut().unwrap(),
+        )
+        .map_err(|e| format!("etcd: {e}\n{}", cp.etcd_log()))?;
 
         let p = |f: &str| dir.join(f).display().to_string();
         let mut api = Command::new(&bins.kube_apiserver);
@@ -166,13 +207,25 @@ impl ControlPlane {
             .arg(format!("--client-ca-file={}", p("ca.crt")))
             .arg(format!("--token-auth-file={}", p("tokens.csv")))
             .arg(format!("--cert-dir={}", p("certs")))
-            .args(["--authorization-mode=Node,RBAC", "--enable-admission-plugins=NodeRestriction"])
+            .args([
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+            ])
             .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
             .arg(format!("--service-account-key-file={}", p("sa.pub")))
-            .arg(format!("--service-account-signing-key-file={}", p("sa.key")))
-            .arg(format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                p("sa.key")
+            ))
+            .arg(format!(
+                "--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"
+            ))
             // The `kubernetes` Service's Endpoints may not be on loopback.
-            .args(["--endpoint-reconciler-type=none", "--allow-privileged=true", "--profiling=false"]);
+            .args([
+                "--endpoint-reconciler-type=none",
+                "--allow-privileged=true",
+                "--profiling=false",
+            ]);
         cp.apiserver = Some(spawn_logged(api, &dir.join("kube-apiserver.log"))?);
         cp.wait_ready(Duration::from_secs(90))?;
         Ok(cp)
@@ -182,7 +235,10 @@ impl ControlPlane {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.apiserver.as_mut().unwrap().try_wait().ok().flatten() {
-                return Err(format!("kube-apiserver exited ({status}):\n{}", self.apiserver_log()));
+                return Err(format!(
+                    "kube-apiserver exited ({status}):\n{}",
+                    self.apiserver_log()
+                ));
             }
             let r = self.admin().try_request("GET", "/readyz", None);
             if r.as_ref().is_ok_and(|r| r.status == 200) {
@@ -193,7 +249,10 @@ impl ControlPlane {
                     Ok(r) => self.admin().get("/readyz?verbose").body + &r.body,
                     Err(e) => e,
                 };
-                return Err(format!("kube-apiserver not ready after {timeout:?}: {why}\n{}", self.apiserver_log()));
+                return Err(format!(
+                    "kube-apiserver not ready after {timeout:?}: {why}\n{}",
+                    self.apiserver_log()
+                ));
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -206,24 +265,37 @@ impl ControlPlane {
 
     /// A client with this bearer token.
     pub fn client(&self, token: &str) -> Client {
-        Client { url: self.url.clone(), ca_file: self.ca_file.clone(), token: Some(token.to_string()) }
+        Client {
+            url: self.url.clone(),
+            ca_file: self.ca_file.clone(),
+            token: Some(token.to_string()),
+        }
     }
 
     /// A client that presents no credentials.
     pub fn anonymous(&self) -> Client {
-        Client { url: self.url.clone(), ca_file: self.ca_file.clone(), token: None }
+        Client {
+            url: self.url.clone(),
+            ca_file: self.ca_file.clone(),
+            token: None,
+        }
     }
 
     /// Writes a kubeconfig that reaches this API server with `token`.
     pub fn write_kubeconfig(&self, path: &Path, token: &str) {
-        std::fs::write(path, kubeconfig(&self.url, &self.ca_file, &format!("token: {token}"))).expect("write kubeconfig");
+        std::fs::write(
+            path,
+            kubeconfig(&self.url, &self.ca_file, &format!("token: {token}")),
+        )
+        .expect("write kubeconfig");
     }
 
     /// Writes a kubeconfig that reads its token from `token_file` (as a pod's
     /// projected service-account token is read).
     pub fn write_kubeconfig_token_file(&self, path: &Path, token_file: &Path) {
         let user = format!("tokenFile: {}", token_file.display());
-        std::fs::write(path, kubeconfig(&self.url, &self.ca_file, &user)).expect("write kubeconfig");
+        std::fs::write(path, kubeconfig(&self.url, &self.ca_file, &user))
+            .expect("write kubeconfig");
     }
 
     /// A client certificate and key for `user` in `groups`, signed by the
@@ -231,14 +303,48 @@ impl ControlPlane {
     /// authorizer). Returns (cert, key) paths.
     pub fn client_cert(&self, user: &str, groups: &[&str]) -> (PathBuf, PathBuf) {
         let stem = user.replace(|c: char| !c.is_ascii_alphanumeric(), "_");
-        let (cert, key, csr) = (self.dir.join(format!("{stem}.crt")), self.dir.join(format!("{stem}.key")), self.dir.join(format!("{stem}.csr")));
-        let subject: String = groups.iter().map(|g| format!("/O={g}")).chain([format!("/CN={user}")]).collect();
+        let (cert, key, csr) = (
+            self.dir.join(format!("{stem}.crt")),
+            self.dir.join(format!("{stem}.key")),
+            self.dir.join(format!("{stem}.csr")),
+        );
+        let subject: String = groups
+            .iter()
+            .map(|g| format!("/O={g}"))
+            .chain([format!("/CN={user}")])
+            .collect();
         let ext = self.dir.join(format!("{stem}.ext"));
         std::fs::write(&ext, "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n").unwrap();
-        openssl(&["req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", s(&key), "-out", s(&csr), "-subj", &subject]).unwrap();
         openssl(&[
-            "x509", "-req", "-in", s(&csr), "-CA", s(&self.ca_file), "-CAkey", s(&self.ca_key), "-CAcreateserial", "-days", "2",
-            "-out", s(&cert), "-extfile", s(&ext),
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            s(&key),
+            "-out",
+            s(&csr),
+            "-subj",
+            &subject,
+        ])
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            s(&csr),
+            "-CA",
+            s(&self.ca_file),
+            "-CAkey",
+            s(&self.ca_key),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            s(&cert),
+            "-extfile",
+            s(&ext),
         ])
         .unwrap();
         (cert, key)
@@ -256,7 +362,10 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         // The API server first, so it does not log etcd going away.
-        for child in [self.apiserver.take(), self.etcd.take()].into_iter().flatten() {
+        for child in [self.apiserver.take(), self.etcd.take()]
+            .into_iter()
+            .flatten()
+        {
             stop(child);
         }
     }
@@ -310,8 +419,14 @@ pub struct Apply {
 }
 
 impl Apply {
-    pub const DRY_RUN: Apply = Apply { dry_run: true, strict: true };
-    pub const FOR_REAL: Apply = Apply { dry_run: false, strict: true };
+    pub const DRY_RUN: Apply = Apply {
+        dry_run: true,
+        strict: true,
+    };
+    pub const FOR_REAL: Apply = Apply {
+        dry_run: false,
+        strict: true,
+    };
 }
 
 /// Talks to the API server as one identity.
@@ -328,23 +443,43 @@ pub const FIELD_MANAGER: &str = "kwp-tests";
 impl Client {
     /// One request; `body` is (content type, bytes). Panics if curl fails.
     pub fn request(&self, method: &str, path: &str, body: Option<(&str, &str)>) -> Response {
-        self.try_request(method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        self.try_request(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     /// One request; Err only when no HTTP answer came (curl's error).
-    pub fn try_request(&self, method: &str, path: &str, body: Option<(&str, &str)>) -> Result<Response, String> {
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, &str)>,
+    ) -> Result<Response, String> {
         let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "60", "-X", method, "--cacert"]).arg(&self.ca_file);
+        cmd.args(["-sS", "--max-time", "60", "-X", method, "--cacert"])
+            .arg(&self.ca_file);
         cmd.args(["-H", "Accept: application/json", "-w", "\n%{http_code}"]);
         if let Some(token) = &self.token {
             cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
         }
         if let Some((content_type, _)) = body {
-            cmd.args(["-H", &format!("Content-Type: {content_type}"), "--data-binary", "@-"]);
+            cmd.args([
+                "-H",
+                &format!("Content-Type: {content_type}"),
+                "--data-binary",
+                "@-",
+            ]);
         }
         cmd.arg(format!("{}{path}", self.url));
-        cmd.stdin(if body.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| format!("running curl (Debian package curl): {e}"))?;
+        cmd.stdin(if body.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("running curl (Debian package curl): {e}"))?;
         if let Some((_, data)) = body {
             let mut stdin = child.stdin.take().unwrap();
             let data = data.to_string();
@@ -354,11 +489,21 @@ impl Client {
         }
         let out = child.wait_with_output().map_err(|e| e.to_string())?;
         if !out.status.success() {
-            return Err(format!("curl {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()));
+            return Err(format!(
+                "curl {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let (body, code) = text.rsplit_once('\n').ok_or("curl printed no status")?;
-        Ok(Response { status: code.trim().parse().map_err(|_| format!("bad status {code:?}"))?, body: body.to_string() })
+        Ok(Response {
+            status: code
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad status {code:?}"))?,
+            body: body.to_string(),
+        })
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -379,7 +524,11 @@ impl Client {
 
     /// A JSON merge patch.
     pub fn merge_patch(&self, path: &str, body: &Value) -> Response {
-        self.request("PATCH", path, Some(("application/merge-patch+json", &body.to_string())))
+        self.request(
+            "PATCH",
+            path,
+            Some(("application/merge-patch+json", &body.to_string())),
+        )
     }
 
     /// POST a YAML object (create) to `path`.
@@ -390,11 +539,27 @@ impl Client {
     /// Server-side apply of one YAML (or JSON) object, wherever its
     /// apiVersion, kind, namespace and name say it lives.
     pub fn apply(&self, yaml: &str, how: Apply) -> Response {
-        let obj: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("not YAML ({e}):\n{yaml}"));
-        let field = |k: &str| obj.get(k).and_then(|v| v.as_str()).unwrap_or_else(|| panic!("object has no {k}:\n{yaml}")).to_string();
-        let meta = |k: &str| obj.get("metadata").and_then(|m| m.get(k)).and_then(|v| v.as_str()).map(str::to_string);
+        let obj: serde_yaml::Value =
+            serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("not YAML ({e}):\n{yaml}"));
+        let field = |k: &str| {
+            obj.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_else(|| panic!("object has no {k}:\n{yaml}"))
+                .to_string()
+        };
+        let meta = |k: &str| {
+            obj.get("metadata")
+                .and_then(|m| m.get(k))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
         let name = meta("name").unwrap_or_else(|| panic!("object has no metadata.name:\n{yaml}"));
-        let path = self.object_path(&field("apiVersion"), &field("kind"), meta("namespace").as_deref(), Some(&name));
+        let path = self.object_path(
+            &field("apiVersion"),
+            &field("kind"),
+            meta("namespace").as_deref(),
+            Some(&name),
+        );
         let mut query = format!("fieldManager={FIELD_MANAGER}&force=true");
         if how.dry_run {
             query.push_str("&dryRun=All");
@@ -402,14 +567,30 @@ impl Client {
         if how.strict {
             query.push_str("&fieldValidation=Strict");
         }
-        self.request("PATCH", &format!("{path}?{query}"), Some(("application/apply-patch+yaml", yaml)))
+        self.request(
+            "PATCH",
+            &format!("{path}?{query}"),
+            Some(("application/apply-patch+yaml", yaml)),
+        )
     }
 
     /// The REST path of a kind's collection or of one object, found with
     /// discovery. A namespaced kind without a namespace is in `default`.
-    pub fn object_path(&self, api_version: &str, kind: &str, namespace: Option<&str>, name: Option<&str>) -> String {
-        let base = if api_version.contains('/') { format!("/apis/{api_version}") } else { format!("/api/{api_version}") };
-        let list = self.get(&base).expect_ok(&format!("discovery of {api_version}"));
+    pub fn object_path(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: Option<&str>,
+    ) -> String {
+        let base = if api_version.contains('/') {
+            format!("/apis/{api_version}")
+        } else {
+            format!("/api/{api_version}")
+        };
+        let list = self
+            .get(&base)
+            .expect_ok(&format!("discovery of {api_version}"));
         let resource = list["resources"]
             .as_array()
             .into_iter()
@@ -431,8 +612,16 @@ impl Client {
 
     /// Creates the namespace unless it exists, and waits until it is there.
     pub fn ensure_namespace(&self, name: &str) {
-        let r = self.post("/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}));
-        assert!(r.ok() || r.status == 409, "creating namespace {name}: HTTP {}: {}", r.status, r.body);
+        let r = self.post(
+            "/api/v1/namespaces",
+            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+        );
+        assert!(
+            r.ok() || r.status == 409,
+            "creating namespace {name}: HTTP {}: {}",
+            r.status,
+            r.body
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.get(&format!("/api/v1/namespaces/{name}")).status != 200 {
             assert!(Instant::now() < deadline, "namespace {name} did not appear");
@@ -443,8 +632,14 @@ impl Client {
     /// A token for a ServiceAccount (TokenRequest API), valid for an hour.
     pub fn service_account_token(&self, namespace: &str, name: &str) -> String {
         let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}});
-        let r = self.post(&format!("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"), &body);
-        r.expect_ok(&format!("token for {namespace}/{name}"))["status"]["token"].as_str().expect("status.token").to_string()
+        let r = self.post(
+            &format!("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"),
+            &body,
+        );
+        r.expect_ok(&format!("token for {namespace}/{name}"))["status"]["token"]
+            .as_str()
+            .expect("status.token")
+            .to_string()
     }
 
     /// Whether this identity may `verb` `resource` (`services`, or with a
@@ -452,19 +647,27 @@ impl Client {
     /// None asks cluster-wide.
     pub fn can(&self, verb: &str, group: &str, resource: &str, namespace: Option<&str>) -> bool {
         let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
-        let mut attrs = json!({"verb": verb, "group": group, "resource": resource, "subresource": subresource});
+        let mut attrs =
+            json!({"verb": verb, "group": group, "resource": resource, "subresource": subresource});
         if let Some(ns) = namespace {
             attrs["namespace"] = json!(ns);
         }
         let body = json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": {"resourceAttributes": attrs}});
-        let r = self.post("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", &body);
-        r.expect_ok("SelfSubjectAccessReview")["status"]["allowed"].as_bool().unwrap_or(false)
+        let r = self.post(
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+            &body,
+        );
+        r.expect_ok("SelfSubjectAccessReview")["status"]["allowed"]
+            .as_bool()
+            .unwrap_or(false)
     }
 
     /// Who the API server takes this client for (SelfSubjectReview).
     pub fn whoami(&self) -> Value {
         let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"});
-        self.post("/apis/authentication.k8s.io/v1/selfsubjectreviews", &body).expect_ok("SelfSubjectReview")["status"]["userInfo"].clone()
+        self.post("/apis/authentication.k8s.io/v1/selfsubjectreviews", &body)
+            .expect_ok("SelfSubjectReview")["status"]["userInfo"]
+            .clone()
     }
 }
 
@@ -499,28 +702,85 @@ fn s(p: &Path) -> &str {
 }
 
 fn openssl(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("openssl").args(args).stdin(Stdio::null()).output().map_err(|e| format!("running openssl: {e}"))?;
-    if out.status.success() { Ok(()) } else { Err(format!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr))) }
+    let out = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running openssl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 /// A CA, a serving certificate for 127.0.0.1 signed by it, and the
 /// service-account signing key pair.
 fn make_pki(dir: &Path) -> Result<(), String> {
     let f = |n: &str| dir.join(n);
-    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", s(&f("ca.key")), "-out", s(&f("ca.crt")), "-days", "2", "-subj", "/CN=kwp-test-ca"])?;
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        s(&f("ca.key")),
+        "-out",
+        s(&f("ca.crt")),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kwp-test-ca",
+    ])?;
     std::fs::write(
         f("serving.ext"),
         "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n\
          subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc\n",
     )
     .map_err(|e| e.to_string())?;
-    openssl(&["req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", s(&f("serving.key")), "-out", s(&f("serving.csr")), "-subj", "/CN=kube-apiserver"])?;
     openssl(&[
-        "x509", "-req", "-in", s(&f("serving.csr")), "-CA", s(&f("ca.crt")), "-CAkey", s(&f("ca.key")), "-CAcreateserial", "-days", "2",
-        "-out", s(&f("serving.crt")), "-extfile", s(&f("serving.ext")),
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        s(&f("serving.key")),
+        "-out",
+        s(&f("serving.csr")),
+        "-subj",
+        "/CN=kube-apiserver",
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        s(&f("serving.csr")),
+        "-CA",
+        s(&f("ca.crt")),
+        "-CAkey",
+        s(&f("ca.key")),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        s(&f("serving.crt")),
+        "-extfile",
+        s(&f("serving.ext")),
     ])?;
     openssl(&["genrsa", "-out", s(&f("sa.key")), "2048"])?;
-    openssl(&["rsa", "-in", s(&f("sa.key")), "-pubout", "-out", s(&f("sa.pub"))])?;
+    openssl(&[
+        "rsa",
+        "-in",
+        s(&f("sa.key")),
+        "-pubout",
+        "-out",
+        s(&f("sa.pub")),
+    ])?;
     Ok(())
 }
 
@@ -533,8 +793,13 @@ fn random_token() -> String {
 
 /// Three distinct ports that were free a moment ago.
 fn free_ports() -> [u16; 3] {
-    let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().unwrap().port()).collect();
+    let listeners: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
     [ports[0], ports[1], ports[2]]
 }
 
@@ -557,7 +822,11 @@ fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     let from = all.len().saturating_sub(lines);
-    format!("--- last lines of {} ---\n{}", path.display(), all[from..].join("\n"))
+    format!(
+        "--- last lines of {} ---\n{}",
+        path.display(),
+        all[from..].join("\n")
+    )
 }
 
 /// Starts `cmd` with stdout and stderr to `log`. The child gets SIGKILL if
@@ -590,6 +859,13 @@ fn spawn_logged(mut cmd: Command, log: &Path) -> Result<Child, String> {
     });
     let program = cmd.get_program().to_string_lossy().into_owned();
     let (reply, answer) = mpsc::channel();
-    spawner.lock().unwrap().send((cmd, reply)).expect("spawner alive");
-    answer.recv().expect("spawner answers").map_err(|e| format!("starting {program}: {e}"))
+    spawner
+        .lock()
+        .unwrap()
+        .send((cmd, reply))
+        .expect("spawner alive");
+    answer
+        .recv()
+        .expect("spawner answers")
+        .map_err(|e| format!("starting {program}: {e}"))
 }

@@ -4,9 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod apiserver;
 pub mod netns;
 pub mod topology;
-pub mod apiserver;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -92,9 +92,19 @@ pub async fn start_proxy(dir: &Path, extra: &[&str]) -> Mapping {
 }
 
 /// Like `start_proxy`, also returning the plugin runtime (reload counters).
-pub async fn start_proxy_with_runtime(dir: &Path, extra: &[&str]) -> (Mapping, std::sync::Arc<kwp::plugin::Runtime>) {
+pub async fn start_proxy_with_runtime(
+    dir: &Path,
+    extra: &[&str],
+) -> (Mapping, std::sync::Arc<kwp::plugin::Runtime>) {
     let source = format!("file:{}", dir.display());
-    let mut args = vec!["kube-wasm-proxy", "--proxy-mode", "userspace", "--no-redirect", "--source", &source];
+    let mut args = vec![
+        "kube-wasm-proxy",
+        "--proxy-mode",
+        "userspace",
+        "--no-redirect",
+        "--source",
+        &source,
+    ];
     // Defaults the caller may override: fast syncs, no health/metrics ports.
     let defaults = [
         ("--min-sync-period", "50ms"),
@@ -120,7 +130,12 @@ pub async fn start_proxy_with_runtime(dir: &Path, extra: &[&str]) -> (Mapping, s
 pub async fn listener(mapping: &Mapping, service: &str) -> SocketAddr {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let found = mapping.read().unwrap().iter().find(|(n, _)| n.name == service).map(|(_, (_, a))| *a);
+        let found = mapping
+            .read()
+            .unwrap()
+            .iter()
+            .find(|(n, _)| n.name == service)
+            .map(|(_, (_, a))| *a);
         if let Some(addr) = found {
             return addr;
         }
@@ -132,10 +147,16 @@ pub async fn listener(mapping: &Mapping, service: &str) -> SocketAddr {
 /// One TCP request through `addr`: the name of the backend that answered,
 /// or `None` if the connection was refused or reset without an answer.
 pub async fn ask(addr: SocketAddr) -> Option<String> {
-    let mut conn = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr)).await.ok()?.ok()?;
+    let mut conn = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
     conn.write_all(b"who\n").await.ok()?;
     let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(3), conn.read_to_string(&mut out)).await.ok()?.ok()?;
+    tokio::time::timeout(Duration::from_secs(3), conn.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
     (!out.is_empty()).then_some(out)
 }
 
@@ -144,6 +165,9 @@ pub async fn ask_udp(addr: SocketAddr) -> Option<String> {
     let socket = UdpSocket::bind("127.0.0.1:0").await.ok()?;
     socket.send_to(b"who", addr).await.ok()?;
     let mut buf = [0u8; 256];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf)).await.ok()?.ok()?;
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }

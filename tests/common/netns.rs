@@ -16,7 +16,10 @@ impl Netns {
             "network-namespace tests need root (CAP_NET_ADMIN); run the suite as root"
         );
         let name = format!("{prefix}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "delete", &name]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &name])
+            .stderr(Stdio::null())
+            .status();
         run(Command::new("ip").args(["netns", "add", &name]));
         let ns = Self { name };
         ns.sh("ip link set lo up");
@@ -51,7 +54,10 @@ impl Netns {
         self.thread(f);
     }
 
-    fn thread<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> std::thread::JoinHandle<R> {
+    fn thread<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> std::thread::JoinHandle<R> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("open netns");
@@ -64,12 +70,18 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
     }
 }
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().expect("command runs");
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }

@@ -40,8 +40,12 @@ pub struct Cluster {
     pub pods: Vec<Pod>,
 }
 
-const PODS: &[(&str, &str, bool)] =
-    &[("pod-a", "10.244.1.11", true), ("pod-b", "10.244.1.12", true), ("pod-c", "10.244.2.11", false), ("pod-d", "10.244.2.12", false)];
+const PODS: &[(&str, &str, bool)] = &[
+    ("pod-a", "10.244.1.11", true),
+    ("pod-b", "10.244.1.12", true),
+    ("pod-c", "10.244.2.11", false),
+    ("pod-d", "10.244.2.12", false),
+];
 
 impl Cluster {
     pub fn new(tag: &str) -> Self {
@@ -57,8 +61,12 @@ impl Cluster {
             // "directly" would bypass the node, as CNI bridges also avoid.
             ns.sh("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.default.send_redirects=0 && ip link add br0 type bridge && ip link set br0 up");
         }
-        node.sh("ip addr add 10.244.1.1/24 dev br0 && ip -6 addr add fd00:10:244:1::1/64 dev br0 nodad");
-        remote.sh("ip addr add 10.244.2.1/24 dev br0 && ip -6 addr add fd00:10:244:2::1/64 dev br0 nodad");
+        node.sh(
+            "ip addr add 10.244.1.1/24 dev br0 && ip -6 addr add fd00:10:244:1::1/64 dev br0 nodad",
+        );
+        remote.sh(
+            "ip addr add 10.244.2.1/24 dev br0 && ip -6 addr add fd00:10:244:2::1/64 dev br0 nodad",
+        );
         link(&node, "eth-cli", &client, "eth0");
         // A default route, as every real node has: service IPs are not local.
         node.sh(&format!("ip addr add {NODE_IP}/24 dev eth-cli && ip link set eth-cli up && ip route add default via {CLIENT_IP}"));
@@ -87,9 +95,20 @@ impl Cluster {
             let ip6 = format!("fd00:10:244:{}::{}", octets[2], octets[3]);
             ns.sh(&format!("ip -6 addr add {ip6}/64 dev eth0 nodad && ip -6 route add default via fd00:10:244:{}::1", octets[2]));
             serve(&ns, name);
-            pods.push(Pod { name, ip, ip6, local: *local, ns });
+            pods.push(Pod {
+                name,
+                ip,
+                ip6,
+                local: *local,
+                ns,
+            });
         }
-        Cluster { node, remote, client, pods }
+        Cluster {
+            node,
+            remote,
+            client,
+            pods,
+        }
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -106,15 +125,21 @@ impl Cluster {
 
 /// A veth pair between two namespaces.
 fn link(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
-    a.sh(&format!("ip link add {a_name} type veth peer name {b_name} netns {}", b.name));
+    a.sh(&format!(
+        "ip link add {a_name} type veth peer name {b_name} netns {}",
+        b.name
+    ));
 }
 
 /// TCP and UDP servers answering "<name> <peer ip>", on IPv4 and IPv6.
 fn serve(ns: &Netns, name: &'static str) {
     ns.background(move || {
-        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).expect("socket");
+        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+            .expect("socket");
         socket.set_only_v6(true).expect("v6only");
-        socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, POD_PORT)).into()).expect("pod tcp6 bind");
+        socket
+            .bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, POD_PORT)).into())
+            .expect("pod tcp6 bind");
         socket.listen(128).expect("listen");
         let listener: TcpListener = socket.into();
         for conn in listener.incoming().flatten() {
@@ -138,7 +163,10 @@ fn serve(ns: &Netns, name: &'static str) {
 
 /// Reads the request and answers "<name> <peer ip>".
 fn answer(mut conn: TcpStream, name: &str) {
-    let peer = conn.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+    let peer = conn
+        .peer_addr()
+        .map(|p| p.ip().to_string())
+        .unwrap_or_default();
     let mut buf = [0u8; 64];
     let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = conn.read(&mut buf);
@@ -163,8 +191,11 @@ pub fn tcp_from(from: &Netns, addr: SocketAddr) -> Outcome {
 /// One TCP request from namespace `from`, from source address `src`.
 pub fn tcp_from_source(from: &Netns, src: std::net::IpAddr, addr: SocketAddr) -> Outcome {
     from.run_in(move || {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-        socket.bind(&SocketAddr::new(src, 0).into()).expect("bind source");
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::new(src, 0).into())
+            .expect("bind source");
         match socket.connect_timeout(&addr.into(), Duration::from_millis(1500)) {
             Ok(()) => exchange(socket.into()),
             Err(e) => connect_error(e),
@@ -205,7 +236,9 @@ fn exchange(mut conn: TcpStream) -> Outcome {
 pub fn udp_from(from: &Netns, addr: SocketAddr) -> Outcome {
     from.run_in(move || {
         let socket = UdpSocket::bind("0.0.0.0:0").expect("udp bind");
-        socket.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
         if let Err(e) = socket.send_to(b"who", addr) {
             return Outcome::Other(e.to_string());
         }
@@ -239,7 +272,10 @@ impl ContinuousClient {
         let path = format!("/run/netns/{}", ns.name);
         let thread = std::thread::spawn(move || {
             let ns = std::fs::File::open(path).expect("open netns");
-            assert_eq!(unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) }, 0);
+            assert_eq!(
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) },
+                0
+            );
             let (mut ok, mut failed) = (0, Vec::new());
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 match tcp_here(addr) {

@@ -47,23 +47,28 @@ impl Catalog {
     pub fn load(&self, name_or_path: &str) -> Result<(PluginSource, Vec<u8>)> {
         if name_or_path.contains('/') || name_or_path.ends_with(".wasm") {
             let path = PathBuf::from(name_or_path);
-            let bytes = std::fs::read(&path).with_context(|| format!("reading plugin {}", path.display()))?;
+            let bytes = std::fs::read(&path)
+                .with_context(|| format!("reading plugin {}", path.display()))?;
             return Ok((PluginSource::File(path), bytes));
         }
         if let Some(dir) = &self.dir {
             let path = dir.join(format!("{name_or_path}.wasm"));
             if path.exists() {
-                let bytes = std::fs::read(&path).with_context(|| format!("reading plugin {}", path.display()))?;
+                let bytes = std::fs::read(&path)
+                    .with_context(|| format!("reading plugin {}", path.display()))?;
                 return Ok((PluginSource::File(path), bytes));
             }
         }
-        if let Some((name, bytes)) = kwp_plugins_bundle::bundled().find(|(n, _)| n == name_or_path) {
+        if let Some((name, bytes)) = kwp_plugins_bundle::bundled().find(|(n, _)| n == name_or_path)
+        {
             return Ok((PluginSource::Bundled(name), bytes.to_vec()));
         }
         let bundled: Vec<String> = kwp_plugins_bundle::bundled().map(|(n, _)| n).collect();
         bail!(
             "no plugin named {name_or_path:?} (looked in {} and among the bundled plugins: {})",
-            self.dir.as_ref().map_or("no plugin directory".into(), |d| d.display().to_string()),
+            self.dir
+                .as_ref()
+                .map_or("no plugin directory".into(), |d| d.display().to_string()),
             bundled.join(", ")
         )
     }

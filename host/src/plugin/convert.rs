@@ -19,7 +19,9 @@ pub fn ip_to_wit(ip: IpAddr) -> wit::IpAddress {
 pub fn ip_from_wit(ip: wit::IpAddress) -> IpAddr {
     match ip {
         wit::IpAddress::V4(bits) => IpAddr::V4(bits.into()),
-        wit::IpAddress::V6((hi, lo)) => IpAddr::V6(((u128::from(hi) << 64) | u128::from(lo)).into()),
+        wit::IpAddress::V6((hi, lo)) => {
+            IpAddr::V6(((u128::from(hi) << 64) | u128::from(lo)).into())
+        }
     }
 }
 
@@ -47,7 +49,10 @@ fn policy_to_wit(p: TrafficPolicy) -> wit::TrafficPolicy {
 }
 
 fn cidr_to_wit(c: &Cidr) -> wit::Cidr {
-    wit::Cidr { address: ip_to_wit(c.address), prefix_len: c.prefix_len }
+    wit::Cidr {
+        address: ip_to_wit(c.address),
+        prefix_len: c.prefix_len,
+    }
 }
 
 pub fn endpoint_to_wit(ep: &Endpoint) -> wit::Endpoint {
@@ -83,7 +88,11 @@ pub fn service_to_wit(id: u32, svc: &ServicePort, lb_policy: &str) -> wit::Servi
             .iter()
             .map(|(ip, mode)| wit::LoadBalancerIngress {
                 ip: ip_to_wit(*ip),
-                ip_mode: if *mode == IpMode::Proxy { wit::IpMode::Proxy } else { wit::IpMode::Vip },
+                ip_mode: if *mode == IpMode::Proxy {
+                    wit::IpMode::Proxy
+                } else {
+                    wit::IpMode::Vip
+                },
             })
             .collect(),
         source_ranges: svc.source_ranges.iter().map(cidr_to_wit).collect(),
@@ -125,7 +134,13 @@ mod tests {
             let ip: IpAddr = s.parse().unwrap();
             assert_eq!(ip_from_wit(ip_to_wit(ip)), ip);
         }
-        assert_eq!(ip_to_wit("10.0.0.1".parse().unwrap()), wit::IpAddress::V4(0x0a00_0001));
-        assert_eq!(ip_to_wit("::1".parse().unwrap()), wit::IpAddress::V6((0, 1)));
+        assert_eq!(
+            ip_to_wit("10.0.0.1".parse().unwrap()),
+            wit::IpAddress::V4(0x0a00_0001)
+        );
+        assert_eq!(
+            ip_to_wit("::1".parse().unwrap()),
+            wit::IpAddress::V6((0, 1))
+        );
     }
 }

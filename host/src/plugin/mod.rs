@@ -41,7 +41,10 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { call_timeout: Duration::from_millis(100), memory_bytes: 64 << 20 }
+        Self {
+            call_timeout: Duration::from_millis(100),
+            memory_bytes: 64 << 20,
+        }
     }
 }
 
@@ -81,9 +84,13 @@ impl Runtime {
     pub fn new(limits: Limits) -> Result<Arc<Self>> {
         let mut config = Config::new();
         config.wasm_component_model(true).epoch_interruption(true);
-        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("creating the wasmtime engine")?;
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("creating the wasmtime engine")?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking WASI")?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (stop, ticking) = (ticker_stop.clone(), engine.clone());
@@ -118,17 +125,28 @@ impl Runtime {
         if let Some(c) = self.compiled.lock().expect("cache lock").get(&digest) {
             return Ok(c.clone());
         }
-        let component = Component::new(&self.engine, bytes).map_err(anyhow::Error::from).context("compiling the component")?;
-        self.compiled.lock().expect("cache lock").insert(digest, component.clone());
+        let component = Component::new(&self.engine, bytes)
+            .map_err(anyhow::Error::from)
+            .context("compiling the component")?;
+        self.compiled
+            .lock()
+            .expect("cache lock")
+            .insert(digest, component.clone());
         Ok(component)
     }
 
     pub fn quarantine(&self, digest: [u8; 32]) {
-        self.quarantined.lock().expect("quarantine lock").insert(digest);
+        self.quarantined
+            .lock()
+            .expect("quarantine lock")
+            .insert(digest);
     }
 
     pub fn is_quarantined(&self, digest: &[u8; 32]) -> bool {
-        self.quarantined.lock().expect("quarantine lock").contains(digest)
+        self.quarantined
+            .lock()
+            .expect("quarantine lock")
+            .contains(digest)
     }
 
     /// Number of distinct components compiled so far.
@@ -137,7 +155,8 @@ impl Runtime {
     }
 
     fn new_store(&self) -> wasmtime::Store<PluginState> {
-        let mut store = wasmtime::Store::new(&self.engine, PluginState::new(self.limits.memory_bytes));
+        let mut store =
+            wasmtime::Store::new(&self.engine, PluginState::new(self.limits.memory_bytes));
         store.limiter(|s| &mut s.limiter);
         store.epoch_deadline_trap();
         store
@@ -172,13 +191,24 @@ impl PluginState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        Self { wasi, table: ResourceTable::new(), limiter: MemoryCap { max: memory_bytes, denied: false }, stderr }
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryCap {
+                max: memory_bytes,
+                denied: false,
+            },
+            stderr,
+        }
     }
 }
 
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -190,12 +220,22 @@ struct MemoryCap {
 }
 
 impl wasmtime::ResourceLimiter for MemoryCap {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         let ok = desired <= self.max;
         self.denied |= !ok;
         Ok(ok)
     }
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use wasmtime::component::Component;
 
-use super::convert::{endpoint_to_wit, ip_from_wit, node_to_wit, plan_to_wit, protocol_from_wit, service_to_wit};
+use super::convert::{
+    endpoint_to_wit, ip_from_wit, node_to_wit, plan_to_wit, protocol_from_wit, service_to_wit,
+};
 use super::policy::BackendPlan;
 use super::sandbox::{PluginError, Sandbox};
 use super::{PluginStats, Runtime};
@@ -45,21 +47,40 @@ pub struct Mode {
 }
 
 impl Mode {
-    pub fn new(runtime: Arc<Runtime>, name: &str, component: &Component, settings: ModeSettings) -> Result<Self> {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        name: &str,
+        component: &Component,
+        settings: ModeSettings,
+    ) -> Result<Self> {
         let sandbox = Self::sandbox(&runtime, name, component)?;
-        let mut mode = Self { runtime, sandbox, settings };
+        let mut mode = Self {
+            runtime,
+            sandbox,
+            settings,
+        };
         mode.ensure()?;
         Ok(mode)
     }
 
-    fn sandbox(runtime: &Arc<Runtime>, name: &str, component: &Component) -> Result<Sandbox<bindings::ProxyMode>> {
+    fn sandbox(
+        runtime: &Arc<Runtime>,
+        name: &str,
+        component: &Component,
+    ) -> Result<Sandbox<bindings::ProxyMode>> {
         let pre = runtime
             .linker
             .instantiate_pre(component)
             .and_then(bindings::ProxyModePre::new)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("plugin {name} does not implement the kwp:proxy/proxy-mode@0.1.0 world"))?;
-        Ok(Sandbox::new(name, runtime.clone(), Box::new(move |store| pre.instantiate(store))))
+            .with_context(|| {
+                format!("plugin {name} does not implement the kwp:proxy/proxy-mode@0.1.0 world")
+            })?;
+        Ok(Sandbox::new(
+            name,
+            runtime.clone(),
+            Box::new(move |store| pre.instantiate(store)),
+        ))
     }
 
     /// Swaps in a new version: it must configure with the current settings
@@ -77,9 +98,16 @@ impl Mode {
     /// Renders the base and a sample Service under the deadline and checks
     /// the fragments against the host's rules.
     pub fn probe(&mut self, rules: &crate::plan::Rules) -> Result<()> {
-        self.render_base()?.validate(rules).context("probe: base fragment")?;
+        self.render_base()?
+            .validate(rules)
+            .context("probe: base fragment")?;
         let svc = ServicePort {
-            name: crate::model::ServicePortName { namespace: "kwp-probe".into(), name: "probe".into(), port: "p".into(), protocol: crate::model::Protocol::Tcp },
+            name: crate::model::ServicePortName {
+                namespace: "kwp-probe".into(),
+                name: "probe".into(),
+                port: "p".into(),
+                protocol: crate::model::Protocol::Tcp,
+            },
             cluster_ips: vec![[10, 255, 255, 1].into()],
             port: 80,
             node_port: Some(30999),
@@ -93,10 +121,18 @@ impl Mode {
             lb_policy: None,
             lb_policy_config: String::new(),
         };
-        let eps: Vec<Endpoint> = (1..=2u8).map(|i| Endpoint::sample([10, 255, 254, i].into(), 8080)).collect();
-        self.render_service(u32::MAX, &svc, "round-robin", &eps, &BackendPlan::Weights(vec![1, 1]))?
-            .validate(rules)
-            .context("probe: service fragment")?;
+        let eps: Vec<Endpoint> = (1..=2u8)
+            .map(|i| Endpoint::sample([10, 255, 254, i].into(), 8080))
+            .collect();
+        self.render_service(
+            u32::MAX,
+            &svc,
+            "round-robin",
+            &eps,
+            &BackendPlan::Weights(vec![1, 1]),
+        )?
+        .validate(rules)
+        .context("probe: service fragment")?;
         Ok(())
     }
 
@@ -115,14 +151,21 @@ impl Mode {
     }
 
     fn ensure(&mut self) -> Result<(), PluginError> {
-        if self.sandbox.ensure()? { self.configure() } else { Ok(()) }
+        if self.sandbox.ensure()? {
+            self.configure()
+        } else {
+            Ok(())
+        }
     }
 
     fn configure(&mut self) -> Result<(), PluginError> {
         let s = &self.settings;
         let mut node = s.node.clone();
         if !s.node_port_addresses.is_empty() {
-            node.addresses = crate::model::local_addresses().into_iter().filter(|ip| s.node_port_addresses.iter().any(|c| c.contains(*ip))).collect();
+            node.addresses = crate::model::local_addresses()
+                .into_iter()
+                .filter(|ip| s.node_port_addresses.iter().any(|c| c.contains(*ip)))
+                .collect();
         }
         let config = wit_mode::ModeConfig {
             node: node_to_wit(&node),
@@ -131,13 +174,21 @@ impl Mode {
             detect_local: detect_local_to_wit(&s.detect_local, &s.node),
             extra: s.extra.clone(),
         };
-        let result = self.sandbox.call("configure", |st, b| b.kwp_proxy_mode().call_configure(st, &config))?;
-        result.map_err(|message| PluginError::Rejected { plugin: self.sandbox.name.clone(), call: "configure", message })
+        let result = self.sandbox.call("configure", |st, b| {
+            b.kwp_proxy_mode().call_configure(st, &config)
+        })?;
+        result.map_err(|message| PluginError::Rejected {
+            plugin: self.sandbox.name.clone(),
+            call: "configure",
+            message,
+        })
     }
 
     pub fn render_base(&mut self) -> Result<Fragment, PluginError> {
         self.ensure()?;
-        let result = self.sandbox.call("render-base", |st, b| b.kwp_proxy_mode().call_render_base(st))?;
+        let result = self.sandbox.call("render-base", |st, b| {
+            b.kwp_proxy_mode().call_render_base(st)
+        })?;
         self.fragment("render-base", result)
     }
 
@@ -153,13 +204,26 @@ impl Mode {
         let svc = service_to_wit(id, svc, lb_policy);
         let eps: Vec<_> = endpoints.iter().map(endpoint_to_wit).collect();
         let backends = plan_to_wit(backends);
-        let result = self.sandbox.call("render-service", |st, b| b.kwp_proxy_mode().call_render_service(st, &svc, &eps, &backends))?;
+        let result = self.sandbox.call("render-service", |st, b| {
+            b.kwp_proxy_mode()
+                .call_render_service(st, &svc, &eps, &backends)
+        })?;
         self.fragment("render-service", result)
     }
 
-    fn fragment(&self, call: &'static str, result: Result<wit_plan::Fragment, String>) -> Result<Fragment, PluginError> {
-        let fragment = result.map_err(|message| PluginError::Rejected { plugin: self.sandbox.name.clone(), call, message })?;
-        Ok(Fragment { items: fragment.items.into_iter().map(item_from_wit).collect() })
+    fn fragment(
+        &self,
+        call: &'static str,
+        result: Result<wit_plan::Fragment, String>,
+    ) -> Result<Fragment, PluginError> {
+        let fragment = result.map_err(|message| PluginError::Rejected {
+            plugin: self.sandbox.name.clone(),
+            call,
+            message,
+        })?;
+        Ok(Fragment {
+            items: fragment.items.into_iter().map(item_from_wit).collect(),
+        })
     }
 }
 
@@ -187,10 +251,31 @@ fn family(f: wit_plan::NftFamily) -> NftFamily {
 fn item_from_wit(item: wit_plan::Item) -> Item {
     use wit_plan::Item as W;
     match item {
-        W::NftChain(c) => Item::NftChain { family: family(c.family), table: c.table, name: c.name, hook: c.hook, rules: c.rules },
-        W::NftSet(s) => Item::NftSet { family: family(s.family), table: s.table, name: s.name, declaration: s.declaration },
-        W::NftElement(e) => Item::NftElement { family: family(e.family), table: e.table, set: e.set, element: e.element },
-        W::IptablesChain(c) => Item::IptablesChain { ipv6: c.ipv6, table: c.table, name: c.name, rules: c.rules },
+        W::NftChain(c) => Item::NftChain {
+            family: family(c.family),
+            table: c.table,
+            name: c.name,
+            hook: c.hook,
+            rules: c.rules,
+        },
+        W::NftSet(s) => Item::NftSet {
+            family: family(s.family),
+            table: s.table,
+            name: s.name,
+            declaration: s.declaration,
+        },
+        W::NftElement(e) => Item::NftElement {
+            family: family(e.family),
+            table: e.table,
+            set: e.set,
+            element: e.element,
+        },
+        W::IptablesChain(c) => Item::IptablesChain {
+            ipv6: c.ipv6,
+            table: c.table,
+            name: c.name,
+            rules: c.rules,
+        },
         W::IpvsVirtualServer(v) => Item::IpvsVirtualServer {
             address: SocketAddr::new(ip_from_wit(v.address), v.port),
             protocol: protocol_from_wit(v.protocol),
@@ -206,7 +291,11 @@ fn item_from_wit(item: wit_plan::Item) -> Item {
         W::Listener(l) => Item::Listener(Listener {
             service: l.service,
             protocol: protocol_from_wit(l.protocol),
-            frontends: l.frontends.into_iter().map(|(ip, port)| SocketAddr::new(ip_from_wit(ip), port)).collect(),
+            frontends: l
+                .frontends
+                .into_iter()
+                .map(|(ip, port)| SocketAddr::new(ip_from_wit(ip), port))
+                .collect(),
             udp_idle_timeout: Duration::from_millis(u64::from(l.udp_idle_timeout_ms)),
         }),
     }

@@ -67,7 +67,12 @@ pub const PROBE_SERVICE: u32 = u32::MAX;
 impl Policy {
     /// Instantiates and configures the policy; a `configure` error is fatal
     /// here, so a bad plugin or config is refused before it is used.
-    pub fn new(runtime: Arc<Runtime>, name: &str, component: &Component, config: &str) -> Result<Self> {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        name: &str,
+        component: &Component,
+        config: &str,
+    ) -> Result<Self> {
         let sandbox = Self::sandbox(&runtime, name, component)?;
         let mut policy = Self {
             runtime,
@@ -82,14 +87,24 @@ impl Policy {
         Ok(policy)
     }
 
-    fn sandbox(runtime: &Arc<Runtime>, name: &str, component: &Component) -> Result<Sandbox<bindings::PolicyPlugin>> {
+    fn sandbox(
+        runtime: &Arc<Runtime>,
+        name: &str,
+        component: &Component,
+    ) -> Result<Sandbox<bindings::PolicyPlugin>> {
         let pre = runtime
             .linker
             .instantiate_pre(component)
             .and_then(bindings::PolicyPluginPre::new)
             .map_err(anyhow::Error::from)
-            .with_context(|| format!("plugin {name} does not implement the kwp:proxy/policy@0.1.0 world"))?;
-        Ok(Sandbox::new(name, runtime.clone(), Box::new(move |store| pre.instantiate(store))))
+            .with_context(|| {
+                format!("plugin {name} does not implement the kwp:proxy/policy@0.1.0 world")
+            })?;
+        Ok(Sandbox::new(
+            name,
+            runtime.clone(),
+            Box::new(move |store| pre.instantiate(store)),
+        ))
     }
 
     pub fn name(&self) -> &str {
@@ -113,7 +128,12 @@ impl Policy {
             self.component = previous_component;
             return Err(e).context("the new version failed to start");
         }
-        self.probation = Some(Probation { previous: previous_component, digest, until: Instant::now() + PROBATION, failures: 0 });
+        self.probation = Some(Probation {
+            previous: previous_component,
+            digest,
+            until: Instant::now() + PROBATION,
+            failures: 0,
+        });
         Ok(())
     }
 
@@ -136,14 +156,19 @@ impl Policy {
     }
 
     fn roll_back(&mut self) {
-        let Some(p) = self.probation.take() else { return };
+        let Some(p) = self.probation.take() else {
+            return;
+        };
         match Self::sandbox(&self.runtime, &self.name, &p.previous) {
             Ok(sandbox) => {
                 self.sandbox = sandbox;
                 self.component = p.previous;
                 let restored = self.ensure();
                 self.runtime.quarantine(p.digest);
-                self.runtime.reloads.rollbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.runtime
+                    .reloads
+                    .rollbacks
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::error!(
                     policy = self.name,
                     failures = p.failures,
@@ -151,14 +176,20 @@ impl Policy {
                     "reloaded policy kept failing; rolled back to the previous version and quarantined it"
                 );
             }
-            Err(e) => tracing::error!(policy = self.name, error = format!("{e:#}"), "cannot roll back"),
+            Err(e) => tracing::error!(
+                policy = self.name,
+                error = format!("{e:#}"),
+                "cannot roll back"
+            ),
         }
     }
 
     /// Exercises a candidate with sample endpoints under the deadline:
     /// every call must return, and picks must name a pushed endpoint.
     pub fn probe(&mut self) -> Result<(), PluginError> {
-        let sample: Vec<Endpoint> = (1..=3u8).map(|i| Endpoint::sample([10, 255, 255, i].into(), 8080)).collect();
+        let sample: Vec<Endpoint> = (1..=3u8)
+            .map(|i| Endpoint::sample([10, 255, 255, i].into(), 8080))
+            .collect();
         self.set_endpoints(PROBE_SERVICE, &sample)?;
         for i in 0..16u8 {
             let picked = self.pick(PROBE_SERVICE, [192, 0, 2, i].into(), 40_000 + u16::from(i))?;
@@ -176,19 +207,36 @@ impl Policy {
             return Ok(());
         }
         let config = self.config.clone();
-        let configured = self.sandbox.call("configure", |s, b| b.kwp_proxy_policy().call_configure(s, &config))?;
+        let configured = self.sandbox.call("configure", |s, b| {
+            b.kwp_proxy_policy().call_configure(s, &config)
+        })?;
         if let Err(message) = configured {
-            return Err(PluginError::Rejected { plugin: self.name.clone(), call: "configure", message });
+            return Err(PluginError::Rejected {
+                plugin: self.name.clone(),
+                call: "configure",
+                message,
+            });
         }
         for (service, endpoints) in &self.pushed {
-            self.sandbox.call("set-endpoints", |s, b| b.kwp_proxy_policy().call_set_endpoints(s, *service, endpoints))?;
+            self.sandbox.call("set-endpoints", |s, b| {
+                b.kwp_proxy_policy()
+                    .call_set_endpoints(s, *service, endpoints)
+            })?;
         }
         Ok(())
     }
 
-    pub fn set_endpoints(&mut self, service: u32, endpoints: &[Endpoint]) -> Result<(), PluginError> {
+    pub fn set_endpoints(
+        &mut self,
+        service: u32,
+        endpoints: &[Endpoint],
+    ) -> Result<(), PluginError> {
         let eps: Vec<wit::Endpoint> = endpoints.iter().map(endpoint_to_wit).collect();
-        let result = self.ensure().and_then(|()| self.sandbox.call("set-endpoints", |s, b| b.kwp_proxy_policy().call_set_endpoints(s, service, &eps)));
+        let result = self.ensure().and_then(|()| {
+            self.sandbox.call("set-endpoints", |s, b| {
+                b.kwp_proxy_policy().call_set_endpoints(s, service, &eps)
+            })
+        });
         // Remember it even if the call trapped: the replay retries it.
         self.pushed.insert(service, eps);
         self.observe(result)
@@ -196,29 +244,57 @@ impl Policy {
 
     pub fn remove_service(&mut self, service: u32) -> Result<(), PluginError> {
         self.pushed.remove(&service);
-        let result = self.ensure().and_then(|()| self.sandbox.call("remove-service", |s, b| b.kwp_proxy_policy().call_remove_service(s, service)));
+        let result = self.ensure().and_then(|()| {
+            self.sandbox.call("remove-service", |s, b| {
+                b.kwp_proxy_policy().call_remove_service(s, service)
+            })
+        });
         self.observe(result)
     }
 
     /// The endpoint index for a new connection, `None` if there is none.
     /// An index outside the pushed list is treated as an error.
-    pub fn pick(&mut self, service: u32, client: IpAddr, client_port: u16) -> Result<Option<u32>, PluginError> {
+    pub fn pick(
+        &mut self,
+        service: u32,
+        client: IpAddr,
+        client_port: u16,
+    ) -> Result<Option<u32>, PluginError> {
         let ip = ip_to_wit(client);
         let n = self.pushed.get(&service).map_or(0, Vec::len);
-        let result = self.ensure().and_then(|()| self.sandbox.call("pick", |s, b| b.kwp_proxy_policy().call_pick(s, service, ip, client_port))).and_then(|pick| match pick {
-            Some(i) if i as usize >= n => Err(PluginError::Rejected { plugin: self.name.clone(), call: "pick", message: format!("picked endpoint {i} of {n}") }),
-            other => Ok(other),
-        });
+        let result = self
+            .ensure()
+            .and_then(|()| {
+                self.sandbox.call("pick", |s, b| {
+                    b.kwp_proxy_policy().call_pick(s, service, ip, client_port)
+                })
+            })
+            .and_then(|pick| match pick {
+                Some(i) if i as usize >= n => Err(PluginError::Rejected {
+                    plugin: self.name.clone(),
+                    call: "pick",
+                    message: format!("picked endpoint {i} of {n}"),
+                }),
+                other => Ok(other),
+            });
         self.observe(result)
     }
 
     pub fn connection_closed(&mut self, service: u32, endpoint: u32) -> Result<(), PluginError> {
-        let result = self.ensure().and_then(|()| self.sandbox.call("connection-closed", |s, b| b.kwp_proxy_policy().call_connection_closed(s, service, endpoint)));
+        let result = self.ensure().and_then(|()| {
+            self.sandbox.call("connection-closed", |s, b| {
+                b.kwp_proxy_policy()
+                    .call_connection_closed(s, service, endpoint)
+            })
+        });
         self.observe(result)
     }
 
     pub fn plan(&mut self, service: u32) -> Result<BackendPlan, PluginError> {
-        let result = self.ensure().and_then(|()| self.sandbox.call("plan", |s, b| b.kwp_proxy_policy().call_plan(s, service)));
+        let result = self.ensure().and_then(|()| {
+            self.sandbox
+                .call("plan", |s, b| b.kwp_proxy_policy().call_plan(s, service))
+        });
         self.observe(result).map(Into::into)
     }
 }

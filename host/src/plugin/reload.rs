@@ -39,14 +39,22 @@ pub fn prepare(runtime: &Arc<Runtime>, name: &str, bytes: &[u8]) -> Result<Candi
     let component = runtime.compile(bytes)?;
     let is_mode = MODE_NAMES.contains(&name);
     if is_mode {
-        let settings = super::mode::ModeSettings { table: crate::plan::Rules::default().nft_table, ..Default::default() };
+        let settings = super::mode::ModeSettings {
+            table: crate::plan::Rules::default().nft_table,
+            ..Default::default()
+        };
         let mut probe = super::mode::Mode::new(runtime.clone(), name, &component, settings)?;
         probe.probe(&crate::plan::Rules::default())?;
     } else {
         let mut probe = Policy::new(runtime.clone(), name, &component, "")?;
         probe.probe().context("probe with sample endpoints")?;
     }
-    Ok(Candidate { name: name.into(), component, digest, is_mode })
+    Ok(Candidate {
+        name: name.into(),
+        component,
+        digest,
+        is_mode,
+    })
 }
 
 /// Polls the plugin directory for replaced files.
@@ -58,7 +66,10 @@ pub struct Watcher {
 impl Watcher {
     /// Starts from what is there now: only later changes count.
     pub fn new(dir: &Path) -> Self {
-        let mut w = Self { dir: dir.into(), seen: BTreeMap::new() };
+        let mut w = Self {
+            dir: dir.into(),
+            seen: BTreeMap::new(),
+        };
         w.changed();
         w
     }
@@ -67,14 +78,22 @@ impl Watcher {
     /// last call. Atomic renames into place show up as a new mtime/inode.
     pub fn changed(&mut self) -> Vec<(String, PathBuf)> {
         let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return out };
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return out;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
-            let (Some(stem), Some("wasm")) = (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str())) else {
+            let (Some(stem), Some("wasm")) = (
+                path.file_stem().and_then(|s| s.to_str()),
+                path.extension().and_then(|e| e.to_str()),
+            ) else {
                 continue;
             };
             let Ok(meta) = entry.metadata() else { continue };
-            let print = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+            let print = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
             if self.seen.insert(path.clone(), print) != Some(print) {
                 out.push((stem.to_string(), path));
             }
@@ -90,7 +109,9 @@ impl Watcher {
 
 /// Reads, compiles and checks one changed file, counting rejections.
 pub fn candidate_from_file(runtime: &Arc<Runtime>, name: &str, path: &Path) -> Option<Candidate> {
-    let result = std::fs::read(path).with_context(|| format!("reading {}", path.display())).and_then(|bytes| prepare(runtime, name, &bytes));
+    let result = std::fs::read(path)
+        .with_context(|| format!("reading {}", path.display()))
+        .and_then(|bytes| prepare(runtime, name, &bytes));
     match result {
         Ok(c) => Some(c),
         Err(e) => {

@@ -12,15 +12,31 @@ use super::{PluginState, PluginStats, Runtime};
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
     #[error("plugin {plugin}: {call} exceeded its {timeout_ms} ms deadline")]
-    Deadline { plugin: String, call: &'static str, timeout_ms: u128 },
+    Deadline {
+        plugin: String,
+        call: &'static str,
+        timeout_ms: u128,
+    },
     #[error("plugin {plugin}: {call} hit the {limit_mib} MiB memory cap")]
-    Memory { plugin: String, call: &'static str, limit_mib: usize },
+    Memory {
+        plugin: String,
+        call: &'static str,
+        limit_mib: usize,
+    },
     #[error("plugin {plugin}: {call} trapped: {reason}")]
-    Trap { plugin: String, call: &'static str, reason: String },
+    Trap {
+        plugin: String,
+        call: &'static str,
+        reason: String,
+    },
     #[error("plugin {plugin}: instantiation failed: {reason}")]
     Instantiate { plugin: String, reason: String },
     #[error("plugin {plugin}: {call} returned an error: {message}")]
-    Rejected { plugin: String, call: &'static str, message: String },
+    Rejected {
+        plugin: String,
+        call: &'static str,
+        message: String,
+    },
 }
 
 type Instantiate<B> = Box<dyn Fn(&mut Store<PluginState>) -> wasmtime::Result<B> + Send + Sync>;
@@ -35,7 +51,13 @@ pub struct Sandbox<B> {
 
 impl<B> Sandbox<B> {
     pub fn new(name: &str, runtime: Arc<Runtime>, instantiate: Instantiate<B>) -> Self {
-        Self { name: name.into(), runtime, instantiate, live: None, stats: Arc::default() }
+        Self {
+            name: name.into(),
+            runtime,
+            instantiate,
+            live: None,
+            stats: Arc::default(),
+        }
     }
 
     /// Makes sure an instance exists; `true` if it was just created (the
@@ -46,8 +68,10 @@ impl<B> Sandbox<B> {
         }
         let mut store = self.runtime.new_store();
         store.set_epoch_deadline(self.runtime.deadline_ticks());
-        let bindings = (self.instantiate)(&mut store)
-            .map_err(|e| PluginError::Instantiate { plugin: self.name.clone(), reason: format!("{e:#}") })?;
+        let bindings = (self.instantiate)(&mut store).map_err(|e| PluginError::Instantiate {
+            plugin: self.name.clone(),
+            reason: format!("{e:#}"),
+        })?;
         self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
         self.live = Some((store, bindings));
         Ok(true)
@@ -81,16 +105,37 @@ impl<B> Sandbox<B> {
                 self.stats.traps.fetch_add(1, Ordering::Relaxed);
                 let plugin = self.name.clone();
                 let limits = self.runtime.limits();
-                let error = if matches!(err.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+                let error = if matches!(
+                    err.downcast_ref::<wasmtime::Trap>(),
+                    Some(wasmtime::Trap::Interrupt)
+                ) {
                     self.stats.deadline_hits.fetch_add(1, Ordering::Relaxed);
-                    PluginError::Deadline { plugin, call, timeout_ms: limits.call_timeout.as_millis() }
+                    PluginError::Deadline {
+                        plugin,
+                        call,
+                        timeout_ms: limits.call_timeout.as_millis(),
+                    }
                 } else if store.data().limiter.denied {
                     self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-                    PluginError::Memory { plugin, call, limit_mib: limits.memory_bytes >> 20 }
+                    PluginError::Memory {
+                        plugin,
+                        call,
+                        limit_mib: limits.memory_bytes >> 20,
+                    }
                 } else {
-                    let stderr = String::from_utf8_lossy(&store.data_mut().stderr.contents()).trim().to_string();
-                    let reason = if stderr.is_empty() { format!("{err:#}") } else { format!("{err:#}; guest said: {stderr}") };
-                    PluginError::Trap { plugin, call, reason }
+                    let stderr = String::from_utf8_lossy(&store.data_mut().stderr.contents())
+                        .trim()
+                        .to_string();
+                    let reason = if stderr.is_empty() {
+                        format!("{err:#}")
+                    } else {
+                        format!("{err:#}; guest said: {stderr}")
+                    };
+                    PluginError::Trap {
+                        plugin,
+                        call,
+                        reason,
+                    }
                 };
                 tracing::warn!(%error, "plugin instance discarded");
                 Err(error)

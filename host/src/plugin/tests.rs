@@ -11,7 +11,11 @@ use super::*;
 use crate::model::Endpoint;
 
 fn runtime() -> Arc<Runtime> {
-    Runtime::new(Limits { call_timeout: Duration::from_millis(50), memory_bytes: 16 << 20 }).unwrap()
+    Runtime::new(Limits {
+        call_timeout: Duration::from_millis(50),
+        memory_bytes: 16 << 20,
+    })
+    .unwrap()
 }
 
 fn policy(rt: &Arc<Runtime>, name: &str, config: &str) -> anyhow::Result<Policy> {
@@ -56,7 +60,9 @@ fn a_working_plugin_answers_and_is_compiled_once() {
 #[test]
 fn configure_errors_refuse_the_plugin() {
     let rt = runtime();
-    let err = policy(&rt, "pick_first", "fail").err().expect("configure error must refuse the plugin");
+    let err = policy(&rt, "pick_first", "fail")
+        .err()
+        .expect("configure error must refuse the plugin");
     assert!(format!("{err:#}").contains("configured to fail"), "{err:#}");
 }
 
@@ -68,7 +74,11 @@ fn an_infinite_loop_is_stopped_by_the_deadline() {
     let started = Instant::now();
     let err = p.pick(1, CLIENT, 1).unwrap_err();
     assert!(matches!(err, PluginError::Deadline { .. }), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     let stats = p.stats();
     assert_eq!(stats.deadline_hits.load(Ordering::Relaxed), 1);
     // The instance was discarded; the next call runs on a fresh one with the endpoints replayed.
@@ -82,9 +92,16 @@ fn a_memory_bomb_is_stopped_by_the_cap() {
     let mut p = policy(&rt, "memory_bomb", "").unwrap();
     p.set_endpoints(1, &endpoints(1)).unwrap();
     let err = p.pick(1, CLIENT, 1).unwrap_err();
-    assert!(matches!(err, PluginError::Memory { limit_mib: 16, .. }), "{err}");
+    assert!(
+        matches!(err, PluginError::Memory { limit_mib: 16, .. }),
+        "{err}"
+    );
     assert_eq!(p.stats().memory_hits.load(Ordering::Relaxed), 1);
-    assert_eq!(p.plan(1).unwrap(), BackendPlan::Weights(vec![1]), "fresh instance serves the next call");
+    assert_eq!(
+        p.plan(1).unwrap(),
+        BackendPlan::Weights(vec![1]),
+        "fresh instance serves the next call"
+    );
 }
 
 #[test]
@@ -94,7 +111,9 @@ fn a_panic_discards_the_instance_and_the_next_call_works() {
     p.set_endpoints(4, &endpoints(2)).unwrap();
     let err = p.pick(4, CLIENT, 13).unwrap_err();
     match &err {
-        PluginError::Trap { reason, .. } => assert!(reason.contains("deliberate panic"), "{reason}"),
+        PluginError::Trap { reason, .. } => {
+            assert!(reason.contains("deliberate panic"), "{reason}")
+        }
         other => panic!("expected a trap, got {other}"),
     }
     // Some(0), not None: the new instance was given the endpoints again.
@@ -117,12 +136,27 @@ fn mode_plugins_load_and_the_wrong_world_is_refused() {
     let catalog = Catalog::new(None);
     let (_, bytes) = catalog.load("userspace").unwrap();
     let component = rt.compile(&bytes).unwrap();
-    let mode = mode::Mode::new(rt.clone(), "userspace", &component, mode::ModeSettings::default());
+    let mode = mode::Mode::new(
+        rt.clone(),
+        "userspace",
+        &component,
+        mode::ModeSettings::default(),
+    );
     assert!(mode.is_ok(), "{:?}", mode.err());
     // A policy component is not a proxy mode: refused with a clear error.
     let (_, rr) = catalog.load("round-robin").unwrap();
-    let err = mode::Mode::new(rt.clone(), "round-robin", &rt.compile(&rr).unwrap(), mode::ModeSettings::default()).err().unwrap();
-    assert!(format!("{err:#}").contains("kwp:proxy/proxy-mode@0.1.0 world"), "{err:#}");
+    let err = mode::Mode::new(
+        rt.clone(),
+        "round-robin",
+        &rt.compile(&rr).unwrap(),
+        mode::ModeSettings::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        format!("{err:#}").contains("kwp:proxy/proxy-mode@0.1.0 world"),
+        "{err:#}"
+    );
     assert!(catalog.load("no-such-plugin").is_err());
 }
 
@@ -147,7 +181,9 @@ fn bundled_policies_spread_connections_through_the_host() {
 #[test]
 fn a_component_of_another_wit_version_is_refused_clearly() {
     let rt = runtime();
-    let err = policy(&rt, "wrong_wit_version", "").err().expect("must be refused");
+    let err = policy(&rt, "wrong_wit_version", "")
+        .err()
+        .expect("must be refused");
     let msg = format!("{err:#}");
     assert!(msg.contains("kwp:proxy/policy@0.1.0"), "{msg}");
 }
@@ -155,20 +191,35 @@ fn a_component_of_another_wit_version_is_refused_clearly() {
 #[test]
 fn a_component_missing_an_export_is_refused_clearly() {
     let rt = runtime();
-    let err = policy(&rt, "missing_export", "").err().expect("must be refused");
+    let err = policy(&rt, "missing_export", "")
+        .err()
+        .expect("must be refused");
     let msg = format!("{err:#}");
-    assert!(msg.contains("does not implement") && msg.contains("pick"), "{msg}");
+    assert!(
+        msg.contains("does not implement") && msg.contains("pick"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn reload_candidates_are_checked_before_use() {
     let rt = runtime();
-    for bad in ["wrong_wit_version", "missing_export", "pick_loops", "memory_bomb"] {
-        assert!(reload::prepare(&rt, bad, program(bad)).is_err(), "{bad} passed the reload checks");
+    for bad in [
+        "wrong_wit_version",
+        "missing_export",
+        "pick_loops",
+        "memory_bomb",
+    ] {
+        assert!(
+            reload::prepare(&rt, bad, program(bad)).is_err(),
+            "{bad} passed the reload checks"
+        );
     }
     let good = reload::prepare(&rt, "pick_first", program("pick_first")).unwrap();
     rt.quarantine(good.digest);
-    let err = reload::prepare(&rt, "pick_first", program("pick_first")).err().unwrap();
+    let err = reload::prepare(&rt, "pick_first", program("pick_first"))
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("quarantined"));
 }
 
@@ -177,6 +228,13 @@ fn a_plan_that_never_returns_is_stopped_by_the_deadline() {
     let rt = runtime();
     let mut p = policy(&rt, "plan_loops", "").unwrap();
     p.set_endpoints(1, &endpoints(2)).unwrap();
-    assert!(matches!(p.plan(1).unwrap_err(), PluginError::Deadline { .. }));
-    assert_eq!(p.pick(1, CLIENT, 1).unwrap(), Some(0), "the next call works on a fresh instance");
+    assert!(matches!(
+        p.plan(1).unwrap_err(),
+        PluginError::Deadline { .. }
+    ));
+    assert_eq!(
+        p.pick(1, CLIENT, 1).unwrap(),
+        Some(0),
+        "the next call works on a fresh instance"
+    );
 }

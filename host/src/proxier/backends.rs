@@ -30,7 +30,10 @@ pub struct Affinity {
 
 impl Affinity {
     pub fn new(timeout: Duration) -> Self {
-        Self { timeout, table: Mutex::default() }
+        Self {
+            timeout,
+            table: Mutex::default(),
+        }
     }
 }
 
@@ -53,10 +56,17 @@ impl ServiceBackends {
                 && let Some(index) = self.endpoints.iter().position(|e| e == addr)
             {
                 *used = now;
-                return Some(Choice { index: index as u32, addr: *addr });
+                return Some(Choice {
+                    index: index as u32,
+                    addr: *addr,
+                });
             }
         }
-        let pick = self.policy.lock().expect("policy lock").pick(self.id, client.ip(), client.port());
+        let pick =
+            self.policy
+                .lock()
+                .expect("policy lock")
+                .pick(self.id, client.ip(), client.port());
         let index = match pick {
             Ok(Some(i)) => i,
             Ok(None) => return None,
@@ -81,7 +91,12 @@ impl ServiceBackends {
     }
 
     pub fn closed(&self, choice: Choice) {
-        if let Err(e) = self.policy.lock().expect("policy lock").connection_closed(self.id, choice.index) {
+        if let Err(e) = self
+            .policy
+            .lock()
+            .expect("policy lock")
+            .connection_closed(self.id, choice.index)
+        {
             tracing::debug!(service = %self.name, error = %e, "connection-closed failed");
         }
     }
@@ -106,7 +121,8 @@ impl Backends {
             && let Some(old_aff) = &old.affinity
             && old_aff.timeout == new.timeout
         {
-            *new.table.get_mut().expect("affinity lock") = old_aff.table.lock().expect("affinity lock").clone();
+            *new.table.get_mut().expect("affinity lock") =
+                old_aff.table.lock().expect("affinity lock").clone();
         }
         map.insert(backends.id, Arc::new(backends));
     }

@@ -37,7 +37,12 @@ impl ConntrackCleaner {
         let mut frontends = svc.cluster_ips.clone();
         frontends.extend(&svc.external_ips);
         frontends.extend(svc.load_balancer_ingress.iter().map(|(ip, _)| *ip));
-        let now = Seen { frontends, port: svc.port, node_port: svc.node_port, endpoints: endpoints.iter().map(|e| e.ip).collect() };
+        let now = Seen {
+            frontends,
+            port: svc.port,
+            node_port: svc.node_port,
+            endpoints: endpoints.iter().map(|e| e.ip).collect(),
+        };
         let before = self.seen.insert(svc.name.clone(), now.clone());
         match before {
             Some(before) => {
@@ -64,17 +69,40 @@ impl ConntrackCleaner {
     /// Entries from any frontend of the service that were DNATed to `ep`.
     fn flush_endpoint(&mut self, svc: &Seen, ep: IpAddr) {
         for ip in &svc.frontends {
-            self.run(&["-p", "udp", "--orig-dst", &ip.to_string(), "--orig-port-dst", &svc.port.to_string(), "--dst-nat", &ep.to_string()]);
+            self.run(&[
+                "-p",
+                "udp",
+                "--orig-dst",
+                &ip.to_string(),
+                "--orig-port-dst",
+                &svc.port.to_string(),
+                "--dst-nat",
+                &ep.to_string(),
+            ]);
         }
         if let Some(np) = svc.node_port {
-            self.run(&["-p", "udp", "--orig-port-dst", &np.to_string(), "--dst-nat", &ep.to_string()]);
+            self.run(&[
+                "-p",
+                "udp",
+                "--orig-port-dst",
+                &np.to_string(),
+                "--dst-nat",
+                &ep.to_string(),
+            ]);
         }
     }
 
     /// Entries to the service's frontends made while it had no endpoints.
     fn flush_frontends(&mut self, svc: &Seen) {
         for ip in &svc.frontends {
-            self.run(&["-p", "udp", "--orig-dst", &ip.to_string(), "--orig-port-dst", &svc.port.to_string()]);
+            self.run(&[
+                "-p",
+                "udp",
+                "--orig-dst",
+                &ip.to_string(),
+                "--orig-port-dst",
+                &svc.port.to_string(),
+            ]);
         }
         if let Some(np) = svc.node_port {
             self.run(&["-p", "udp", "--orig-port-dst", &np.to_string()]);
@@ -82,8 +110,17 @@ impl ConntrackCleaner {
     }
 
     fn run(&mut self, filter: &[&str]) {
-        let family = if filter.iter().any(|a| a.contains(':')) { "ipv6" } else { "ipv4" };
-        let status = Command::new("conntrack").args(["-D", "-f", family]).args(filter).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let family = if filter.iter().any(|a| a.contains(':')) {
+            "ipv6"
+        } else {
+            "ipv4"
+        };
+        let status = Command::new("conntrack")
+            .args(["-D", "-f", family])
+            .args(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         match status {
             // Exit code 1 means nothing matched, which is fine.
             Ok(s) if s.success() || s.code() == Some(1) => {}

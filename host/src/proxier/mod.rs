@@ -28,7 +28,11 @@ use backends::{Affinity, Backends, ServiceBackends, SharedPolicy};
 pub trait Dataplane: Send {
     /// `changed` maps a service port to its new fragment, or `None` when it
     /// is gone. `base` is `Some` when the base fragment changed.
-    fn apply(&mut self, base: Option<&Fragment>, changed: &[(ServicePortName, Option<&Fragment>)]) -> Result<()>;
+    fn apply(
+        &mut self,
+        base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<()>;
 
     /// Re-applies the whole current state, repairing anything changed
     /// behind the proxy's back. Called every syncPeriod.
@@ -41,7 +45,11 @@ pub trait Dataplane: Send {
 pub struct NoDataplane;
 
 impl Dataplane for NoDataplane {
-    fn apply(&mut self, _: Option<&Fragment>, _: &[(ServicePortName, Option<&Fragment>)]) -> Result<()> {
+    fn apply(
+        &mut self,
+        _: Option<&Fragment>,
+        _: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<()> {
         Ok(())
     }
 }
@@ -122,7 +130,9 @@ impl Proxier {
             stats: SyncStats::default(),
         };
         // The default policy must load: without it nothing can be proxied.
-        proxier.policy(default_policy, "").with_context(|| format!("loading the default lb policy {default_policy:?}"))?;
+        proxier
+            .policy(default_policy, "")
+            .with_context(|| format!("loading the default lb policy {default_policy:?}"))?;
         Ok(proxier)
     }
 
@@ -133,14 +143,20 @@ impl Proxier {
     /// (internal, external): service ports with a Local traffic policy and
     /// no local endpoint (kubeproxy_sync_proxy_rules_no_local_endpoints_total).
     pub fn no_local_endpoints(&self) -> (u64, u64) {
-        self.no_local.values().fold((0, 0), |(i, e), (ni, ne)| (i + u64::from(*ni), e + u64::from(*ne)))
+        self.no_local.values().fold((0, 0), |(i, e), (ni, ne)| {
+            (i + u64::from(*ni), e + u64::from(*ne))
+        })
     }
 
     /// Per-plugin counters, by plugin name (policies with a config by `name[config]`).
     pub fn plugin_stats(&self) -> Vec<(String, Arc<crate::plugin::PluginStats>)> {
         let mut out = vec![(self.mode.name().to_string(), self.mode.stats())];
         for ((name, config), p) in &self.policies {
-            let label = if config.is_empty() { name.clone() } else { format!("{name}[{config}]") };
+            let label = if config.is_empty() {
+                name.clone()
+            } else {
+                format!("{name}[{config}]")
+            };
             out.push((label, p.lock().expect("policy lock").stats()));
         }
         out
@@ -165,19 +181,38 @@ impl Proxier {
             if *name != candidate.name {
                 continue;
             }
-            match policy.lock().expect("policy lock").reload(&candidate.component, candidate.digest) {
+            match policy
+                .lock()
+                .expect("policy lock")
+                .reload(&candidate.component, candidate.digest)
+            {
                 Ok(()) => {
-                    self.runtime.reloads.reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.runtime
+                        .reloads
+                        .reloads
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(policy = name, config, "reloaded policy");
                 }
                 Err(e) => {
-                    self.runtime.reloads.rejections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(policy = name, config, error = format!("{e:#}"), "reload failed; the current version stays");
+                    self.runtime
+                        .reloads
+                        .rejections
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(
+                        policy = name,
+                        config,
+                        error = format!("{e:#}"),
+                        "reload failed; the current version stays"
+                    );
                 }
             }
         }
-        let using: Vec<ServicePortName> =
-            self.policy_of.iter().filter(|(_, (n, _))| *n == candidate.name).map(|(s, _)| s.clone()).collect();
+        let using: Vec<ServicePortName> = self
+            .policy_of
+            .iter()
+            .filter(|(_, (n, _))| *n == candidate.name)
+            .map(|(s, _)| s.clone())
+            .collect();
         self.failed.extend(using);
     }
 
@@ -204,16 +239,31 @@ impl Proxier {
             todo.extend(state.snapshot().map(|s| (s.port.name.clone(), s.clone())));
         }
         let retry = std::mem::take(&mut self.failed);
-        todo.extend(state.snapshot().filter(|s| retry.contains(&s.port.name)).map(|s| (s.port.name.clone(), s.clone())));
-        todo.extend(changes.updated.into_iter().map(|s| (s.port.name.clone(), s)));
+        todo.extend(
+            state
+                .snapshot()
+                .filter(|s| retry.contains(&s.port.name))
+                .map(|s| (s.port.name.clone(), s.clone())),
+        );
+        todo.extend(
+            changes
+                .updated
+                .into_iter()
+                .map(|s| (s.port.name.clone(), s)),
+        );
 
-        let base = if std::mem::take(&mut self.base_dirty) { Some(self.render_base()?) } else { None };
+        let base = if std::mem::take(&mut self.base_dirty) {
+            Some(self.render_base()?)
+        } else {
+            None
+        };
         let mut delta: Vec<(ServicePortName, Option<Fragment>)> = Vec::new();
         // The plan as it was for every changed service, to put back if the
         // dataplane refuses the change (the plan must match the kernel).
         let mut undo: Vec<(ServicePortName, Option<Fragment>)> = Vec::new();
         for name in changes.removed {
-            self.health_wanted.remove(&(name.namespace.clone(), name.name.clone()));
+            self.health_wanted
+                .remove(&(name.namespace.clone(), name.name.clone()));
             self.policy_of.remove(&name);
             self.no_local.remove(&name);
             if let Some(id) = self.ids.remove(&name) {
@@ -247,7 +297,8 @@ impl Proxier {
         if let Some(health) = &mut self.health {
             health.sync(&self.health_wanted);
         }
-        let changed: Vec<(ServicePortName, Option<&Fragment>)> = delta.iter().map(|(n, f)| (n.clone(), f.as_ref())).collect();
+        let changed: Vec<(ServicePortName, Option<&Fragment>)> =
+            delta.iter().map(|(n, f)| (n.clone(), f.as_ref())).collect();
         let result = self.dataplane.apply(base.as_ref(), &changed);
         let rendered = std::mem::take(&mut self.rendered);
         if let (Ok(()), Some(cleaner)) = (&result, &mut self.conntrack) {
@@ -272,7 +323,10 @@ impl Proxier {
             // Everything in this batch is retried: the dataplane kept its old state.
             self.failed.extend(delta.into_iter().map(|(n, _)| n));
             self.base_dirty |= base.is_some();
-            tracing::error!(error = format!("{e:#}"), "applying the plan failed; previous rules stay in force");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "applying the plan failed; previous rules stay in force"
+            );
         }
         self.stats.last_duration = started.elapsed();
         result
@@ -286,14 +340,24 @@ impl Proxier {
         }
         match self.mode.reload(&candidate.component) {
             Ok(()) => {
-                self.runtime.reloads.reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.runtime
+                    .reloads
+                    .reloads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(mode = candidate.name, "reloaded proxy mode");
                 self.base_dirty = true;
                 self.failed.extend(self.plan.services.keys().cloned());
             }
             Err(e) => {
-                self.runtime.reloads.rejections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(mode = candidate.name, error = format!("{e:#}"), "mode reload failed; the current version stays");
+                self.runtime
+                    .reloads
+                    .rejections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(
+                    mode = candidate.name,
+                    error = format!("{e:#}"),
+                    "mode reload failed; the current version stays"
+                );
             }
         }
     }
@@ -303,13 +367,20 @@ impl Proxier {
         let result = self.dataplane.resync();
         if let Err(e) = &result {
             self.stats.apply_errors += 1;
-            tracing::error!(error = format!("{e:#}"), "periodic resync failed; will retry");
+            tracing::error!(
+                error = format!("{e:#}"),
+                "periodic resync failed; will retry"
+            );
         }
         result
     }
 
     fn render_base(&mut self) -> Result<Fragment> {
-        let settings = ModeSettings { node: self.node.clone(), table: self.rules.nft_table.clone(), ..self.mode_settings.clone() };
+        let settings = ModeSettings {
+            node: self.node.clone(),
+            table: self.rules.nft_table.clone(),
+            ..self.mode_settings.clone()
+        };
         self.mode.reconfigure(settings)?;
         let base = self.mode.render_base()?;
         base.validate(&self.rules).context("base fragment")?;
@@ -324,18 +395,27 @@ impl Proxier {
             self.next_id - 1
         });
         let (policy_name, policy) = self.policy_for(svc);
-        let config = if svc.port.lb_policy.as_deref() == Some(policy_name.as_str()) { svc.port.lb_policy_config.clone() } else { String::new() };
-        self.policy_of.insert(name.clone(), (policy_name.clone(), config));
+        let config = if svc.port.lb_policy.as_deref() == Some(policy_name.as_str()) {
+            svc.port.lb_policy_config.clone()
+        } else {
+            String::new()
+        };
+        self.policy_of
+            .insert(name.clone(), (policy_name.clone(), config));
         let endpoints = categorize(&svc.port, &svc.endpoints, &self.node);
         let no_local = endpoints.local.is_empty();
         self.no_local.insert(
             name.clone(),
-            (svc.port.internal_policy == crate::model::TrafficPolicy::Local && no_local, svc.port.external_policy == crate::model::TrafficPolicy::Local && no_local),
+            (
+                svc.port.internal_policy == crate::model::TrafficPolicy::Local && no_local,
+                svc.port.external_policy == crate::model::TrafficPolicy::Local && no_local,
+            ),
         );
         let svc_key = (name.namespace.clone(), name.name.clone());
         match svc.port.health_check_node_port {
             Some(port) => {
-                self.health_wanted.insert(svc_key, (port, endpoints.local.len()));
+                self.health_wanted
+                    .insert(svc_key, (port, endpoints.local.len()));
             }
             None => {
                 self.health_wanted.remove(&svc_key);
@@ -347,20 +427,28 @@ impl Proxier {
             p.set_endpoints(id, &eps)?;
             p.plan(id)?
         };
-        let fragment = self.mode.render_service(id, &svc.port, &policy_name, &eps, &backends)?;
+        let fragment = self
+            .mode
+            .render_service(id, &svc.port, &policy_name, &eps, &backends)?;
         fragment.validate(&self.rules)?;
         if self.conntrack.is_some() {
             self.rendered.push((svc.port.clone(), eps.clone()));
         }
         let addrs: Vec<String> = eps.iter().map(|e| e.socket_addr().to_string()).collect();
-        let context = format!("policy {policy_name}, endpoints [{}], backends {backends:?}", addrs.join(", "));
+        let context = format!(
+            "policy {policy_name}, endpoints [{}], backends {backends:?}",
+            addrs.join(", ")
+        );
         self.plan.context.insert(name.clone(), context);
         self.backends.set(ServiceBackends {
             id,
             name: name.clone(),
             endpoints: eps.iter().map(|e| e.socket_addr()).collect(),
             policy,
-            affinity: svc.port.affinity_timeout.map(|t| Affinity::new(Duration::from_secs(t.into()))),
+            affinity: svc
+                .port
+                .affinity_timeout
+                .map(|t| Affinity::new(Duration::from_secs(t.into()))),
         });
         Ok(fragment)
     }
@@ -371,11 +459,17 @@ impl Proxier {
         if let Some(wanted) = svc.port.lb_policy.clone() {
             match self.policy(&wanted, &svc.port.lb_policy_config) {
                 Ok(p) => return (wanted, p),
-                Err(e) => tracing::error!(service = %svc.port.name, policy = wanted, error = format!("{e:#}"), "using the default policy instead"),
+                Err(e) => {
+                    tracing::error!(service = %svc.port.name, policy = wanted, error = format!("{e:#}"), "using the default policy instead")
+                }
             }
         }
         let default = self.default_policy.clone();
-        let p = self.policies.get(&(default.clone(), String::new())).cloned().expect("default policy loaded at start");
+        let p = self
+            .policies
+            .get(&(default.clone(), String::new()))
+            .cloned()
+            .expect("default policy loaded at start");
         (default, p)
     }
 
@@ -386,7 +480,10 @@ impl Proxier {
             return Ok(p.clone());
         }
         let (source, bytes) = self.catalog.load(name)?;
-        let component = self.runtime.compile(&bytes).with_context(|| format!("plugin {source}"))?;
+        let component = self
+            .runtime
+            .compile(&bytes)
+            .with_context(|| format!("plugin {source}"))?;
         let policy = Policy::new(self.runtime.clone(), name, &component, config)?;
         tracing::info!(policy = name, config, %source, "loaded lb policy");
         let shared = Arc::new(Mutex::new(policy));
@@ -403,11 +500,24 @@ mod tests {
     /// A proxier whose mode is the test program `mode`, over one Service.
     fn sync_with_mode(mode: &str) -> (Proxier, ClusterState) {
         let runtime = Runtime::new(crate::plugin::Limits::default()).unwrap();
-        let component = runtime.compile(kwp_test_programs_artifacts::program(mode)).unwrap();
-        let settings = ModeSettings { table: Rules::default().nft_table, ..ModeSettings::default() };
+        let component = runtime
+            .compile(kwp_test_programs_artifacts::program(mode))
+            .unwrap();
+        let settings = ModeSettings {
+            table: Rules::default().nft_table,
+            ..ModeSettings::default()
+        };
         let mode = Mode::new(runtime.clone(), mode, &component, settings.clone()).unwrap();
-        let mut proxier =
-            Proxier::new(runtime, Catalog::new(None), mode, settings, "round-robin", Arc::default(), Box::new(NoDataplane)).unwrap();
+        let mut proxier = Proxier::new(
+            runtime,
+            Catalog::new(None),
+            mode,
+            settings,
+            "round-robin",
+            Arc::default(),
+            Box::new(NoDataplane),
+        )
+        .unwrap();
         let mut state = ClusterState::new("n");
         let svc: k8s_openapi::api::core::v1::Service =
             serde_yaml::from_str("metadata: {name: web, namespace: t}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n").unwrap();
@@ -421,7 +531,10 @@ mod tests {
     fn a_plan_naming_a_foreign_table_is_refused_and_nothing_is_applied() {
         let (proxier, _) = sync_with_mode("foreign_table");
         assert_eq!(proxier.stats.failed_services, 1);
-        assert!(proxier.plan().services.is_empty(), "the refused fragment must not be in the plan");
+        assert!(
+            proxier.plan().services.is_empty(),
+            "the refused fragment must not be in the plan"
+        );
         let fragment = Fragment {
             items: vec![crate::plan::Item::NftChain {
                 family: crate::plan::NftFamily::Inet,
@@ -431,7 +544,10 @@ mod tests {
                 rules: vec![],
             }],
         };
-        assert!(matches!(fragment.validate(&Rules::default()), Err(PlanError::ForeignTable(..))));
+        assert!(matches!(
+            fragment.validate(&Rules::default()),
+            Err(PlanError::ForeignTable(..))
+        ));
     }
 
     #[test]
@@ -441,7 +557,12 @@ mod tests {
         assert!(proxier.plan().services.is_empty());
         let stats = proxier.plugin_stats();
         let mode = stats.iter().find(|(n, _)| n == "render_loops").unwrap();
-        assert_eq!(mode.1.deadline_hits.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            mode.1
+                .deadline_hits
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
     }
 
     #[test]

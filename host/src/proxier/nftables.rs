@@ -60,13 +60,30 @@ impl Objects {
         let mut o = Objects::default();
         for item in fragments.into_iter().flat_map(|f| &f.items) {
             match item {
-                Item::NftChain { family, name, hook, rules, .. } => {
-                    o.chains.insert((*family, name.clone()), (hook.clone(), rules.clone()));
+                Item::NftChain {
+                    family,
+                    name,
+                    hook,
+                    rules,
+                    ..
+                } => {
+                    o.chains
+                        .insert((*family, name.clone()), (hook.clone(), rules.clone()));
                 }
-                Item::NftSet { family, name, declaration, .. } => {
+                Item::NftSet {
+                    family,
+                    name,
+                    declaration,
+                    ..
+                } => {
                     o.sets.insert((*family, name.clone()), declaration.clone());
                 }
-                Item::NftElement { family, set, element, .. } => {
+                Item::NftElement {
+                    family,
+                    set,
+                    element,
+                    ..
+                } => {
                     o.elements.insert((*family, set.clone(), element.clone()));
                 }
                 _ => {}
@@ -78,14 +95,24 @@ impl Objects {
     fn keys(&self) -> impl Iterator<Item = Obj> + '_ {
         let sets = self.sets.keys().map(|(f, n)| Obj::Set(*f, n.clone()));
         let chains = self.chains.keys().map(|(f, n)| Obj::Chain(*f, n.clone()));
-        let elements = self.elements.iter().map(|(f, s, e)| Obj::Element(*f, s.clone(), e.clone()));
+        let elements = self
+            .elements
+            .iter()
+            .map(|(f, s, e)| Obj::Element(*f, s.clone(), e.clone()));
         sets.chain(chains).chain(elements)
     }
 }
 
 impl NftDataplane {
     pub fn new(table: &str) -> Self {
-        Self { table: table.into(), applied: BTreeMap::new(), refs: BTreeMap::new(), needs_full: true, transactions: 0, failures: 0 }
+        Self {
+            table: table.into(),
+            applied: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            needs_full: true,
+            transactions: 0,
+            failures: 0,
+        }
     }
 
     /// Re-applies everything (repairs edits made behind our back).
@@ -123,7 +150,11 @@ impl NftDataplane {
 
     fn add_chain(&self, out: &mut String, q: &(Fam, String), hook: &Option<String>) {
         match hook {
-            Some(h) => out.push_str(&format!("add chain {} {{ {}; }}\n", self.at(q), h.trim_end_matches(';'))),
+            Some(h) => out.push_str(&format!(
+                "add chain {} {{ {}; }}\n",
+                self.at(q),
+                h.trim_end_matches(';')
+            )),
             None => out.push_str(&format!("add chain {}\n", self.at(q))),
         }
     }
@@ -142,7 +173,11 @@ impl NftDataplane {
         }
         for (q, elems) in by_set {
             for chunk in elems.chunks(1000) {
-                out.push_str(&format!("add element {} {{ {} }}\n", self.at(&q), chunk.join(", ")));
+                out.push_str(&format!(
+                    "add element {} {{ {} }}\n",
+                    self.at(&q),
+                    chunk.join(", ")
+                ));
             }
         }
     }
@@ -157,19 +192,29 @@ impl NftDataplane {
         let want = Objects::of(plan.values());
         let (kernel_chains, kernel_sets) = kernel;
         let t = &self.table;
-        let families: BTreeSet<Fam> = want.chains.keys().map(|(f, _)| *f).chain(kernel_chains.iter().map(|(f, _)| *f)).collect();
-        let mut s: String = families.iter().map(|f| format!("add table {f} {t}\n")).collect();
+        let families: BTreeSet<Fam> = want
+            .chains
+            .keys()
+            .map(|(f, _)| *f)
+            .chain(kernel_chains.iter().map(|(f, _)| *f))
+            .collect();
+        let mut s: String = families
+            .iter()
+            .map(|f| format!("add table {f} {t}\n"))
+            .collect();
         for (q, decl) in &want.sets {
             self.add_set(&mut s, q, decl);
         }
         for (q, (hook, _)) in &want.chains {
             self.add_chain(&mut s, q, hook);
         }
-        let flush_chains: BTreeSet<&(Fam, String)> = want.chains.keys().chain(kernel_chains.iter()).collect();
+        let flush_chains: BTreeSet<&(Fam, String)> =
+            want.chains.keys().chain(kernel_chains.iter()).collect();
         for q in flush_chains {
             s.push_str(&format!("flush chain {}\n", self.at(q)));
         }
-        let mut flush_sets: BTreeMap<&(Fam, String), &str> = kernel_sets.iter().map(|(n, k)| (n, *k)).collect();
+        let mut flush_sets: BTreeMap<&(Fam, String), &str> =
+            kernel_sets.iter().map(|(n, k)| (n, *k)).collect();
         flush_sets.extend(want.sets.iter().map(|(n, d)| (n, set_kind(d))));
         for (q, kind) in flush_sets {
             s.push_str(&format!("flush {kind} {}\n", self.at(q)));
@@ -178,10 +223,16 @@ impl NftDataplane {
             self.add_rules(&mut s, q, rules);
         }
         self.add_elements(&mut s, &want.elements);
-        for q in kernel_chains.iter().filter(|c| !want.chains.contains_key(*c)) {
+        for q in kernel_chains
+            .iter()
+            .filter(|c| !want.chains.contains_key(*c))
+        {
             s.push_str(&format!("delete chain {}\n", self.at(q)));
         }
-        for (q, kind) in kernel_sets.iter().filter(|(n, _)| !want.sets.contains_key(*n)) {
+        for (q, kind) in kernel_sets
+            .iter()
+            .filter(|(n, _)| !want.sets.contains_key(*n))
+        {
             s.push_str(&format!("delete {kind} {}\n", self.at(q)));
         }
         s
@@ -201,19 +252,40 @@ impl NftDataplane {
             if removed(&Obj::Element(*f, name.clone(), e.clone())) {
                 // Map elements are deleted by key alone.
                 let key = e.split(" : ").next().unwrap_or(e);
-                s.push_str(&format!("delete element {} {{ {key} }}\n", self.at(&(*f, name.clone()))));
+                s.push_str(&format!(
+                    "delete element {} {{ {key} }}\n",
+                    self.at(&(*f, name.clone()))
+                ));
             }
         }
-        let changed_chains: Vec<&(Fam, String)> =
-            new.chains.iter().filter(|(q, c)| !added(&chain(q)) && old.chains.get(*q).is_some_and(|o| o != *c)).map(|(q, _)| q).collect();
-        let removed_chains: Vec<&(Fam, String)> = old.chains.keys().filter(|q| removed(&chain(q))).collect();
+        let changed_chains: Vec<&(Fam, String)> = new
+            .chains
+            .iter()
+            .filter(|(q, c)| !added(&chain(q)) && old.chains.get(*q).is_some_and(|o| o != *c))
+            .map(|(q, _)| q)
+            .collect();
+        let removed_chains: Vec<&(Fam, String)> =
+            old.chains.keys().filter(|q| removed(&chain(q))).collect();
         for q in changed_chains.iter().chain(&removed_chains) {
             s.push_str(&format!("flush chain {}\n", self.at(q)));
         }
-        let changed_sets: Vec<&(Fam, String)> =
-            new.sets.iter().filter(|(q, d)| !added(&set(q)) && old.sets.get(*q).is_some_and(|o| o != *d)).map(|(q, _)| q).collect();
-        for q in old.sets.keys().filter(|q| removed(&set(q))).chain(changed_sets.iter().copied()) {
-            s.push_str(&format!("delete {} {}\n", set_kind(&old.sets[q]), self.at(q)));
+        let changed_sets: Vec<&(Fam, String)> = new
+            .sets
+            .iter()
+            .filter(|(q, d)| !added(&set(q)) && old.sets.get(*q).is_some_and(|o| o != *d))
+            .map(|(q, _)| q)
+            .collect();
+        for q in old
+            .sets
+            .keys()
+            .filter(|q| removed(&set(q)))
+            .chain(changed_sets.iter().copied())
+        {
+            s.push_str(&format!(
+                "delete {} {}\n",
+                set_kind(&old.sets[q]),
+                self.at(q)
+            ));
         }
         for (q, decl) in &new.sets {
             if added(&set(q)) || changed_sets.contains(&q) {
@@ -234,7 +306,10 @@ impl NftDataplane {
         let added_elements: BTreeSet<(Fam, String, String)> = new
             .elements
             .iter()
-            .filter(|(f, name, e)| added(&Obj::Element(*f, name.clone(), e.clone())) || changed_sets.contains(&&(*f, name.clone())))
+            .filter(|(f, name, e)| {
+                added(&Obj::Element(*f, name.clone(), e.clone()))
+                    || changed_sets.contains(&&(*f, name.clone()))
+            })
             .cloned()
             .collect();
         self.add_elements(&mut s, &added_elements);
@@ -246,7 +321,11 @@ impl NftDataplane {
 }
 
 impl Dataplane for NftDataplane {
-    fn apply(&mut self, base: Option<&Fragment>, changed: &[(ServicePortName, Option<&Fragment>)]) -> Result<()> {
+    fn apply(
+        &mut self,
+        base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<()> {
         let mut changes: Vec<(Key, Option<&Fragment>)> = Vec::new();
         if let Some(base) = base {
             changes.push((None, Some(base)));
@@ -268,17 +347,25 @@ impl Dataplane for NftDataplane {
                 // One bad fragment must not hold back the others: apply
                 // each change on its own and report the ones that fail.
                 Err(e) if changes.len() > 1 => {
-                    tracing::warn!(error = format!("{e:#}"), "batch refused; applying changes one by one");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "batch refused; applying changes one by one"
+                    );
                     let failed: Vec<String> = changes
                         .iter()
                         .filter_map(|c| {
                             self.apply_delta(std::slice::from_ref(c)).err().map(|e| {
-                                let name = c.0.as_ref().map_or("base".to_string(), ToString::to_string);
+                                let name =
+                                    c.0.as_ref().map_or("base".to_string(), ToString::to_string);
                                 format!("{name}: {e:#}")
                             })
                         })
                         .collect();
-                    if failed.is_empty() { Ok(()) } else { bail!("{}", failed.join("; ")) }
+                    if failed.is_empty() {
+                        Ok(())
+                    } else {
+                        bail!("{}", failed.join("; "))
+                    }
                 }
                 Err(e) => Err(e),
             };
@@ -307,10 +394,20 @@ impl NftDataplane {
         let new = Objects::of(changes.iter().filter_map(|(_, f)| *f));
         let mut diff: BTreeMap<Obj, i64> = BTreeMap::new();
         for (key, fragment) in changes {
-            for o in self.applied.get(key).map(|f| Objects::of([f])).iter().flat_map(Objects::keys) {
+            for o in self
+                .applied
+                .get(key)
+                .map(|f| Objects::of([f]))
+                .iter()
+                .flat_map(Objects::keys)
+            {
                 *diff.entry(o).or_default() -= 1;
             }
-            for o in fragment.map(|f| Objects::of([f])).iter().flat_map(Objects::keys) {
+            for o in fragment
+                .map(|f| Objects::of([f]))
+                .iter()
+                .flat_map(Objects::keys)
+            {
                 *diff.entry(o).or_default() += 1;
             }
         }
@@ -351,15 +448,27 @@ impl NftDataplane {
 /// nft itself, then the listings are compared line by line within each
 /// chain, set and map.
 pub fn diff_against_kernel(table: &str, plan: &crate::plan::Plan) -> Result<String> {
-    let mut fragments: BTreeMap<Key, Fragment> = plan.services.iter().map(|(k, f)| (Some(k.clone()), f.clone())).collect();
+    let mut fragments: BTreeMap<Key, Fragment> = plan
+        .services
+        .iter()
+        .map(|(k, f)| (Some(k.clone()), f.clone()))
+        .collect();
     fragments.insert(None, plan.base.clone());
     let dp = NftDataplane::new(table);
     let script = dp.full_script_over(&fragments, Default::default());
     let scratch = format!("kwp-dry-run-{}", std::process::id());
-    let run = |args: &[&str]| Command::new("ip").args(args).output().context("running ip (iproute2)");
+    let run = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .output()
+            .context("running ip (iproute2)")
+    };
     let out = run(&["netns", "add", &scratch])?;
     if !out.status.success() {
-        bail!("cannot create a scratch network namespace: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "cannot create a scratch network namespace: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let wanted = (|| -> Result<String> {
         let mut child = Command::new("ip")
@@ -367,14 +476,26 @@ pub fn diff_against_kernel(table: &str, plan: &crate::plan::Plan) -> Result<Stri
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
-        child.stdin.take().context("stdin")?.write_all(script.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(script.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("nft refused the plan: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "nft refused the plan: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         let mut listing = String::new();
         for family in ["ip", "ip6"] {
-            listing.push_str(&String::from_utf8_lossy(&run(&["netns", "exec", &scratch, "nft", "list", "table", family, table])?.stdout));
+            listing.push_str(&String::from_utf8_lossy(
+                &run(&[
+                    "netns", "exec", &scratch, "nft", "list", "table", family, table,
+                ])?
+                .stdout,
+            ));
         }
         Ok(listing)
     })();
@@ -382,7 +503,10 @@ pub fn diff_against_kernel(table: &str, plan: &crate::plan::Plan) -> Result<Stri
     let wanted = wanted?;
     let mut current = String::new();
     for family in ["ip", "ip6"] {
-        let out = Command::new("nft").args(["list", "table", family, table]).output().context("running nft")?;
+        let out = Command::new("nft")
+            .args(["list", "table", family, table])
+            .output()
+            .context("running nft")?;
         if out.status.success() {
             current.push_str(&String::from_utf8_lossy(&out.stdout));
         }
@@ -397,7 +521,11 @@ fn diff_listings(old: &str, new: &str) -> String {
         let mut block = String::new();
         let mut out = Vec::new();
         let mut in_elements = false;
-        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && *l != "}") {
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && *l != "}")
+        {
             // Set and map elements print as `elements = { a, b,` over
             // several lines: one diff line per element.
             if let Some(rest) = line.strip_prefix("elements = {") {
@@ -424,15 +552,27 @@ fn diff_listings(old: &str, new: &str) -> String {
     let new_set: BTreeSet<&(String, String)> = new.iter().collect();
     let mut by_block: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for l in old.iter().filter(|l| !new_set.contains(l)) {
-        by_block.entry(&l.0).or_default().push(format!("-   {}", l.1));
+        by_block
+            .entry(&l.0)
+            .or_default()
+            .push(format!("-   {}", l.1));
     }
     for l in new.iter().filter(|l| !old_set.contains(l)) {
-        by_block.entry(&l.0).or_default().push(format!("+   {}", l.1));
+        by_block
+            .entry(&l.0)
+            .or_default()
+            .push(format!("+   {}", l.1));
     }
     if by_block.is_empty() {
         return "# no changes: the kernel already holds this plan\n".into();
     }
-    let (adds, dels) = by_block.values().flatten().fold((0, 0), |(a, d), l| if l.starts_with('+') { (a + 1, d) } else { (a, d + 1) });
+    let (adds, dels) = by_block.values().flatten().fold((0, 0), |(a, d), l| {
+        if l.starts_with('+') {
+            (a + 1, d)
+        } else {
+            (a, d + 1)
+        }
+    });
     let mut out = format!("# {adds} lines to add, {dels} to remove\n");
     for (block, lines) in by_block {
         out.push_str(&format!("{block}\n"));
@@ -445,12 +585,19 @@ fn diff_listings(old: &str, new: &str) -> String {
 }
 
 fn split_elements(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.trim_end_matches('}').split(", ").map(|e| e.trim().trim_end_matches(',').trim().to_string()).filter(|e| !e.is_empty())
+    text.trim_end_matches('}')
+        .split(", ")
+        .map(|e| e.trim().trim_end_matches(',').trim().to_string())
+        .filter(|e| !e.is_empty())
 }
 
 /// A declaration with a value type (`... : verdict`) is a map.
 fn set_kind(declaration: &str) -> &'static str {
-    if declaration.contains(" : ") { "map" } else { "set" }
+    if declaration.contains(" : ") {
+        "map"
+    } else {
+        "set"
+    }
 }
 
 /// Runs one nft transaction.
@@ -462,32 +609,60 @@ fn nft(script: &str) -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("running nft (is the nftables package installed?)")?;
-    child.stdin.take().context("nft stdin")?.write_all(script.as_bytes()).context("writing to nft")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())
+        .context("writing to nft")?;
     let out = child.wait_with_output().context("waiting for nft")?;
     if !out.status.success() {
-        bail!("nft refused the transaction: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "nft refused the transaction: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 /// Chains, and sets/maps with their kind, in our tables of both families.
-type Kernel = (BTreeSet<(Fam, String)>, BTreeMap<(Fam, String), &'static str>);
+type Kernel = (
+    BTreeSet<(Fam, String)>,
+    BTreeMap<(Fam, String), &'static str>,
+);
 
 /// What our tables hold now (empty where a table is absent).
 fn list_tables(table: &str) -> Result<Kernel> {
     let mut kernel = Kernel::default();
     for family in [NftFamily::Ip, NftFamily::Ip6] {
-        let out = Command::new("nft").args(["-j", "list", "table", &family.to_string(), table]).output().context("running nft")?;
+        let out = Command::new("nft")
+            .args(["-j", "list", "table", &family.to_string(), table])
+            .output()
+            .context("running nft")?;
         if !out.status.success() {
             continue; // no such table yet
         }
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing nft -j output")?;
-        for obj in json.get("nftables").and_then(|v| v.as_array()).into_iter().flatten() {
-            if let Some(name) = obj.get("chain").and_then(|c| c.get("name")).and_then(|n| n.as_str()) {
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("parsing nft -j output")?;
+        for obj in json
+            .get("nftables")
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+        {
+            if let Some(name) = obj
+                .get("chain")
+                .and_then(|c| c.get("name"))
+                .and_then(|n| n.as_str())
+            {
                 kernel.0.insert((family, name.to_string()));
             }
             for kind in ["set", "map"] {
-                if let Some(name) = obj.get(kind).and_then(|c| c.get("name")).and_then(|n| n.as_str()) {
+                if let Some(name) = obj
+                    .get(kind)
+                    .and_then(|c| c.get("name"))
+                    .and_then(|n| n.as_str())
+                {
                     kernel.1.insert((family, name.to_string()), kind);
                 }
             }
@@ -504,8 +679,17 @@ mod tests {
         let new = "table ip t {\n\tchain a {\n\t\tjump b\n\t\tdrop\n\t}\n\tmap m {\n\t\telements = { 1 : goto a }\n\t}\n}\n";
         let d = super::diff_listings(old, new);
         assert!(d.contains("ip t: chain a\n+   drop"), "{d}");
-        assert!(d.contains("ip t: chain c\n-   chain c {\n-   accept"), "{d}");
-        assert!(d.contains("ip t: map m\n-   2 : goto c"), "one line per element: {d}");
-        assert_eq!(super::diff_listings(new, new), "# no changes: the kernel already holds this plan\n");
+        assert!(
+            d.contains("ip t: chain c\n-   chain c {\n-   accept"),
+            "{d}"
+        );
+        assert!(
+            d.contains("ip t: map m\n-   2 : goto c"),
+            "one line per element: {d}"
+        );
+        assert_eq!(
+            super::diff_listings(new, new),
+            "# no changes: the kernel already holds this plan\n"
+        );
     }
 }

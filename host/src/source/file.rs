@@ -34,7 +34,8 @@ pub struct Objects {
 pub fn parse_objects(text: &str) -> Result<Objects> {
     let mut out = Objects::default();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(doc).with_context(|| format!("document {}", i + 1))?;
+        let value =
+            serde_yaml::Value::deserialize(doc).with_context(|| format!("document {}", i + 1))?;
         if value.is_null() {
             continue;
         }
@@ -44,18 +45,35 @@ pub fn parse_objects(text: &str) -> Result<Objects> {
 }
 
 fn add_object(value: serde_yaml::Value, out: &mut Objects) -> Result<()> {
-    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+    let kind = value
+        .get("kind")
+        .and_then(|k| k.as_str())
+        .unwrap_or_default()
+        .to_string();
     match kind.as_str() {
-        "Service" => out.services.push(serde_yaml::from_value(value).context("invalid Service")?),
-        "EndpointSlice" => out.slices.push(serde_yaml::from_value(value).context("invalid EndpointSlice")?),
-        "Node" => out.nodes.push(serde_yaml::from_value(value).context("invalid Node")?),
+        "Service" => out
+            .services
+            .push(serde_yaml::from_value(value).context("invalid Service")?),
+        "EndpointSlice" => out
+            .slices
+            .push(serde_yaml::from_value(value).context("invalid EndpointSlice")?),
+        "Node" => out
+            .nodes
+            .push(serde_yaml::from_value(value).context("invalid Node")?),
         "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
-            let serde_yaml::Value::Mapping(mut map) = value else { bail!("invalid {kind}") };
+            let serde_yaml::Value::Mapping(mut map) = value else {
+                bail!("invalid {kind}")
+            };
             let items = map.remove("items").unwrap_or_default();
-            let serde_yaml::Value::Sequence(items) = items else { bail!("{kind} without items") };
+            let serde_yaml::Value::Sequence(items) = items else {
+                bail!("{kind} without items")
+            };
             for (i, mut item) in items.into_iter().enumerate() {
                 // Typed lists may leave out each item's kind.
-                if let (Some(kind), serde_yaml::Value::Mapping(m)) = (kind.strip_suffix("List").filter(|k| !k.is_empty()), &mut item) {
+                if let (Some(kind), serde_yaml::Value::Mapping(m)) = (
+                    kind.strip_suffix("List").filter(|k| !k.is_empty()),
+                    &mut item,
+                ) {
                     m.entry("kind".into()).or_insert(kind.into());
                 }
                 add_object(item, out).with_context(|| format!("item {i}"))?;
@@ -83,7 +101,13 @@ pub struct FileSource {
 
 impl FileSource {
     pub fn new(dir: &Path, node_name: &str) -> Self {
-        Self { dir: dir.into(), node_name: node_name.into(), files: BTreeMap::new(), broken: BTreeMap::new(), errors: 0 }
+        Self {
+            dir: dir.into(),
+            node_name: node_name.into(),
+            files: BTreeMap::new(),
+            broken: BTreeMap::new(),
+            errors: 0,
+        }
     }
 
     /// Scans the directory; `Some` with the complete object set if anything changed.
@@ -91,13 +115,26 @@ impl FileSource {
         let mut seen = Vec::new();
         let mut changed = false;
         for path in list_files(&self.dir)? {
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
-            let fingerprint = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let fingerprint = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
             seen.push(path.clone());
-            if self.files.get(&path).is_some_and(|(f, _)| *f == fingerprint) || self.broken.get(&path) == Some(&fingerprint) {
+            if self
+                .files
+                .get(&path)
+                .is_some_and(|(f, _)| *f == fingerprint)
+                || self.broken.get(&path) == Some(&fingerprint)
+            {
                 continue;
             }
-            match std::fs::read_to_string(&path).map_err(anyhow::Error::from).and_then(|t| parse_objects(&t)) {
+            match std::fs::read_to_string(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| parse_objects(&t))
+            {
                 Ok(objects) => {
                     self.broken.remove(&path);
                     self.files.insert(path, (fingerprint, objects));
@@ -124,9 +161,19 @@ impl FileSource {
         for (_, objects) in self.files.values() {
             services.extend(objects.services.iter().cloned());
             slices.extend(objects.slices.iter().cloned());
-            node = node.or_else(|| objects.nodes.iter().find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str())).cloned());
+            node = node.or_else(|| {
+                objects
+                    .nodes
+                    .iter()
+                    .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
+                    .cloned()
+            });
         }
-        SourceEvent::Full { services, slices, node }
+        SourceEvent::Full {
+            services,
+            slices,
+            node,
+        }
     }
 
     /// Polls forever, sending an event whenever the directory changes.
@@ -141,7 +188,9 @@ impl FileSource {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => tracing::error!(dir = %self.dir.display(), error = format!("{e:#}"), "cannot scan source directory"),
+                Err(e) => {
+                    tracing::error!(dir = %self.dir.display(), error = format!("{e:#}"), "cannot scan source directory")
+                }
             }
         }
     }
@@ -153,7 +202,10 @@ fn list_files(dir: &Path) -> Result<Vec<PathBuf>> {
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if name.starts_with('.') {
                 continue; // editors' and atomic writers' temporary files
             }
@@ -186,19 +238,34 @@ mod tests {
     fn malformed_file_keeps_its_last_good_contents() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("svc.yaml");
-        std::fs::write(&f, "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.1}\n").unwrap();
+        std::fs::write(
+            &f,
+            "kind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.0.0.1}\n",
+        )
+        .unwrap();
         let mut src = FileSource::new(dir.path(), "n");
-        let Some(SourceEvent::Full { services, .. }) = src.scan().unwrap() else { panic!("no event") };
+        let Some(SourceEvent::Full { services, .. }) = src.scan().unwrap() else {
+            panic!("no event")
+        };
         assert_eq!(services.len(), 1);
 
-        std::fs::write(&f, "kind: Service\nmetadata: {name: a}\nspec: {ports: notalist}\n").unwrap();
-        assert!(src.scan().unwrap().is_none(), "a broken file must not change the state");
+        std::fs::write(
+            &f,
+            "kind: Service\nmetadata: {name: a}\nspec: {ports: notalist}\n",
+        )
+        .unwrap();
+        assert!(
+            src.scan().unwrap().is_none(),
+            "a broken file must not change the state"
+        );
         assert_eq!(src.errors, 1);
         assert!(src.scan().unwrap().is_none());
         assert_eq!(src.errors, 1, "the same broken contents are reported once");
 
         std::fs::remove_file(&f).unwrap();
-        let Some(SourceEvent::Full { services, .. }) = src.scan().unwrap() else { panic!("no event") };
+        let Some(SourceEvent::Full { services, .. }) = src.scan().unwrap() else {
+            panic!("no event")
+        };
         assert!(services.is_empty(), "deleting the file removes its objects");
     }
 }

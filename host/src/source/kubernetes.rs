@@ -15,8 +15,8 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -28,27 +28,65 @@ use crate::state::convert::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, object_key
 pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
     let config = match kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.context("loading kubeconfig")?
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .context("loading kubeconfig")?
         }
-        None => kube::Config::infer().await.context("no kubeconfig given and no in-cluster service account")?,
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and no in-cluster service account")?,
     };
     Client::try_from(config).context("creating the API client")
 }
 
 /// Watches until `tx` closes. `errors` counts watch errors (a metric).
-pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>, errors: Arc<AtomicU64>) {
-    let services = watcher::Config::default().labels(&format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"));
+pub async fn run(
+    client: Client,
+    node_name: String,
+    tx: mpsc::Sender<SourceEvent>,
+    errors: Arc<AtomicU64>,
+) {
+    let services = watcher::Config::default()
+        .labels(&format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"));
     let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     tokio::join!(
-        watch(Api::<Service>::all(client.clone()), services, Kind::Service, Object::Service, tx.clone(), errors.clone()),
-        watch(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), Kind::EndpointSlice, Object::Slice, tx.clone(), errors.clone()),
-        watch(Api::<Node>::all(client), node, Kind::Node, Object::Node, tx, errors),
+        watch(
+            Api::<Service>::all(client.clone()),
+            services,
+            Kind::Service,
+            Object::Service,
+            tx.clone(),
+            errors.clone()
+        ),
+        watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+            Kind::EndpointSlice,
+            Object::Slice,
+            tx.clone(),
+            errors.clone()
+        ),
+        watch(
+            Api::<Node>::all(client),
+            node,
+            Kind::Node,
+            Object::Node,
+            tx,
+            errors
+        ),
     );
 }
 
-async fn watch<K>(api: Api<K>, config: watcher::Config, kind: Kind, wrap: fn(K) -> Object, tx: mpsc::Sender<SourceEvent>, errors: Arc<AtomicU64>)
-where
+async fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    wrap: fn(K) -> Object,
+    tx: mpsc::Sender<SourceEvent>,
+    errors: Arc<AtomicU64>,
+) where
     K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
 {
     let mut known: BTreeSet<(String, String)> = BTreeSet::new();
@@ -71,7 +109,9 @@ where
             }
             Ok(Event::InitApply(obj)) => {
                 let key = object_key(obj.meta());
-                listing.get_or_insert_with(BTreeSet::new).insert(key.clone());
+                listing
+                    .get_or_insert_with(BTreeSet::new)
+                    .insert(key.clone());
                 known.insert(key);
                 vec![SourceEvent::Apply(wrap(obj))]
             }
@@ -80,7 +120,10 @@ where
                 let listed = listing.take().unwrap_or_default();
                 let gone: Vec<_> = known.difference(&listed).cloned().collect();
                 known = listed;
-                let mut out: Vec<SourceEvent> = gone.into_iter().map(|k| SourceEvent::Delete(kind, k)).collect();
+                let mut out: Vec<SourceEvent> = gone
+                    .into_iter()
+                    .map(|k| SourceEvent::Delete(kind, k))
+                    .collect();
                 out.push(SourceEvent::Synced(kind));
                 out
             }

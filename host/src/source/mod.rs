@@ -25,7 +25,11 @@ pub enum Object {
 #[derive(Debug)]
 pub enum SourceEvent {
     /// The complete current set of objects (the file source).
-    Full { services: Vec<Service>, slices: Vec<EndpointSlice>, node: Option<Node> },
+    Full {
+        services: Vec<Service>,
+        slices: Vec<EndpointSlice>,
+        node: Option<Node>,
+    },
     /// One object added or changed (the kubernetes source).
     Apply(Object),
     /// One object gone: its kind and (namespace, name).

@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{Cidr, Endpoint, IpMode, NodeInfo, Protocol, ServicePort, ServicePortName, TrafficPolicy};
+use crate::model::{
+    Cidr, Endpoint, IpMode, NodeInfo, Protocol, ServicePort, ServicePortName, TrafficPolicy,
+};
 
 /// Label that hands a Service to another proxy: kube-proxy ignores it.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -35,21 +37,31 @@ pub enum Skip {
 }
 
 /// `(namespace, name)` of any object.
-pub fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (meta.namespace.clone().unwrap_or_else(|| "default".into()), meta.name.clone().unwrap_or_default())
+pub fn object_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 /// The Service's ports, or why it is skipped. Invalid fields inside an
 /// otherwise valid Service (a bad externalIP, a bad source range) are dropped
 /// with a warning, as upstream does; `warn` receives them.
-pub fn service_ports(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<Vec<ServicePort>, Skip> {
+pub fn service_ports(
+    svc: &Service,
+    warn: &mut dyn FnMut(String),
+) -> Result<Vec<ServicePort>, Skip> {
     let labels = svc.metadata.labels.as_ref();
     for label in [LABEL_SERVICE_PROXY_NAME, LABEL_HEADLESS] {
         if labels.is_some_and(|l| l.contains_key(label)) {
             return Err(Skip::Label(label));
         }
     }
-    let Some(spec) = svc.spec.as_ref() else { return Err(Skip::NoClusterIp) };
+    let Some(spec) = svc.spec.as_ref() else {
+        return Err(Skip::NoClusterIp);
+    };
     let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
     if svc_type == "ExternalName" {
         return Err(Skip::ExternalName);
@@ -66,7 +78,9 @@ pub fn service_ports(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<Vec<
             .filter_map(|s| match s.trim().parse() {
                 Ok(ip) => Some(ip),
                 Err(_) => {
-                    warn(format!("service {namespace}/{name}: ignoring invalid {field} {s:?}"));
+                    warn(format!(
+                        "service {namespace}/{name}: ignoring invalid {field} {s:?}"
+                    ));
                     None
                 }
             })
@@ -74,23 +88,44 @@ pub fn service_ports(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<Vec<
     };
     let cluster_ips = match spec.cluster_ips.as_deref() {
         Some(list) if !list.is_empty() => ips("clusterIP", list, warn),
-        _ => ips("clusterIP", std::slice::from_ref(spec.cluster_ip.as_ref().expect("checked above")), warn),
+        _ => ips(
+            "clusterIP",
+            std::slice::from_ref(spec.cluster_ip.as_ref().expect("checked above")),
+            warn,
+        ),
     };
     if cluster_ips.is_empty() {
         return Err(Skip::NoClusterIp);
     }
-    let external_ips = ips("externalIP", spec.external_ips.as_deref().unwrap_or_default(), warn);
+    let external_ips = ips(
+        "externalIP",
+        spec.external_ips.as_deref().unwrap_or_default(),
+        warn,
+    );
     let is_lb = svc_type == "LoadBalancer";
     let external_capable = is_lb || svc_type == "NodePort";
 
     let load_balancer_ingress: Vec<(IpAddr, IpMode)> = if is_lb {
-        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
         ingress
             .into_iter()
             .flatten()
             .filter_map(|i| {
-                let ip = ips("loadBalancer ingress IP", std::slice::from_ref(i.ip.as_ref()?), warn).pop()?;
-                let mode = if i.ip_mode.as_deref() == Some("Proxy") { IpMode::Proxy } else { IpMode::Vip };
+                let ip = ips(
+                    "loadBalancer ingress IP",
+                    std::slice::from_ref(i.ip.as_ref()?),
+                    warn,
+                )
+                .pop()?;
+                let mode = if i.ip_mode.as_deref() == Some("Proxy") {
+                    IpMode::Proxy
+                } else {
+                    IpMode::Vip
+                };
                 Some((ip, mode))
             })
             .collect()
@@ -104,7 +139,9 @@ pub fn service_ports(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<Vec<
             .filter_map(|r| match r.parse() {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    warn(format!("service {namespace}/{name}: ignoring loadBalancerSourceRange: {e}"));
+                    warn(format!(
+                        "service {namespace}/{name}: ignoring loadBalancerSourceRange: {e}"
+                    ));
                     None
                 }
             })
@@ -120,41 +157,65 @@ pub fn service_ports(svc: &Service, warn: &mut dyn FnMut(String)) -> Result<Vec<
             .and_then(|t| u32::try_from(t).ok())
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
-    let external_policy = if external_capable && spec.external_traffic_policy.as_deref() == Some("Local") {
-        TrafficPolicy::Local
-    } else {
-        TrafficPolicy::Cluster
-    };
+    let external_policy =
+        if external_capable && spec.external_traffic_policy.as_deref() == Some("Local") {
+            TrafficPolicy::Local
+        } else {
+            TrafficPolicy::Cluster
+        };
     let internal_policy = match spec.internal_traffic_policy.as_deref() {
         Some("Local") => TrafficPolicy::Local,
         _ => TrafficPolicy::Cluster,
     };
     let health_check_node_port = (is_lb && external_policy == TrafficPolicy::Local)
-        .then(|| spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()))
+        .then(|| {
+            spec.health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+        })
         .flatten()
         .filter(|p| *p != 0);
     let annotations = svc.metadata.annotations.as_ref();
-    let lb_policy = annotations.and_then(|a| a.get(ANNOTATION_LB_POLICY)).map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
-    let lb_policy_config = annotations.and_then(|a| a.get(ANNOTATION_LB_POLICY_CONFIG)).cloned().unwrap_or_default();
+    let lb_policy = annotations
+        .and_then(|a| a.get(ANNOTATION_LB_POLICY))
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    let lb_policy_config = annotations
+        .and_then(|a| a.get(ANNOTATION_LB_POLICY_CONFIG))
+        .cloned()
+        .unwrap_or_default();
 
     let mut out = Vec::new();
     for p in spec.ports.iter().flatten() {
         let protocol = match p.protocol.as_deref().unwrap_or("TCP").parse::<Protocol>() {
             Ok(proto) => proto,
             Err(e) => {
-                warn(format!("service {namespace}/{name}: skipping port {:?}: {e}", p.name));
+                warn(format!(
+                    "service {namespace}/{name}: skipping port {:?}: {e}",
+                    p.name
+                ));
                 continue;
             }
         };
         let Ok(port) = u16::try_from(p.port) else {
-            warn(format!("service {namespace}/{name}: skipping port {}: out of range", p.port));
+            warn(format!(
+                "service {namespace}/{name}: skipping port {}: out of range",
+                p.port
+            ));
             continue;
         };
         out.push(ServicePort {
-            name: ServicePortName { namespace: namespace.clone(), name: name.clone(), port: p.name.clone().unwrap_or_default(), protocol },
+            name: ServicePortName {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port: p.name.clone().unwrap_or_default(),
+                protocol,
+            },
             cluster_ips: cluster_ips.clone(),
             port,
-            node_port: p.node_port.and_then(|n| u16::try_from(n).ok()).filter(|n| *n != 0 && external_capable),
+            node_port: p
+                .node_port
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0 && external_capable),
             external_ips: external_ips.clone(),
             load_balancer_ingress: load_balancer_ingress.clone(),
             source_ranges: source_ranges.clone(),
@@ -178,19 +239,32 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<(String, String)> {
 /// The endpoints of one EndpointSlice per `(port name, protocol)`. FQDN
 /// slices are ignored, as upstream does; only the first address of each
 /// endpoint is used.
-pub fn slice_endpoints(slice: &EndpointSlice, node_name: &str) -> Vec<((String, Protocol), Endpoint)> {
+pub fn slice_endpoints(
+    slice: &EndpointSlice,
+    node_name: &str,
+) -> Vec<((String, Protocol), Endpoint)> {
     if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
         return Vec::new();
     }
     let mut out = Vec::new();
     for port in slice.ports.iter().flatten() {
-        let (Some(number), Ok(protocol)) = (port.port, port.protocol.as_deref().unwrap_or("TCP").parse::<Protocol>()) else {
+        let (Some(number), Ok(protocol)) = (
+            port.port,
+            port.protocol
+                .as_deref()
+                .unwrap_or("TCP")
+                .parse::<Protocol>(),
+        ) else {
             continue;
         };
-        let Ok(number) = u16::try_from(number) else { continue };
+        let Ok(number) = u16::try_from(number) else {
+            continue;
+        };
         let port_name = port.name.clone().unwrap_or_default();
         for ep in &slice.endpoints {
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
             let cond = ep.conditions.as_ref();
             let ready = cond.and_then(|c| c.ready).unwrap_or(true);
             let hints = ep.hints.as_ref();
@@ -204,8 +278,18 @@ pub fn slice_endpoints(slice: &EndpointSlice, node_name: &str) -> Vec<((String, 
                     terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
                     node_name: ep.node_name.clone(),
                     zone: ep.zone.clone(),
-                    zone_hints: hints.and_then(|h| h.for_zones.as_ref()).into_iter().flatten().map(|z| z.name.clone()).collect(),
-                    node_hints: hints.and_then(|h| h.for_nodes.as_ref()).into_iter().flatten().map(|n| n.name.clone()).collect(),
+                    zone_hints: hints
+                        .and_then(|h| h.for_zones.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    node_hints: hints
+                        .and_then(|h| h.for_nodes.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|n| n.name.clone())
+                        .collect(),
                     is_local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
                 },
             ));
@@ -236,7 +320,11 @@ pub fn node_info(node: &Node) -> NodeInfo {
     NodeInfo {
         name: node.metadata.name.clone().unwrap_or_default(),
         addresses: addresses.into_iter().map(|(_, ip)| ip).collect(),
-        pod_cidrs: node.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).unwrap_or_default(),
+        pod_cidrs: node
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidrs.clone())
+            .unwrap_or_default(),
         zone: labels.get(ZONE_LABEL).cloned(),
         labels: labels.into_iter().collect(),
     }

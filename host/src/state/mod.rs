@@ -67,7 +67,14 @@ pub struct ClusterState {
 
 impl ClusterState {
     pub fn new(node_name: &str) -> Self {
-        Self { node_name: node_name.into(), node: NodeInfo { name: node_name.into(), ..NodeInfo::default() }, ..Self::default() }
+        Self {
+            node_name: node_name.into(),
+            node: NodeInfo {
+                name: node_name.into(),
+                ..NodeInfo::default()
+            },
+            ..Self::default()
+        }
     }
 
     pub fn node(&self) -> &NodeInfo {
@@ -128,7 +135,10 @@ impl ClusterState {
             self.delete_slice(&key);
             self.slice_owner.insert(key.clone(), service.clone());
         }
-        self.slices.entry(service.clone()).or_default().insert(key.1, endpoints);
+        self.slices
+            .entry(service.clone())
+            .or_default()
+            .insert(key.1, endpoints);
         self.dirty.insert(service);
         self.triggers.extend(trigger);
         self.endpoint_changes.0 += 1;
@@ -159,15 +169,36 @@ impl ClusterState {
 
     /// Replaces everything with a complete set of objects (a full listing),
     /// marking only what differs as changed.
-    pub fn replace_all(&mut self, services: &[Service], slices: &[EndpointSlice], node: Option<&Node>) {
-        let svc_keys: BTreeSet<Key> = services.iter().map(|s| convert::object_key(&s.metadata)).collect();
-        let gone: Vec<Key> = self.services.keys().filter(|k| !svc_keys.contains(*k)).cloned().collect();
+    pub fn replace_all(
+        &mut self,
+        services: &[Service],
+        slices: &[EndpointSlice],
+        node: Option<&Node>,
+    ) {
+        let svc_keys: BTreeSet<Key> = services
+            .iter()
+            .map(|s| convert::object_key(&s.metadata))
+            .collect();
+        let gone: Vec<Key> = self
+            .services
+            .keys()
+            .filter(|k| !svc_keys.contains(*k))
+            .cloned()
+            .collect();
         gone.iter().for_each(|k| self.delete_service(k));
         services.iter().for_each(|s| {
             self.upsert_service(s);
         });
-        let slice_keys: BTreeSet<Key> = slices.iter().map(|s| convert::object_key(&s.metadata)).collect();
-        let gone: Vec<Key> = self.slice_owner.keys().filter(|k| !slice_keys.contains(*k)).cloned().collect();
+        let slice_keys: BTreeSet<Key> = slices
+            .iter()
+            .map(|s| convert::object_key(&s.metadata))
+            .collect();
+        let gone: Vec<Key> = self
+            .slice_owner
+            .keys()
+            .filter(|k| !slice_keys.contains(*k))
+            .cloned()
+            .collect();
         gone.iter().for_each(|k| self.delete_slice(k));
         slices.iter().for_each(|s| self.upsert_slice(s));
         if let Some(node) = node {
@@ -177,7 +208,10 @@ impl ClusterState {
 
     /// The changes since the last call, as service-port states.
     pub fn take_changes(&mut self) -> Changes {
-        let mut changes = Changes { node_changed: std::mem::take(&mut self.node_changed), ..Changes::default() };
+        let mut changes = Changes {
+            node_changed: std::mem::take(&mut self.node_changed),
+            ..Changes::default()
+        };
         self.service_changes.1 = 0;
         self.endpoint_changes.1 = 0;
         changes.triggers = std::mem::take(&mut self.triggers);
@@ -187,10 +221,21 @@ impl ClusterState {
                 .get(&key)
                 .into_iter()
                 .flatten()
-                .map(|port| (port.name.clone(), ServiceState { port: port.clone(), endpoints: self.merged_endpoints(&key, &port.name) }))
+                .map(|port| {
+                    (
+                        port.name.clone(),
+                        ServiceState {
+                            port: port.clone(),
+                            endpoints: self.merged_endpoints(&key, &port.name),
+                        },
+                    )
+                })
                 .collect();
-            let previous: Vec<ServicePortName> =
-                self.last.range(prefix_range(&key)).map(|(name, _)| name.clone()).collect();
+            let previous: Vec<ServicePortName> = self
+                .last
+                .range(prefix_range(&key))
+                .map(|(name, _)| name.clone())
+                .collect();
             for name in previous {
                 if !current.contains_key(&name) {
                     self.last.remove(&name);
@@ -217,7 +262,12 @@ impl ClusterState {
     fn merged_endpoints(&self, service: &Key, port: &ServicePortName) -> Vec<Endpoint> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
-        for endpoints in self.slices.get(service).into_iter().flat_map(|s| s.values()) {
+        for endpoints in self
+            .slices
+            .get(service)
+            .into_iter()
+            .flat_map(|s| s.values())
+        {
             for ((name, proto), ep) in endpoints {
                 if *name == port.port && *proto == port.protocol && seen.insert((ep.ip, ep.port)) {
                     out.push(ep.clone());
@@ -230,8 +280,18 @@ impl ClusterState {
 
 /// The range of ServicePortNames belonging to one Service.
 fn prefix_range(key: &Key) -> std::ops::RangeInclusive<ServicePortName> {
-    let lo = ServicePortName { namespace: key.0.clone(), name: key.1.clone(), port: String::new(), protocol: Protocol::Tcp };
-    let hi = ServicePortName { namespace: key.0.clone(), name: key.1.clone(), port: "\u{10ffff}".repeat(4), protocol: Protocol::Sctp };
+    let lo = ServicePortName {
+        namespace: key.0.clone(),
+        name: key.1.clone(),
+        port: String::new(),
+        protocol: Protocol::Tcp,
+    };
+    let hi = ServicePortName {
+        namespace: key.0.clone(),
+        name: key.1.clone(),
+        port: "\u{10ffff}".repeat(4),
+        protocol: Protocol::Sctp,
+    };
     lo..=hi
 }
 

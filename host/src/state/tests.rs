@@ -64,11 +64,17 @@ status:
     let p = &ports[0];
     assert_eq!(p.name.to_string(), "ns/lb/tcp");
     assert_eq!(p.node_port, Some(30443));
-    assert_eq!(p.external_ips, ["192.0.2.9".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        p.external_ips,
+        ["192.0.2.9".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(p.source_ranges.len(), 1);
     assert_eq!(p.load_balancer_ingress[1].1, crate::model::IpMode::Proxy);
     assert_eq!(p.affinity_timeout, Some(convert::DEFAULT_AFFINITY_TIMEOUT));
-    assert_eq!((p.external_policy, p.internal_policy), (TrafficPolicy::Local, TrafficPolicy::Local));
+    assert_eq!(
+        (p.external_policy, p.internal_policy),
+        (TrafficPolicy::Local, TrafficPolicy::Local)
+    );
     assert_eq!(p.health_check_node_port, Some(31000));
     assert_eq!(p.lb_policy.as_deref(), Some("maglev"));
     assert_eq!(p.lb_policy_config, "size=7");
@@ -77,7 +83,9 @@ status:
 
 #[test]
 fn external_traffic_policy_only_applies_to_external_types() {
-    let s = svc("metadata: {name: c}\nspec: {type: ClusterIP, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}\n");
+    let s = svc(
+        "metadata: {name: c}\nspec: {type: ClusterIP, clusterIP: 10.0.0.1, externalTrafficPolicy: Local, ports: [{port: 80, nodePort: 30080}]}\n",
+    );
     let p = &convert::service_ports(&s, &mut |_| {}).unwrap()[0];
     assert_eq!(p.external_policy, TrafficPolicy::Cluster);
     assert_eq!(p.node_port, None, "a ClusterIP service has no node port");
@@ -87,9 +95,18 @@ fn external_traffic_policy_only_applies_to_external_types() {
 #[test]
 fn skip_rules_match_upstream() {
     let cases = [
-        ("metadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}\n", convert::Skip::Headless),
-        ("metadata: {name: e}\nspec: {type: ExternalName, externalName: example.com}\n", convert::Skip::ExternalName),
-        ("metadata: {name: n}\nspec: {ports: [{port: 80}]}\n", convert::Skip::NoClusterIp),
+        (
+            "metadata: {name: h}\nspec: {clusterIP: None, ports: [{port: 80}]}\n",
+            convert::Skip::Headless,
+        ),
+        (
+            "metadata: {name: e}\nspec: {type: ExternalName, externalName: example.com}\n",
+            convert::Skip::ExternalName,
+        ),
+        (
+            "metadata: {name: n}\nspec: {ports: [{port: 80}]}\n",
+            convert::Skip::NoClusterIp,
+        ),
         (
             "metadata: {name: p, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n",
             convert::Skip::Label(convert::LABEL_SERVICE_PROXY_NAME),
@@ -101,7 +118,11 @@ fn skip_rules_match_upstream() {
     ];
     for (yaml, want) in cases {
         let s = svc(yaml);
-        assert_eq!(convert::service_ports(&s, &mut |_| {}), Err(want.clone()), "{yaml}");
+        assert_eq!(
+            convert::service_ports(&s, &mut |_| {}),
+            Err(want.clone()),
+            "{yaml}"
+        );
         let mut state = ClusterState::new("node-a");
         assert_eq!(state.upsert_service(&s), Some(want));
         assert!(state.take_changes().updated.is_empty());
@@ -113,36 +134,66 @@ fn slices_merge_per_port_and_keep_conditions() {
     let state = &mut state_with(
         &[svc(WEB)],
         &[
-            web_slice("web-a", &[("10.1.0.1", true, true, false), ("10.1.0.2", false, true, true)]),
-            web_slice("web-b", &[("10.1.0.3", false, false, true), ("10.1.0.1", true, true, false)]),
+            web_slice(
+                "web-a",
+                &[
+                    ("10.1.0.1", true, true, false),
+                    ("10.1.0.2", false, true, true),
+                ],
+            ),
+            web_slice(
+                "web-b",
+                &[
+                    ("10.1.0.3", false, false, true),
+                    ("10.1.0.1", true, true, false),
+                ],
+            ),
         ],
     );
     let changes = state.take_changes();
     assert_eq!(changes.updated.len(), 2, "http and dns ports");
-    let http = changes.updated.iter().find(|s| s.port.name.port == "http").unwrap();
+    let http = changes
+        .updated
+        .iter()
+        .find(|s| s.port.name.port == "http")
+        .unwrap();
     let ips: Vec<String> = http.endpoints.iter().map(|e| e.ip.to_string()).collect();
-    assert_eq!(ips, ["10.1.0.1", "10.1.0.2", "10.1.0.3"], "merged, duplicate dropped");
+    assert_eq!(
+        ips,
+        ["10.1.0.1", "10.1.0.2", "10.1.0.3"],
+        "merged, duplicate dropped"
+    );
     let e2 = &http.endpoints[1];
     assert_eq!((e2.ready, e2.serving, e2.terminating), (false, true, true));
     assert!(http.endpoints[0].is_local && !e2.is_local);
     assert_eq!(http.endpoints[0].port, 8080);
-    let dns = changes.updated.iter().find(|s| s.port.name.port == "dns").unwrap();
+    let dns = changes
+        .updated
+        .iter()
+        .find(|s| s.port.name.port == "dns")
+        .unwrap();
     assert!(dns.endpoints.is_empty(), "no slice port named dns");
 }
 
 #[test]
 fn missing_conditions_default_like_upstream() {
-    let s = slice("metadata: {name: x, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 1}]\nendpoints: [{addresses: ['10.1.0.9']}]\n");
+    let s = slice(
+        "metadata: {name: x, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 1}]\nendpoints: [{addresses: ['10.1.0.9']}]\n",
+    );
     let eps = convert::slice_endpoints(&s, "node-a");
     let e = &eps[0].1;
     assert_eq!((e.ready, e.serving, e.terminating), (true, true, false));
-    let fqdn = slice("metadata: {name: f}\naddressType: FQDN\nports: [{port: 1}]\nendpoints: [{addresses: [example.com]}]\n");
+    let fqdn = slice(
+        "metadata: {name: f}\naddressType: FQDN\nports: [{port: 1}]\nendpoints: [{addresses: [example.com]}]\n",
+    );
     assert!(convert::slice_endpoints(&fqdn, "n").is_empty());
 }
 
 #[test]
 fn only_changed_services_are_reported() {
-    let other = svc("metadata: {name: other, namespace: ns}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 81}]}\n");
+    let other = svc(
+        "metadata: {name: other, namespace: ns}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 81}]}\n",
+    );
     let slices = [web_slice("web-a", &[("10.1.0.1", true, true, false)])];
     let mut state = state_with(&[svc(WEB), other.clone()], &slices);
     assert_eq!(state.take_changes().updated.len(), 3);
@@ -150,11 +201,25 @@ fn only_changed_services_are_reported() {
     state.replace_all(&[svc(WEB), other.clone()], &slices, None);
     assert!(state.take_changes().is_empty(), "same objects, no changes");
 
-    let slices = [web_slice("web-a", &[("10.1.0.1", true, true, false), ("10.1.0.2", true, true, false)])];
+    let slices = [web_slice(
+        "web-a",
+        &[
+            ("10.1.0.1", true, true, false),
+            ("10.1.0.2", true, true, false),
+        ],
+    )];
     state.replace_all(&[svc(WEB), other.clone()], &slices, None);
     let changes = state.take_changes();
-    let names: Vec<String> = changes.updated.iter().map(|s| s.port.name.to_string()).collect();
-    assert_eq!(names, ["ns/web:http/tcp"], "only the port whose endpoints changed");
+    let names: Vec<String> = changes
+        .updated
+        .iter()
+        .map(|s| s.port.name.to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["ns/web:http/tcp"],
+        "only the port whose endpoints changed"
+    );
 
     state.replace_all(&[other], &slices, None);
     let changes = state.take_changes();
@@ -167,29 +232,73 @@ fn only_changed_services_are_reported() {
 fn terminating_endpoints_are_used_only_when_nothing_is_ready() {
     let mut state = state_with(
         &[svc(WEB)],
-        &[web_slice("web-a", &[("10.1.0.1", true, true, false), ("10.1.0.2", false, true, true), ("10.1.0.3", false, false, true)])],
+        &[web_slice(
+            "web-a",
+            &[
+                ("10.1.0.1", true, true, false),
+                ("10.1.0.2", false, true, true),
+                ("10.1.0.3", false, false, true),
+            ],
+        )],
     );
     let changes = state.take_changes();
-    let http = changes.updated.iter().find(|s| s.port.name.port == "http").unwrap();
+    let http = changes
+        .updated
+        .iter()
+        .find(|s| s.port.name.port == "http")
+        .unwrap();
     let node = state.node().clone();
     let c = categorize(&http.port, &http.endpoints, &node);
     assert_eq!(c.cluster.len(), 1, "the ready one only");
 
-    state.replace_all(&[svc(WEB)], &[web_slice("web-a", &[("10.1.0.2", false, true, true), ("10.1.0.3", false, false, true)])], None);
+    state.replace_all(
+        &[svc(WEB)],
+        &[web_slice(
+            "web-a",
+            &[
+                ("10.1.0.2", false, true, true),
+                ("10.1.0.3", false, false, true),
+            ],
+        )],
+        None,
+    );
     let changes = state.take_changes();
-    let http = changes.updated.iter().find(|s| s.port.name.port == "http").unwrap();
+    let http = changes
+        .updated
+        .iter()
+        .find(|s| s.port.name.port == "http")
+        .unwrap();
     let c = categorize(&http.port, &http.endpoints, &node);
     let ips: Vec<String> = c.cluster.iter().map(|e| e.ip.to_string()).collect();
-    assert_eq!(ips, ["10.1.0.2"], "serving+terminating fallback, not the non-serving one");
+    assert_eq!(
+        ips,
+        ["10.1.0.2"],
+        "serving+terminating fallback, not the non-serving one"
+    );
     assert!(c.has_any);
 }
 
 #[test]
 fn local_policies_use_local_endpoints_and_topology_hints_filter() {
-    let mut port = convert::service_ports(&svc(WEB), &mut |_| {}).unwrap().remove(0);
-    let s = web_slice("w", &[("10.1.0.1", true, true, false), ("10.1.0.2", true, true, false)]);
-    let mut endpoints: Vec<Endpoint> = convert::slice_endpoints(&s, "node-a").into_iter().map(|(_, e)| e).collect();
-    let node = NodeInfo { name: "node-a".into(), zone: Some("zone-2".into()), ..NodeInfo::default() };
+    let mut port = convert::service_ports(&svc(WEB), &mut |_| {})
+        .unwrap()
+        .remove(0);
+    let s = web_slice(
+        "w",
+        &[
+            ("10.1.0.1", true, true, false),
+            ("10.1.0.2", true, true, false),
+        ],
+    );
+    let mut endpoints: Vec<Endpoint> = convert::slice_endpoints(&s, "node-a")
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: Some("zone-2".into()),
+        ..NodeInfo::default()
+    };
 
     port.internal_policy = TrafficPolicy::Local;
     let c = categorize(&port, &endpoints, &node);
@@ -204,7 +313,11 @@ fn local_policies_use_local_endpoints_and_topology_hints_filter() {
     assert_eq!(ips, ["10.1.0.2"], "zone hints for this node's zone");
 
     endpoints[1].zone_hints.clear();
-    assert_eq!(categorize(&port, &endpoints, &node).cluster.len(), 2, "hints ignored unless every endpoint has them");
+    assert_eq!(
+        categorize(&port, &endpoints, &node).cluster.len(),
+        2,
+        "hints ignored unless every endpoint has them"
+    );
 
     // No local endpoint under a Local policy: empty set but not "no endpoints" (drop, not reject).
     port.internal_policy = TrafficPolicy::Local;

@@ -20,27 +20,41 @@ pub struct Categorized {
 impl Categorized {
     /// Endpoints for traffic to the cluster IP.
     pub fn internal<'a>(&'a self, svc: &ServicePort) -> &'a [Endpoint] {
-        if svc.internal_policy == TrafficPolicy::Local { &self.local } else { &self.cluster }
+        if svc.internal_policy == TrafficPolicy::Local {
+            &self.local
+        } else {
+            &self.cluster
+        }
     }
     /// Endpoints for traffic to node ports, external and load-balancer IPs.
     pub fn external<'a>(&'a self, svc: &ServicePort) -> &'a [Endpoint] {
-        if svc.external_policy == TrafficPolicy::Local { &self.local } else { &self.cluster }
+        if svc.external_policy == TrafficPolicy::Local {
+            &self.local
+        } else {
+            &self.cluster
+        }
     }
 }
 
 pub fn categorize(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> Categorized {
     let mut out = Categorized::default();
-    let needs_cluster = svc.internal_policy == TrafficPolicy::Cluster || svc.external_policy == TrafficPolicy::Cluster;
-    let needs_local = svc.internal_policy == TrafficPolicy::Local || svc.external_policy == TrafficPolicy::Local;
+    let needs_cluster = svc.internal_policy == TrafficPolicy::Cluster
+        || svc.external_policy == TrafficPolicy::Cluster;
+    let needs_local =
+        svc.internal_policy == TrafficPolicy::Local || svc.external_policy == TrafficPolicy::Local;
     if needs_cluster {
         let topology = topology_filter(endpoints, node);
-        out.cluster = with_fallback(endpoints, |ep| topology.as_ref().is_none_or(|keep| keep(ep)));
+        out.cluster = with_fallback(endpoints, |ep| {
+            topology.as_ref().is_none_or(|keep| keep(ep))
+        });
         out.has_any |= !out.cluster.is_empty();
     }
     if needs_local {
         out.local = with_fallback(endpoints, |ep| ep.is_local);
         // Any endpoint anywhere counts: no local endpoint means drop, not reject.
-        out.has_any |= endpoints.iter().any(|ep| ep.ready || (ep.serving && ep.terminating));
+        out.has_any |= endpoints
+            .iter()
+            .any(|ep| ep.ready || (ep.serving && ep.terminating));
     }
     out
 }
@@ -48,26 +62,43 @@ pub fn categorize(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) ->
 /// Ready endpoints passing `keep`; if none, serving-and-terminating ones
 /// passing `keep` (so connections drain instead of failing).
 fn with_fallback(endpoints: &[Endpoint], keep: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
-    let ready: Vec<Endpoint> = endpoints.iter().filter(|ep| ep.ready && keep(ep)).cloned().collect();
+    let ready: Vec<Endpoint> = endpoints
+        .iter()
+        .filter(|ep| ep.ready && keep(ep))
+        .cloned()
+        .collect();
     if !ready.is_empty() {
         return ready;
     }
-    endpoints.iter().filter(|ep| ep.serving && ep.terminating && keep(ep)).cloned().collect()
+    endpoints
+        .iter()
+        .filter(|ep| ep.serving && ep.terminating && keep(ep))
+        .cloned()
+        .collect()
 }
 
 /// A filter by EndpointSlice hints, or `None` when hints do not apply: they
 /// apply only when every ready endpoint carries them and at least one is
 /// meant for this node (node hints, preferred) or zone.
-fn topology_filter<'a>(endpoints: &'a [Endpoint], node: &'a NodeInfo) -> Option<Box<dyn Fn(&Endpoint) -> bool + 'a>> {
+fn topology_filter<'a>(
+    endpoints: &'a [Endpoint],
+    node: &'a NodeInfo,
+) -> Option<Box<dyn Fn(&Endpoint) -> bool + 'a>> {
     let ready: Vec<&Endpoint> = endpoints.iter().filter(|ep| ep.ready).collect();
     if ready.is_empty() {
         return None;
     }
-    if ready.iter().all(|ep| !ep.node_hints.is_empty()) && ready.iter().any(|ep| ep.node_hints.contains(&node.name)) {
-        return Some(Box::new(move |ep: &Endpoint| ep.node_hints.contains(&node.name)));
+    if ready.iter().all(|ep| !ep.node_hints.is_empty())
+        && ready.iter().any(|ep| ep.node_hints.contains(&node.name))
+    {
+        return Some(Box::new(move |ep: &Endpoint| {
+            ep.node_hints.contains(&node.name)
+        }));
     }
     let zone = node.zone.as_ref()?;
-    if ready.iter().all(|ep| !ep.zone_hints.is_empty()) && ready.iter().any(|ep| ep.zone_hints.contains(zone)) {
+    if ready.iter().all(|ep| !ep.zone_hints.is_empty())
+        && ready.iter().any(|ep| ep.zone_hints.contains(zone))
+    {
         return Some(Box::new(move |ep: &Endpoint| ep.zone_hints.contains(zone)));
     }
     None

@@ -14,7 +14,11 @@ mod component {
         fn render_base() -> Result<Fragment, String> {
             Ok(Fragment { items: Vec::new() })
         }
-        fn render_service(_: ServicePort, _: Vec<Endpoint>, _: BackendPlan) -> Result<Fragment, String> {
+        fn render_service(
+            _: ServicePort,
+            _: Vec<Endpoint>,
+            _: BackendPlan,
+        ) -> Result<Fragment, String> {
             Ok(Fragment {
                 items: vec![Item::NftChain(NftChain {
                     family: NftFamily::Inet,

@@ -14,11 +14,22 @@ mod component {
         fn render_base() -> Result<Fragment, String> {
             Ok(Fragment { items: Vec::new() })
         }
-        fn render_service(_: ServicePort, _: Vec<Endpoint>, _: BackendPlan) -> Result<Fragment, String> {
+        fn render_service(
+            _: ServicePort,
+            _: Vec<Endpoint>,
+            _: BackendPlan,
+        ) -> Result<Fragment, String> {
             let item = |i: u32| {
-                Item::NftElement(NftElement { family: NftFamily::Ip, table: "kube-wasm-proxy".into(), set: "s".into(), element: i.to_string() })
+                Item::NftElement(NftElement {
+                    family: NftFamily::Ip,
+                    table: "kube-wasm-proxy".into(),
+                    set: "s".into(),
+                    element: i.to_string(),
+                })
             };
-            Ok(Fragment { items: (0..200_000).map(item).collect() })
+            Ok(Fragment {
+                items: (0..200_000).map(item).collect(),
+            })
         }
     }
     kwp_sdk::mode::export_mode_world!(Huge with_types_in kwp_sdk::mode);

@@ -6,7 +6,11 @@ impl kwp_test_programs::Pick for First {
         kwp_test_programs::first(endpoints)
     }
     fn configure(config: &str) -> Result<(), String> {
-        if config == "fail" { Err("configured to fail".into()) } else { Ok(()) }
+        if config == "fail" {
+            Err("configured to fail".into())
+        } else {
+            Ok(())
+        }
     }
 }
 

@@ -14,7 +14,11 @@ mod component {
         fn render_base() -> Result<Fragment, String> {
             Ok(Fragment { items: Vec::new() })
         }
-        fn render_service(_: ServicePort, _: Vec<Endpoint>, _: BackendPlan) -> Result<Fragment, String> {
+        fn render_service(
+            _: ServicePort,
+            _: Vec<Endpoint>,
+            _: BackendPlan,
+        ) -> Result<Fragment, String> {
             let mut x = 0u64;
             loop {
                 x = std::hint::black_box(x.wrapping_add(1));

@@ -14,12 +14,18 @@ impl kwp_test_programs::Pick for Probe {
         if std::env::vars().next().is_some() || std::env::args().next().is_some() {
             escaped.push("environment");
         }
-        if std::net::UdpSocket::bind("127.0.0.1:0").is_ok() || std::net::TcpStream::connect("127.0.0.1:9").is_ok() {
+        if std::net::UdpSocket::bind("127.0.0.1:0").is_ok()
+            || std::net::TcpStream::connect("127.0.0.1:9").is_ok()
+        {
             escaped.push("network");
         }
         // Clocks and randomness are allowed: std needs them.
         let _ = std::time::SystemTime::now();
-        if escaped.is_empty() { Ok(()) } else { Err(format!("escaped: {}", escaped.join(", "))) }
+        if escaped.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("escaped: {}", escaped.join(", ")))
+        }
     }
 }
 

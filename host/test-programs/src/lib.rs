@@ -24,7 +24,10 @@ pub struct With<P> {
 
 impl<P> Default for With<P> {
     fn default() -> Self {
-        Self { counts: BTreeMap::new(), _pick: PhantomData }
+        Self {
+            counts: BTreeMap::new(),
+            _pick: PhantomData,
+        }
     }
 }
 
@@ -39,7 +42,11 @@ impl<P: Pick> Policy for With<P> {
         self.counts.remove(&service);
     }
     fn pick(&mut self, service: u32, _client: IpAddress, port: u16) -> Option<u32> {
-        P::pick(service, self.counts.get(&service).copied().unwrap_or(0), port)
+        P::pick(
+            service,
+            self.counts.get(&service).copied().unwrap_or(0),
+            port,
+        )
     }
     fn plan(&mut self, service: u32) -> BackendPlan {
         P::before_plan(service);

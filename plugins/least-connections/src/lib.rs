@@ -21,7 +21,8 @@ impl Policy for LeastConnections {
     fn set_endpoints(&mut self, service: u32, endpoints: Vec<Endpoint>) {
         let keys: Vec<(IpAddress, u16)> = endpoints.iter().map(|e| (e.address, e.port)).collect();
         // Forget counts of endpoints that are gone.
-        self.open.retain(|(s, k), _| *s != service || keys.contains(k));
+        self.open
+            .retain(|(s, k), _| *s != service || keys.contains(k));
         self.endpoints.insert(service, keys);
     }
 
@@ -43,7 +44,14 @@ impl Policy for LeastConnections {
     }
 
     fn connection_closed(&mut self, service: u32, endpoint: u32) {
-        let Some(key) = self.endpoints.get(&service).and_then(|k| k.get(endpoint as usize)).copied() else { return };
+        let Some(key) = self
+            .endpoints
+            .get(&service)
+            .and_then(|k| k.get(endpoint as usize))
+            .copied()
+        else {
+            return;
+        };
         if let Some(count) = self.open.get_mut(&(service, key)) {
             *count = count.saturating_sub(1);
         }
@@ -65,7 +73,9 @@ mod tests {
 
     #[test]
     fn new_connections_go_to_the_least_loaded_endpoint() {
-        let mut h = Harness::<LeastConnections>::new("").unwrap().with_endpoints(1, 3);
+        let mut h = Harness::<LeastConnections>::new("")
+            .unwrap()
+            .with_endpoints(1, 3);
         let first: Vec<u32> = (0..3).map(|_| h.policy.pick(1, C, 1).unwrap()).collect();
         let mut sorted = first.clone();
         sorted.sort();
@@ -81,7 +91,11 @@ mod tests {
     #[test]
     fn counts_follow_endpoints_across_changes() {
         let mut h = Harness::<LeastConnections>::new("").unwrap();
-        let (a, b, c) = (endpoint([10, 0, 0, 1], 80), endpoint([10, 0, 0, 2], 80), endpoint([10, 0, 0, 3], 80));
+        let (a, b, c) = (
+            endpoint([10, 0, 0, 1], 80),
+            endpoint([10, 0, 0, 2], 80),
+            endpoint([10, 0, 0, 3], 80),
+        );
         h.policy.set_endpoints(1, vec![a.clone(), b.clone()]);
         for _ in 0..4 {
             h.policy.pick(1, C, 1);

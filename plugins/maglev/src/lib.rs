@@ -20,7 +20,10 @@ pub struct Maglev {
 
 impl Default for Maglev {
     fn default() -> Self {
-        Self { size: DEFAULT_SIZE, tables: BTreeMap::new() }
+        Self {
+            size: DEFAULT_SIZE,
+            tables: BTreeMap::new(),
+        }
     }
 }
 
@@ -31,7 +34,11 @@ fn is_prime(n: usize) -> bool {
 fn key(ep: &Endpoint) -> String {
     match ep.address {
         IpAddress::V4(a) => format!("{}:{}", std::net::Ipv4Addr::from(a), ep.port),
-        IpAddress::V6((hi, lo)) => format!("[{}]:{}", std::net::Ipv6Addr::from((u128::from(hi) << 64) | u128::from(lo)), ep.port),
+        IpAddress::V6((hi, lo)) => format!(
+            "[{}]:{}",
+            std::net::Ipv6Addr::from((u128::from(hi) << 64) | u128::from(lo)),
+            ep.port
+        ),
     }
 }
 
@@ -40,9 +47,13 @@ impl Policy for Maglev {
         for part in config.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part.split_once('=') {
                 Some(("size", n)) => {
-                    let n: usize = n.parse().map_err(|_| format!("maglev: size {n:?} is not a number"))?;
+                    let n: usize = n
+                        .parse()
+                        .map_err(|_| format!("maglev: size {n:?} is not a number"))?;
                     if !is_prime(n) || n > 65_537 {
-                        return Err(format!("maglev: size {n} must be a prime no larger than 65537"));
+                        return Err(format!(
+                            "maglev: size {n} must be a prime no larger than 65537"
+                        ));
                     }
                     self.size = n;
                 }
@@ -88,7 +99,11 @@ mod tests {
         let mut counts = [0u32; 5];
         for c in clients() {
             let a = h.policy.pick(1, c, 1).unwrap();
-            assert_eq!(h.policy.pick(1, c, 2), Some(a), "same client, same endpoint");
+            assert_eq!(
+                h.policy.pick(1, c, 2),
+                Some(a),
+                "same client, same endpoint"
+            );
             counts[a as usize] += 1;
         }
         for n in counts {
@@ -102,12 +117,17 @@ mod tests {
         let mut h = Harness::<Maglev>::new("size=1009").unwrap();
         let eps: Vec<Endpoint> = (1..=8).map(|i| endpoint([10, 0, 0, i], 80)).collect();
         h.policy.set_endpoints(1, eps.clone());
-        let before: Vec<String> = clients().map(|c| key(&eps[h.policy.pick(1, c, 1).unwrap() as usize])).collect();
+        let before: Vec<String> = clients()
+            .map(|c| key(&eps[h.policy.pick(1, c, 1).unwrap() as usize]))
+            .collect();
         let mut fewer = eps.clone();
         fewer.remove(5);
         h.policy.set_endpoints(1, fewer.clone());
-        let after: Vec<String> = clients().map(|c| key(&fewer[h.policy.pick(1, c, 1).unwrap() as usize])).collect();
-        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / before.len() as f64;
+        let after: Vec<String> = clients()
+            .map(|c| key(&fewer[h.policy.pick(1, c, 1).unwrap() as usize]))
+            .collect();
+        let moved =
+            before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / before.len() as f64;
         assert!(moved < 1.0 / 8.0 + 0.05, "moved {moved:.3}");
     }
 

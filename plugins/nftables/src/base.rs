@@ -22,11 +22,19 @@ fn render_family(cfg: &ModeConfig, f: Fam) -> Vec<Item> {
     // Node ports answer on the node's addresses (upstream's "primary"
     // default); with no Node object known, on every local address.
     let node_ips: Vec<String> = cfg.node.addresses.iter().filter_map(|a| f.ip(a)).collect();
-    let on_node = if cfg.node.addresses.is_empty() { "fib daddr type local".to_string() } else { format!("{l3} daddr @nodeport-ips") };
+    let on_node = if cfg.node.addresses.is_empty() {
+        "fib daddr type local".to_string()
+    } else {
+        format!("{l3} daddr @nodeport-ips")
+    };
     let frontend = format!("{l3} daddr . meta l4proto . th dport");
-    let mut services = vec![format!("{frontend} @masq-services jump mark-for-masquerade")];
+    let mut services = vec![format!(
+        "{frontend} @masq-services jump mark-for-masquerade"
+    )];
     if let Some(not_local) = f.not_local(cfg) {
-        services.push(format!("{not_local} {frontend} @cluster-ips jump mark-for-masquerade"));
+        services.push(format!(
+            "{not_local} {frontend} @cluster-ips jump mark-for-masquerade"
+        ));
     }
     services.extend([
         format!("{on_node} meta l4proto . th dport @masq-nodeports jump mark-for-masquerade"),
@@ -34,24 +42,65 @@ fn render_family(cfg: &ModeConfig, f: Fam) -> Vec<Item> {
         format!("{on_node} meta l4proto . th dport vmap @service-nodeports"),
     ]);
     let mut items = vec![
-        f.set(cfg, "service-ips", format!("type {addr} . inet_proto . inet_service : verdict")),
-        f.set(cfg, "service-nodeports", "type inet_proto . inet_service : verdict".into()),
-        f.set(cfg, "no-endpoint-services", format!("type {addr} . inet_proto . inet_service : verdict")),
-        f.set(cfg, "no-endpoint-nodeports", "type inet_proto . inet_service : verdict".into()),
+        f.set(
+            cfg,
+            "service-ips",
+            format!("type {addr} . inet_proto . inet_service : verdict"),
+        ),
+        f.set(
+            cfg,
+            "service-nodeports",
+            "type inet_proto . inet_service : verdict".into(),
+        ),
+        f.set(
+            cfg,
+            "no-endpoint-services",
+            format!("type {addr} . inet_proto . inet_service : verdict"),
+        ),
+        f.set(
+            cfg,
+            "no-endpoint-nodeports",
+            "type inet_proto . inet_service : verdict".into(),
+        ),
         f.set(cfg, "nodeport-ips", format!("type {addr}")),
         // Fast-path Services (see service.rs) keep their masquerade and
         // hairpin decisions in these sets instead of chains of their own.
-        f.set(cfg, "masq-services", format!("type {addr} . inet_proto . inet_service")),
-        f.set(cfg, "masq-nodeports", "type inet_proto . inet_service".into()),
-        f.set(cfg, "cluster-ips", format!("type {addr} . inet_proto . inet_service")),
+        f.set(
+            cfg,
+            "masq-services",
+            format!("type {addr} . inet_proto . inet_service"),
+        ),
+        f.set(
+            cfg,
+            "masq-nodeports",
+            "type inet_proto . inet_service".into(),
+        ),
+        f.set(
+            cfg,
+            "cluster-ips",
+            format!("type {addr} . inet_proto . inet_service"),
+        ),
         f.set(cfg, "hairpin", format!("type {addr} . {addr}")),
-        f.chain(cfg, "nat-prerouting", Some("type nat hook prerouting priority dstnat"), vec!["jump services".into()]),
-        f.chain(cfg, "nat-output", Some("type nat hook output priority -100"), vec!["jump services".into()]),
+        f.chain(
+            cfg,
+            "nat-prerouting",
+            Some("type nat hook prerouting priority dstnat"),
+            vec!["jump services".into()],
+        ),
+        f.chain(
+            cfg,
+            "nat-output",
+            Some("type nat hook output priority -100"),
+            vec!["jump services".into()],
+        ),
         f.chain(
             cfg,
             "nat-postrouting",
             Some("type nat hook postrouting priority srcnat"),
-            vec![format!("ct status dnat {l3} saddr . {l3} daddr @hairpin masquerade"), "jump masquerading".into()],
+            vec![
+                format!("ct status dnat {l3} saddr . {l3} daddr @hairpin masquerade"),
+                "jump masquerading".into(),
+            ],
         ),
         f.chain(cfg, "services", None, services),
         f.chain(
@@ -64,12 +113,20 @@ fn render_family(cfg: &ModeConfig, f: Fam) -> Vec<Item> {
                 "masquerade fully-random".into(),
             ],
         ),
-        f.chain(cfg, "mark-for-masquerade", None, vec![format!("meta mark set meta mark | {MASQ_MARK}")]),
+        f.chain(
+            cfg,
+            "mark-for-masquerade",
+            None,
+            vec![format!("meta mark set meta mark | {MASQ_MARK}")],
+        ),
         f.chain(
             cfg,
             "service-endpoints-check",
             None,
-            vec![format!("{frontend} vmap @no-endpoint-services"), format!("{on_node} meta l4proto . th dport vmap @no-endpoint-nodeports")],
+            vec![
+                format!("{frontend} vmap @no-endpoint-services"),
+                format!("{on_node} meta l4proto . th dport vmap @no-endpoint-nodeports"),
+            ],
         ),
         f.chain(cfg, "reject-chain", None, vec!["reject".into()]),
     ];

@@ -46,7 +46,11 @@ impl Guest for Nftables {
         with_config(base::render)
     }
 
-    fn render_service(service: ServicePort, endpoints: Vec<Endpoint>, backends: BackendPlan) -> Result<Fragment, String> {
+    fn render_service(
+        service: ServicePort,
+        endpoints: Vec<Endpoint>,
+        backends: BackendPlan,
+    ) -> Result<Fragment, String> {
         with_config(|cfg| service::render(cfg, &service, &endpoints, &backends))
     }
 }

@@ -2,7 +2,9 @@
 
 use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
 use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftSet};
-use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy};
+use kwp_sdk::mode::kwp::proxy::types::{
+    BackendPlan, Endpoint, IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy,
+};
 
 use crate::family::{Fam, V4, V6};
 
@@ -16,13 +18,28 @@ fn proto(p: Protocol) -> &'static str {
 
 /// `ns.name.port.proto`: unique, since Kubernetes names cannot hold dots.
 fn key(svc: &ServicePort) -> String {
-    let port = if svc.port_name.is_empty() { "_" } else { svc.port_name.as_str() };
-    format!("{}.{}.{}.{}", svc.namespace, svc.name, port, proto(svc.protocol))
+    let port = if svc.port_name.is_empty() {
+        "_"
+    } else {
+        svc.port_name.as_str()
+    };
+    format!(
+        "{}.{}.{}.{}",
+        svc.namespace,
+        svc.name,
+        port,
+        proto(svc.protocol)
+    )
 }
 
 /// Both families: a dual-stack Service has a cluster IP (and endpoints) in
 /// each; a single-stack one renders nothing for the other family.
-pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backends: &BackendPlan) -> Result<Fragment, String> {
+pub fn render(
+    cfg: &ModeConfig,
+    svc: &ServicePort,
+    endpoints: &[Endpoint],
+    backends: &BackendPlan,
+) -> Result<Fragment, String> {
     let mut items = Vec::new();
     for f in [V4, V6] {
         if svc.cluster_ips.iter().any(|ip| f.ip(ip).is_some()) {
@@ -32,9 +49,21 @@ pub fn render(cfg: &ModeConfig, svc: &ServicePort, endpoints: &[Endpoint], backe
     Ok(Fragment { items })
 }
 
-fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpoint], backends: &BackendPlan) -> Result<Fragment, String> {
+fn render_family(
+    cfg: &ModeConfig,
+    f: Fam,
+    svc: &ServicePort,
+    endpoints: &[Endpoint],
+    backends: &BackendPlan,
+) -> Result<Fragment, String> {
     if fast_path(svc, backends) {
-        return Ok(render_fast(cfg, f, svc, endpoints, &weights(backends, endpoints.len())?));
+        return Ok(render_fast(
+            cfg,
+            f,
+            svc,
+            endpoints,
+            &weights(backends, endpoints.len())?,
+        ));
     }
     let l3 = f.l3;
     let key = key(svc);
@@ -44,7 +73,9 @@ fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpo
     let fw_chain = format!("fw-{key}");
     let mut items: Vec<Item> = Vec::new();
     // Only IPv4 endpoints can back an `ip` table's DNAT.
-    let usable: Vec<usize> = (0..endpoints.len()).filter(|i| f.ip(&endpoints[*i].address).is_some()).collect();
+    let usable: Vec<usize> = (0..endpoints.len())
+        .filter(|i| f.ip(&endpoints[*i].address).is_some())
+        .collect();
     let weights = weights(backends, endpoints.len())?;
 
     // Per-endpoint chains.
@@ -62,11 +93,17 @@ fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpo
                 family: f.family,
                 table: cfg.table.clone(),
                 name: set.clone(),
-                declaration: format!("type {}; flags dynamic,timeout; timeout {timeout}s;", f.addr),
+                declaration: format!(
+                    "type {}; flags dynamic,timeout; timeout {timeout}s;",
+                    f.addr
+                ),
             }));
             rules.push(format!("update @{set} {{ {l3} saddr }}"));
         }
-        rules.push(format!("meta l4proto {p} dnat to {}", f.host_port(&ip, ep.port)));
+        rules.push(format!(
+            "meta l4proto {p} dnat to {}",
+            f.host_port(&ip, ep.port)
+        ));
         items.push(f.chain(cfg, &format!("ep-{key}-{i}"), None, rules));
     }
 
@@ -87,8 +124,18 @@ fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpo
 
     // External traffic (node ports, external IPs, load-balancer IPs).
     let local_only = svc.external_traffic_policy == TrafficPolicy::Local;
-    let external: Vec<usize> = if local_only { internal.iter().copied().filter(|i| endpoints[*i].is_local).collect() } else { internal.clone() };
-    let has_external = !svc.external_ips.is_empty() || !svc.load_balancer_ingress.is_empty() || svc.node_port.is_some();
+    let external: Vec<usize> = if local_only {
+        internal
+            .iter()
+            .copied()
+            .filter(|i| endpoints[*i].is_local)
+            .collect()
+    } else {
+        internal.clone()
+    };
+    let has_external = !svc.external_ips.is_empty()
+        || !svc.load_balancer_ingress.is_empty()
+        || svc.node_port.is_some();
     if has_external && !external.is_empty() {
         let rules = if local_only {
             // From the node itself, behave as internal traffic; from outside,
@@ -98,16 +145,31 @@ fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpo
                 r.push(format!("fib saddr type local goto {svc_chain}"));
             }
             r.extend(affinity_rules(l3, &key, &external, affinity));
-            r.push(selection(l3, &key, &external, &weights, &BackendPlan::Weights(weights.clone())));
+            r.push(selection(
+                l3,
+                &key,
+                &external,
+                &weights,
+                &BackendPlan::Weights(weights.clone()),
+            ));
             r
         } else {
-            vec!["jump mark-for-masquerade".to_string(), format!("goto {svc_chain}")]
+            vec![
+                "jump mark-for-masquerade".to_string(),
+                format!("goto {svc_chain}"),
+            ]
         };
         items.push(f.chain(cfg, &ext_chain, None, rules));
     }
 
     // Map elements.
-    let no_endpoints = |local_policy: bool| if local_policy && !usable.is_empty() { "drop".to_string() } else { "goto reject-chain".to_string() };
+    let no_endpoints = |local_policy: bool| {
+        if local_policy && !usable.is_empty() {
+            "drop".to_string()
+        } else {
+            "goto reject-chain".to_string()
+        }
+    };
     let internal_verdict = if internal.is_empty() {
         None
     } else {
@@ -115,18 +177,32 @@ fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpo
     };
     for ip in svc.cluster_ips.iter().filter_map(|ip| f.ip(ip)) {
         match &internal_verdict {
-            Some(v) => items.push(f.element(cfg, "service-ips", format!("{ip} . {p} . {} : {v}", svc.port))),
+            Some(v) => items.push(f.element(
+                cfg,
+                "service-ips",
+                format!("{ip} . {p} . {} : {v}", svc.port),
+            )),
             None => items.push(f.element(
                 cfg,
                 "no-endpoint-services",
-                format!("{ip} . {p} . {} : {}", svc.port, no_endpoints(svc.internal_traffic_policy == TrafficPolicy::Local)),
+                format!(
+                    "{ip} . {p} . {} : {}",
+                    svc.port,
+                    no_endpoints(svc.internal_traffic_policy == TrafficPolicy::Local)
+                ),
             )),
         }
     }
     let external_verdict = (!external.is_empty()).then(|| format!("goto {ext_chain}"));
     let mut external_ips: Vec<String> = svc.external_ips.iter().filter_map(|ip| f.ip(ip)).collect();
-    let lb_ips: Vec<String> = svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip).filter_map(|lb| f.ip(&lb.ip)).collect();
-    let firewall = !svc.source_ranges.is_empty() && !lb_ips.is_empty() && external_verdict.is_some();
+    let lb_ips: Vec<String> = svc
+        .load_balancer_ingress
+        .iter()
+        .filter(|lb| lb.ip_mode == IpMode::Vip)
+        .filter_map(|lb| f.ip(&lb.ip))
+        .collect();
+    let firewall =
+        !svc.source_ranges.is_empty() && !lb_ips.is_empty() && external_verdict.is_some();
     if firewall {
         let ranges: Vec<String> = svc
             .source_ranges
@@ -142,21 +218,39 @@ fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpo
     }
     for ip in &lb_ips {
         if firewall {
-            items.push(f.element(cfg, "service-ips", format!("{ip} . {p} . {} : goto {fw_chain}", svc.port)));
+            items.push(f.element(
+                cfg,
+                "service-ips",
+                format!("{ip} . {p} . {} : goto {fw_chain}", svc.port),
+            ));
         } else {
             external_ips.push(ip.clone());
         }
     }
     for ip in &external_ips {
         match &external_verdict {
-            Some(v) => items.push(f.element(cfg, "service-ips", format!("{ip} . {p} . {} : {v}", svc.port))),
-            None => items.push(f.element(cfg, "no-endpoint-services", format!("{ip} . {p} . {} : {}", svc.port, no_endpoints(local_only)))),
+            Some(v) => items.push(f.element(
+                cfg,
+                "service-ips",
+                format!("{ip} . {p} . {} : {v}", svc.port),
+            )),
+            None => items.push(f.element(
+                cfg,
+                "no-endpoint-services",
+                format!("{ip} . {p} . {} : {}", svc.port, no_endpoints(local_only)),
+            )),
         }
     }
     if let Some(node_port) = svc.node_port {
         match &external_verdict {
-            Some(v) => items.push(f.element(cfg, "service-nodeports", format!("{p} . {node_port} : {v}"))),
-            None => items.push(f.element(cfg, "no-endpoint-nodeports", format!("{p} . {node_port} : {}", no_endpoints(local_only)))),
+            Some(v) => {
+                items.push(f.element(cfg, "service-nodeports", format!("{p} . {node_port} : {v}")))
+            }
+            None => items.push(f.element(
+                cfg,
+                "no-endpoint-nodeports",
+                format!("{p} . {node_port} : {}", no_endpoints(local_only)),
+            )),
         }
     }
     Ok(Fragment { items })
@@ -167,7 +261,11 @@ fn render_family(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpo
 /// plan. They are pure map elements, which keeps the kernel's per-
 /// transaction validation (linear in the number of chains) small.
 fn fast_path(svc: &ServicePort, backends: &BackendPlan) -> bool {
-    let firewall = !svc.source_ranges.is_empty() && svc.load_balancer_ingress.iter().any(|lb| lb.ip_mode == IpMode::Vip);
+    let firewall = !svc.source_ranges.is_empty()
+        && svc
+            .load_balancer_ingress
+            .iter()
+            .any(|lb| lb.ip_mode == IpMode::Vip);
     matches!(backends, BackendPlan::Weights(_))
         && svc.session_affinity == SessionAffinity::None
         && svc.external_traffic_policy == TrafficPolicy::Cluster
@@ -177,14 +275,23 @@ fn fast_path(svc: &ServicePort, backends: &BackendPlan) -> bool {
 /// A fast-path Service: for W slots (endpoints repeated by weight), each
 /// frontend maps to `goto class-W`, whose one rule DNATs through
 /// `backends-W` keyed by frontend and `numgen random mod W`.
-fn render_fast(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpoint], weights: &[u32]) -> Fragment {
+fn render_fast(
+    cfg: &ModeConfig,
+    f: Fam,
+    svc: &ServicePort,
+    endpoints: &[Endpoint],
+    weights: &[u32],
+) -> Fragment {
     let p = proto(svc.protocol);
     let l3 = f.l3;
     let mut items = Vec::new();
     let slots: Vec<(String, u16)> = endpoints
         .iter()
         .zip(weights)
-        .filter_map(|(ep, w)| f.ip(&ep.address).map(|ip| std::iter::repeat_n((ip, ep.port), *w as usize)))
+        .filter_map(|(ep, w)| {
+            f.ip(&ep.address)
+                .map(|ip| std::iter::repeat_n((ip, ep.port), *w as usize))
+        })
         .flatten()
         .collect();
     let w = slots.len();
@@ -193,14 +300,27 @@ fn render_fast(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpoin
         .external_ips
         .iter()
         .filter_map(|ip| f.ip(ip))
-        .chain(svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip).filter_map(|lb| f.ip(&lb.ip)))
+        .chain(
+            svc.load_balancer_ingress
+                .iter()
+                .filter(|lb| lb.ip_mode == IpMode::Vip)
+                .filter_map(|lb| f.ip(&lb.ip)),
+        )
         .collect();
     if w == 0 {
         for ip in cluster.iter().chain(&external) {
-            items.push(f.element(cfg, "no-endpoint-services", format!("{ip} . {p} . {} : goto reject-chain", svc.port)));
+            items.push(f.element(
+                cfg,
+                "no-endpoint-services",
+                format!("{ip} . {p} . {} : goto reject-chain", svc.port),
+            ));
         }
         if let Some(np) = svc.node_port {
-            items.push(f.element(cfg, "no-endpoint-nodeports", format!("{p} . {np} : goto reject-chain")));
+            items.push(f.element(
+                cfg,
+                "no-endpoint-nodeports",
+                format!("{p} . {np} : goto reject-chain"),
+            ));
         }
         return Fragment { items };
     }
@@ -225,7 +345,11 @@ fn render_fast(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpoin
         let frontend = format!("{ip} . {p} . {}", svc.port);
         items.push(f.element(cfg, "service-ips", format!("{frontend} : goto class-{w}")));
         for (j, (ep, port)) in slots.iter().enumerate() {
-            items.push(f.element(cfg, &format!("backends-{w}"), format!("{frontend} . {j} : {ep} . {port}")));
+            items.push(f.element(
+                cfg,
+                &format!("backends-{w}"),
+                format!("{frontend} . {j} : {ep} . {port}"),
+            ));
         }
         let is_external = i >= cluster.len();
         if is_external || cfg.masquerade_all {
@@ -236,9 +360,17 @@ fn render_fast(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpoin
     }
     if let Some(np) = svc.node_port {
         items.extend(class("np-", "meta l4proto . th dport"));
-        items.push(f.element(cfg, "service-nodeports", format!("{p} . {np} : goto np-class-{w}")));
+        items.push(f.element(
+            cfg,
+            "service-nodeports",
+            format!("{p} . {np} : goto np-class-{w}"),
+        ));
         for (j, (ep, port)) in slots.iter().enumerate() {
-            items.push(f.element(cfg, &format!("np-backends-{w}"), format!("{p} . {np} . {j} : {ep} . {port}")));
+            items.push(f.element(
+                cfg,
+                &format!("np-backends-{w}"),
+                format!("{p} . {np} . {j} : {ep} . {port}"),
+            ));
         }
         items.push(f.element(cfg, "masq-nodeports", format!("{p} . {np}")));
     }
@@ -255,11 +387,14 @@ fn render_fast(cfg: &ModeConfig, f: Fam, svc: &ServicePort, endpoints: &[Endpoin
 fn weights(plan: &BackendPlan, n: usize) -> Result<Vec<u32>, String> {
     match plan {
         BackendPlan::Weights(w) if w.len() == n => Ok(w.clone()),
-        BackendPlan::Weights(w) => Err(format!("policy gave {} weights for {n} endpoints", w.len())),
+        BackendPlan::Weights(w) => {
+            Err(format!("policy gave {} weights for {n} endpoints", w.len()))
+        }
         BackendPlan::Slots(slots) => {
             let mut w = vec![0u32; n];
             for s in slots {
-                *w.get_mut(*s as usize).ok_or(format!("slot names endpoint {s} of {n}"))? += 1;
+                *w.get_mut(*s as usize)
+                    .ok_or(format!("slot names endpoint {s} of {n}"))? += 1;
             }
             Ok(w)
         }
@@ -269,7 +404,10 @@ fn weights(plan: &BackendPlan, n: usize) -> Result<Vec<u32>, String> {
 /// Existing ClientIP affinity wins over a new pick.
 fn affinity_rules(l3: &str, key: &str, eps: &[usize], affinity: Option<u32>) -> Vec<String> {
     match affinity {
-        Some(_) => eps.iter().map(|i| format!("{l3} saddr @aff-{key}-{i} goto ep-{key}-{i}")).collect(),
+        Some(_) => eps
+            .iter()
+            .map(|i| format!("{l3} saddr @aff-{key}-{i} goto ep-{key}-{i}"))
+            .collect(),
         None => Vec::new(),
     }
 }
@@ -278,12 +416,23 @@ fn affinity_rules(l3: &str, key: &str, eps: &[usize], affinity: Option<u32>) -> 
 /// of the client address into the policy's slot table.
 fn selection(l3: &str, key: &str, eps: &[usize], weights: &[u32], plan: &BackendPlan) -> String {
     if let BackendPlan::Slots(slots) = plan {
-        let allowed: Vec<u32> = slots.iter().copied().filter(|s| eps.contains(&(*s as usize))).collect();
+        let allowed: Vec<u32> = slots
+            .iter()
+            .copied()
+            .filter(|s| eps.contains(&(*s as usize)))
+            .collect();
         if allowed.len() == slots.len() && !slots.is_empty() {
-            let entries = runs(slots.iter().map(|s| *s as usize)).into_iter().map(|(lo, hi, ep)| arm(key, lo, hi, ep)).collect::<Vec<_>>();
+            let entries = runs(slots.iter().map(|s| *s as usize))
+                .into_iter()
+                .map(|(lo, hi, ep)| arm(key, lo, hi, ep))
+                .collect::<Vec<_>>();
             // A fixed seed: without one the kernel picks a random seed per
             // rule, and every re-render would reshuffle all clients.
-            return format!("jhash {l3} saddr mod {} seed {JHASH_SEED:#x} vmap {{ {} }}", slots.len(), entries.join(", "));
+            return format!(
+                "jhash {l3} saddr mod {} seed {JHASH_SEED:#x} vmap {{ {} }}",
+                slots.len(),
+                entries.join(", ")
+            );
         }
     }
     let mut arms = Vec::new();
@@ -299,7 +448,11 @@ fn selection(l3: &str, key: &str, eps: &[usize], weights: &[u32], plan: &Backend
 const JHASH_SEED: u32 = 0x6b77_7031;
 
 fn arm(key: &str, lo: u32, hi: u32, ep: usize) -> String {
-    if lo == hi { format!("{lo} : goto ep-{key}-{ep}") } else { format!("{lo}-{hi} : goto ep-{key}-{ep}") }
+    if lo == hi {
+        format!("{lo} : goto ep-{key}-{ep}")
+    } else {
+        format!("{lo}-{hi} : goto ep-{key}-{ep}")
+    }
 }
 
 /// Consecutive equal values as (first index, last index, value).
@@ -320,10 +473,34 @@ mod tests {
 
     #[test]
     fn selection_follows_the_plan() {
-        assert_eq!(selection("ip", "k", &[0, 1], &[1, 1], &BackendPlan::Weights(vec![1, 1])), "numgen random mod 2 vmap { 0 : goto ep-k-0, 1 : goto ep-k-1 }");
-        assert_eq!(selection("ip", "k", &[0, 2], &[3, 0, 1], &BackendPlan::Weights(vec![3, 0, 1])), "numgen random mod 4 vmap { 0-2 : goto ep-k-0, 3 : goto ep-k-2 }");
         assert_eq!(
-            selection("ip", "k", &[0, 1], &[2, 1], &BackendPlan::Slots(vec![0, 0, 1])),
+            selection(
+                "ip",
+                "k",
+                &[0, 1],
+                &[1, 1],
+                &BackendPlan::Weights(vec![1, 1])
+            ),
+            "numgen random mod 2 vmap { 0 : goto ep-k-0, 1 : goto ep-k-1 }"
+        );
+        assert_eq!(
+            selection(
+                "ip",
+                "k",
+                &[0, 2],
+                &[3, 0, 1],
+                &BackendPlan::Weights(vec![3, 0, 1])
+            ),
+            "numgen random mod 4 vmap { 0-2 : goto ep-k-0, 3 : goto ep-k-2 }"
+        );
+        assert_eq!(
+            selection(
+                "ip",
+                "k",
+                &[0, 1],
+                &[2, 1],
+                &BackendPlan::Slots(vec![0, 0, 1])
+            ),
             "jhash ip saddr mod 3 seed 0x6b777031 vmap { 0-1 : goto ep-k-0, 2 : goto ep-k-1 }"
         );
         assert!(weights(&BackendPlan::Weights(vec![1]), 2).is_err());

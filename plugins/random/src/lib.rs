@@ -15,8 +15,13 @@ impl Default for Random {
     fn default() -> Self {
         // std's RandomState draws its keys from the platform's random source
         // (WASI random in the sandbox), which gives us a seed.
-        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish();
-        Self { counts: BTreeMap::new(), state: seed }
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Self {
+            counts: BTreeMap::new(),
+            state: seed,
+        }
     }
 }
 
@@ -37,7 +42,9 @@ impl Policy for Random {
                     self.state = seed;
                     Ok(())
                 }
-                _ => Err(format!("random: unknown config {c:?} (expected \"seed=N\")")),
+                _ => Err(format!(
+                    "random: unknown config {c:?} (expected \"seed=N\")"
+                )),
             },
         }
     }
@@ -69,7 +76,9 @@ mod tests {
 
     #[test]
     fn spreads_roughly_evenly_and_never_out_of_range() {
-        let mut h = Harness::<Random>::new("seed=42").unwrap().with_endpoints(1, 4);
+        let mut h = Harness::<Random>::new("seed=42")
+            .unwrap()
+            .with_endpoints(1, 4);
         let d = h.distribution(1, IpAddress::V4(1), 4, 40_000);
         assert_eq!(d[4], 0, "picked outside the endpoint list");
         for c in &d[..4] {
@@ -79,10 +88,18 @@ mod tests {
 
     #[test]
     fn seed_makes_it_reproducible_and_bad_config_is_an_error() {
-        let mut a = Harness::<Random>::new("seed=7").unwrap().with_endpoints(1, 5);
-        let mut b = Harness::<Random>::new("seed=7").unwrap().with_endpoints(1, 5);
-        let pa: Vec<_> = (0..20).map(|_| a.policy.pick(1, IpAddress::V4(1), 1)).collect();
-        let pb: Vec<_> = (0..20).map(|_| b.policy.pick(1, IpAddress::V4(1), 1)).collect();
+        let mut a = Harness::<Random>::new("seed=7")
+            .unwrap()
+            .with_endpoints(1, 5);
+        let mut b = Harness::<Random>::new("seed=7")
+            .unwrap()
+            .with_endpoints(1, 5);
+        let pa: Vec<_> = (0..20)
+            .map(|_| a.policy.pick(1, IpAddress::V4(1), 1))
+            .collect();
+        let pb: Vec<_> = (0..20)
+            .map(|_| b.policy.pick(1, IpAddress::V4(1), 1))
+            .collect();
         assert_eq!(pa, pb);
         assert!(Harness::<Random>::new("bogus").is_err());
     }

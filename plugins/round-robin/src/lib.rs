@@ -47,7 +47,10 @@ mod tests {
     #[test]
     fn cycles_through_every_endpoint_evenly() {
         let mut h = Harness::<RoundRobin>::new("").unwrap().with_endpoints(7, 3);
-        assert_eq!(h.distribution(7, IpAddress::V4(1), 3, 300), [100, 100, 100, 0]);
+        assert_eq!(
+            h.distribution(7, IpAddress::V4(1), 3, 300),
+            [100, 100, 100, 0]
+        );
         assert_eq!(h.policy.plan(7), BackendPlan::Weights(vec![1, 1, 1]));
     }
 

@@ -8,7 +8,9 @@ use std::cell::RefCell;
 
 use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
 use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, Listener};
-use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, IpAddress, IpMode, Protocol, ServicePort};
+use kwp_sdk::mode::kwp::proxy::types::{
+    BackendPlan, Endpoint, IpAddress, IpMode, Protocol, ServicePort,
+};
 
 /// UDP flows idle this long are closed (upstream userspace mode: 250 ms was
 /// its default for short-lived DNS-style flows; we favour longer flows).
@@ -30,8 +32,14 @@ impl Guest for Userspace {
         Ok(Fragment { items: Vec::new() })
     }
 
-    fn render_service(service: ServicePort, _endpoints: Vec<Endpoint>, _backends: BackendPlan) -> Result<Fragment, String> {
-        Ok(Fragment { items: vec![Item::Listener(listener(&service))] })
+    fn render_service(
+        service: ServicePort,
+        _endpoints: Vec<Endpoint>,
+        _backends: BackendPlan,
+    ) -> Result<Fragment, String> {
+        Ok(Fragment {
+            items: vec![Item::Listener(listener(&service))],
+        })
     }
 }
 
@@ -47,7 +55,11 @@ fn listener(svc: &ServicePort) -> Listener {
     }
     // ipMode Proxy: the load balancer delivers to the node itself, so the
     // ingress IP must not be captured locally.
-    for lb in svc.load_balancer_ingress.iter().filter(|lb| lb.ip_mode == IpMode::Vip) {
+    for lb in svc
+        .load_balancer_ingress
+        .iter()
+        .filter(|lb| lb.ip_mode == IpMode::Vip)
+    {
         add(lb.ip, svc.port);
     }
     if let Some(node_port) = svc.node_port {
@@ -57,7 +69,11 @@ fn listener(svc: &ServicePort) -> Listener {
         service: svc.id,
         protocol: svc.protocol,
         frontends,
-        udp_idle_timeout_ms: if svc.protocol == Protocol::Udp { UDP_IDLE_TIMEOUT_MS } else { 0 },
+        udp_idle_timeout_ms: if svc.protocol == Protocol::Udp {
+            UDP_IDLE_TIMEOUT_MS
+        } else {
+            0
+        },
     }
 }
 

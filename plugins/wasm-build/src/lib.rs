@@ -42,12 +42,20 @@ pub fn build(guests: &[Guest<'_>]) -> Vec<(String, PathBuf)> {
         cmd.arg("--examples");
     }
     // Flags meant for the host build must not leak into the guest build.
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR"] {
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+    ] {
         cmd.env_remove(var);
     }
     // Guests ship in the binary: keep them small.
-    cmd.env("CARGO_PROFILE_RELEASE_DEBUG", "false").env("CARGO_PROFILE_RELEASE_STRIP", "true");
-    let status = cmd.status().expect("failed to run cargo for the wasm guests");
+    cmd.env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "true");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the wasm guests");
     assert!(
         status.success(),
         "building wasm guests failed; is the target installed? (rustup target add {TARGET})"
@@ -56,10 +64,14 @@ pub fn build(guests: &[Guest<'_>]) -> Vec<(String, PathBuf)> {
     let out = target_dir.join(TARGET).join("release");
     let mut found = Vec::new();
     for dir in [out.clone(), out.join("examples")] {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
-            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
             // Skip cargo's hashed copies (`name-0123abcd.wasm`) of examples.
             if path.extension().is_some_and(|e| e == "wasm") && !stem.contains('-') {
                 found.push((stem.to_string(), path));
@@ -79,7 +91,10 @@ pub fn write_table(file: &str, artifacts: &[(String, PathBuf)], wanted: &[&str])
             .iter()
             .find(|(name, _)| name == want)
             .unwrap_or_else(|| panic!("guest {want} was not built"));
-        src.push_str(&format!("    ({want:?}, include_bytes!({:?}) as &[u8]),\n", path.display().to_string()));
+        src.push_str(&format!(
+            "    ({want:?}, include_bytes!({:?}) as &[u8]),\n",
+            path.display().to_string()
+        ));
     }
     src.push(']');
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join(file);
@@ -98,7 +113,9 @@ fn ensure_target() {
         return;
     }
     println!("cargo:warning=installing the {TARGET} target with rustup");
-    let _ = Command::new("rustup").args(["target", "add", TARGET]).status();
+    let _ = Command::new("rustup")
+        .args(["target", "add", TARGET])
+        .status();
 }
 
 fn workspace_root() -> PathBuf {

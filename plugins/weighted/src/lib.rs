@@ -20,24 +20,40 @@ pub struct Weighted {
 impl Default for Weighted {
     fn default() -> Self {
         // std's RandomState is seeded from the platform's random source.
-        let seed = std::collections::hash_map::RandomState::new().build_hasher().finish();
-        Self { weights_by_ip: BTreeMap::new(), services: BTreeMap::new(), state: seed }
+        let seed = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        Self {
+            weights_by_ip: BTreeMap::new(),
+            services: BTreeMap::new(),
+            state: seed,
+        }
     }
 }
 
 fn ip_string(ip: IpAddress) -> String {
     match ip {
         IpAddress::V4(a) => std::net::Ipv4Addr::from(a).to_string(),
-        IpAddress::V6((hi, lo)) => std::net::Ipv6Addr::from((u128::from(hi) << 64) | u128::from(lo)).to_string(),
+        IpAddress::V6((hi, lo)) => {
+            std::net::Ipv6Addr::from((u128::from(hi) << 64) | u128::from(lo)).to_string()
+        }
     }
 }
 
 impl Policy for Weighted {
     fn configure(&mut self, config: &str) -> Result<(), String> {
         for pair in config.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (ip, w) = pair.split_once('=').ok_or_else(|| format!("weighted: {pair:?} is not IP=WEIGHT"))?;
-            let ip: std::net::IpAddr = ip.trim().parse().map_err(|_| format!("weighted: {ip:?} is not an IP address"))?;
-            let w: u32 = w.trim().parse().map_err(|_| format!("weighted: weight {w:?} is not a number"))?;
+            let (ip, w) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("weighted: {pair:?} is not IP=WEIGHT"))?;
+            let ip: std::net::IpAddr = ip
+                .trim()
+                .parse()
+                .map_err(|_| format!("weighted: {ip:?} is not an IP address"))?;
+            let w: u32 = w
+                .trim()
+                .parse()
+                .map_err(|_| format!("weighted: weight {w:?} is not a number"))?;
             if w > 1000 {
                 return Err(format!("weighted: weight {w} is above 1000"));
             }
@@ -47,7 +63,15 @@ impl Policy for Weighted {
     }
 
     fn set_endpoints(&mut self, service: u32, endpoints: Vec<Endpoint>) {
-        let weights = endpoints.iter().map(|e| self.weights_by_ip.get(&ip_string(e.address)).copied().unwrap_or(1)).collect();
+        let weights = endpoints
+            .iter()
+            .map(|e| {
+                self.weights_by_ip
+                    .get(&ip_string(e.address))
+                    .copied()
+                    .unwrap_or(1)
+            })
+            .collect();
         self.services.insert(service, weights);
     }
 
@@ -86,7 +110,9 @@ mod tests {
 
     #[test]
     fn connections_follow_the_weights() {
-        let mut h = Harness::<Weighted>::new("10.0.0.1=3, 10.0.0.3=0").unwrap().with_endpoints(1, 3);
+        let mut h = Harness::<Weighted>::new("10.0.0.1=3, 10.0.0.3=0")
+            .unwrap()
+            .with_endpoints(1, 3);
         let d = h.distribution(1, IpAddress::V4(1), 3, 40_000);
         // 3 : 1 : 0
         assert!((29_000..31_000).contains(&d[0]), "{d:?}");

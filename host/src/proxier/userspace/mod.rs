@@ -47,7 +47,13 @@ pub struct UserspaceDataplane {
 
 impl UserspaceDataplane {
     pub fn new(bind_ip: IpAddr, backends: Arc<Backends>, redirector: Option<Redirector>) -> Self {
-        Self { bind_ip, backends, active: BTreeMap::new(), redirector, mapping: Mapping::default() }
+        Self {
+            bind_ip,
+            backends,
+            active: BTreeMap::new(),
+            redirector,
+            mapping: Mapping::default(),
+        }
     }
 
     pub fn mapping(&self) -> Mapping {
@@ -58,27 +64,48 @@ impl UserspaceDataplane {
         let addr = SocketAddr::new(self.bind_ip, 0);
         let (local, task) = match spec.protocol {
             Protocol::Tcp => {
-                let std = std::net::TcpListener::bind(addr).with_context(|| format!("binding tcp {addr}"))?;
+                let std = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding tcp {addr}"))?;
                 std.set_nonblocking(true)?;
                 let listener = tokio::net::TcpListener::from_std(std)?;
                 let local = listener.local_addr()?;
-                (local, tokio::spawn(tcp::serve(listener, spec.service, self.backends.clone())))
+                (
+                    local,
+                    tokio::spawn(tcp::serve(listener, spec.service, self.backends.clone())),
+                )
             }
             Protocol::Udp => {
-                let std = std::net::UdpSocket::bind(addr).with_context(|| format!("binding udp {addr}"))?;
+                let std = std::net::UdpSocket::bind(addr)
+                    .with_context(|| format!("binding udp {addr}"))?;
                 std.set_nonblocking(true)?;
                 let socket = tokio::net::UdpSocket::from_std(std)?;
                 let local = socket.local_addr()?;
-                (local, tokio::spawn(udp::serve(socket, spec.service, self.backends.clone(), spec.udp_idle_timeout)))
+                (
+                    local,
+                    tokio::spawn(udp::serve(
+                        socket,
+                        spec.service,
+                        self.backends.clone(),
+                        spec.udp_idle_timeout,
+                    )),
+                )
             }
             Protocol::Sctp => bail!("userspace mode cannot proxy SCTP"),
         };
-        Ok(Active { spec: spec.clone(), local, task })
+        Ok(Active {
+            spec: spec.clone(),
+            local,
+            task,
+        })
     }
 }
 
 impl Dataplane for UserspaceDataplane {
-    fn apply(&mut self, _base: Option<&Fragment>, changed: &[(ServicePortName, Option<&Fragment>)]) -> Result<()> {
+    fn apply(
+        &mut self,
+        _base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<()> {
         let mut errors = Vec::new();
         for (name, fragment) in changed {
             let spec = match fragment.map(listener_of).transpose() {
@@ -95,7 +122,11 @@ impl Dataplane for UserspaceDataplane {
                 continue;
             };
             // Keep the socket (and its port) when only the frontends changed.
-            let reuse = self.active.get(name).is_some_and(|a| a.spec.protocol == spec.protocol && a.spec.service == spec.service && a.spec.udp_idle_timeout == spec.udp_idle_timeout);
+            let reuse = self.active.get(name).is_some_and(|a| {
+                a.spec.protocol == spec.protocol
+                    && a.spec.service == spec.service
+                    && a.spec.udp_idle_timeout == spec.udp_idle_timeout
+            });
             if reuse {
                 let active = self.active.get_mut(name).expect("checked");
                 active.spec = spec;
@@ -111,15 +142,30 @@ impl Dataplane for UserspaceDataplane {
                 }
             }
             let active = &self.active[name];
-            let fronts: Vec<String> = active.spec.frontends.iter().map(ToString::to_string).collect();
+            let fronts: Vec<String> = active
+                .spec
+                .frontends
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             tracing::info!(service = %name, listen = %active.local, frontends = fronts.join(","), "userspace listener");
         }
         let mut mapping = self.mapping.write().expect("mapping lock");
-        *mapping = self.active.iter().map(|(n, a)| (n.clone(), (a.spec.clone(), a.local))).collect();
+        *mapping = self
+            .active
+            .iter()
+            .map(|(n, a)| (n.clone(), (a.spec.clone(), a.local)))
+            .collect();
         if let Some(redirector) = &mut self.redirector {
-            redirector.apply(&mapping).context("installing nftables redirects")?;
+            redirector
+                .apply(&mapping)
+                .context("installing nftables redirects")?;
         }
-        if errors.is_empty() { Ok(()) } else { bail!("{}", errors.join("; ")) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", errors.join("; "))
+        }
     }
 }
 

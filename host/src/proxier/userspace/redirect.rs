@@ -23,23 +23,46 @@ impl Redirector {
     /// `nft` binary).
     pub fn detect() -> Option<Self> {
         let caps = std::fs::read_to_string("/proc/self/status").ok()?;
-        let eff = caps.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_string();
+        let eff = caps
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))?
+            .trim()
+            .to_string();
         let eff = u64::from_str_radix(&eff, 16).ok()?;
         const CAP_NET_ADMIN: u64 = 1 << 12;
-        let nft = Command::new("nft").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let nft = Command::new("nft")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         (eff & CAP_NET_ADMIN != 0 && nft.is_ok_and(|s| s.success())).then_some(Self { last: None })
     }
 
-    pub fn apply(&mut self, mapping: &BTreeMap<ServicePortName, (Listener, SocketAddr)>) -> Result<()> {
+    pub fn apply(
+        &mut self,
+        mapping: &BTreeMap<ServicePortName, (Listener, SocketAddr)>,
+    ) -> Result<()> {
         let script = render(mapping);
         if self.last.as_deref() == Some(script.as_str()) {
             return Ok(());
         }
-        let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().context("running nft")?;
-        child.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running nft")?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(script.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("nft refused the redirect rules: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "nft refused the redirect rules: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         self.last = Some(script);
         Ok(())
@@ -51,7 +74,10 @@ impl Drop for Redirector {
     /// or cluster IPs would point at closed ports.
     fn drop(&mut self) {
         if self.last.is_some() {
-            let _ = Command::new("nft").args(["delete", "table", "ip", TABLE]).stderr(Stdio::null()).status();
+            let _ = Command::new("nft")
+                .args(["delete", "table", "ip", TABLE])
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }

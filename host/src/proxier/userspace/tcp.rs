@@ -36,7 +36,9 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, service: u32, backends
         return reject(client);
     };
     for _ in 0..CONNECT_ATTEMPTS {
-        let Some(choice) = svc.choose(peer) else { break };
+        let Some(choice) = svc.choose(peer) else {
+            break;
+        };
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(choice.addr)).await {
             Ok(Ok(mut upstream)) => {
                 let _ = upstream.set_nodelay(true);
@@ -47,8 +49,12 @@ async fn forward(mut client: TcpStream, peer: SocketAddr, service: u32, backends
                 svc.closed(choice);
                 return;
             }
-            Ok(Err(e)) => tracing::debug!(service = %svc.name, endpoint = %choice.addr, error = %e, "connect failed"),
-            Err(_) => tracing::debug!(service = %svc.name, endpoint = %choice.addr, "connect timed out"),
+            Ok(Err(e)) => {
+                tracing::debug!(service = %svc.name, endpoint = %choice.addr, error = %e, "connect failed")
+            }
+            Err(_) => {
+                tracing::debug!(service = %svc.name, endpoint = %choice.addr, "connect timed out")
+            }
         }
         svc.closed(choice);
     }

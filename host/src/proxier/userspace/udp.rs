@@ -37,7 +37,10 @@ impl Flows {
 
 pub async fn serve(socket: UdpSocket, service: u32, backends: Arc<Backends>, idle: Duration) {
     let socket = Arc::new(socket);
-    let flows = Arc::new(Flows { epoch: Instant::now(), by_client: Mutex::default() });
+    let flows = Arc::new(Flows {
+        epoch: Instant::now(),
+        by_client: Mutex::default(),
+    });
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let (len, client) = match socket.recv_from(&mut buf).await {
@@ -47,7 +50,12 @@ pub async fn serve(socket: UdpSocket, service: u32, backends: Arc<Backends>, idl
                 continue;
             }
         };
-        let existing = flows.by_client.lock().expect("flows lock").get(&client).cloned();
+        let existing = flows
+            .by_client
+            .lock()
+            .expect("flows lock")
+            .get(&client)
+            .cloned();
         let flow = match existing {
             Some(f) => f,
             None => match open_flow(&socket, &flows, client, service, &backends, idle).await {
@@ -72,7 +80,11 @@ async fn open_flow(
 ) -> Option<Arc<Flow>> {
     let svc = backends.get(service)?;
     let choice = svc.choose(client)?;
-    let local: SocketAddr = if choice.addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let local: SocketAddr = if choice.addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
     let upstream = match UdpSocket::bind(local).await {
         Ok(s) => s,
         Err(e) => {
@@ -86,9 +98,24 @@ async fn open_flow(
         svc.closed(choice);
         return None;
     }
-    let flow = Arc::new(Flow { upstream, last_active: AtomicU64::new(flows.now_ms()) });
-    flows.by_client.lock().expect("flows lock").insert(client, flow.clone());
-    tokio::spawn(relay_replies(listener.clone(), flow.clone(), flows.clone(), client, idle, svc, choice));
+    let flow = Arc::new(Flow {
+        upstream,
+        last_active: AtomicU64::new(flows.now_ms()),
+    });
+    flows
+        .by_client
+        .lock()
+        .expect("flows lock")
+        .insert(client, flow.clone());
+    tokio::spawn(relay_replies(
+        listener.clone(),
+        flow.clone(),
+        flows.clone(),
+        client,
+        idle,
+        svc,
+        choice,
+    ));
     Some(flow)
 }
 
@@ -106,11 +133,18 @@ async fn relay_replies(
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let idle_ms = idle.as_millis() as u64;
     loop {
-        let quiet = flows.now_ms().saturating_sub(flow.last_active.load(Ordering::Relaxed));
+        let quiet = flows
+            .now_ms()
+            .saturating_sub(flow.last_active.load(Ordering::Relaxed));
         if quiet >= idle_ms {
             break;
         }
-        match tokio::time::timeout(Duration::from_millis(idle_ms - quiet), flow.upstream.recv(&mut buf)).await {
+        match tokio::time::timeout(
+            Duration::from_millis(idle_ms - quiet),
+            flow.upstream.recv(&mut buf),
+        )
+        .await
+        {
             Ok(Ok(len)) => {
                 flows.touch(&flow);
                 if let Err(e) = listener.send_to(&buf[..len], client).await {
