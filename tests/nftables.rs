@@ -20,7 +20,7 @@ struct Proxy {
     _dir: tempfile::TempDir,
     dir: std::path::PathBuf,
     /// Everything the proxy logged so far.
-    logs: std::sync::Arc<std::sync::Mutex<String>>,
+    logs: common::Logs,
 }
 
 impl Drop for Proxy {
@@ -81,21 +81,7 @@ fn start_full(
     let mut child = cluster
         .node
         .spawn(env!("CARGO_BIN_EXE_kube-wasm-proxy"), &args);
-    let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    if let Some(stderr) = child.stderr.take() {
-        let logs = logs.clone();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                let mut l = logs.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
-    }
+    let logs = common::Logs::capture(&mut child);
     let proxy = Proxy {
         child,
         _dir: dir,
@@ -424,8 +410,13 @@ fn a_restart_adopts_the_table_without_dropping_a_connection() {
     std::thread::sleep(Duration::from_millis(300));
     drop(first); // SIGKILL: the table stays behind
     let second = start(&c, &objects);
-    std::thread::sleep(Duration::from_millis(1500)); // its first (full) sync has run
+    std::thread::sleep(Duration::from_millis(2500)); // its first (full) sync and a resync ran
     let (ok, failed) = client.stop();
+    let logs = second.logs.text();
+    assert!(
+        !logs.contains("failed"),
+        "adopting the table (or resyncing it) failed:\n{logs}"
+    );
     assert!(
         failed.is_empty(),
         "{} failed of {}: {failed:?}",
@@ -1242,7 +1233,7 @@ fn the_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected() {
     eventually("rules", || {
         c.node.sh("nft list ruleset").contains("10.96.0.36")
     });
-    let logged = |what: &str| p.logs.lock().unwrap().matches(what).count();
+    let logged = |what: &str| p.logs.text().matches(what).count();
 
     let client =
         common::topology::ContinuousClient::start(&c.pod("pod-b").ns, addr("10.96.0.36", 80));

@@ -60,8 +60,10 @@ impl SyncLoop {
                 _ = tokio::time::sleep_until(wake), if ready && (last_sync.is_some() || pending) => {
                     let periodic_due = Instant::now() >= periodic && last_sync.is_some();
                     self.sync();
-                    if periodic_due {
-                        let _ = self.proxier.resync();
+                    // A failed resync is logged by the proxier and leaves
+                    // the last good rules; count it like a failed sync.
+                    if periodic_due && self.proxier.resync().is_err() {
+                        self.metrics.sync_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     last_sync = Some(Instant::now());
                     pending = false;

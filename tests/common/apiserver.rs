@@ -102,6 +102,8 @@ pub struct ControlPlane {
     pub etcd_url: String,
     /// Everything the two processes own: certificates, keys, logs, etcd's data.
     pub dir: PathBuf,
+    secure_port: u16,
+    apiserver_flags: Vec<String>,
     _tmp: tempfile::TempDir,
     etcd: Option<Child>,
     apiserver: Option<Child>,
@@ -116,11 +118,17 @@ impl ControlPlane {
     /// Starts etcd and kube-apiserver on free loopback ports and waits until
     /// the API server is ready (`/readyz`). Panics with the logs if not.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like `start`, with more kube-apiserver flags (kept across restarts).
+    pub fn start_with(apiserver_flags: &[&str]) -> Self {
         let bins = binaries();
+        let flags: Vec<String> = apiserver_flags.iter().map(|f| f.to_string()).collect();
         let mut last = String::new();
         // A port picked free may be taken before the server binds it; retry.
         for _ in 0..3 {
-            match Self::try_start(bins) {
+            match Self::try_start(bins, &flags) {
                 Ok(cp) => return cp,
                 Err(e) if e.contains("address already in use") => last = e,
                 Err(e) => panic!("control plane did not start: {e}"),
@@ -129,7 +137,7 @@ impl ControlPlane {
         panic!("control plane did not start: {last}");
     }
 
-    fn try_start(bins: &Binaries) -> Result<Self, String> {
+    fn try_start(bins: &Binaries, apiserver_flags: &[String]) -> Result<Self, String> {
         // etcd fsyncs every write; on tmpfs that costs nothing.
         let base = Path::new("/dev/shm");
         let tmp = if base.is_dir() {
@@ -187,6 +195,8 @@ impl ControlPlane {
             etcd_url,
             dir: dir.clone(),
             _tmp: tmp,
+            secure_port,
+            apiserver_flags: apiserver_flags.to_vec(),
             etcd: Some(etcd),
             apiserver: None,
         };
@@ -197,10 +207,18 @@ impl ControlPlane {
         )
         .map_err(|e| format!("etcd: {e}\n{}", cp.etcd_log()))?;
 
-        let p = |f: &str| dir.join(f).display().to_string();
+        cp.spawn_apiserver()?;
+        cp.wait_ready(Duration::from_secs(90))?;
+        Ok(cp)
+    }
+
+    /// Starts kube-apiserver (again) on its port, logging to the same file.
+    fn spawn_apiserver(&mut self) -> Result<(), String> {
+        let bins = binaries();
+        let p = |f: &str| self.dir.join(f).display().to_string();
         let mut api = Command::new(&bins.kube_apiserver);
-        api.arg(format!("--etcd-servers={}", cp.etcd_url))
-            .arg(format!("--secure-port={secure_port}"))
+        api.arg(format!("--etcd-servers={}", self.etcd_url))
+            .arg(format!("--secure-port={}", self.secure_port))
             .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
             .arg(format!("--tls-cert-file={}", p("serving.crt")))
             .arg(format!("--tls-private-key-file={}", p("serving.key")))
@@ -225,10 +243,60 @@ impl ControlPlane {
                 "--endpoint-reconciler-type=none",
                 "--allow-privileged=true",
                 "--profiling=false",
-            ]);
-        cp.apiserver = Some(spawn_logged(api, &dir.join("kube-apiserver.log"))?);
-        cp.wait_ready(Duration::from_secs(90))?;
-        Ok(cp)
+            ])
+            .args(&self.apiserver_flags);
+        self.apiserver = Some(spawn_logged(api, &self.dir.join("kube-apiserver.log"))?);
+        Ok(())
+    }
+
+    /// Stops kube-apiserver (SIGTERM, as a control-plane upgrade does);
+    /// etcd and everything stored stay.
+    pub fn stop_apiserver(&mut self) {
+        if let Some(child) = self.apiserver.take() {
+            stop(child);
+        }
+    }
+
+    /// Starts kube-apiserver again on the same port and waits until ready.
+    pub fn start_apiserver(&mut self) {
+        assert!(self.apiserver.is_none(), "kube-apiserver is running");
+        self.spawn_apiserver()
+            .and_then(|()| self.wait_ready(Duration::from_secs(90)))
+            .unwrap_or_else(|e| panic!("kube-apiserver did not come back: {e}"));
+    }
+
+    /// Compacts etcd's history up to now, as kube-apiserver does every few
+    /// minutes: a watch from an older resourceVersion then gets 410 Gone
+    /// (when the API server reads etcd directly, `--watch-cache=false`).
+    pub fn compact_etcd(&self) {
+        let post = |path: &str, body: &str| -> Value {
+            let out = Command::new("curl")
+                .args(["-sS", "--max-time", "10", "-X", "POST", "--data", body])
+                .arg(format!("{}{path}", self.etcd_url))
+                .output()
+                .expect("curl");
+            assert!(
+                out.status.success(),
+                "etcd {path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("etcd {path}: {e}"))
+        };
+        // The current revision is in every answer's header.
+        let head = post("/v3/kv/range", r#"{"key": "AA==", "count_only": true}"#);
+        let revision = head["header"]["revision"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no revision in {head}"));
+        let done = post(
+            "/v3/kv/compaction",
+            &format!(r#"{{"revision": "{revision}", "physical": true}}"#),
+        );
+        assert!(done.get("header").is_some(), "compaction failed: {done}");
+    }
+
+    /// The API server's port, on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.secure_port
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {

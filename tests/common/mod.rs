@@ -171,3 +171,36 @@ pub async fn ask_udp(addr: SocketAddr) -> Option<String> {
         .ok()?;
     Some(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
+
+/// Everything a child process writes to stderr, collected as it comes (and
+/// stdout drained), so a chatty child never blocks on a full pipe.
+#[derive(Clone, Default)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl Logs {
+    pub fn capture(child: &mut std::process::Child) -> Self {
+        use std::io::BufRead;
+        let logs = Logs::default();
+        if let Some(stderr) = child.stderr.take() {
+            let sink = logs.clone();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    let mut l = sink.0.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        if let Some(mut stdout) = child.stdout.take() {
+            std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        }
+        logs
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+}

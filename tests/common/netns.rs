@@ -1,8 +1,12 @@
 //! Network namespaces made by the tests themselves (`ip netns`), deleted
 //! when the guard drops, even if the test failed.
 
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 pub struct Netns {
     pub name: String,
@@ -66,6 +70,92 @@ impl Netns {
             f()
         })
     }
+
+    /// Makes `127.0.0.1:port` of the calling process's namespace reachable
+    /// at `127.0.0.1:port` inside this one (a plain TCP relay, one upstream
+    /// connection per connection), as a node reaches its API server. A
+    /// refused upstream closes the client's connection, so an outage upstream
+    /// looks the same from inside. Stops accepting when dropped.
+    pub fn forward_loopback(&self, port: u16) -> Forward {
+        let listener = self
+            .run_in(move || TcpListener::bind(("127.0.0.1", port)))
+            .unwrap_or_else(|e| panic!("listening on 127.0.0.1:{port} in {}: {e}", self.name));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let forward = Forward::default();
+        let state = forward.0.clone();
+        std::thread::spawn(move || {
+            while !state.stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) if state.cut.load(Ordering::Relaxed) => drop(conn),
+                    Ok((conn, _)) => {
+                        let state = state.clone();
+                        std::thread::spawn(move || relay(conn, port, &state));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        forward
+    }
+}
+
+/// A running `Netns::forward_loopback`.
+#[derive(Default)]
+pub struct Forward(Arc<ForwardState>);
+
+#[derive(Default)]
+struct ForwardState {
+    stop: AtomicBool,
+    cut: AtomicBool,
+    /// Both ends of every relayed connection, to sever them on `cut`.
+    live: Mutex<Vec<TcpStream>>,
+}
+
+impl Forward {
+    /// A network partition: severs every relayed connection and refuses new
+    /// ones until `restore`.
+    pub fn cut(&self) {
+        self.0.cut.store(true, Ordering::Relaxed);
+        for conn in self.0.live.lock().unwrap().drain(..) {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.0.cut.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.0.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies both ways between `inner` and 127.0.0.1:`port` until both ends close.
+fn relay(inner: TcpStream, port: u16, state: &ForwardState) {
+    let Ok(outer) = TcpStream::connect(("127.0.0.1", port)) else {
+        return; // dropping `inner` closes it: the client sees the outage
+    };
+    let _ = inner.set_nonblocking(false);
+    let clones = (
+        inner.try_clone(),
+        outer.try_clone(),
+        inner.try_clone(),
+        outer.try_clone(),
+    );
+    let (Ok(inner2), Ok(outer2), Ok(inner3), Ok(outer3)) = clones else {
+        return;
+    };
+    state.live.lock().unwrap().extend([inner3, outer3]);
+    let up = std::thread::spawn(move || pipe(inner2, outer2));
+    pipe(outer, inner);
+    let _ = up.join();
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
 }
 
 impl Drop for Netns {

@@ -213,6 +213,17 @@ impl NftDataplane {
         for q in flush_chains {
             s.push_str(&format!("flush chain {}\n", self.at(q)));
         }
+        // nft (1.0.x) cannot add a rule that uses a `typeof` map it has to
+        // read back from the kernel ("conflicting protocols specified"), so
+        // such maps are re-created here, unreferenced after the flushes;
+        // the transaction is atomic, so no packet sees them missing.
+        for (q, decl) in &want.sets {
+            if decl.trim_start().starts_with("typeof") && kernel_sets.contains_key(q) {
+                let kind = set_kind(decl);
+                s.push_str(&format!("delete {kind} {}\n", self.at(q)));
+                self.add_set(&mut s, q, decl);
+            }
+        }
         let mut flush_sets: BTreeMap<&(Fam, String), &str> =
             kernel_sets.iter().map(|(n, k)| (n, *k)).collect();
         flush_sets.extend(want.sets.iter().map(|(n, d)| (n, set_kind(d))));

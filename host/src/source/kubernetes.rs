@@ -48,6 +48,7 @@ pub async fn run(
     tx: mpsc::Sender<SourceEvent>,
     errors: Arc<AtomicU64>,
 ) {
+    tokio::spawn(announce_start(client.clone(), node_name.clone()));
     let services = watcher::Config::default()
         .labels(&format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"));
     let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
@@ -77,6 +78,43 @@ pub async fn run(
             errors
         ),
     );
+}
+
+/// Records a `Starting` event on this node, as upstream kube-proxy does at
+/// start (action `StartKubeProxy`). Best effort: retried a few times while
+/// the API server is unreachable, never fatal.
+async fn announce_start(client: Client, node_name: String) {
+    use k8s_openapi::api::core::v1::ObjectReference;
+    use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+    let reporter = Reporter {
+        controller: "kube-wasm-proxy".into(),
+        instance: Some(format!("kube-wasm-proxy-{node_name}")),
+    };
+    let recorder = Recorder::new(client, reporter);
+    // Upstream refers to the Node by name, with its name as UID.
+    let node = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node_name.clone()),
+        uid: Some(node_name),
+        ..Default::default()
+    };
+    let event = KubeEvent {
+        type_: EventType::Normal,
+        reason: "Starting".into(),
+        note: None,
+        action: "StartKubeProxy".into(),
+        secondary: None,
+    };
+    let mut delay = std::time::Duration::from_secs(1);
+    for _ in 0..6 {
+        match recorder.publish(&event, &node).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "could not record the Starting event; retrying"),
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+    }
 }
 
 async fn watch<K>(
