@@ -59,6 +59,7 @@ impl App {
             &component,
             mode_settings.clone(),
         )?;
+        tracing::info!(mode = settings.mode.as_str(), %source, "loaded proxy mode");
         let backends = Arc::new(Backends::default());
         let (dataplane, mapping): (Box<dyn Dataplane>, _) = if settings.dry_run {
             (Box::new(NoDataplane), None)
