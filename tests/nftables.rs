@@ -1244,6 +1244,17 @@ fn the_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected() {
     // A mode whose plan names another table fails its probe: rejected.
     install(kwp_test_programs_artifacts::program("foreign_table"));
     eventually("the rejection", || logged("reload rejected") == 1);
+    // One that passes the probe but whose rules the kernel refuses: rolled
+    // back in the same sync, and refused if installed again.
+    let breaks = kwp_test_programs_artifacts::program("mode_breaks_after_probe");
+    install(breaks);
+    eventually("the rollback", || {
+        logged("rolled back to the previous version") == 1
+    });
+    install(breaks);
+    eventually("the quarantined version refused", || {
+        logged("reload rejected") == 2
+    });
     std::thread::sleep(Duration::from_millis(500));
     let (ok, failed) = client.stop();
     assert!(

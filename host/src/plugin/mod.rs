@@ -10,6 +10,7 @@ mod catalog;
 mod convert;
 pub mod mode;
 pub mod policy;
+mod probation;
 pub mod reload;
 mod sandbox;
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -11,6 +12,7 @@ use super::convert::{
     endpoint_to_wit, ip_from_wit, node_to_wit, plan_to_wit, protocol_from_wit, service_to_wit,
 };
 use super::policy::BackendPlan;
+use super::probation::Probation;
 use super::sandbox::{PluginError, Sandbox};
 use super::{PluginStats, Runtime};
 use crate::model::{Endpoint, NodeInfo, ServicePort};
@@ -43,7 +45,13 @@ pub struct ModeSettings {
 pub struct Mode {
     runtime: Arc<Runtime>,
     sandbox: Sandbox<bindings::ProxyMode>,
+    component: Component,
     settings: ModeSettings,
+    /// Set after a hot reload: the version to go back to if the new one fails.
+    probation: Option<Probation>,
+    /// A reloaded version's first sync (everything rendered again) has not
+    /// yet succeeded.
+    on_trial: bool,
 }
 
 impl Mode {
@@ -57,7 +65,10 @@ impl Mode {
         let mut mode = Self {
             runtime,
             sandbox,
+            component: component.clone(),
             settings,
+            probation: None,
+            on_trial: false,
         };
         mode.ensure()?;
         Ok(mode)
@@ -84,8 +95,17 @@ impl Mode {
     }
 
     /// Swaps in a new version: it must configure with the current settings
-    /// first, or the current version stays.
-    pub fn reload(&mut self, component: &Component) -> Result<()> {
+    /// first, or the current version stays. It is then on probation (see
+    /// `judge`).
+    pub fn reload(&mut self, component: &Component, digest: [u8; 32]) -> Result<()> {
+        self.swap(component)?;
+        let previous = std::mem::replace(&mut self.component, component.clone());
+        self.probation = Some(Probation::new(previous, digest));
+        self.on_trial = true;
+        Ok(())
+    }
+
+    fn swap(&mut self, component: &Component) -> Result<()> {
         let sandbox = Self::sandbox(&self.runtime, &self.sandbox.name.clone(), component)?;
         let previous = std::mem::replace(&mut self.sandbox, sandbox);
         if let Err(e) = self.ensure() {
@@ -93,6 +113,59 @@ impl Mode {
             return Err(e).context("the new version failed to start");
         }
         Ok(())
+    }
+
+    /// A reloaded version whose first sync has not yet succeeded.
+    pub fn on_trial(&self) -> bool {
+        self.probation.is_some() && self.on_trial
+    }
+
+    /// Called after every sync with how many of its failures are the mode's
+    /// (failed or invalid renders, the kernel refusing its rules). A
+    /// reloaded version that fails in its first sync, or
+    /// `PROBATION_FAILURES` times within `PROBATION`, is rolled back to the
+    /// previous version and quarantined. Returns true when it was rolled
+    /// back: everything must then be rendered again.
+    pub fn judge(&mut self, failures: u32) -> bool {
+        let Some(p) = self.probation.as_mut() else {
+            return false;
+        };
+        let first_sync = std::mem::take(&mut self.on_trial);
+        if p.is_over() {
+            self.probation = None;
+            return false;
+        }
+        if failures == 0 || !(p.fail(failures) || first_sync) {
+            return false;
+        }
+        let Some(p) = self.probation.take() else {
+            return false;
+        };
+        match self.swap(&p.previous) {
+            Ok(()) => {
+                self.component = p.previous;
+                self.runtime.quarantine(p.digest);
+                self.runtime
+                    .reloads
+                    .rollbacks
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    mode = self.sandbox.name,
+                    failures = p.failures,
+                    first_sync,
+                    "reloaded proxy mode failed; rolled back to the previous version and quarantined it"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(
+                    mode = self.sandbox.name,
+                    error = format!("{e:#}"),
+                    "cannot roll back the proxy mode"
+                );
+                false
+            }
+        }
     }
 
     /// Renders the base and a sample Service under the deadline and checks

@@ -3,12 +3,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use wasmtime::component::Component;
 
 use super::convert::{endpoint_to_wit, ip_to_wit};
+use super::probation::Probation;
 use super::sandbox::{PluginError, Sandbox};
 use super::{PluginStats, Runtime};
 use crate::model::Endpoint;
@@ -48,18 +48,6 @@ pub struct Policy {
     /// Set after a hot reload: the version to go back to if the new one fails.
     probation: Option<Probation>,
 }
-
-struct Probation {
-    previous: Component,
-    digest: [u8; 32],
-    until: Instant,
-    failures: u32,
-}
-
-/// How long a reloaded plugin is watched, and how many failed calls (traps,
-/// deadline or memory hits, bad answers) in that time roll it back.
-pub const PROBATION: Duration = Duration::from_secs(120);
-pub const PROBATION_FAILURES: u32 = 3;
 
 /// The service id used by the probe run on a candidate before a reload.
 pub const PROBE_SERVICE: u32 = u32::MAX;
@@ -128,12 +116,7 @@ impl Policy {
             self.component = previous_component;
             return Err(e).context("the new version failed to start");
         }
-        self.probation = Some(Probation {
-            previous: previous_component,
-            digest,
-            until: Instant::now() + PROBATION,
-            failures: 0,
-        });
+        self.probation = Some(Probation::new(previous_component, digest));
         Ok(())
     }
 
@@ -143,13 +126,10 @@ impl Policy {
         if result.is_err()
             && let Some(p) = self.probation.as_mut()
         {
-            if Instant::now() > p.until {
+            if p.is_over() {
                 self.probation = None;
-            } else {
-                p.failures += 1;
-                if p.failures >= PROBATION_FAILURES {
-                    self.roll_back();
-                }
+            } else if p.fail(1) {
+                self.roll_back();
             }
         }
         result

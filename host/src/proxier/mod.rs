@@ -34,6 +34,17 @@ pub trait Dataplane: Send {
         changed: &[(ServicePortName, Option<&Fragment>)],
     ) -> Result<()>;
 
+    /// Like `apply`, but all or nothing even where `apply` would apply the
+    /// changes that work and report the rest: a reloaded mode's first sync
+    /// is judged whole, so none of a bad version's rules may land.
+    fn apply_all(
+        &mut self,
+        base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<()> {
+        self.apply(base, changed)
+    }
+
     /// Re-applies the whole current state, repairing anything changed
     /// behind the proxy's back. Called every syncPeriod.
     fn resync(&mut self) -> Result<()> {
@@ -92,6 +103,8 @@ pub struct Proxier {
     conntrack: Option<conntrack::ConntrackCleaner>,
     /// Endpoints rendered per service port in this sync, for the cleaner.
     rendered: Vec<(crate::model::ServicePort, Vec<crate::model::Endpoint>)>,
+    /// Failures in this sync that are the proxy mode's (judged after a reload).
+    mode_failures: u32,
     pub stats: SyncStats,
 }
 
@@ -127,6 +140,7 @@ impl Proxier {
             health: None,
             conntrack: None,
             rendered: Vec::new(),
+            mode_failures: 0,
             stats: SyncStats::default(),
         };
         // The default policy must load: without it nothing can be proxied.
@@ -252,8 +266,23 @@ impl Proxier {
                 .map(|s| (s.port.name.clone(), s)),
         );
 
+        self.mode_failures = 0;
+        // A base that fails to render keeps the last good one in the kernel
+        // and is retried; the Services still sync.
+        let mut base_error = None;
         let base = if std::mem::take(&mut self.base_dirty) {
-            Some(self.render_base()?)
+            match self.render_base() {
+                Ok(base) => Some(base),
+                Err(e) => {
+                    self.base_dirty = true;
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "cannot render the node-wide rules; keeping the last good ones"
+                    );
+                    base_error = Some(e);
+                    None
+                }
+            }
         } else {
             None
         };
@@ -299,7 +328,11 @@ impl Proxier {
         }
         let changed: Vec<(ServicePortName, Option<&Fragment>)> =
             delta.iter().map(|(n, f)| (n.clone(), f.as_ref())).collect();
-        let result = self.dataplane.apply(base.as_ref(), &changed);
+        let result = if self.mode.on_trial() {
+            self.dataplane.apply_all(base.as_ref(), &changed)
+        } else {
+            self.dataplane.apply(base.as_ref(), &changed)
+        };
         let rendered = std::mem::take(&mut self.rendered);
         if let (Ok(()), Some(cleaner)) = (&result, &mut self.conntrack) {
             // Only once the new rules are in: new packets then take them.
@@ -329,7 +362,25 @@ impl Proxier {
             );
         }
         self.stats.last_duration = started.elapsed();
-        result
+        if self
+            .mode
+            .judge(self.mode_failures + u32::from(result.is_err()))
+        {
+            return self.sync_after_rollback(state);
+        }
+        match base_error {
+            Some(e) if result.is_ok() => Err(e),
+            _ => result,
+        }
+    }
+
+    /// The proxy mode was rolled back: render everything with the previous
+    /// version (the kernel holds the last good rules of what failed).
+    fn sync_after_rollback(&mut self, state: &ClusterState) -> Result<()> {
+        self.base_dirty = true;
+        self.failed
+            .extend(state.snapshot().map(|s| s.port.name.clone()));
+        self.sync(Changes::default(), state)
     }
 
     /// Swaps in a new version of the running proxy mode and renders
@@ -338,7 +389,7 @@ impl Proxier {
         if candidate.name != self.mode.name() {
             return; // another mode's file: not in use
         }
-        match self.mode.reload(&candidate.component) {
+        match self.mode.reload(&candidate.component, candidate.digest) {
             Ok(()) => {
                 self.runtime
                     .reloads
@@ -381,9 +432,16 @@ impl Proxier {
             table: self.rules.nft_table.clone(),
             ..self.mode_settings.clone()
         };
-        self.mode.reconfigure(settings)?;
-        let base = self.mode.render_base()?;
-        base.validate(&self.rules).context("base fragment")?;
+        let base = self
+            .mode
+            .reconfigure(settings)
+            .and_then(|()| self.mode.render_base())
+            .map_err(anyhow::Error::from)
+            .and_then(|base| {
+                base.validate(&self.rules).context("base fragment")?;
+                Ok(base)
+            })
+            .inspect_err(|_| self.mode_failures += 1)?;
         self.plan.base = base.clone();
         Ok(base)
     }
@@ -429,8 +487,13 @@ impl Proxier {
         };
         let fragment = self
             .mode
-            .render_service(id, &svc.port, &policy_name, &eps, &backends)?;
-        fragment.validate(&self.rules)?;
+            .render_service(id, &svc.port, &policy_name, &eps, &backends)
+            .map_err(anyhow::Error::from)
+            .and_then(|f| {
+                f.validate(&self.rules)?;
+                Ok(f)
+            })
+            .inspect_err(|_| self.mode_failures += 1)?;
         if self.conntrack.is_some() {
             self.rendered.push((svc.port.clone(), eps.clone()));
         }
@@ -493,85 +556,4 @@ impl Proxier {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::plan::PlanError;
-
-    /// A proxier whose mode is the test program `mode`, over one Service.
-    fn sync_with_mode(mode: &str) -> (Proxier, ClusterState) {
-        let runtime = Runtime::new(crate::plugin::Limits::default()).unwrap();
-        let component = runtime
-            .compile(kwp_test_programs_artifacts::program(mode))
-            .unwrap();
-        let settings = ModeSettings {
-            table: Rules::default().nft_table,
-            ..ModeSettings::default()
-        };
-        let mode = Mode::new(runtime.clone(), mode, &component, settings.clone()).unwrap();
-        let mut proxier = Proxier::new(
-            runtime,
-            Catalog::new(None),
-            mode,
-            settings,
-            "round-robin",
-            Arc::default(),
-            Box::new(NoDataplane),
-        )
-        .unwrap();
-        let mut state = ClusterState::new("n");
-        let svc: k8s_openapi::api::core::v1::Service =
-            serde_yaml::from_str("metadata: {name: web, namespace: t}\nspec: {clusterIP: 10.0.0.1, ports: [{port: 80}]}\n").unwrap();
-        state.replace_all(&[svc], &[], None);
-        let changes = state.take_changes();
-        proxier.sync(changes, &state).unwrap();
-        (proxier, state)
-    }
-
-    #[test]
-    fn a_plan_naming_a_foreign_table_is_refused_and_nothing_is_applied() {
-        let (proxier, _) = sync_with_mode("foreign_table");
-        assert_eq!(proxier.stats.failed_services, 1);
-        assert!(
-            proxier.plan().services.is_empty(),
-            "the refused fragment must not be in the plan"
-        );
-        let fragment = Fragment {
-            items: vec![crate::plan::Item::NftChain {
-                family: crate::plan::NftFamily::Inet,
-                table: "filter".into(),
-                name: "input".into(),
-                hook: None,
-                rules: vec![],
-            }],
-        };
-        assert!(matches!(
-            fragment.validate(&Rules::default()),
-            Err(PlanError::ForeignTable(..))
-        ));
-    }
-
-    #[test]
-    fn a_render_that_never_returns_is_stopped_and_refused() {
-        let (proxier, _) = sync_with_mode("render_loops");
-        assert_eq!(proxier.stats.failed_services, 1);
-        assert!(proxier.plan().services.is_empty());
-        let stats = proxier.plugin_stats();
-        let mode = stats.iter().find(|(n, _)| n == "render_loops").unwrap();
-        assert_eq!(
-            mode.1
-                .deadline_hits
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
-    }
-
-    #[test]
-    fn an_oversized_plan_is_refused_and_retried() {
-        let (mut proxier, state) = sync_with_mode("oversized_plan");
-        assert_eq!(proxier.stats.failed_services, 1);
-        assert!(proxier.plan().services.is_empty());
-        // Kept for retry on the next sync (and refused again).
-        proxier.sync(Changes::default(), &state).unwrap();
-        assert_eq!(proxier.stats.failed_services, 2);
-    }
-}
+mod tests;

@@ -337,6 +337,32 @@ impl Dataplane for NftDataplane {
         base: Option<&Fragment>,
         changed: &[(ServicePortName, Option<&Fragment>)],
     ) -> Result<()> {
+        self.apply_changes(base, changed, true)
+    }
+
+    fn apply_all(
+        &mut self,
+        base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<()> {
+        self.apply_changes(base, changed, false)
+    }
+
+    fn resync(&mut self) -> Result<()> {
+        NftDataplane::resync(self)
+    }
+}
+
+impl NftDataplane {
+    /// One transaction for all changes; if nft refuses it and `one_by_one`,
+    /// each change is tried on its own so one bad fragment cannot hold back
+    /// the others.
+    fn apply_changes(
+        &mut self,
+        base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+        one_by_one: bool,
+    ) -> Result<()> {
         let mut changes: Vec<(Key, Option<&Fragment>)> = Vec::new();
         if let Some(base) = base {
             changes.push((None, Some(base)));
@@ -355,9 +381,7 @@ impl Dataplane for NftDataplane {
         } else {
             return match self.apply_delta(&changes) {
                 Ok(()) => Ok(()),
-                // One bad fragment must not hold back the others: apply
-                // each change on its own and report the ones that fail.
-                Err(e) if changes.len() > 1 => {
+                Err(e) if one_by_one && changes.len() > 1 => {
                     tracing::warn!(
                         error = format!("{e:#}"),
                         "batch refused; applying changes one by one"
@@ -392,12 +416,6 @@ impl Dataplane for NftDataplane {
         Ok(())
     }
 
-    fn resync(&mut self) -> Result<()> {
-        NftDataplane::resync(self)
-    }
-}
-
-impl NftDataplane {
     /// One delta transaction for `changes`; on success the host's view
     /// (fragments and reference counts) moves with the kernel.
     fn apply_delta(&mut self, changes: &[(Key, Option<&Fragment>)]) -> Result<()> {

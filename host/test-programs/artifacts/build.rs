@@ -18,6 +18,7 @@ fn main() {
             "oversized_plan",
             "plan_loops",
             "render_loops",
+            "mode_breaks_after_probe",
         ],
     );
 }
