@@ -1077,7 +1077,8 @@ fn a_refused_transaction_keeps_the_last_good_rules_and_spares_other_services() {
                 name: chain.into(),
                 hook: None,
                 rules: vec![rule.into()],
-            }],
+            }]
+            .into(),
         };
         let list = || {
             String::from_utf8_lossy(

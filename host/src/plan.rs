@@ -78,9 +78,12 @@ pub enum Item {
     Listener(Listener),
 }
 
+/// Shared, immutable items: the proxier's plan and the dataplane's record of
+/// what is applied hold the same fragment, not copies (at 50k Services the
+/// copies were a large part of the heap).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fragment {
-    pub items: Vec<Item>,
+    pub items: std::sync::Arc<[Item]>,
 }
 
 /// What the host allows a plan to touch and how big it may be.
@@ -130,7 +133,7 @@ impl Fragment {
                 Err(PlanError::ForeignTable(t.into(), rules.nft_table.clone()))
             }
         };
-        for item in &self.items {
+        for item in self.items.iter() {
             match item {
                 Item::NftChain {
                     table,
@@ -344,7 +347,8 @@ mod tests {
                 name: "svc-1".into(),
                 hook: None,
                 rules: vec![rule.into()],
-            }],
+            }]
+            .into(),
         }
     }
 
@@ -373,7 +377,8 @@ mod tests {
                 table: "kube-wasm-proxy".into(),
                 name: "s".into(),
                 declaration: decl.into(),
-            }],
+            }]
+            .into(),
         };
         assert_eq!(
             set("type ipv4_addr; flags dynamic,timeout; timeout 10s;").validate(&rules),
@@ -389,14 +394,15 @@ mod tests {
                 table: "nat".into(),
                 name: "KUBE-SERVICES".into(),
                 rules: vec![],
-            }],
+            }]
+            .into(),
         };
         assert!(matches!(
             ipt.validate(&rules),
             Err(PlanError::ForeignChain(..))
         ));
         let big = Fragment {
-            items: vec![chain("kube-wasm-proxy", "accept").items[0].clone(); 3],
+            items: vec![chain("kube-wasm-proxy", "accept").items[0].clone(); 3].into(),
         };
         assert_eq!(
             big.validate(&Rules {

@@ -58,7 +58,7 @@ struct Objects {
 impl Objects {
     fn of<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> Self {
         let mut o = Objects::default();
-        for item in fragments.into_iter().flat_map(|f| &f.items) {
+        for item in fragments.into_iter().flat_map(|f| f.items.iter()) {
             match item {
                 Item::NftChain {
                     family,

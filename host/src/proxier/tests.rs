@@ -74,7 +74,8 @@ fn a_plan_naming_a_foreign_table_is_refused_and_nothing_is_applied() {
             name: "input".into(),
             hook: None,
             rules: vec![],
-        }],
+        }]
+        .into(),
     };
     assert!(matches!(
         fragment.validate(&Rules::default()),

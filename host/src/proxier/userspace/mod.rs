@@ -172,7 +172,7 @@ impl Dataplane for UserspaceDataplane {
 /// The single listener a userspace fragment must hold.
 fn listener_of(fragment: &Fragment) -> Result<Option<Listener>> {
     let mut found = None;
-    for item in &fragment.items {
+    for item in fragment.items.iter() {
         match item {
             Item::Listener(l) if found.is_none() => found = Some(l.clone()),
             Item::Listener(_) => bail!("more than one listener for one service port"),
