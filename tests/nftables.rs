@@ -6,157 +6,15 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::node_proxy::{
+    CONFIG, addr, answered_by, eventually, many, service, start, start_full, start_with,
+};
 use common::topology::{
     CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, POD_PORT, tcp_from, udp_from,
 };
 use common::write;
-
-struct Proxy {
-    child: Child,
-    _dir: tempfile::TempDir,
-    dir: std::path::PathBuf,
-    /// Everything the proxy logged so far.
-    logs: common::Logs,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const CONFIG: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: 10.244.0.0/16,fd00:10:244::/48\n";
-
-/// Starts the proxy in the node namespace on a file source holding `objects`.
-fn start(cluster: &Cluster, objects: &str) -> Proxy {
-    start_with(cluster, objects, CONFIG, &Cluster::node_yaml())
-}
-
-/// Like `start`, with its own KubeProxyConfiguration and Node.
-fn start_with(cluster: &Cluster, objects: &str, config_text: &str, node_yaml: &str) -> Proxy {
-    start_full(cluster, objects, config_text, node_yaml, &[])
-}
-
-fn start_full(
-    cluster: &Cluster,
-    objects: &str,
-    config_text: &str,
-    node_yaml: &str,
-    extra: &[&str],
-) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().to_path_buf();
-    write(&path, "node.yaml", node_yaml);
-    write(&path, "objects.yaml", objects);
-    let config = path.join("config.conf");
-    std::fs::write(&config, config_text).unwrap();
-    let source = format!("file:{}/objects", path.display());
-    std::fs::create_dir(path.join("objects")).unwrap();
-    std::fs::rename(path.join("node.yaml"), path.join("objects/node.yaml")).unwrap();
-    std::fs::rename(path.join("objects.yaml"), path.join("objects/objects.yaml")).unwrap();
-    let mut args = vec![
-        "--proxy-mode",
-        "nftables",
-        "--source",
-        &source,
-        "--config",
-        config.to_str().unwrap(),
-        "--hostname-override",
-        "node-1",
-        "--min-sync-period",
-        "50ms",
-        "--sync-period",
-        "2s",
-        "--healthz-bind-address",
-        "",
-        "--metrics-bind-address",
-        "",
-    ];
-    args.extend_from_slice(extra);
-    let mut child = cluster
-        .node
-        .spawn(env!("CARGO_BIN_EXE_kube-wasm-proxy"), &args);
-    let logs = common::Logs::capture(&mut child);
-    let proxy = Proxy {
-        child,
-        _dir: dir,
-        dir: path.join("objects"),
-        logs,
-    };
-    eventually("the proxy's table", || {
-        cluster
-            .node
-            .sh("nft list tables")
-            .contains("kube-wasm-proxy")
-    });
-    proxy
-}
-
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn addr(ip: &str, port: u16) -> SocketAddr {
-    format!("{ip}:{port}").parse().unwrap()
-}
-
-/// A Service, its EndpointSlice over the named pods, one port 80 -> 8080.
-fn service(
-    cluster: &Cluster,
-    name: &str,
-    ip: &str,
-    spec: &str,
-    pods: &[&str],
-    proto: &str,
-) -> String {
-    let mut y = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {ip}\n{spec}  ports: [{{name: p, port: 80, protocol: {proto}, targetPort: {POD_PORT}{np}}}]\n",
-        np = spec_node_port(spec),
-    );
-    y.push_str(&format!(
-        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, port: {POD_PORT}, protocol: {proto}}}]\nendpoints:\n"
-    ));
-    for pod in pods {
-        let p = cluster.pod(pod);
-        let node = if p.local { "node-1" } else { "node-2" };
-        y.push_str(&format!(
-            "- {{addresses: ['{}'], nodeName: {node}, conditions: {{ready: true}}}}\n",
-            p.ip
-        ));
-    }
-    y + "---\n"
-}
-
-/// `# nodePort: N` in a spec becomes the port's nodePort.
-fn spec_node_port(spec: &str) -> String {
-    spec.lines()
-        .find_map(|l| l.trim().strip_prefix("# nodePort: "))
-        .map(|n| format!(", nodePort: {n}"))
-        .unwrap_or_default()
-}
-
-fn answered_by(outcomes: &[Outcome]) -> BTreeSet<String> {
-    outcomes
-        .iter()
-        .map(|o| match o {
-            Outcome::Answered(pod, _) => pod.clone(),
-            other => panic!("connection failed: {other:?} in {outcomes:?}"),
-        })
-        .collect()
-}
-
-fn many(n: usize, f: impl Fn() -> Outcome) -> Vec<Outcome> {
-    (0..n).map(|_| f()).collect()
-}
 
 #[test]
 fn cluster_ip_spreads_over_local_and_remote_pods_without_masquerade() {
@@ -1057,10 +915,10 @@ fn detect_local_modes_decide_who_is_masqueraded() {
 
 #[test]
 fn a_refused_transaction_keeps_the_last_good_rules_and_spares_other_services() {
+    use kwp::dataplane::Dataplane;
+    use kwp::dataplane::nftables::NftDataplane;
     use kwp::model::{Protocol, ServicePortName};
     use kwp::plan::{Fragment, Item, NftFamily};
-    use kwp::proxier::Dataplane;
-    use kwp::proxier::nftables::NftDataplane;
 
     let ns = common::netns::Netns::new("kwp-txn");
     ns.run_in(|| {
@@ -1101,10 +959,14 @@ fn a_refused_transaction_keeps_the_last_good_rules_and_spares_other_services() {
         // a's new rule is not nft; b is fine: b lands, a keeps its old rule.
         let bad = chain("svc-a", "this is not nft");
         let good = chain("svc-b", "tcp dport 2 accept");
-        let err = dp
+        let applied = dp
             .apply(None, &[(a.clone(), Some(&bad)), (b.clone(), Some(&good))])
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("t/a:p/tcp"), "{err:#}");
+            .unwrap();
+        let [(Some(refused), err)] = &applied.refused[..] else {
+            panic!("a alone is refused: {:?}", applied.refused)
+        };
+        assert_eq!(*refused, a);
+        assert!(format!("{err:#}").contains("this is not nft"), "{err:#}");
         let table = list();
         assert!(
             table.contains("tcp dport 1 accept"),

@@ -6,12 +6,13 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 
 use crate::config::{Flags, ProxyMode, Settings};
+use crate::dataplane::nftables::NftDataplane;
+use crate::dataplane::userspace::backends::Backends;
+use crate::dataplane::userspace::{Mapping, Redirector, UserspaceDataplane};
+use crate::dataplane::{Dataplane, NoDataplane};
 use crate::plugin::mode::{Mode, ModeSettings};
 use crate::plugin::{Catalog, Limits, Runtime};
-use crate::proxier::backends::Backends;
-use crate::proxier::nftables::NftDataplane;
-use crate::proxier::userspace::{Mapping, Redirector, UserspaceDataplane};
-use crate::proxier::{Dataplane, NoDataplane, Proxier};
+use crate::proxier::Proxier;
 use crate::source::file::FileSource;
 use crate::state::ClusterState;
 use crate::sync::SyncLoop;
@@ -159,7 +160,7 @@ impl App {
         let mut out = plan.to_string();
         if self.settings.mode == ProxyMode::Nftables {
             out.push_str("\n# diff against the kernel\n");
-            match crate::proxier::nftables::diff_against_kernel(
+            match crate::dataplane::nftables::diff_against_kernel(
                 &crate::plan::Rules::default().nft_table,
                 plan,
             ) {

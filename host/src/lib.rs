@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod config;
+pub mod dataplane;
 pub mod demo;
 pub mod healthcheck;
 pub mod metrics;

@@ -86,6 +86,13 @@ pub struct Metrics {
     /// traffic_policy internal / external
     pub no_local_endpoints: (AtomicU64, AtomicU64),
     pub sync_errors: AtomicU64,
+    /// Syncs run early to retry something that failed.
+    pub sync_retries: AtomicU64,
+    /// Service ports whose rules could not be rendered or applied (each
+    /// named in the log; their last good rules stay).
+    pub service_errors: AtomicU64,
+    /// Frontends asked for by a Service while an older one owns them.
+    pub frontend_conflicts: AtomicU64,
     /// Source errors (API watch failures).
     pub source_errors: Arc<AtomicU64>,
     pub node_deleting: AtomicBool,
@@ -110,6 +117,9 @@ impl Metrics {
             endpoint_changes: Default::default(),
             no_local_endpoints: Default::default(),
             sync_errors: AtomicU64::new(0),
+            sync_retries: AtomicU64::new(0),
+            service_errors: AtomicU64::new(0),
+            frontend_conflicts: AtomicU64::new(0),
             source_errors: Arc::default(),
             node_deleting: AtomicBool::new(false),
             health_timeout: sync_period * 2,
@@ -254,8 +264,26 @@ impl Metrics {
         counter(
             &mut o,
             "kwp_sync_proxy_rules_errors_total",
-            "Syncs that failed to render or apply some rules",
+            "Syncs that failed to apply (the node-wide rules or the whole transaction)",
             load(&self.sync_errors),
+        );
+        counter(
+            &mut o,
+            "kwp_sync_proxy_rules_retries_total",
+            "Syncs run early to retry what failed",
+            load(&self.sync_retries),
+        );
+        counter(
+            &mut o,
+            "kwp_sync_service_errors_total",
+            "Service ports whose rules could not be rendered or applied (their last good rules stay)",
+            load(&self.service_errors),
+        );
+        gauge(
+            &mut o,
+            "kwp_frontend_conflicts",
+            "Frontends (IP:port or node port) a Service asks for while an older Service owns them",
+            load(&self.frontend_conflicts) as f64,
         );
         counter(
             &mut o,

@@ -1,6 +1,8 @@
 //! The bounded-frequency sync loop (upstream's BoundedFrequencyRunner):
-//! changes are batched, no two syncs run closer than minSyncPeriod, and a
-//! full resync runs at least every syncPeriod.
+//! changes are batched, no two syncs run closer than minSyncPeriod, a full
+//! resync runs at least every syncPeriod, and whatever failed is retried
+//! after a backoff (1 s, doubling up to syncPeriod), not only at the next
+//! change.
 
 use std::time::Duration;
 
@@ -24,20 +26,28 @@ pub struct SyncLoop {
     pub synced: Vec<crate::source::Kind>,
 }
 
+/// The first retry after a failure; each further one waits twice as long.
+const RETRY_INITIAL: Duration = Duration::from_secs(1);
+
 impl SyncLoop {
     /// Runs until the source closes its channel; returns itself then.
     pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) -> Self {
         let mut last_sync: Option<Instant> = None;
         let mut pending = false;
+        let mut retry_delay = RETRY_INITIAL;
+        let mut retry_at: Option<Instant> = None;
         loop {
             let now = Instant::now();
             let earliest = last_sync.map_or(now, |t| t + self.min_sync_period);
             let periodic = last_sync.map_or(now, |t| t + self.sync_period);
-            let wake = if pending {
+            let mut wake = if pending {
                 earliest.min(periodic)
             } else {
                 periodic
             };
+            if let Some(retry) = retry_at {
+                wake = wake.min(retry.max(earliest));
+            }
             let ready = self.ready();
             let reload = async {
                 match self.reloads.as_mut() {
@@ -59,6 +69,9 @@ impl SyncLoop {
                 },
                 _ = tokio::time::sleep_until(wake), if ready && (last_sync.is_some() || pending) => {
                     let periodic_due = Instant::now() >= periodic && last_sync.is_some();
+                    if retry_at.is_some_and(|r| Instant::now() >= r) {
+                        self.metrics.sync_retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     self.sync();
                     // A failed resync is logged by the proxier and leaves
                     // the last good rules; count it like a failed sync.
@@ -67,6 +80,14 @@ impl SyncLoop {
                     }
                     last_sync = Some(Instant::now());
                     pending = false;
+                    retry_at = if self.proxier.needs_retry() {
+                        let at = Instant::now() + retry_delay;
+                        retry_delay = (retry_delay * 2).min(self.sync_period.max(RETRY_INITIAL));
+                        Some(at)
+                    } else {
+                        retry_delay = RETRY_INITIAL;
+                        None
+                    };
                 }
             }
         }
@@ -144,12 +165,15 @@ impl SyncLoop {
         let mut changes = self.state.take_changes();
         let triggers = std::mem::take(&mut changes.triggers);
         let (updated, removed) = (changes.updated.len(), changes.removed.len());
-        let failed_before = self.proxier.stats.failed_services;
         let result = self.proxier.sync(changes, &self.state);
         if let Err(e) = &result {
             tracing::error!(error = format!("{e:#}"), "sync failed; will retry");
         }
-        let ok = result.is_ok() && self.proxier.stats.failed_services == failed_before;
+        // Health follows whether the proxy syncs, not whether every object
+        // is valid (upstream's semantics): a Service whose rules cannot be
+        // rendered or applied is an error of its own, logged by name,
+        // counted and retried, and leaves the sync successful.
+        let ok = result.is_ok();
         self.metrics.synced(self.proxier.stats.last_duration, ok);
         if ok {
             let now = std::time::SystemTime::now();
@@ -160,6 +184,13 @@ impl SyncLoop {
             }
         }
         self.publish_change_counts();
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics
+            .service_errors
+            .store(self.proxier.stats.failed_services, Relaxed);
+        self.metrics
+            .frontend_conflicts
+            .store(self.state.frontend_conflicts() as u64, Relaxed);
         let (internal, external) = self.proxier.no_local_endpoints();
         self.metrics
             .no_local_endpoints

@@ -6,6 +6,7 @@
 
 pub mod apiserver;
 pub mod netns;
+pub mod node_proxy;
 pub mod topology;
 
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use kwp::config::Cli;
-use kwp::proxier::userspace::Mapping;
+use kwp::dataplane::userspace::Mapping;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 

@@ -4,17 +4,14 @@
 //! A fragment that fails (plugin error, invalid plan) keeps the last good
 //! fragment of that service in force and is retried on the next sync.
 
-pub mod backends;
-mod conntrack;
-pub mod nftables;
-pub mod userspace;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::dataplane::userspace::backends::{Affinity, Backends, ServiceBackends, SharedPolicy};
+use crate::dataplane::{Applied, Dataplane, conntrack};
 use crate::model::{NodeInfo, ServicePortName};
 use crate::plan::{Fragment, Plan, Rules};
 use crate::plugin::mode::{Mode, ModeSettings};
@@ -22,48 +19,6 @@ use crate::plugin::policy::Policy;
 use crate::plugin::{Catalog, Runtime};
 use crate::state::topology::categorize;
 use crate::state::{Changes, ClusterState, ServiceState};
-use backends::{Affinity, Backends, ServiceBackends, SharedPolicy};
-
-/// The kernel or userspace side: applies fragment deltas.
-pub trait Dataplane: Send {
-    /// `changed` maps a service port to its new fragment, or `None` when it
-    /// is gone. `base` is `Some` when the base fragment changed.
-    fn apply(
-        &mut self,
-        base: Option<&Fragment>,
-        changed: &[(ServicePortName, Option<&Fragment>)],
-    ) -> Result<()>;
-
-    /// Like `apply`, but all or nothing even where `apply` would apply the
-    /// changes that work and report the rest: a reloaded mode's first sync
-    /// is judged whole, so none of a bad version's rules may land.
-    fn apply_all(
-        &mut self,
-        base: Option<&Fragment>,
-        changed: &[(ServicePortName, Option<&Fragment>)],
-    ) -> Result<()> {
-        self.apply(base, changed)
-    }
-
-    /// Re-applies the whole current state, repairing anything changed
-    /// behind the proxy's back. Called every syncPeriod.
-    fn resync(&mut self) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// A dataplane that applies nothing (`--dry-run`).
-pub struct NoDataplane;
-
-impl Dataplane for NoDataplane {
-    fn apply(
-        &mut self,
-        _: Option<&Fragment>,
-        _: &[(ServicePortName, Option<&Fragment>)],
-    ) -> Result<()> {
-        Ok(())
-    }
-}
 
 /// Counters of one proxier, exported as metrics.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -152,6 +107,11 @@ impl Proxier {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Whether something failed and waits for a retry.
+    pub fn needs_retry(&self) -> bool {
+        !self.failed.is_empty() || self.base_dirty
     }
 
     /// (internal, external): service ports with a Local traffic policy and
@@ -329,38 +289,67 @@ impl Proxier {
         let changed: Vec<(ServicePortName, Option<&Fragment>)> =
             delta.iter().map(|(n, f)| (n.clone(), f.as_ref())).collect();
         let result = if self.mode.on_trial() {
-            self.dataplane.apply_all(base.as_ref(), &changed)
+            let all = self.dataplane.apply_all(base.as_ref(), &changed);
+            all.map(|()| Applied::all())
         } else {
             self.dataplane.apply(base.as_ref(), &changed)
         };
-        let rendered = std::mem::take(&mut self.rendered);
-        if let (Ok(()), Some(cleaner)) = (&result, &mut self.conntrack) {
-            // Only once the new rules are in: new packets then take them.
-            for (name, fragment) in &delta {
-                if fragment.is_none() {
-                    cleaner.removed(name);
+        let mut rendered = std::mem::take(&mut self.rendered);
+        let mut undo: HashMap<ServicePortName, Option<Fragment>> = undo.into_iter().collect();
+        let result = match result {
+            Ok(applied) => {
+                let mut refused_base = None;
+                for (key, e) in applied.refused {
+                    let Some(name) = key else {
+                        self.base_dirty = true;
+                        refused_base = Some(e.context("the dataplane refused the node-wide rules"));
+                        continue;
+                    };
+                    // The dataplane kept this service's last good rules:
+                    // the plan must say so too, and it is retried.
+                    self.stats.failed_services += 1;
+                    self.mode_failures += 1;
+                    tracing::error!(service = %name, error = format!("{e:#}"), "the dataplane refused the service's rules; keeping its last good ones");
+                    match undo.remove(&name).flatten() {
+                        Some(f) => self.plan.services.insert(name.clone(), f),
+                        None => self.plan.services.remove(&name),
+                    };
+                    rendered.retain(|(svc, _)| svc.name != name);
+                    delta.retain(|(n, _)| *n != name);
+                    self.failed.insert(name);
                 }
+                if let Some(cleaner) = &mut self.conntrack {
+                    // Only once the new rules are in: new packets then take them.
+                    for (name, fragment) in &delta {
+                        if fragment.is_none() {
+                            cleaner.removed(name);
+                        }
+                    }
+                    for (svc, eps) in &rendered {
+                        cleaner.updated(svc, eps);
+                    }
+                }
+                refused_base.map_or(Ok(()), Err)
             }
-            for (svc, eps) in &rendered {
-                cleaner.updated(svc, eps);
+            Err(e) => {
+                self.stats.apply_errors += 1;
+                for (name, old) in undo {
+                    match old {
+                        Some(f) => self.plan.services.insert(name, f),
+                        None => self.plan.services.remove(&name),
+                    };
+                }
+                // Everything in this batch is retried: the dataplane kept its old state.
+                self.failed.extend(delta.into_iter().map(|(n, _)| n));
+                self.base_dirty |= base.is_some();
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "applying the plan failed; previous rules stay in force"
+                );
+                Err(e)
             }
-        }
-        if let Err(e) = &result {
-            self.stats.apply_errors += 1;
-            for (name, old) in undo {
-                match old {
-                    Some(f) => self.plan.services.insert(name, f),
-                    None => self.plan.services.remove(&name),
-                };
-            }
-            // Everything in this batch is retried: the dataplane kept its old state.
-            self.failed.extend(delta.into_iter().map(|(n, _)| n));
-            self.base_dirty |= base.is_some();
-            tracing::error!(
-                error = format!("{e:#}"),
-                "applying the plan failed; previous rules stay in force"
-            );
-        }
+        };
+        self.drop_unused_policies();
         self.stats.last_duration = started.elapsed();
         if self
             .mode
@@ -458,8 +447,14 @@ impl Proxier {
         } else {
             String::new()
         };
-        self.policy_of
-            .insert(name.clone(), (policy_name.clone(), config));
+        let key = (policy_name.clone(), config);
+        if let Some(previous) = self.policy_of.insert(name.clone(), key.clone())
+            && previous != key
+            && let Some(old) = self.policies.get(&previous)
+        {
+            // The service moved to another policy instance.
+            let _ = old.lock().expect("policy lock").remove_service(id);
+        }
         let endpoints = categorize(&svc.port, &svc.endpoints, &self.node);
         let no_local = endpoints.local.is_empty();
         self.no_local.insert(
@@ -536,13 +531,28 @@ impl Proxier {
         (default, p)
     }
 
+    /// Policy instances no service port uses any more (a config that is
+    /// gone) are dropped with their metric series; the default stays.
+    fn drop_unused_policies(&mut self) {
+        let used: std::collections::HashSet<&(String, String)> = self.policy_of.values().collect();
+        let default = (self.default_policy.clone(), String::new());
+        self.policies
+            .retain(|key, _| *key == default || used.contains(key));
+    }
+
     /// One instance per (policy, config): services configured alike share it.
     fn policy(&mut self, name: &str, config: &str) -> Result<SharedPolicy> {
         let key = (name.to_string(), config.to_string());
         if let Some(p) = self.policies.get(&key) {
             return Ok(p.clone());
         }
-        let (source, bytes) = self.catalog.load(name)?;
+        // Only the operator's default may be a path; a Service's annotation
+        // names a plugin.
+        let (source, bytes) = if name == self.default_policy {
+            self.catalog.load(name)?
+        } else {
+            self.catalog.load_named(name)?
+        };
         let component = self
             .runtime
             .compile(&bytes)

@@ -5,6 +5,11 @@ use crate::plan::PlanError;
 
 /// A proxier (no dataplane) running `bytes` as the mode `name`.
 fn proxier(name: &str, bytes: &[u8], extra: &str) -> Proxier {
+    proxier_over(name, bytes, extra, Box::new(crate::dataplane::NoDataplane))
+}
+
+/// A proxier running `bytes` as the mode `name`, applying to `dataplane`.
+fn proxier_over(name: &str, bytes: &[u8], extra: &str, dataplane: Box<dyn Dataplane>) -> Proxier {
     let runtime = Runtime::new(crate::plugin::Limits::default()).unwrap();
     let component = runtime.compile(bytes).unwrap();
     let settings = ModeSettings {
@@ -20,7 +25,7 @@ fn proxier(name: &str, bytes: &[u8], extra: &str) -> Proxier {
         settings,
         "round-robin",
         Arc::default(),
-        Box::new(NoDataplane),
+        dataplane,
     )
     .unwrap()
 }
@@ -201,4 +206,146 @@ fn a_base_that_fails_to_render_keeps_the_old_base_and_is_retried_while_services_
     proxier.mode_settings.extra.clear();
     proxier.sync(Changes::default(), &state).unwrap();
     assert!(!proxier.base_dirty);
+}
+
+/// The bundled nftables mode applying to an in-memory kernel.
+fn nftables_over_fake() -> (Proxier, crate::dataplane::nftables::fake::FakeNft) {
+    use crate::dataplane::nftables::{NftDataplane, fake::FakeNft};
+    let (_, bytes) = Catalog::new(None).load("nftables").unwrap();
+    let fake = FakeNft::default();
+    let dataplane = NftDataplane::with_kernel(&Rules::default().nft_table, Box::new(fake.clone()));
+    (
+        proxier_over("nftables", &bytes, "", Box::new(dataplane)),
+        fake,
+    )
+}
+
+/// An EndpointSlice giving Service `t/name` one endpoint at `ip`:8080.
+fn slice(name: &str, ip: &str) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: ['{ip}']}}]\n"
+    ))
+    .unwrap()
+}
+
+/// A Service `t/name` on `ip`:80 created at `created`.
+fn service_at(name: &str, ip: &str, created: &str) -> k8s_openapi::api::core::v1::Service {
+    serde_yaml::from_str(&format!(
+        "metadata: {{name: {name}, namespace: t, creationTimestamp: '{created}'}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn a_service_the_kernel_refuses_fails_alone_and_is_retried() {
+    let (mut proxier, fake) = nftables_over_fake();
+    let when = "2025-01-01T00:00:00Z";
+    let mut state = ClusterState::new("n");
+    state.replace_all(
+        &[
+            service_at("a", "10.0.0.1", when),
+            service_at("b", "10.0.0.2", when),
+            service_at("c", "10.0.0.3", when),
+        ],
+        &[
+            slice("a", "10.1.0.1"),
+            slice("b", "10.1.0.2"),
+            slice("c", "10.1.0.3"),
+        ],
+        None,
+    );
+    // The kernel refuses anything about b's endpoint.
+    fake.refuse("10.1.0.2");
+    let changes = state.take_changes();
+    proxier
+        .sync(changes, &state)
+        .expect("one refused Service does not fail the sync");
+    assert_eq!(proxier.stats.failed_services, 1);
+    assert!(proxier.needs_retry());
+    assert!(
+        !proxier.plan().services.keys().any(|n| n.name == "b"),
+        "the plan follows the kernel"
+    );
+    let kernel = fake.dump();
+    assert!(
+        kernel.contains("10.1.0.1") && kernel.contains("10.1.0.3") && !kernel.contains("10.0.0.2"),
+        "{kernel}"
+    );
+    // The kernel takes it now: the retry (a sync with no changes) lands it.
+    fake.accept_all();
+    proxier.sync(Changes::default(), &state).unwrap();
+    assert!(fake.dump().contains("10.1.0.2"));
+    assert!(!proxier.needs_retry());
+}
+
+#[test]
+fn services_sharing_a_cluster_ip_program_the_older_one_and_the_rest() {
+    let (mut proxier, fake) = nftables_over_fake();
+    let mut state = ClusterState::new("n");
+    state.replace_all(
+        &[
+            service_at("young", "10.0.0.1", "2025-01-01T00:00:00Z"),
+            service_at("old", "10.0.0.1", "2024-01-01T00:00:00Z"),
+            service_at("other", "10.0.0.3", "2025-01-01T00:00:00Z"),
+        ],
+        &[
+            slice("young", "10.1.0.2"),
+            slice("old", "10.1.0.1"),
+            slice("other", "10.1.0.3"),
+        ],
+        None,
+    );
+    let changes = state.take_changes();
+    proxier
+        .sync(changes, &state)
+        .expect("a conflict does not fail the sync");
+    assert_eq!(proxier.stats.failed_services, 0);
+    let kernel = fake.dump();
+    assert!(
+        kernel.contains("10.1.0.1") && kernel.contains("10.1.0.3"),
+        "{kernel}"
+    );
+    assert!(
+        !kernel.contains("10.1.0.2"),
+        "the younger Service is not programmed: {kernel}"
+    );
+    // The owner goes: the younger one is programmed in the same sync.
+    state.delete_service(&("t".into(), "old".into()));
+    let changes = state.take_changes();
+    proxier.sync(changes, &state).unwrap();
+    let kernel = fake.dump();
+    assert!(
+        kernel.contains("10.1.0.2") && !kernel.contains("10.1.0.1"),
+        "{kernel}"
+    );
+}
+
+#[test]
+fn policy_instances_nobody_uses_are_dropped() {
+    let (mut proxier, _) = nftables_over_fake();
+    let mut state = ClusterState::new("n");
+    let annotated = |i: usize| -> k8s_openapi::api::core::v1::Service {
+        serde_yaml::from_str(&format!(
+            "metadata: {{name: s{i}, namespace: t, annotations: {{kube-wasm-proxy.io/lb-policy: weighted, kube-wasm-proxy.io/lb-policy-config: '10.9.0.{i}=2'}}}}\nspec: {{clusterIP: 10.0.1.{i}, ports: [{{port: 80}}]}}\n"
+        ))
+        .unwrap()
+    };
+    let services: Vec<_> = (1..=20).map(annotated).collect();
+    state.replace_all(&services, &[], None);
+    let changes = state.take_changes();
+    proxier.sync(changes, &state).unwrap();
+    assert_eq!(
+        proxier.policies.len(),
+        21,
+        "one per config, and the default"
+    );
+    state.replace_all(&[], &[], None);
+    let changes = state.take_changes();
+    proxier.sync(changes, &state).unwrap();
+    assert_eq!(proxier.policies.len(), 1, "only the default is kept");
+    assert_eq!(
+        proxier.plugin_stats().len(),
+        2,
+        "mode and default policy series"
+    );
 }

@@ -21,6 +21,8 @@ pub const ANNOTATION_LB_POLICY: &str = "kube-wasm-proxy.io/lb-policy";
 pub const ANNOTATION_LB_POLICY_CONFIG: &str = "kube-wasm-proxy.io/lb-policy-config";
 /// Upstream's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The API server's bound on the ClientIP affinity timeout (1 day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Why a Service is not proxied.
@@ -34,6 +36,42 @@ pub enum Skip {
     NoClusterIp,
     #[error("labelled {0}")]
     Label(&'static str),
+    /// What the API server would have refused (the file source has none);
+    /// the last good version of the Service stays in force.
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+/// A DNS-1123 label (RFC 1123), as the API server checks namespaces and
+/// Service names: lowercase alphanumerics and '-', at most 63, alphanumeric
+/// at both ends. Service names must also start with a letter (DNS-1035).
+fn check_label(what: &str, value: &str, letter_first: bool) -> Result<(), Skip> {
+    let bytes = value.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+        && (!letter_first || bytes[0].is_ascii_lowercase());
+    if ok {
+        Ok(())
+    } else {
+        Err(Skip::Invalid(format!(
+            "{what} {value:?} is not a valid DNS label"
+        )))
+    }
+}
+
+/// A Service port name: a DNS-1123 label, as the API server checks it;
+/// "" for a single unnamed port.
+fn check_port_name(value: &str) -> Result<(), Skip> {
+    if value.is_empty() {
+        Ok(())
+    } else {
+        check_label("port name", value, false)
+    }
 }
 
 /// `(namespace, name)` of any object.
@@ -59,6 +97,9 @@ pub fn service_ports(
             return Err(Skip::Label(label));
         }
     }
+    let (namespace, name) = object_key(&svc.metadata);
+    check_label("namespace", &namespace, false)?;
+    check_label("name", &name, true)?;
     let Some(spec) = svc.spec.as_ref() else {
         return Err(Skip::NoClusterIp);
     };
@@ -71,7 +112,6 @@ pub fn service_ports(
         None | Some("") => return Err(Skip::NoClusterIp),
         _ => {}
     }
-    let (namespace, name) = object_key(&svc.metadata);
     let ips = |field: &str, values: &[String], warn: &mut dyn FnMut(String)| -> Vec<IpAddr> {
         values
             .iter()
@@ -150,12 +190,22 @@ pub fn service_ports(
         Vec::new()
     };
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
+        let wanted = spec
+            .session_affinity_config
             .as_ref()
             .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+            .and_then(|c| c.timeout_seconds);
+        match wanted.map(u32::try_from) {
+            None => DEFAULT_AFFINITY_TIMEOUT,
+            Some(Ok(t)) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => t,
+            Some(_) => {
+                warn(format!(
+                    "service {namespace}/{name}: sessionAffinityConfig timeoutSeconds {} is outside 1..={MAX_AFFINITY_TIMEOUT}; using the default {DEFAULT_AFFINITY_TIMEOUT}",
+                    wanted.unwrap_or_default()
+                ));
+                DEFAULT_AFFINITY_TIMEOUT
+            }
+        }
     });
     let external_policy =
         if external_capable && spec.external_traffic_policy.as_deref() == Some("Local") {
@@ -196,26 +246,38 @@ pub fn service_ports(
                 continue;
             }
         };
-        let Ok(port) = u16::try_from(p.port) else {
+        let Some(port) = u16::try_from(p.port).ok().filter(|p| *p != 0) else {
             warn(format!(
-                "service {namespace}/{name}: skipping port {}: out of range",
+                "service {namespace}/{name}: skipping port {}: outside 1-65535",
                 p.port
             ));
             continue;
+        };
+        let port_name = p.name.clone().unwrap_or_default();
+        check_port_name(&port_name)?;
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(_) if !external_capable => None,
+            Some(n) => match u16::try_from(n) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    warn(format!(
+                        "service {namespace}/{name}: ignoring nodePort {n} of port {port}: outside 1-65535"
+                    ));
+                    None
+                }
+            },
         };
         out.push(ServicePort {
             name: ServicePortName {
                 namespace: namespace.clone(),
                 name: name.clone(),
-                port: p.name.clone().unwrap_or_default(),
+                port: port_name,
                 protocol,
             },
             cluster_ips: cluster_ips.clone(),
             port,
-            node_port: p
-                .node_port
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|n| *n != 0 && external_capable),
+            node_port,
             external_ips: external_ips.clone(),
             load_balancer_ingress: load_balancer_ingress.clone(),
             source_ranges: source_ranges.clone(),
@@ -257,7 +319,7 @@ pub fn slice_endpoints(
         ) else {
             continue;
         };
-        let Ok(number) = u16::try_from(number) else {
+        let Some(number) = u16::try_from(number).ok().filter(|n| *n != 0) else {
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
@@ -320,11 +382,25 @@ pub fn node_info(node: &Node) -> NodeInfo {
     NodeInfo {
         name: node.metadata.name.clone().unwrap_or_default(),
         addresses: addresses.into_iter().map(|(_, ip)| ip).collect(),
+        // They reach rule text (detectLocalMode NodeCIDR): only what parses.
         pod_cidrs: node
             .spec
             .as_ref()
-            .and_then(|s| s.pod_cidrs.clone())
-            .unwrap_or_default(),
+            .and_then(|s| s.pod_cidrs.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|c| match c.parse::<Cidr>() {
+                Ok(cidr) => Some(cidr.to_string()),
+                Err(e) => {
+                    tracing::warn!(
+                        node = node.metadata.name.as_deref().unwrap_or_default(),
+                        error = e,
+                        "ignoring invalid podCIDR"
+                    );
+                    None
+                }
+            })
+            .collect(),
         zone: labels.get(ZONE_LABEL).cloned(),
         labels: labels.into_iter().collect(),
     }

@@ -7,6 +7,7 @@
 //! work proportional to what changed.
 
 pub mod convert;
+pub mod frontends;
 pub mod topology;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,6 +16,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName};
+use frontends::{Claimant, Frontends};
 
 type Key = (String, String);
 type SliceEndpoints = Vec<((String, Protocol), Endpoint)>;
@@ -47,6 +49,8 @@ impl Changes {
 pub struct ClusterState {
     node_name: String,
     services: BTreeMap<Key, Vec<ServicePort>>,
+    /// Each Service's creationTimestamp (seconds), for frontend ownership.
+    created: BTreeMap<Key, Option<i64>>,
     /// service key -> slice name -> endpoints
     slices: BTreeMap<Key, BTreeMap<String, SliceEndpoints>>,
     /// slice key -> the service it belongs to
@@ -59,9 +63,17 @@ pub struct ClusterState {
     /// (pending), as upstream's change-tracker metrics count them.
     pub service_changes: (u64, u64),
     pub endpoint_changes: (u64, u64),
+    /// Objects refused as invalid (each logged by name).
+    pub invalid_objects: u64,
     /// last-change-trigger-time of EndpointSlices changed since the last
     /// take (network programming latency).
     triggers: Vec<std::time::SystemTime>,
+    /// Every service port as its objects say, as of the last take.
+    wanted: BTreeMap<ServicePortName, ServiceState>,
+    /// Who owns each frontend that two service ports ask for.
+    frontends: Frontends,
+    /// Every service port as it is to be programmed: `wanted` without the
+    /// frontends another service port owns.
     last: BTreeMap<ServicePortName, ServiceState>,
 }
 
@@ -91,11 +103,24 @@ impl ClusterState {
         let key = convert::object_key(&svc.metadata);
         let (ports, skip) = match convert::service_ports(svc, &mut |w| tracing::warn!("{w}")) {
             Ok(ports) => (ports, None),
+            Err(skip @ convert::Skip::Invalid(_)) => {
+                // What the API server would refuse: keep the last good
+                // version (if any), as a broken file keeps its contents.
+                tracing::error!(service = %format!("{}/{}", key.0, key.1), error = %skip, "invalid Service; its last good version stays in force");
+                self.invalid_objects += 1;
+                return Some(skip);
+            }
             Err(skip) => (Vec::new(), Some(skip)),
         };
         if ports.is_empty() {
             self.delete_service(&key);
         } else if self.services.get(&key) != Some(&ports) {
+            let created = svc
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second());
+            self.created.insert(key.clone(), created);
             self.services.insert(key.clone(), ports);
             self.dirty.insert(key);
             self.service_changes.0 += 1;
@@ -106,6 +131,7 @@ impl ClusterState {
 
     pub fn delete_service(&mut self, key: &Key) {
         if self.services.remove(key).is_some() {
+            self.created.remove(key);
             self.dirty.insert(key.clone());
             self.service_changes.0 += 1;
             self.service_changes.1 += 1;
@@ -215,6 +241,9 @@ impl ClusterState {
         self.service_changes.1 = 0;
         self.endpoint_changes.1 = 0;
         changes.triggers = std::mem::take(&mut self.triggers);
+        // Service ports to program again: changed ones, and those whose
+        // frontends changed owner through them.
+        let mut touched = BTreeSet::new();
         for key in std::mem::take(&mut self.dirty) {
             let current: BTreeMap<ServicePortName, ServiceState> = self
                 .services
@@ -232,24 +261,71 @@ impl ClusterState {
                 })
                 .collect();
             let previous: Vec<ServicePortName> = self
-                .last
+                .wanted
                 .range(prefix_range(&key))
                 .map(|(name, _)| name.clone())
                 .collect();
             for name in previous {
                 if !current.contains_key(&name) {
-                    self.last.remove(&name);
-                    changes.removed.push(name);
+                    self.wanted.remove(&name);
+                    touched.extend(self.frontends.release(&name));
+                    if self.last.remove(&name).is_some() {
+                        changes.removed.push(name);
+                    }
                 }
             }
+            let created = self.created.get(&key).copied().flatten();
             for (name, state) in current {
-                if self.last.get(&name) != Some(&state) {
-                    self.last.insert(name, state.clone());
-                    changes.updated.push(state);
+                if self.wanted.get(&name) != Some(&state) {
+                    let claimant = Claimant::new(created, name.clone());
+                    touched.extend(
+                        self.frontends
+                            .claim(claimant, frontends::frontends_of(&state.port)),
+                    );
+                    touched.insert(name.clone());
+                    self.wanted.insert(name, state);
                 }
             }
         }
+        for name in touched {
+            let Some(wanted) = self.wanted.get(&name) else {
+                continue;
+            };
+            let lost = self.frontends.lost(&name);
+            for (frontend, owner) in &lost {
+                tracing::warn!(
+                    service = %name,
+                    %frontend,
+                    owner = %owner,
+                    "frontend already belongs to an older Service; not programming it for this one"
+                );
+            }
+            let state = if lost.is_empty() {
+                wanted.clone()
+            } else {
+                let lost = lost.into_iter().map(|(f, _)| f).collect();
+                ServiceState {
+                    port: frontends::without(&wanted.port, &lost),
+                    endpoints: wanted.endpoints.clone(),
+                }
+            };
+            if state.port.cluster_ips.is_empty() {
+                // Its cluster IP is another Service's (only the file source
+                // allows that): a Service is not programmed without it.
+                if self.last.remove(&name).is_some() {
+                    changes.removed.push(name);
+                }
+            } else if self.last.get(&name) != Some(&state) {
+                self.last.insert(name, state.clone());
+                changes.updated.push(state);
+            }
+        }
         changes
+    }
+
+    /// How many frontends some service port asks for but another owns.
+    pub fn frontend_conflicts(&self) -> usize {
+        self.frontends.conflicts()
     }
 
     /// Every service port as of the last `take_changes`.

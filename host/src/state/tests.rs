@@ -327,3 +327,78 @@ fn local_policies_use_local_endpoints_and_topology_hints_filter() {
     let c = categorize(&port, &endpoints, &node);
     assert!(c.internal(&port).is_empty() && c.has_any);
 }
+
+/// A Service `name` created at `created` (seconds), with `spec` lines.
+fn svc_at(name: &str, created: &str, spec: &str) -> Service {
+    svc(&format!(
+        "metadata: {{name: {name}, namespace: ns, creationTimestamp: '{created}'}}\nspec:\n{spec}"
+    ))
+}
+
+#[test]
+fn a_shared_frontend_belongs_to_the_oldest_service_until_it_goes() {
+    let ext =
+        "  type: NodePort\n  externalIPs: [192.0.2.1]\n  ports: [{port: 80, nodePort: 30080}]\n";
+    let old = svc_at(
+        "old",
+        "2024-01-01T00:00:00Z",
+        &format!("  clusterIP: 10.0.0.1\n{ext}"),
+    );
+    let young = svc_at(
+        "young",
+        "2025-01-01T00:00:00Z",
+        &format!("  clusterIP: 10.0.0.2\n{ext}"),
+    );
+    // The younger one arrives first: it is programmed whole until the
+    // older one appears.
+    let mut s = ClusterState::new("node-a");
+    s.upsert_service(&young);
+    let first = s.take_changes();
+    assert_eq!(first.updated[0].port.external_ips.len(), 1);
+    s.upsert_service(&old);
+    let changes = s.take_changes();
+    let by_name = |c: &Changes, n: &str| {
+        c.updated
+            .iter()
+            .find(|u| u.port.name.name == n)
+            .map(|u| u.port.clone())
+    };
+    let young_port =
+        by_name(&changes, "young").expect("the younger Service loses its shared frontends");
+    assert!(young_port.external_ips.is_empty());
+    assert_eq!(young_port.node_port, None);
+    assert_eq!(
+        young_port.cluster_ips,
+        ["10.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let old_port = by_name(&changes, "old").unwrap();
+    assert_eq!(old_port.external_ips.len(), 1);
+    assert_eq!(old_port.node_port, Some(30080));
+    assert_eq!(s.frontend_conflicts(), 2);
+
+    // The owner is deleted: the younger Service takes both over.
+    s.delete_service(&("ns".into(), "old".into()));
+    let changes = s.take_changes();
+    assert_eq!(changes.removed.len(), 1);
+    let young_port = by_name(&changes, "young").expect("re-programmed with the freed frontends");
+    assert_eq!(young_port.external_ips.len(), 1);
+    assert_eq!(young_port.node_port, Some(30080));
+    assert_eq!(s.frontend_conflicts(), 0);
+    assert_eq!(s.snapshot().count(), 1);
+}
+
+#[test]
+fn the_same_cluster_ip_twice_programs_only_the_owner() {
+    let spec = "  clusterIP: 10.0.0.1\n  ports: [{port: 80}]\n";
+    let a = svc_at("a", "2024-01-01T00:00:00Z", spec);
+    let b = svc_at("b", "2024-06-01T00:00:00Z", spec);
+    let mut s = state_with(&[b, a], &[]);
+    s.take_changes();
+    let programmed: Vec<String> = s.snapshot().map(|st| st.port.name.name.clone()).collect();
+    assert_eq!(
+        programmed,
+        ["a"],
+        "no Service is programmed without its cluster IP"
+    );
+    assert_eq!(s.frontend_conflicts(), 1);
+}

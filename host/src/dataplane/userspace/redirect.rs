@@ -3,11 +3,10 @@
 //! that is replaced atomically on every change.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::model::{Protocol, ServicePortName};
 use crate::plan::Listener;
@@ -46,24 +45,8 @@ impl Redirector {
         if self.last.as_deref() == Some(script.as_str()) {
             return Ok(());
         }
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running nft")?;
-        child
-            .stdin
-            .take()
-            .context("nft stdin")?
-            .write_all(script.as_bytes())?;
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "nft refused the redirect rules: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        crate::dataplane::nftables::kernel::nft(&["-f", "-"], &script)
+            .context("installing the redirect rules")?;
         self.last = Some(script);
         Ok(())
     }
@@ -74,10 +57,8 @@ impl Drop for Redirector {
     /// or cluster IPs would point at closed ports.
     fn drop(&mut self) {
         if self.last.is_some() {
-            let _ = Command::new("nft")
-                .args(["delete", "table", "ip", TABLE])
-                .stderr(Stdio::null())
-                .status();
+            let delete = format!("delete table ip {TABLE}\n");
+            let _ = crate::dataplane::nftables::kernel::nft(&["-f", "-"], &delete);
         }
     }
 }

@@ -4,6 +4,7 @@
 //! which listener; with it, it also redirects the frontends to the
 //! listeners with nftables (see `redirect`).
 
+pub mod backends;
 mod redirect;
 mod tcp;
 mod udp;
@@ -15,10 +16,10 @@ use std::sync::{Arc, RwLock};
 use anyhow::{Context, Result, bail};
 use tokio::task::JoinHandle;
 
-use super::Dataplane;
-use super::backends::Backends;
+use super::{Applied, Dataplane};
 use crate::model::{Protocol, ServicePortName};
 use crate::plan::{Fragment, Item, Listener};
+use backends::Backends;
 pub use redirect::Redirector;
 
 /// An open listener.
@@ -105,13 +106,13 @@ impl Dataplane for UserspaceDataplane {
         &mut self,
         _base: Option<&Fragment>,
         changed: &[(ServicePortName, Option<&Fragment>)],
-    ) -> Result<()> {
-        let mut errors = Vec::new();
+    ) -> Result<Applied> {
+        let mut applied = Applied::all();
         for (name, fragment) in changed {
             let spec = match fragment.map(listener_of).transpose() {
                 Ok(spec) => spec.flatten(),
                 Err(e) => {
-                    errors.push(format!("{name}: {e}"));
+                    applied.refused.push((Some(name.clone()), e));
                     continue;
                 }
             };
@@ -136,7 +137,7 @@ impl Dataplane for UserspaceDataplane {
                         self.active.insert(name.clone(), active);
                     }
                     Err(e) => {
-                        errors.push(format!("{name}: {e:#}"));
+                        applied.refused.push((Some(name.clone()), e));
                         continue;
                     }
                 }
@@ -161,11 +162,7 @@ impl Dataplane for UserspaceDataplane {
                 .apply(&mapping)
                 .context("installing nftables redirects")?;
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            bail!("{}", errors.join("; "))
-        }
+        Ok(applied)
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
-use crate::proxier::backends::{Backends, ServiceBackends};
+use crate::dataplane::userspace::backends::{Backends, ServiceBackends};
 
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -128,7 +128,7 @@ async fn relay_replies(
     client: SocketAddr,
     idle: Duration,
     svc: Arc<ServiceBackends>,
-    choice: crate::proxier::backends::Choice,
+    choice: crate::dataplane::userspace::backends::Choice,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let idle_ms = idle.as_millis() as u64;

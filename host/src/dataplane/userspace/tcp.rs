@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::proxier::backends::Backends;
+use crate::dataplane::userspace::backends::Backends;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Endpoints tried per connection before giving up (upstream userspace

@@ -1,0 +1,307 @@
+//! The nftables dataplane: applies fragment deltas to the host's own `ip`
+//! and `ip6` tables, one atomic transaction each (`script` writes them,
+//! `kernel` runs them).
+//!
+//! - The first apply is a full reconcile: the table is not flushed, but
+//!   every chain and set in the plan or in the kernel is flushed and
+//!   refilled, and objects no longer in the plan are deleted, in one
+//!   transaction; so start-up adopts a previous run's table with no gap in
+//!   service. Every `resync` (syncPeriod) does the same, repairing edits
+//!   made behind our back.
+//! - After that, each apply sends only what changed, with reference counts
+//!   for objects that fragments share.
+//! - A refused transaction never takes the others down: a refused delta
+//!   is retried change by change, and a refused full reconcile finds, by
+//!   checking (not committing) halves, the largest set of changes the
+//!   kernel takes, applies those and reports the rest by name.
+
+mod diff;
+pub mod fake;
+pub mod kernel;
+mod script;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+
+pub use diff::diff_against_kernel;
+use kernel::{Listing, NftKernel, NftProcess};
+use script::{Obj, Objects, Script};
+
+use super::{Applied, Dataplane, FragmentKey};
+use crate::model::ServicePortName;
+use crate::plan::Fragment;
+
+pub struct NftDataplane {
+    table: String,
+    kernel: Box<dyn NftKernel>,
+    /// What is in force, fragment by fragment.
+    applied: BTreeMap<FragmentKey, Fragment>,
+    refs: BTreeMap<Obj, usize>,
+    /// No full reconcile has succeeded yet: `applied` says nothing about
+    /// the kernel, which may hold a previous run's rules.
+    needs_full: bool,
+    /// Transactions applied and failed, for metrics.
+    pub transactions: u64,
+    pub failures: u64,
+}
+
+/// One change: a fragment's new contents, or `None` when it goes.
+type Change<'a> = (FragmentKey, Option<&'a Fragment>);
+
+impl NftDataplane {
+    /// Through the `nft` process.
+    pub fn new(table: &str) -> Self {
+        Self::with_kernel(table, Box::new(NftProcess))
+    }
+
+    pub fn with_kernel(table: &str, kernel: Box<dyn NftKernel>) -> Self {
+        Self {
+            table: table.into(),
+            kernel,
+            applied: BTreeMap::new(),
+            refs: BTreeMap::new(),
+            needs_full: true,
+            transactions: 0,
+            failures: 0,
+        }
+    }
+
+    /// Re-applies everything in force (repairs edits made behind our
+    /// back). Before the first full reconcile has succeeded there is
+    /// nothing known to be in force, and reconciling to that would delete
+    /// a previous run's rules: the next apply reconciles instead.
+    pub fn resync(&mut self) -> Result<()> {
+        if self.needs_full {
+            return Ok(());
+        }
+        let kernel = self.kernel.list(&self.table)?;
+        let script = full_over(&self.table, &self.applied, &kernel)?;
+        self.run(&script)
+    }
+
+    fn run(&mut self, script: &str) -> Result<()> {
+        self.transactions += 1;
+        // nft transactions are all or nothing: on failure the kernel still
+        // holds what `applied` says, so deltas can go on from there.
+        self.kernel
+            .run(script)
+            .inspect_err(|_| self.failures += 1)
+            .context("nftables transaction")
+    }
+
+    /// Applies `changes`: see the module comment. `one_by_one` false makes
+    /// it all or nothing.
+    fn apply_changes(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
+        // A fragment this dataplane cannot apply is refused on its own.
+        let mut unusable = Vec::new();
+        let changes: Vec<Change<'_>> = changes
+            .into_iter()
+            .filter(|(key, fragment)| match fragment.map(|f| Objects::of([f])) {
+                Some(Err(e)) => {
+                    unusable.push((key.clone(), e));
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        if let Some((_, e)) = unusable.first()
+            && !one_by_one
+        {
+            anyhow::bail!("{e:#}");
+        }
+        let mut applied = self.apply_usable(changes, one_by_one)?;
+        applied.refused.extend(unusable);
+        Ok(applied)
+    }
+
+    fn apply_usable(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
+        if !self.needs_full {
+            return match self.apply_delta(&changes) {
+                Ok(()) => Ok(Applied::all()),
+                Err(e) if one_by_one && changes.len() > 1 => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "batch refused; applying changes one by one"
+                    );
+                    let mut applied = Applied::all();
+                    for change in &changes {
+                        if let Err(e) = self.apply_delta(std::slice::from_ref(change)) {
+                            applied.refused.push((change.0.clone(), e));
+                        }
+                    }
+                    Ok(applied)
+                }
+                Err(e) => Err(e),
+            };
+        }
+        let next = with_changes(&self.applied, &changes);
+        let kernel = self.kernel.list(&self.table)?;
+        let script = full_over(&self.table, &next, &kernel)?;
+        match self.run(&script) {
+            Ok(()) => {
+                self.reconciled(next);
+                Ok(Applied::all())
+            }
+            Err(e) if one_by_one && changes.len() > 1 => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "full reconcile refused; finding the changes the kernel takes"
+                );
+                self.reconcile_what_passes(changes)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A full reconcile of the largest set of `changes` that the kernel
+    /// takes (found with `nft --check`, halving the refused sets), and the
+    /// rest reported as refused.
+    fn reconcile_what_passes(&mut self, changes: Vec<Change<'_>>) -> Result<Applied> {
+        let kernel = self.kernel.list(&self.table)?;
+        let mut good = self.applied.clone();
+        let mut refused = Vec::new();
+        self.grow(&mut good, &changes, &kernel, &mut refused);
+        let script = full_over(&self.table, &good, &kernel)?;
+        self.run(&script)?;
+        self.reconciled(good);
+        Ok(Applied { refused })
+    }
+
+    /// Adds to `good` every change in `candidates` that the kernel takes
+    /// together with `good`; checks all at once, then halves.
+    fn grow(
+        &mut self,
+        good: &mut BTreeMap<FragmentKey, Fragment>,
+        candidates: &[Change<'_>],
+        kernel: &Listing,
+        refused: &mut Vec<(FragmentKey, anyhow::Error)>,
+    ) {
+        if candidates.is_empty() {
+            return;
+        }
+        let trial = with_changes(good, candidates);
+        let checked =
+            full_over(&self.table, &trial, kernel).and_then(|script| self.kernel.check(&script));
+        match checked {
+            Ok(()) => *good = trial,
+            Err(e) if candidates.len() == 1 => refused.push((candidates[0].0.clone(), e)),
+            Err(_) => {
+                let (a, b) = candidates.split_at(candidates.len() / 2);
+                self.grow(good, a, kernel, refused);
+                self.grow(good, b, kernel, refused);
+            }
+        }
+    }
+
+    /// A full reconcile to `plan` succeeded.
+    fn reconciled(&mut self, plan: BTreeMap<FragmentKey, Fragment>) {
+        self.applied = plan;
+        self.needs_full = false;
+        self.refs.clear();
+        for f in self.applied.values() {
+            // Every applied fragment passed `Objects::of` in the script.
+            for o in Objects::of([f]).iter().flat_map(Objects::keys) {
+                *self.refs.entry(o).or_default() += 1;
+            }
+        }
+    }
+
+    /// One delta transaction for `changes`; on success the host's view
+    /// (fragments and reference counts) moves with the kernel.
+    fn apply_delta(&mut self, changes: &[Change<'_>]) -> Result<()> {
+        let old = Objects::of(changes.iter().filter_map(|(k, _)| self.applied.get(k)))?;
+        let new = Objects::of(changes.iter().filter_map(|(_, f)| *f))?;
+        let mut diff: BTreeMap<Obj, i64> = BTreeMap::new();
+        for (key, fragment) in changes {
+            if let Some(before) = self.applied.get(key) {
+                for o in Objects::of([before])?.keys() {
+                    *diff.entry(o).or_default() -= 1;
+                }
+            }
+            if let Some(after) = fragment {
+                for o in Objects::of([*after])?.keys() {
+                    *diff.entry(o).or_default() += 1;
+                }
+            }
+        }
+        diff.retain(|_, d| *d != 0);
+        let script = Script::new(&self.table).delta(&old, &new, &self.refs, &diff);
+        if !script.is_empty() {
+            self.run(&script)?;
+        }
+        for (o, d) in diff {
+            let r = self.refs.entry(o.clone()).or_default();
+            *r = (*r as i64 + d).max(0) as usize;
+            if *r == 0 {
+                self.refs.remove(&o);
+            }
+        }
+        for (key, fragment) in changes {
+            match fragment {
+                Some(f) => self.applied.insert(key.clone(), (*f).clone()),
+                None => self.applied.remove(key),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// `plan` with `changes` made.
+fn with_changes(
+    plan: &BTreeMap<FragmentKey, Fragment>,
+    changes: &[Change<'_>],
+) -> BTreeMap<FragmentKey, Fragment> {
+    let mut next = plan.clone();
+    for (key, fragment) in changes {
+        match fragment {
+            Some(f) => next.insert(key.clone(), (*f).clone()),
+            None => next.remove(key),
+        };
+    }
+    next
+}
+
+/// The full reconcile of `plan` over `kernel`.
+fn full_over(
+    table: &str,
+    plan: &BTreeMap<FragmentKey, Fragment>,
+    kernel: &Listing,
+) -> Result<String> {
+    Ok(Script::new(table).full(&Objects::of(plan.values())?, kernel))
+}
+
+/// The base first, then the services.
+fn changes<'a>(
+    base: Option<&'a Fragment>,
+    changed: &'a [(ServicePortName, Option<&'a Fragment>)],
+) -> Vec<Change<'a>> {
+    let base = base.map(|b| (None, Some(b)));
+    base.into_iter()
+        .chain(changed.iter().map(|(n, f)| (Some(n.clone()), *f)))
+        .collect()
+}
+
+impl Dataplane for NftDataplane {
+    fn apply(
+        &mut self,
+        base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<Applied> {
+        self.apply_changes(changes(base, changed), true)
+    }
+
+    fn apply_all(
+        &mut self,
+        base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<()> {
+        self.apply_changes(changes(base, changed), false).map(drop)
+    }
+
+    fn resync(&mut self) -> Result<()> {
+        NftDataplane::resync(self)
+    }
+}

@@ -1,0 +1,189 @@
+//! A kube-wasm-proxy in the node namespace of a namespace cluster (see
+//! `topology`), on a file source, and the YAML and assertions the kernel
+//! mode tests share.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use super::topology::{Cluster, Outcome, POD_PORT};
+use super::write;
+
+pub struct Proxy {
+    pub child: Child,
+    _dir: tempfile::TempDir,
+    pub dir: std::path::PathBuf,
+    /// Everything the proxy logged so far.
+    pub logs: super::Logs,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub const CONFIG: &str = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclusterCIDR: 10.244.0.0/16,fd00:10:244::/48\n";
+
+/// Starts the proxy in the node namespace on a file source holding `objects`.
+pub fn start(cluster: &Cluster, objects: &str) -> Proxy {
+    start_with(cluster, objects, CONFIG, &Cluster::node_yaml())
+}
+
+/// Like `start`, with its own KubeProxyConfiguration and Node.
+pub fn start_with(cluster: &Cluster, objects: &str, config_text: &str, node_yaml: &str) -> Proxy {
+    start_full(cluster, objects, config_text, node_yaml, &[])
+}
+
+pub fn start_full(
+    cluster: &Cluster,
+    objects: &str,
+    config_text: &str,
+    node_yaml: &str,
+    extra: &[&str],
+) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    write(&path, "node.yaml", node_yaml);
+    write(&path, "objects.yaml", objects);
+    let config = path.join("config.conf");
+    std::fs::write(&config, config_text).unwrap();
+    let source = format!("file:{}/objects", path.display());
+    std::fs::create_dir(path.join("objects")).unwrap();
+    std::fs::rename(path.join("node.yaml"), path.join("objects/node.yaml")).unwrap();
+    std::fs::rename(path.join("objects.yaml"), path.join("objects/objects.yaml")).unwrap();
+    let mut args = vec![
+        "--proxy-mode",
+        "nftables",
+        "--source",
+        &source,
+        "--config",
+        config.to_str().unwrap(),
+        "--hostname-override",
+        "node-1",
+        "--min-sync-period",
+        "50ms",
+    ];
+    // Defaults the caller may override.
+    for (flag, value) in [
+        ("--sync-period", "2s"),
+        ("--healthz-bind-address", ""),
+        ("--metrics-bind-address", ""),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    let mut child = cluster
+        .node
+        .spawn(env!("CARGO_BIN_EXE_kube-wasm-proxy"), &args);
+    let logs = super::Logs::capture(&mut child);
+    let proxy = Proxy {
+        child,
+        _dir: dir,
+        dir: path.join("objects"),
+        logs,
+    };
+    eventually("the proxy's table", || {
+        cluster
+            .node
+            .sh("nft list tables")
+            .contains("kube-wasm-proxy")
+    });
+    proxy
+}
+
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn addr(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+/// A Service, its EndpointSlice over the named pods, one port 80 -> 8080.
+pub fn service(
+    cluster: &Cluster,
+    name: &str,
+    ip: &str,
+    spec: &str,
+    pods: &[&str],
+    proto: &str,
+) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {ip}\n{spec}  ports: [{{name: p, port: 80, protocol: {proto}, targetPort: {POD_PORT}{np}}}]\n",
+        np = spec_node_port(spec),
+    );
+    y.push_str(&format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, port: {POD_PORT}, protocol: {proto}}}]\nendpoints:\n"
+    ));
+    for pod in pods {
+        let p = cluster.pod(pod);
+        let node = if p.local { "node-1" } else { "node-2" };
+        y.push_str(&format!(
+            "- {{addresses: ['{}'], nodeName: {node}, conditions: {{ready: true}}}}\n",
+            p.ip
+        ));
+    }
+    y + "---\n"
+}
+
+/// `# nodePort: N` in a spec becomes the port's nodePort.
+pub fn spec_node_port(spec: &str) -> String {
+    spec.lines()
+        .find_map(|l| l.trim().strip_prefix("# nodePort: "))
+        .map(|n| format!(", nodePort: {n}"))
+        .unwrap_or_default()
+}
+
+pub fn answered_by(outcomes: &[Outcome]) -> BTreeSet<String> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Answered(pod, _) => pod.clone(),
+            other => panic!("connection failed: {other:?} in {outcomes:?}"),
+        })
+        .collect()
+}
+
+pub fn many(n: usize, f: impl Fn() -> Outcome) -> Vec<Outcome> {
+    (0..n).map(|_| f()).collect()
+}
+
+/// The HTTP status of `GET path` at `addr` from inside `ns` (0 if no answer).
+pub fn http_status(ns: &super::netns::Netns, addr: SocketAddr, path: &str) -> u16 {
+    http_get(ns, addr, path).0
+}
+
+/// `GET path` at `addr` from inside `ns`: (status, body); (0, "") if no answer.
+pub fn http_get(ns: &super::netns::Netns, addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    ns.run_in(move || {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            return (0, String::new());
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut text = String::new();
+        if s.write_all(request.as_bytes()).is_err() || s.read_to_string(&mut text).is_err() {
+            return (0, String::new());
+        }
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    })
+}
