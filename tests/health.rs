@@ -112,18 +112,31 @@ async fn health_and_metrics_follow_upstream() {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
 
-    // A change that cannot be programmed (userspace mode has no SCTP) makes
-    // the proxy unhealthy after 2 x syncPeriod...
+    // A Service that cannot be programmed (userspace mode has no SCTP) is
+    // an error of its own, named and counted; health follows whether the
+    // proxy syncs, not whether every object is valid (upstream semantics).
     write(
         dir.path(),
         "sctp.yaml",
         &(service("sig", "10.96.0.2", "SCTP", "") + &slices("sig", "SCTP", &[backend])),
     );
-    eventually_status(hz, "/healthz", 503).await;
-    assert_eq!(get(hz, "/livez").await.0, 503);
-    // ...and healthy again once it is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get(mp, "/metrics")
+        .await
+        .1
+        .lines()
+        .any(|l| l.starts_with("kwp_sync_service_errors_total ") && !l.ends_with(" 0"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the SCTP Service's error was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await; // > 2 x syncPeriod
+    assert_eq!(get(hz, "/healthz").await.0, 200);
+    assert_eq!(get(hz, "/livez").await.0, 200);
     std::fs::remove_file(dir.path().join("sctp.yaml")).unwrap();
-    eventually_status(hz, "/healthz", 200).await;
 
     // A Node being deleted: /healthz says so, /livez does not care.
     write(

@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use common::node_proxy::{
-    CONFIG, addr, answered_by, eventually, http_get, http_status, many, service, start_full,
+    CONFIG, addr, answered_by, eventually, http_get, http_status, launch_in, many, service,
+    start_full,
 };
 use common::topology::{Cluster, NODE_IP, Outcome, tcp_from};
 use common::write;
@@ -224,4 +225,83 @@ fn an_invalid_service_is_named_and_spares_health_and_the_others() {
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert_eq!(healthz(&c), 200);
     assert_eq!(metric(&c, "kwp_sync_proxy_rules_errors_total"), 0.0);
+}
+
+#[test]
+fn a_kill_during_the_first_sync_converges_after_the_restart() {
+    let c = Cluster::new("kill");
+    const N: usize = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects");
+    std::fs::create_dir(&objects).unwrap();
+    write(&objects, "node.yaml", &Cluster::node_yaml());
+    let all: String = (0..N)
+        .map(|i| {
+            service(
+                &c,
+                &format!("s{i}"),
+                &format!("10.97.{}.{}", i / 250, i % 250 + 1),
+                "",
+                &["pod-a"],
+                "TCP",
+            )
+        })
+        .collect();
+    write(&objects, "services.yaml", &all);
+    let config = dir.path().join("config.conf");
+    std::fs::write(&config, CONFIG).unwrap();
+    let source = format!("file:{}", objects.display());
+    let args = [
+        "--proxy-mode",
+        "nftables",
+        "--source",
+        &source,
+        "--config",
+        config.to_str().unwrap(),
+        "--hostname-override",
+        "node-1",
+        "--healthz-bind-address",
+        HEALTHZ,
+        "--metrics-bind-address",
+        "",
+    ];
+    let programmed = || {
+        c.node
+            .sh("nft list map ip kube-wasm-proxy service-ips 2>/dev/null; true")
+            .matches(" : goto")
+            .count()
+    };
+
+    // SIGKILL while the first sync is under way.
+    let first = launch_in(&c, tempfile::tempdir().unwrap(), &args);
+    eventually("the first run to start", || {
+        first.logs.text().contains("kube-wasm-proxy starting")
+    });
+    // Reading 2,000 Services and rendering them takes longer than this.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    drop(first);
+    let left = programmed();
+    assert!(left < N, "the kill came after the first sync had finished");
+
+    let second = launch_in(&c, tempfile::tempdir().unwrap(), &args);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while programmed() < N {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {N} programmed after the restart (the killed run left {left})",
+            programmed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert_eq!(healthz(&c), 200);
+    assert!(
+        !second.logs.text().contains("ERROR"),
+        "{}",
+        second.logs.text()
+    );
+    let pod = &c.pod("pod-b").ns;
+    assert!(matches!(
+        tcp_from(pod, addr("10.97.7.250", 80)),
+        Outcome::Answered(..)
+    ));
 }

@@ -77,16 +77,7 @@ pub fn start_full(
         }
     }
     args.extend_from_slice(extra);
-    let mut child = cluster
-        .node
-        .spawn(env!("CARGO_BIN_EXE_kube-wasm-proxy"), &args);
-    let logs = super::Logs::capture(&mut child);
-    let proxy = Proxy {
-        child,
-        _dir: dir,
-        dir: path.join("objects"),
-        logs,
-    };
+    let proxy = launch_in(cluster, dir, &args);
     eventually("the proxy's table", || {
         cluster
             .node
@@ -94,6 +85,22 @@ pub fn start_full(
             .contains("kube-wasm-proxy")
     });
     proxy
+}
+
+/// Starts the proxy with `args` in the node namespace, owning `dir`; does
+/// not wait for anything.
+pub fn launch_in(cluster: &Cluster, dir: tempfile::TempDir, args: &[&str]) -> Proxy {
+    let path = dir.path().to_path_buf();
+    let mut child = cluster
+        .node
+        .spawn(env!("CARGO_BIN_EXE_kube-wasm-proxy"), args);
+    let logs = super::Logs::capture(&mut child);
+    Proxy {
+        child,
+        _dir: dir,
+        dir: path.join("objects"),
+        logs,
+    }
 }
 
 pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
