@@ -4,21 +4,23 @@
 //! A fragment that fails (plugin error, invalid plan) keeps the last good
 //! fragment of that service in force and is retried on the next sync.
 
+mod policies;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::dataplane::userspace::backends::{Affinity, Backends, ServiceBackends, SharedPolicy};
+use crate::dataplane::userspace::backends::{Affinity, Backends, ServiceBackends};
 use crate::dataplane::{Applied, Dataplane, conntrack};
 use crate::model::{NodeInfo, ServicePortName};
 use crate::plan::{Fragment, Plan, Rules};
 use crate::plugin::mode::{Mode, ModeSettings};
-use crate::plugin::policy::Policy;
 use crate::plugin::{Catalog, Runtime};
 use crate::state::topology::categorize;
 use crate::state::{Changes, ClusterState, ServiceState};
+pub use policies::{Policies, PolicyKey};
 
 /// Counters of one proxier, exported as metrics.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -31,11 +33,9 @@ pub struct SyncStats {
 
 pub struct Proxier {
     runtime: Arc<Runtime>,
-    catalog: Catalog,
     mode: Mode,
     mode_settings: ModeSettings,
-    default_policy: String,
-    policies: HashMap<(String, String), SharedPolicy>,
+    policies: Policies,
     rules: Rules,
     ids: HashMap<ServicePortName, u32>,
     next_id: u32,
@@ -44,8 +44,6 @@ pub struct Proxier {
     /// Service ports to render again next sync: the last render failed,
     /// or their policy was reloaded.
     failed: BTreeSet<ServicePortName>,
-    /// Which policy instance each service port uses.
-    policy_of: HashMap<ServicePortName, (String, String)>,
     /// Service ports with a Local (internal, external) policy and no local endpoint.
     no_local: HashMap<ServicePortName, (bool, bool)>,
     backends: Arc<Backends>,
@@ -73,20 +71,17 @@ impl Proxier {
         backends: Arc<Backends>,
         dataplane: Box<dyn Dataplane>,
     ) -> Result<Self> {
-        let mut proxier = Self {
+        Ok(Self {
+            policies: Policies::new(runtime.clone(), catalog, default_policy)?,
             runtime,
-            catalog,
             mode,
             mode_settings,
-            default_policy: default_policy.into(),
-            policies: HashMap::new(),
             rules: Rules::default(),
             ids: HashMap::new(),
             next_id: 1,
             plan: Plan::default(),
             base_dirty: true,
             failed: BTreeSet::new(),
-            policy_of: HashMap::new(),
             no_local: HashMap::new(),
             backends,
             dataplane,
@@ -97,12 +92,7 @@ impl Proxier {
             rendered: Vec::new(),
             mode_failures: 0,
             stats: SyncStats::default(),
-        };
-        // The default policy must load: without it nothing can be proxied.
-        proxier
-            .policy(default_policy, "")
-            .with_context(|| format!("loading the default lb policy {default_policy:?}"))?;
-        Ok(proxier)
+        })
     }
 
     pub fn plan(&self) -> &Plan {
@@ -125,14 +115,7 @@ impl Proxier {
     /// Per-plugin counters, by plugin name (policies with a config by `name[config]`).
     pub fn plugin_stats(&self) -> Vec<(String, Arc<crate::plugin::PluginStats>)> {
         let mut out = vec![(self.mode.name().to_string(), self.mode.stats())];
-        for ((name, config), p) in &self.policies {
-            let label = if config.is_empty() {
-                name.clone()
-            } else {
-                format!("{name}[{config}]")
-            };
-            out.push((label, p.lock().expect("policy lock").stats()));
-        }
+        out.extend(self.policies.stats());
         out
     }
 
@@ -141,7 +124,7 @@ impl Proxier {
     }
 
     pub fn catalog(&self) -> &Catalog {
-        &self.catalog
+        self.policies.catalog()
     }
 
     /// Swaps a checked new version of a policy into every instance of it;
@@ -151,42 +134,7 @@ impl Proxier {
         if candidate.is_mode {
             return self.reload_mode(candidate);
         }
-        for ((name, config), policy) in &self.policies {
-            if *name != candidate.name {
-                continue;
-            }
-            match policy
-                .lock()
-                .expect("policy lock")
-                .reload(&candidate.component, candidate.digest)
-            {
-                Ok(()) => {
-                    self.runtime
-                        .reloads
-                        .reloads
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(policy = name, config, "reloaded policy");
-                }
-                Err(e) => {
-                    self.runtime
-                        .reloads
-                        .rejections
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(
-                        policy = name,
-                        config,
-                        error = format!("{e:#}"),
-                        "reload failed; the current version stays"
-                    );
-                }
-            }
-        }
-        let using: Vec<ServicePortName> = self
-            .policy_of
-            .iter()
-            .filter(|(_, (n, _))| *n == candidate.name)
-            .map(|(s, _)| s.clone())
-            .collect();
+        let using = self.policies.reload(candidate);
         self.failed.extend(using);
     }
 
@@ -253,13 +201,10 @@ impl Proxier {
         for name in changes.removed {
             self.health_wanted
                 .remove(&(name.namespace.clone(), name.name.clone()));
-            self.policy_of.remove(&name);
+            self.policies.release(&name);
             self.no_local.remove(&name);
             if let Some(id) = self.ids.remove(&name) {
                 self.backends.remove(id);
-                for policy in self.policies.values() {
-                    let _ = policy.lock().expect("policy lock").remove_service(id);
-                }
             }
             self.plan.context.remove(&name);
             if let Some(old) = self.plan.services.remove(&name) {
@@ -349,7 +294,7 @@ impl Proxier {
                 Err(e)
             }
         };
-        self.drop_unused_policies();
+        self.policies.drop_unused();
         self.stats.last_duration = started.elapsed();
         if self
             .mode
@@ -441,20 +386,8 @@ impl Proxier {
             self.next_id += 1;
             self.next_id - 1
         });
-        let (policy_name, policy) = self.policy_for(svc);
-        let config = if svc.port.lb_policy.as_deref() == Some(policy_name.as_str()) {
-            svc.port.lb_policy_config.clone()
-        } else {
-            String::new()
-        };
-        let key = (policy_name.clone(), config);
-        if let Some(previous) = self.policy_of.insert(name.clone(), key.clone())
-            && previous != key
-            && let Some(old) = self.policies.get(&previous)
-        {
-            // The service moved to another policy instance.
-            let _ = old.lock().expect("policy lock").remove_service(id);
-        }
+        let (policy_key, policy) = self.policies.for_service(&svc.port, id);
+        let policy_name = policy_key.name;
         let endpoints = categorize(&svc.port, &svc.endpoints, &self.node);
         let no_local = endpoints.local.is_empty();
         self.no_local.insert(
@@ -509,59 +442,6 @@ impl Proxier {
                 .map(|t| Affinity::new(Duration::from_secs(t.into()))),
         });
         Ok(fragment)
-    }
-
-    /// The Service's annotated policy, or the default when it is unset or
-    /// fails to load (logged).
-    fn policy_for(&mut self, svc: &ServiceState) -> (String, SharedPolicy) {
-        if let Some(wanted) = svc.port.lb_policy.clone() {
-            match self.policy(&wanted, &svc.port.lb_policy_config) {
-                Ok(p) => return (wanted, p),
-                Err(e) => {
-                    tracing::error!(service = %svc.port.name, policy = wanted, error = format!("{e:#}"), "using the default policy instead")
-                }
-            }
-        }
-        let default = self.default_policy.clone();
-        let p = self
-            .policies
-            .get(&(default.clone(), String::new()))
-            .cloned()
-            .expect("default policy loaded at start");
-        (default, p)
-    }
-
-    /// Policy instances no service port uses any more (a config that is
-    /// gone) are dropped with their metric series; the default stays.
-    fn drop_unused_policies(&mut self) {
-        let used: std::collections::HashSet<&(String, String)> = self.policy_of.values().collect();
-        let default = (self.default_policy.clone(), String::new());
-        self.policies
-            .retain(|key, _| *key == default || used.contains(key));
-    }
-
-    /// One instance per (policy, config): services configured alike share it.
-    fn policy(&mut self, name: &str, config: &str) -> Result<SharedPolicy> {
-        let key = (name.to_string(), config.to_string());
-        if let Some(p) = self.policies.get(&key) {
-            return Ok(p.clone());
-        }
-        // Only the operator's default may be a path; a Service's annotation
-        // names a plugin.
-        let (source, bytes) = if name == self.default_policy {
-            self.catalog.load(name)?
-        } else {
-            self.catalog.load_named(name)?
-        };
-        let component = self
-            .runtime
-            .compile(&bytes)
-            .with_context(|| format!("plugin {source}"))?;
-        let policy = Policy::new(self.runtime.clone(), name, &component, config)?;
-        tracing::info!(policy = name, config, %source, "loaded lb policy");
-        let shared = Arc::new(Mutex::new(policy));
-        self.policies.insert(key, shared.clone());
-        Ok(shared)
     }
 }
 

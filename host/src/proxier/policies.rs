@@ -1,0 +1,190 @@
+//! The load-balancing policy instances: one per (policy, configuration),
+//! shared by the service ports configured alike; which service port uses
+//! which; hot reload into every instance of a policy; and dropping the
+//! instances nobody uses any more.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+
+use crate::dataplane::userspace::backends::SharedPolicy;
+use crate::model::{ServicePort, ServicePortName};
+use crate::plugin::policy::Policy;
+use crate::plugin::{Catalog, PluginStats, Runtime};
+
+/// One policy instance: the plugin's name and its configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyKey {
+    pub name: String,
+    pub config: String,
+}
+
+impl std::fmt::Display for PolicyKey {
+    /// `name`, or `name[config]`: the plugin label of its metrics.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.config.is_empty() {
+            write!(f, "{}", self.name)
+        } else {
+            write!(f, "{}[{}]", self.name, self.config)
+        }
+    }
+}
+
+pub struct Policies {
+    runtime: Arc<Runtime>,
+    catalog: Catalog,
+    default: PolicyKey,
+    instances: HashMap<PolicyKey, SharedPolicy>,
+    /// Which instance each service port uses, and its policy id there.
+    used_by: HashMap<ServicePortName, (PolicyKey, u32)>,
+}
+
+impl Policies {
+    /// The default policy must load: without it nothing can be proxied.
+    pub fn new(runtime: Arc<Runtime>, catalog: Catalog, default: &str) -> Result<Self> {
+        let mut policies = Self {
+            runtime,
+            catalog,
+            default: PolicyKey {
+                name: default.into(),
+                config: String::new(),
+            },
+            instances: HashMap::new(),
+            used_by: HashMap::new(),
+        };
+        let key = policies.default.clone();
+        policies
+            .instance(&key)
+            .with_context(|| format!("loading the default lb policy {default:?}"))?;
+        Ok(policies)
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The policy for `port` (its annotation's, or the default when it has
+    /// none or it fails to load, logged), recorded as used by it under `id`.
+    pub fn for_service(&mut self, port: &ServicePort, id: u32) -> (PolicyKey, SharedPolicy) {
+        let (key, policy) = self.resolve(port);
+        let previous = self.used_by.insert(port.name.clone(), (key.clone(), id));
+        if let Some((old, old_id)) = previous
+            && old != key
+        {
+            // The service port moved to another instance.
+            self.forget(&old, old_id);
+        }
+        (key, policy)
+    }
+
+    fn resolve(&mut self, port: &ServicePort) -> (PolicyKey, SharedPolicy) {
+        if let Some(name) = &port.lb_policy {
+            let key = PolicyKey {
+                name: name.clone(),
+                config: port.lb_policy_config.clone(),
+            };
+            match self.instance(&key) {
+                Ok(p) => return (key, p),
+                Err(e) => {
+                    tracing::error!(service = %port.name, policy = %name, error = format!("{e:#}"), "using the default policy instead")
+                }
+            }
+        }
+        let key = self.default.clone();
+        let policy = self.instances[&key].clone();
+        (key, policy)
+    }
+
+    /// `name` is gone: its instance forgets it.
+    pub fn release(&mut self, name: &ServicePortName) {
+        if let Some((key, id)) = self.used_by.remove(name) {
+            self.forget(&key, id);
+        }
+    }
+
+    fn forget(&self, key: &PolicyKey, id: u32) {
+        if let Some(p) = self.instances.get(key) {
+            // An instance that cannot forget is re-created on its next trap.
+            let _ = p.lock().expect("policy lock").remove_service(id);
+        }
+    }
+
+    /// Instances no service port uses (a configuration that is gone) are
+    /// dropped with their metric series; the default stays.
+    pub fn drop_unused(&mut self) {
+        let used: HashSet<&PolicyKey> = self.used_by.values().map(|(k, _)| k).collect();
+        let default = &self.default;
+        self.instances
+            .retain(|key, _| key == default || used.contains(key));
+    }
+
+    /// Swaps a checked new version of policy `candidate.name` into every
+    /// instance of it; returns the service ports using it (their kernel
+    /// plans may differ and are rendered again).
+    pub fn reload(&mut self, candidate: &crate::plugin::reload::Candidate) -> Vec<ServicePortName> {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (key, policy) in &self.instances {
+            if key.name != candidate.name {
+                continue;
+            }
+            let result = policy
+                .lock()
+                .expect("policy lock")
+                .reload(&candidate.component, candidate.digest);
+            match result {
+                Ok(()) => {
+                    self.runtime.reloads.reloads.fetch_add(1, Relaxed);
+                    tracing::info!(policy = %key, "reloaded policy");
+                }
+                Err(e) => {
+                    self.runtime.reloads.rejections.fetch_add(1, Relaxed);
+                    tracing::error!(policy = %key, error = format!("{e:#}"), "reload failed; the current version stays");
+                }
+            }
+        }
+        self.used_by
+            .iter()
+            .filter(|(_, (key, _))| key.name == candidate.name)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Per-instance counters, labelled `name` or `name[config]`.
+    pub fn stats(&self) -> Vec<(String, Arc<PluginStats>)> {
+        self.instances
+            .iter()
+            .map(|(key, p)| (key.to_string(), p.lock().expect("policy lock").stats()))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.instances.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+    }
+
+    /// The instance for `key`, loaded on first use. Only the operator's
+    /// default may be a path; a Service's annotation names a plugin.
+    fn instance(&mut self, key: &PolicyKey) -> Result<SharedPolicy> {
+        if let Some(p) = self.instances.get(key) {
+            return Ok(p.clone());
+        }
+        let (source, bytes) = if key.name == self.default.name {
+            self.catalog.load(&key.name)?
+        } else {
+            self.catalog.load_named(&key.name)?
+        };
+        let component = self
+            .runtime
+            .compile(&bytes)
+            .with_context(|| format!("plugin {source}"))?;
+        let policy = Policy::new(self.runtime.clone(), &key.name, &component, &key.config)?;
+        tracing::info!(policy = %key, %source, "loaded lb policy");
+        let shared = Arc::new(Mutex::new(policy));
+        self.instances.insert(key.clone(), shared.clone());
+        Ok(shared)
+    }
+}
