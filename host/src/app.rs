@@ -61,7 +61,7 @@ impl App {
             mode_settings.clone(),
         )?;
         tracing::info!(mode = settings.mode.as_str(), %source, "loaded proxy mode");
-        let backends = Arc::new(Backends::default());
+        let mut userspace_backends = None;
         let (dataplane, mapping): (Box<dyn Dataplane>, _) = if settings.dry_run {
             (Box::new(NoDataplane), None)
         } else if settings.mode == ProxyMode::Nftables {
@@ -82,7 +82,9 @@ impl App {
             if redirector.is_none() {
                 tracing::info!(%bind, "no CAP_NET_ADMIN: listeners only, no cluster IP redirection");
             }
+            let backends = Arc::new(Backends::default());
             let dp = UserspaceDataplane::new(bind, backends.clone(), redirector);
+            userspace_backends = Some(backends);
             let mapping = dp.mapping();
             (Box::new(dp), Some(mapping))
         };
@@ -92,7 +94,7 @@ impl App {
             mode,
             mode_settings,
             &settings.lb_policy,
-            backends,
+            userspace_backends,
             dataplane,
         )?;
         if !settings.dry_run {

@@ -46,7 +46,8 @@ pub struct Proxier {
     failed: BTreeSet<ServicePortName>,
     /// Service ports with a Local (internal, external) policy and no local endpoint.
     no_local: HashMap<ServicePortName, (bool, bool)>,
-    backends: Arc<Backends>,
+    /// Userspace mode's per-connection table; `None` in kernel modes.
+    backends: Option<Arc<Backends>>,
     dataplane: Box<dyn Dataplane>,
     node: NodeInfo,
     /// Health-check node ports: service -> (port, local endpoints).
@@ -68,7 +69,7 @@ impl Proxier {
         mode: Mode,
         mode_settings: ModeSettings,
         default_policy: &str,
-        backends: Arc<Backends>,
+        backends: Option<Arc<Backends>>,
         dataplane: Box<dyn Dataplane>,
     ) -> Result<Self> {
         Ok(Self {
@@ -203,8 +204,8 @@ impl Proxier {
                 .remove(&(name.namespace.clone(), name.name.clone()));
             self.policies.release(&name);
             self.no_local.remove(&name);
-            if let Some(id) = self.ids.remove(&name) {
-                self.backends.remove(id);
+            if let (Some(id), Some(backends)) = (self.ids.remove(&name), &self.backends) {
+                backends.remove(id);
             }
             self.plan.context.remove(&name);
             if let Some(old) = self.plan.services.remove(&name) {
@@ -431,7 +432,10 @@ impl Proxier {
             addrs.join(", ")
         );
         self.plan.context.insert(name.clone(), context);
-        self.backends.set(ServiceBackends {
+        let Some(table) = &self.backends else {
+            return Ok(fragment);
+        };
+        table.set(ServiceBackends {
             id,
             name: name.clone(),
             endpoints: eps.iter().map(|e| e.socket_addr()).collect(),

@@ -24,7 +24,7 @@ fn proxier_over(name: &str, bytes: &[u8], extra: &str, dataplane: Box<dyn Datapl
         mode,
         settings,
         "round-robin",
-        Arc::default(),
+        None,
         dataplane,
     )
     .unwrap()
