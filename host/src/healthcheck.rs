@@ -1,32 +1,42 @@
 //! Health-check node ports (externalTrafficPolicy Local): one HTTP server
 //! per Service's `healthCheckNodePort`, answering as upstream kube-proxy
 //! does, so cloud load balancers send traffic only to nodes with local
-//! endpoints: 200 with `localEndpoints > 0`, else 503.
+//! endpoints: 200 with `localEndpoints > 0`, else 503, and the count in
+//! `X-Load-Balancing-Endpoint-Weight` for weighted load balancing.
+//!
+//! A port that cannot be bound (still held, fds exhausted) is retried
+//! every 5 s, and a server never stops on a failed accept (see
+//! `metrics::http`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use hyper::StatusCode;
+use hyper::header::HeaderValue;
 use tokio::task::JoinHandle;
 
-/// `(namespace, name)` -> local endpoint count, shared with the servers.
-type Counts = Arc<Mutex<BTreeMap<(String, String), usize>>>;
+use crate::metrics::http;
+use crate::metrics::lock;
+
+/// `(namespace, name)` of a Service.
+type ServiceName = (String, String);
+
+/// Service -> local endpoint count, shared with the servers.
+type Counts = Arc<Mutex<BTreeMap<ServiceName, usize>>>;
 
 #[derive(Default)]
 pub struct HealthServers {
     counts: Counts,
     /// port -> (service, server task)
-    servers: BTreeMap<u16, ((String, String), JoinHandle<()>)>,
+    servers: BTreeMap<u16, (ServiceName, JoinHandle<()>)>,
 }
 
 impl HealthServers {
     /// Sets the wanted servers: service -> (port, local endpoints).
     /// Servers for ports no longer wanted are stopped.
-    pub fn sync(&mut self, wanted: &BTreeMap<(String, String), (u16, usize)>) {
-        *self.counts.lock().expect("counts lock") =
-            wanted.iter().map(|(k, (_, n))| (k.clone(), *n)).collect();
+    pub fn sync(&mut self, wanted: &BTreeMap<ServiceName, (u16, usize)>) {
+        *lock(&self.counts) = wanted.iter().map(|(k, (_, n))| (k.clone(), *n)).collect();
         self.servers.retain(|port, (svc, task)| {
             let keep = wanted.get(svc).is_some_and(|(p, _)| p == port);
             if !keep {
@@ -39,18 +49,11 @@ impl HealthServers {
                 continue;
             }
             let addr = SocketAddr::from(([0, 0, 0, 0], *port));
-            match std::net::TcpListener::bind(addr).and_then(|l| {
-                l.set_nonblocking(true)?;
-                TcpListener::from_std(l)
-            }) {
-                Ok(listener) => {
-                    let task = tokio::spawn(serve(listener, svc.clone(), self.counts.clone()));
-                    self.servers.insert(*port, (svc.clone(), task));
-                }
-                Err(e) => {
-                    tracing::error!(service = format!("{}/{}", svc.0, svc.1), port, error = %e, "cannot open the health-check node port")
-                }
-            }
+            let what = format!("health check of {}/{}", svc.0, svc.1);
+            let (name, counts) = (svc.clone(), self.counts.clone());
+            let handler: http::Handler = Arc::new(move |_| answer(&name, &counts));
+            let task = tokio::spawn(http::serve(addr, what, handler));
+            self.servers.insert(*port, (svc.clone(), task));
         }
     }
 }
@@ -61,33 +64,46 @@ impl Drop for HealthServers {
     }
 }
 
-async fn serve(listener: TcpListener, svc: (String, String), counts: Counts) {
-    while let Ok((mut conn, _)) = listener.accept().await {
-        let count = counts
-            .lock()
-            .expect("counts lock")
-            .get(&svc)
-            .copied()
-            .unwrap_or(0);
-        let body = format!(
-            "{{\"service\":{{\"namespace\":{:?},\"name\":{:?}}},\"localEndpoints\":{count},\"serviceProxyHealthy\":true}}",
-            svc.0, svc.1
-        );
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), conn.read(&mut buf)).await;
-            let status = if count > 0 {
-                "200 OK"
-            } else {
-                "503 Service Unavailable"
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nX-Load-Balancing-Endpoint-Weight: {count}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-            let _ = conn.shutdown().await;
-        });
-    }
+/// Upstream's answer, whatever the path: the Service and its local
+/// endpoint count.
+fn answer(svc: &ServiceName, counts: &Counts) -> hyper::Response<http::Body> {
+    let local_endpoints = lock(counts).get(svc).copied().unwrap_or(0);
+    let body = Answer {
+        service: Service {
+            namespace: &svc.0,
+            name: &svc.1,
+        },
+        local_endpoints,
+        service_proxy_healthy: true,
+    };
+    let status = if local_endpoints > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::to_string(&body).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot encode a health-check answer");
+        String::new()
+    });
+    let mut response = http::reply(status, "application/json", body);
+    response.headers_mut().insert(
+        "x-load-balancing-endpoint-weight",
+        HeaderValue::from(local_endpoints),
+    );
+    response
+}
+
+/// The JSON body, fields in upstream's order.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Answer<'a> {
+    service: Service<'a>,
+    local_endpoints: usize,
+    service_proxy_healthy: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Service<'a> {
+    namespace: &'a str,
+    name: &'a str,
 }
