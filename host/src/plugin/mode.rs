@@ -247,7 +247,7 @@ impl Mode {
             detect_local: detect_local_to_wit(&s.detect_local, &s.node),
             extra: s.extra.clone(),
         };
-        let result = self.sandbox.call("configure", |st, b| {
+        let result = self.sandbox.call("configure", 0, |st, b| {
             b.kwp_proxy_mode().call_configure(st, &config)
         })?;
         result.map_err(|message| PluginError::Rejected {
@@ -259,7 +259,7 @@ impl Mode {
 
     pub fn render_base(&mut self) -> Result<Fragment, PluginError> {
         self.ensure()?;
-        let result = self.sandbox.call("render-base", |st, b| {
+        let result = self.sandbox.call("render-base", 0, |st, b| {
             b.kwp_proxy_mode().call_render_base(st)
         })?;
         self.fragment("render-base", result)
@@ -277,7 +277,7 @@ impl Mode {
         let svc = service_to_wit(id, svc, lb_policy);
         let eps: Vec<_> = endpoints.iter().map(endpoint_to_wit).collect();
         let backends = plan_to_wit(backends);
-        let result = self.sandbox.call("render-service", |st, b| {
+        let result = self.sandbox.call("render-service", eps.len(), |st, b| {
             b.kwp_proxy_mode()
                 .call_render_service(st, &svc, &eps, &backends)
         })?;

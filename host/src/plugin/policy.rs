@@ -1,6 +1,6 @@
 //! Host side of the `policy-plugin` world.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -37,7 +37,8 @@ impl From<wit::BackendPlan> for BackendPlan {
 
 /// One loaded policy plugin. The host keeps every endpoint set it pushed,
 /// so a fresh instance (after a trap or a reload) is brought back to the
-/// same state.
+/// same state, one Service at a time as each is next used: a Service whose
+/// endpoints make the instance trap fails alone, not every Service after it.
 pub struct Policy {
     runtime: Arc<Runtime>,
     name: String,
@@ -45,6 +46,8 @@ pub struct Policy {
     component: Component,
     config: String,
     pushed: BTreeMap<u32, Vec<wit::Endpoint>>,
+    /// The Services of `pushed` the live instance has been given.
+    in_instance: BTreeSet<u32>,
     /// Set after a hot reload: the version to go back to if the new one fails.
     probation: Option<Probation>,
 }
@@ -69,6 +72,7 @@ impl Policy {
             component: component.clone(),
             config: config.into(),
             pushed: BTreeMap::new(),
+            in_instance: BTreeSet::new(),
             probation: None,
         };
         policy.ensure()?;
@@ -181,27 +185,36 @@ impl Policy {
         self.remove_service(PROBE_SERVICE)
     }
 
-    /// Re-creates the instance if needed and replays config and endpoints.
+    /// Re-creates the instance if needed and configures it.
     fn ensure(&mut self) -> Result<(), PluginError> {
         if !self.sandbox.ensure()? {
             return Ok(());
         }
+        self.in_instance.clear();
         let config = self.config.clone();
-        let configured = self.sandbox.call("configure", |s, b| {
+        let configured = self.sandbox.call("configure", 0, |s, b| {
             b.kwp_proxy_policy().call_configure(s, &config)
         })?;
-        if let Err(message) = configured {
-            return Err(PluginError::Rejected {
-                plugin: self.name.clone(),
-                call: "configure",
-                message,
-            });
+        configured.map_err(|message| PluginError::Rejected {
+            plugin: self.name.clone(),
+            call: "configure",
+            message,
+        })
+    }
+
+    /// `ensure`, with `service`'s endpoints replayed into a fresh instance.
+    fn ensure_service(&mut self, service: u32) -> Result<(), PluginError> {
+        self.ensure()?;
+        if self.in_instance.contains(&service) {
+            return Ok(());
         }
-        for (service, endpoints) in &self.pushed {
-            self.sandbox.call("set-endpoints", |s, b| {
-                b.kwp_proxy_policy()
-                    .call_set_endpoints(s, *service, endpoints)
-            })?;
+        if let Some(endpoints) = self.pushed.get(&service) {
+            self.sandbox
+                .call("set-endpoints", endpoints.len(), |s, b| {
+                    b.kwp_proxy_policy()
+                        .call_set_endpoints(s, service, endpoints)
+                })?;
+            self.in_instance.insert(service);
         }
         Ok(())
     }
@@ -211,21 +224,21 @@ impl Policy {
         service: u32,
         endpoints: &[Endpoint],
     ) -> Result<(), PluginError> {
-        let eps: Vec<wit::Endpoint> = endpoints.iter().map(endpoint_to_wit).collect();
-        let result = self.ensure().and_then(|()| {
-            self.sandbox.call("set-endpoints", |s, b| {
-                b.kwp_proxy_policy().call_set_endpoints(s, service, &eps)
-            })
-        });
-        // Remember it even if the call trapped: the replay retries it.
-        self.pushed.insert(service, eps);
+        // Remembered even if the call traps: the replay retries it.
+        self.pushed
+            .insert(service, endpoints.iter().map(endpoint_to_wit).collect());
+        self.in_instance.remove(&service);
+        let result = self.ensure_service(service);
         self.observe(result)
     }
 
     pub fn remove_service(&mut self, service: u32) -> Result<(), PluginError> {
         self.pushed.remove(&service);
         let result = self.ensure().and_then(|()| {
-            self.sandbox.call("remove-service", |s, b| {
+            if !self.in_instance.remove(&service) {
+                return Ok(()); // this instance never had it
+            }
+            self.sandbox.call("remove-service", 0, |s, b| {
                 b.kwp_proxy_policy().call_remove_service(s, service)
             })
         });
@@ -243,9 +256,9 @@ impl Policy {
         let ip = ip_to_wit(client);
         let n = self.pushed.get(&service).map_or(0, Vec::len);
         let result = self
-            .ensure()
+            .ensure_service(service)
             .and_then(|()| {
-                self.sandbox.call("pick", |s, b| {
+                self.sandbox.call("pick", 0, |s, b| {
                     b.kwp_proxy_policy().call_pick(s, service, ip, client_port)
                 })
             })
@@ -261,8 +274,8 @@ impl Policy {
     }
 
     pub fn connection_closed(&mut self, service: u32, endpoint: u32) -> Result<(), PluginError> {
-        let result = self.ensure().and_then(|()| {
-            self.sandbox.call("connection-closed", |s, b| {
+        let result = self.ensure_service(service).and_then(|()| {
+            self.sandbox.call("connection-closed", 0, |s, b| {
                 b.kwp_proxy_policy()
                     .call_connection_closed(s, service, endpoint)
             })
@@ -271,9 +284,11 @@ impl Policy {
     }
 
     pub fn plan(&mut self, service: u32) -> Result<BackendPlan, PluginError> {
-        let result = self.ensure().and_then(|()| {
+        // The plan grows with the Service's endpoints, like its deadline.
+        let n = self.pushed.get(&service).map_or(0, Vec::len);
+        let result = self.ensure_service(service).and_then(|()| {
             self.sandbox
-                .call("plan", |s, b| b.kwp_proxy_policy().call_plan(s, service))
+                .call("plan", n, |s, b| b.kwp_proxy_policy().call_plan(s, service))
         });
         self.observe(result).map(Into::into)
     }

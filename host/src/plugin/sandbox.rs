@@ -67,7 +67,8 @@ impl<B> Sandbox<B> {
             return Ok(false);
         }
         let mut store = self.runtime.new_store();
-        store.set_epoch_deadline(self.runtime.deadline_ticks());
+        let ticks = self.runtime.deadline_ticks(self.runtime.deadline(0));
+        store.set_epoch_deadline(ticks);
         let bindings = (self.instantiate)(&mut store).map_err(|e| PluginError::Instantiate {
             plugin: self.name.clone(),
             reason: format!("{e:#}"),
@@ -77,16 +78,19 @@ impl<B> Sandbox<B> {
         Ok(true)
     }
 
-    /// Runs one call under the deadline. Any trap discards the instance.
+    /// Runs one call, handed `elements` list elements, under the deadline
+    /// for that size. Any trap discards the instance.
     pub fn call<R>(
         &mut self,
         call: &'static str,
+        elements: usize,
         f: impl FnOnce(&mut Store<PluginState>, &B) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         self.ensure()?;
         let (store, bindings) = self.live.as_mut().expect("ensured");
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        store.set_epoch_deadline(self.runtime.deadline_ticks());
+        let deadline = self.runtime.deadline(elements);
+        store.set_epoch_deadline(self.runtime.deadline_ticks(deadline));
         // A host function can panic under the guest: WASI's stdout/stderr
         // block on tokio, which panics on a runtime worker thread (a plugin
         // that prints, or panics and so prints, on the data path). That is
@@ -113,7 +117,7 @@ impl<B> Sandbox<B> {
                     PluginError::Deadline {
                         plugin,
                         call,
-                        timeout_ms: limits.call_timeout.as_millis(),
+                        timeout_ms: deadline.as_millis(),
                     }
                 } else if store.data().limiter.denied {
                     self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);

@@ -13,6 +13,7 @@ use crate::model::Endpoint;
 fn runtime() -> Arc<Runtime> {
     Runtime::new(Limits {
         call_timeout: Duration::from_millis(50),
+        per_element: Duration::from_micros(50),
         memory_bytes: 16 << 20,
     })
     .unwrap()
@@ -121,6 +122,23 @@ fn a_panic_discards_the_instance_and_the_next_call_works() {
     let stats = p.stats();
     assert_eq!(stats.instantiations.load(Ordering::Relaxed), 2);
     assert_eq!(stats.traps.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_service_that_makes_the_instance_trap_fails_alone() {
+    let rt = runtime();
+    let mut p = policy(&rt, "traps_on_many_endpoints", "").unwrap();
+    p.set_endpoints(1, &endpoints(3)).unwrap();
+    assert!(p.set_endpoints(2, &endpoints(101)).is_err());
+    // Every later call runs on a fresh instance; Service 1 is replayed into
+    // it, Service 2 (which would trap the replay) only when it is used.
+    for _ in 0..3 {
+        assert_eq!(p.pick(1, CLIENT, 1).unwrap(), Some(0));
+        assert_eq!(p.plan(1).unwrap(), BackendPlan::Weights(vec![1, 1, 1]));
+        assert!(p.plan(2).is_err(), "the poisoned Service still fails");
+    }
+    p.remove_service(2).unwrap();
+    assert_eq!(p.pick(1, CLIENT, 1).unwrap(), Some(0));
 }
 
 #[test]

@@ -451,3 +451,5 @@ impl Proxier {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_large;

@@ -11,6 +11,17 @@ fn proxier(name: &str, bytes: &[u8], extra: &str) -> Proxier {
 /// A proxier running `bytes` as the mode `name`, applying to `dataplane`.
 fn proxier_over(name: &str, bytes: &[u8], extra: &str, dataplane: Box<dyn Dataplane>) -> Proxier {
     let runtime = Runtime::new(crate::plugin::Limits::default()).unwrap();
+    proxier_in(runtime, name, bytes, extra, dataplane)
+}
+
+/// A proxier whose plugins run in `runtime`.
+pub(super) fn proxier_in(
+    runtime: Arc<Runtime>,
+    name: &str,
+    bytes: &[u8],
+    extra: &str,
+    dataplane: Box<dyn Dataplane>,
+) -> Proxier {
     let component = runtime.compile(bytes).unwrap();
     let settings = ModeSettings {
         table: Rules::default().nft_table,

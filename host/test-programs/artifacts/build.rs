@@ -12,6 +12,7 @@ fn main() {
             "pick_panics",
             "sandbox_probe",
             "traps_after_probe",
+            "traps_on_many_endpoints",
             "wrong_wit_version",
             "missing_export",
             "foreign_table",

@@ -14,6 +14,8 @@ pub trait Pick: 'static {
     }
     /// Called before `plan` answers (a hook for misbehaving there).
     fn before_plan(_service: u32) {}
+    /// Called before `set-endpoints` stores the count (a hook for misbehaving there).
+    fn before_set_endpoints(_service: u32, _endpoints: usize) {}
 }
 
 /// A policy that keeps endpoint counts and delegates `pick` to `P`.
@@ -36,6 +38,7 @@ impl<P: Pick> Policy for With<P> {
         P::configure(config)
     }
     fn set_endpoints(&mut self, service: u32, endpoints: Vec<Endpoint>) {
+        P::before_set_endpoints(service, endpoints.len());
         self.counts.insert(service, endpoints.len());
     }
     fn remove_service(&mut self, service: u32) {
