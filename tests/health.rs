@@ -180,7 +180,7 @@ async fn servers_bind_their_port_once_it_is_free() {
     ));
     let mut health_checks = kwp::healthcheck::HealthServers::default();
     health_checks.sync(&std::collections::BTreeMap::from([(
-        ("e2e".to_string(), "web".to_string()),
+        kwp::model::ObjectKey::new("e2e", "web"),
         (hc, 2),
     )]));
     // One turn of this single-threaded runtime: both servers try to bind
@@ -212,7 +212,7 @@ async fn servers_bind_their_port_once_it_is_free() {
         assert!(answer.contains(header), "no {header:?} in {answer}");
     }
     health_checks.sync(&std::collections::BTreeMap::from([(
-        ("e2e".to_string(), "web".to_string()),
+        kwp::model::ObjectKey::new("e2e", "web"),
         (hc, 0),
     )]));
     let answer = exchange(hc, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;

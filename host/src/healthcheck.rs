@@ -19,8 +19,7 @@ use tokio::task::JoinHandle;
 use crate::metrics::http;
 use crate::metrics::lock;
 
-/// `(namespace, name)` of a Service.
-type ServiceName = (String, String);
+use crate::model::ObjectKey as ServiceName;
 
 /// Service -> local endpoint count, shared with the servers.
 type Counts = Arc<Mutex<BTreeMap<ServiceName, usize>>>;
@@ -49,7 +48,7 @@ impl HealthServers {
                 continue;
             }
             let addr = SocketAddr::from(([0, 0, 0, 0], *port));
-            let what = format!("health check of {}/{}", svc.0, svc.1);
+            let what = format!("health check of {svc}");
             let (name, counts) = (svc.clone(), self.counts.clone());
             let handler: http::Handler = Arc::new(move |_| answer(&name, &counts));
             let task = tokio::spawn(http::serve(addr, what, handler));
@@ -70,8 +69,8 @@ fn answer(svc: &ServiceName, counts: &Counts) -> hyper::Response<http::Body> {
     let local_endpoints = lock(counts).get(svc).copied().unwrap_or(0);
     let body = Answer {
         service: Service {
-            namespace: &svc.0,
-            name: &svc.1,
+            namespace: &svc.namespace,
+            name: &svc.name,
         },
         local_endpoints,
         service_proxy_healthy: true,

@@ -6,6 +6,37 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+/// Which object: namespace and name, as upstream's NamespacedName (an
+/// object without a namespace is in `default`, as the API server puts it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The key of any object, from its metadata.
+    pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace.as_deref().unwrap_or("default"),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 /// Which Service port: namespace/name, port name and protocol, as
 /// upstream's ServicePortName. Ordered so that plans print stably.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -14,6 +45,13 @@ pub struct ServicePortName {
     pub name: String,
     pub port: String,
     pub protocol: Protocol,
+}
+
+impl ServicePortName {
+    /// The Service this port belongs to.
+    pub fn service(&self) -> ObjectKey {
+        ObjectKey::new(&self.namespace, &self.name)
+    }
 }
 
 impl fmt::Display for ServicePortName {

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 
 use crate::dataplane::userspace::backends::{Affinity, Backends, ServiceBackends};
 use crate::dataplane::{Applied, Dataplane, conntrack};
-use crate::model::{NodeInfo, ServicePortName};
+use crate::model::{NodeInfo, ObjectKey, ServicePortName};
 use crate::plan::{Fragment, Plan, Rules};
 use crate::plugin::mode::{Mode, ModeSettings};
 use crate::plugin::{Catalog, Runtime};
@@ -51,7 +51,7 @@ pub struct Proxier {
     dataplane: Box<dyn Dataplane>,
     node: NodeInfo,
     /// Health-check node ports: service -> (port, local endpoints).
-    health_wanted: BTreeMap<(String, String), (u16, usize)>,
+    health_wanted: BTreeMap<ObjectKey, (u16, usize)>,
     health: Option<crate::healthcheck::HealthServers>,
     /// Kernel modes: flush stale UDP conntrack entries after changes.
     conntrack: Option<conntrack::ConntrackCleaner>,
@@ -200,8 +200,7 @@ impl Proxier {
         // dataplane refuses the change (the plan must match the kernel).
         let mut undo: Vec<(ServicePortName, Option<Fragment>)> = Vec::new();
         for name in changes.removed {
-            self.health_wanted
-                .remove(&(name.namespace.clone(), name.name.clone()));
+            self.health_wanted.remove(&name.service());
             self.policies.release(&name);
             self.no_local.remove(&name);
             if let (Some(id), Some(backends)) = (self.ids.remove(&name), &self.backends) {
@@ -398,7 +397,7 @@ impl Proxier {
                 svc.port.external_policy == crate::model::TrafficPolicy::Local && no_local,
             ),
         );
-        let svc_key = (name.namespace.clone(), name.name.clone());
+        let svc_key = name.service();
         match svc.port.health_check_node_port {
             Some(port) => {
                 self.health_wanted

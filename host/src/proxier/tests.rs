@@ -321,7 +321,7 @@ fn services_sharing_a_cluster_ip_program_the_older_one_and_the_rest() {
         "the younger Service is not programmed: {kernel}"
     );
     // The owner goes: the younger one is programmed in the same sync.
-    state.delete_service(&("t".into(), "old".into()));
+    state.delete_service(&crate::model::ObjectKey::new("t", "old"));
     let changes = state.take_changes();
     proxier.sync(changes, &state).unwrap();
     let kernel = fake.dump();

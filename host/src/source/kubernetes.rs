@@ -22,7 +22,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::{Kind, Object, SourceEvent};
-use crate::state::convert::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, object_key};
+use crate::model::ObjectKey;
+use crate::state::convert::{LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
 
 /// A client from `kubeconfig` if given, else in-cluster or `~/.kube/config`.
 pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
@@ -127,17 +128,17 @@ async fn watch<K>(
 ) where
     K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
 {
-    let mut known: BTreeSet<(String, String)> = BTreeSet::new();
-    let mut listing: Option<BTreeSet<(String, String)>> = None;
+    let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
+    let mut listing: Option<BTreeSet<ObjectKey>> = None;
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     while let Some(event) = stream.next().await {
         let out = match event {
             Ok(Event::Apply(obj)) => {
-                known.insert(object_key(obj.meta()));
+                known.insert(ObjectKey::of(obj.meta()));
                 vec![SourceEvent::Apply(wrap(obj))]
             }
             Ok(Event::Delete(obj)) => {
-                let key = object_key(obj.meta());
+                let key = ObjectKey::of(obj.meta());
                 known.remove(&key);
                 vec![SourceEvent::Delete(kind, key)]
             }
@@ -146,7 +147,7 @@ async fn watch<K>(
                 Vec::new()
             }
             Ok(Event::InitApply(obj)) => {
-                let key = object_key(obj.meta());
+                let key = ObjectKey::of(obj.meta());
                 listing
                     .get_or_insert_with(BTreeSet::new)
                     .insert(key.clone());

@@ -32,8 +32,8 @@ pub enum SourceEvent {
     },
     /// One object added or changed (the kubernetes source).
     Apply(Object),
-    /// One object gone: its kind and (namespace, name).
-    Delete(Kind, (String, String)),
+    /// One object gone: its kind and key.
+    Delete(Kind, crate::model::ObjectKey),
     /// The first (or a re-) listing of a kind is complete.
     Synced(Kind),
 }

@@ -7,7 +7,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{
-    Cidr, Endpoint, IpMode, NodeInfo, Protocol, ServicePort, ServicePortName, TrafficPolicy,
+    Cidr, Endpoint, IpMode, NodeInfo, ObjectKey, Protocol, ServicePort, ServicePortName,
+    TrafficPolicy,
 };
 
 /// Label that hands a Service to another proxy: kube-proxy ignores it.
@@ -74,16 +75,6 @@ fn check_port_name(value: &str) -> Result<(), Skip> {
     }
 }
 
-/// `(namespace, name)` of any object.
-pub fn object_key(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
-}
-
 /// The Service's ports, or why it is skipped. Invalid fields inside an
 /// otherwise valid Service (a bad externalIP, a bad source range) are dropped
 /// with a warning, as upstream does; `warn` receives them.
@@ -97,7 +88,7 @@ pub fn service_ports(
             return Err(Skip::Label(label));
         }
     }
-    let (namespace, name) = object_key(&svc.metadata);
+    let ObjectKey { namespace, name } = ObjectKey::of(&svc.metadata);
     check_label("namespace", &namespace, false)?;
     check_label("name", &name, true)?;
     let Some(spec) = svc.spec.as_ref() else {
@@ -292,10 +283,13 @@ pub fn service_ports(
     Ok(out)
 }
 
-/// `(service namespace, service name)` an EndpointSlice belongs to.
-pub fn slice_service(slice: &EndpointSlice) -> Option<(String, String)> {
+/// The Service an EndpointSlice belongs to.
+pub fn slice_service(slice: &EndpointSlice) -> Option<ObjectKey> {
     let svc = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
-    Some((object_key(&slice.metadata).0, svc.clone()))
+    Some(ObjectKey::new(
+        ObjectKey::of(&slice.metadata).namespace,
+        svc,
+    ))
 }
 
 /// The endpoints of one EndpointSlice per `(port name, protocol)`. FQDN

@@ -15,10 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{Endpoint, NodeInfo, Protocol, ServicePort, ServicePortName};
+use crate::model::{Endpoint, NodeInfo, ObjectKey, Protocol, ServicePort, ServicePortName};
 use frontends::{Claimant, Frontends};
 
-type Key = (String, String);
 type SliceEndpoints = Vec<((String, Protocol), Endpoint)>;
 
 /// A service port with its merged endpoints.
@@ -48,17 +47,17 @@ impl Changes {
 #[derive(Default)]
 pub struct ClusterState {
     node_name: String,
-    services: BTreeMap<Key, Vec<ServicePort>>,
+    services: BTreeMap<ObjectKey, Vec<ServicePort>>,
     /// Each Service's creationTimestamp (seconds), for frontend ownership.
-    created: BTreeMap<Key, Option<i64>>,
+    created: BTreeMap<ObjectKey, Option<i64>>,
     /// service key -> slice name -> endpoints
-    slices: BTreeMap<Key, BTreeMap<String, SliceEndpoints>>,
+    slices: BTreeMap<ObjectKey, BTreeMap<String, SliceEndpoints>>,
     /// slice key -> the service it belongs to
-    slice_owner: BTreeMap<Key, Key>,
+    slice_owner: BTreeMap<ObjectKey, ObjectKey>,
     node: NodeInfo,
     node_changed: bool,
     /// Services whose ports or endpoints may differ from `last`.
-    dirty: BTreeSet<Key>,
+    dirty: BTreeSet<ObjectKey>,
     /// Service and EndpointSlice changes seen (totals) and not yet synced
     /// (pending), as upstream's change-tracker metrics count them.
     pub service_changes: (u64, u64),
@@ -100,13 +99,13 @@ impl ClusterState {
 
     /// Adds or replaces a Service. Returns why it is skipped, if it is.
     pub fn upsert_service(&mut self, svc: &Service) -> Option<convert::Skip> {
-        let key = convert::object_key(&svc.metadata);
+        let key = ObjectKey::of(&svc.metadata);
         let (ports, skip) = match convert::service_ports(svc, &mut |w| tracing::warn!("{w}")) {
             Ok(ports) => (ports, None),
             Err(skip @ convert::Skip::Invalid(_)) => {
                 // What the API server would refuse: keep the last good
                 // version (if any), as a broken file keeps its contents.
-                tracing::error!(service = %format!("{}/{}", key.0, key.1), error = %skip, "invalid Service; its last good version stays in force");
+                tracing::error!(service = %key, error = %skip, "invalid Service; its last good version stays in force");
                 self.invalid_objects += 1;
                 return Some(skip);
             }
@@ -129,7 +128,7 @@ impl ClusterState {
         skip
     }
 
-    pub fn delete_service(&mut self, key: &Key) {
+    pub fn delete_service(&mut self, key: &ObjectKey) {
         if self.services.remove(key).is_some() {
             self.created.remove(key);
             self.dirty.insert(key.clone());
@@ -139,7 +138,7 @@ impl ClusterState {
     }
 
     pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
-        let key = convert::object_key(&slice.metadata);
+        let key = ObjectKey::of(&slice.metadata);
         let Some(service) = convert::slice_service(slice) else {
             self.delete_slice(&key);
             return;
@@ -152,7 +151,7 @@ impl ClusterState {
             .and_then(|a| a.get("endpoints.kubernetes.io/last-change-trigger-time"))
             .and_then(|t| crate::metrics::parse_trigger_time(t));
         if self.slice_owner.get(&key) == Some(&service) {
-            let current = self.slices.get(&service).and_then(|s| s.get(&key.1));
+            let current = self.slices.get(&service).and_then(|s| s.get(&key.name));
             if current == Some(&endpoints) {
                 return;
             }
@@ -164,17 +163,17 @@ impl ClusterState {
         self.slices
             .entry(service.clone())
             .or_default()
-            .insert(key.1, endpoints);
+            .insert(key.name, endpoints);
         self.dirty.insert(service);
         self.triggers.extend(trigger);
         self.endpoint_changes.0 += 1;
         self.endpoint_changes.1 += 1;
     }
 
-    pub fn delete_slice(&mut self, key: &Key) {
+    pub fn delete_slice(&mut self, key: &ObjectKey) {
         if let Some(service) = self.slice_owner.remove(key) {
             if let Some(by_name) = self.slices.get_mut(&service) {
-                by_name.remove(&key.1);
+                by_name.remove(&key.name);
                 if by_name.is_empty() {
                     self.slices.remove(&service);
                 }
@@ -201,11 +200,11 @@ impl ClusterState {
         slices: &[EndpointSlice],
         node: Option<&Node>,
     ) {
-        let svc_keys: BTreeSet<Key> = services
+        let svc_keys: BTreeSet<ObjectKey> = services
             .iter()
-            .map(|s| convert::object_key(&s.metadata))
+            .map(|s| ObjectKey::of(&s.metadata))
             .collect();
-        let gone: Vec<Key> = self
+        let gone: Vec<ObjectKey> = self
             .services
             .keys()
             .filter(|k| !svc_keys.contains(*k))
@@ -215,11 +214,9 @@ impl ClusterState {
         services.iter().for_each(|s| {
             self.upsert_service(s);
         });
-        let slice_keys: BTreeSet<Key> = slices
-            .iter()
-            .map(|s| convert::object_key(&s.metadata))
-            .collect();
-        let gone: Vec<Key> = self
+        let slice_keys: BTreeSet<ObjectKey> =
+            slices.iter().map(|s| ObjectKey::of(&s.metadata)).collect();
+        let gone: Vec<ObjectKey> = self
             .slice_owner
             .keys()
             .filter(|k| !slice_keys.contains(*k))
@@ -335,7 +332,7 @@ impl ClusterState {
 
     /// All slices of the service merged for one port: first occurrence of
     /// an address wins, slices taken in name order (upstream's cache).
-    fn merged_endpoints(&self, service: &Key, port: &ServicePortName) -> Vec<Endpoint> {
+    fn merged_endpoints(&self, service: &ObjectKey, port: &ServicePortName) -> Vec<Endpoint> {
         let mut seen = BTreeSet::new();
         let mut out = Vec::new();
         for endpoints in self
@@ -355,16 +352,16 @@ impl ClusterState {
 }
 
 /// The range of ServicePortNames belonging to one Service.
-fn prefix_range(key: &Key) -> std::ops::RangeInclusive<ServicePortName> {
+fn prefix_range(key: &ObjectKey) -> std::ops::RangeInclusive<ServicePortName> {
     let lo = ServicePortName {
-        namespace: key.0.clone(),
-        name: key.1.clone(),
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
         port: String::new(),
         protocol: Protocol::Tcp,
     };
     let hi = ServicePortName {
-        namespace: key.0.clone(),
-        name: key.1.clone(),
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
         port: "\u{10ffff}".repeat(4),
         protocol: Protocol::Sctp,
     };

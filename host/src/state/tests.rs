@@ -377,7 +377,7 @@ fn a_shared_frontend_belongs_to_the_oldest_service_until_it_goes() {
     assert_eq!(s.frontend_conflicts(), 2);
 
     // The owner is deleted: the younger Service takes both over.
-    s.delete_service(&("ns".into(), "old".into()));
+    s.delete_service(&crate::model::ObjectKey::new("ns", "old"));
     let changes = s.take_changes();
     assert_eq!(changes.removed.len(), 1);
     let young_port = by_name(&changes, "young").expect("re-programmed with the freed frontends");
