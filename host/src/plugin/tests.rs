@@ -256,3 +256,27 @@ fn a_plan_that_never_returns_is_stopped_by_the_deadline() {
         "the next call works on a fresh instance"
     );
 }
+
+/// Every guest in `host/test-programs/examples` exists to be run by a host
+/// test; one that no test names is dead weight or a forgotten case.
+#[test]
+fn every_test_program_is_used_by_a_test() {
+    fn read_rs(dir: &std::path::Path, into: &mut String) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                read_rs(&path, into);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                into.push_str(&std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let host = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut sources = String::new();
+    read_rs(&host.join("src"), &mut sources);
+    read_rs(&host.join("../tests"), &mut sources);
+    let unused: Vec<&str> = kwp_test_programs_artifacts::names()
+        .filter(|name| !sources.contains(&format!("\"{name}\"")))
+        .collect();
+    assert!(unused.is_empty(), "test programs no test runs: {unused:?}");
+}

@@ -11,3 +11,8 @@ pub fn program(name: &str) -> &'static [u8] {
         .map(|(_, b)| *b)
         .unwrap_or_else(|| panic!("no test program {name}"))
 }
+
+/// The names of every test program.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    TABLE.iter().map(|(n, _)| *n)
+}
