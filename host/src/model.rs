@@ -286,3 +286,12 @@ mod tests {
         assert!("10.0.0.0".parse::<Cidr>().is_err());
     }
 }
+
+/// How a policy tells a kernel mode to spread new connections over a
+/// Service's endpoints: a weight per endpoint, or a lookup table of
+/// endpoint indexes (consistent hashing, e.g. Maglev).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendPlan {
+    Weights(Vec<u32>),
+    Slots(Vec<u32>),
+}

@@ -2,9 +2,10 @@
 
 use std::net::IpAddr;
 
-use super::policy::BackendPlan;
-use super::policy::bindings::kwp::proxy::types as wit;
-use crate::model::{Cidr, Endpoint, IpMode, NodeInfo, Protocol, ServicePort, TrafficPolicy};
+use super::bindings::types as wit;
+use crate::model::{
+    BackendPlan, Cidr, Endpoint, IpMode, NodeInfo, Protocol, ServicePort, TrafficPolicy,
+};
 
 pub fn ip_to_wit(ip: IpAddr) -> wit::IpAddress {
     match ip {
@@ -142,5 +143,12 @@ mod tests {
             ip_to_wit("::1".parse().unwrap()),
             wit::IpAddress::V6((0, 1))
         );
+    }
+}
+
+pub fn plan_from_wit(p: wit::BackendPlan) -> BackendPlan {
+    match p {
+        wit::BackendPlan::Weights(w) => BackendPlan::Weights(w),
+        wit::BackendPlan::Slots(s) => BackendPlan::Slots(s),
     }
 }

@@ -6,6 +6,7 @@
 //! empty and networking is switched off. Clocks and random numbers are
 //! available (std needs them for HashMap seeds).
 
+mod bindings;
 mod catalog;
 mod convert;
 pub mod mode;

@@ -11,21 +11,14 @@ use wasmtime::component::Component;
 use super::convert::{
     endpoint_to_wit, ip_from_wit, node_to_wit, plan_to_wit, protocol_from_wit, service_to_wit,
 };
-use super::policy::BackendPlan;
 use super::probation::Probation;
 use super::sandbox::{PluginError, Sandbox};
 use super::{PluginStats, Runtime};
+use crate::model::BackendPlan;
 use crate::model::{Endpoint, NodeInfo, ServicePort};
 use crate::plan::{Fragment, Item, Listener, NftFamily};
 
-mod bindings {
-    wasmtime::component::bindgen!({
-        world: "proxy-mode",
-        path: "../wit",
-        with: { "kwp:proxy/types": crate::plugin::policy::bindings::kwp::proxy::types },
-    });
-}
-
+use super::bindings::mode as bindings;
 use bindings::exports::kwp::proxy::mode as wit_mode;
 use bindings::kwp::proxy::plan as wit_plan;
 

@@ -7,33 +7,15 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use wasmtime::component::Component;
 
-use super::convert::{endpoint_to_wit, ip_to_wit};
+use super::convert::{endpoint_to_wit, ip_to_wit, plan_from_wit};
 use super::probation::Probation;
 use super::sandbox::{PluginError, Sandbox};
 use super::{PluginStats, Runtime};
 use crate::model::Endpoint;
 
-pub(crate) mod bindings {
-    wasmtime::component::bindgen!({ world: "policy-plugin", path: "../wit", additional_derives: [PartialEq] });
-}
-
-use bindings::kwp::proxy::types as wit;
-
-/// A policy's kernel-mode selection plan.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BackendPlan {
-    Weights(Vec<u32>),
-    Slots(Vec<u32>),
-}
-
-impl From<wit::BackendPlan> for BackendPlan {
-    fn from(p: wit::BackendPlan) -> Self {
-        match p {
-            wit::BackendPlan::Weights(w) => BackendPlan::Weights(w),
-            wit::BackendPlan::Slots(s) => BackendPlan::Slots(s),
-        }
-    }
-}
+use super::bindings::policy as bindings;
+use super::bindings::types as wit;
+pub use crate::model::BackendPlan;
 
 /// One loaded policy plugin. The host keeps every endpoint set it pushed,
 /// so a fresh instance (after a trap or a reload) is brought back to the
@@ -290,6 +272,6 @@ impl Policy {
             self.sandbox
                 .call("plan", n, |s, b| b.kwp_proxy_policy().call_plan(s, service))
         });
-        self.observe(result).map(Into::into)
+        self.observe(result).map(plan_from_wit)
     }
 }
