@@ -32,6 +32,31 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 pub use catalog::{Catalog, PluginSource};
 pub use sandbox::PluginError;
 
+/// A plugin version's identity: the SHA-256 of its component bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PluginDigest(pub [u8; 32]);
+
+impl PluginDigest {
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+}
+
+impl std::fmt::Display for PluginDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// The two kinds of plugin the WIT contract defines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PluginKind {
+    /// Exports `kwp:proxy/mode`: renders plans for a kernel or userspace.
+    Mode,
+    /// Exports `kwp:proxy/policy`: chooses endpoints.
+    Policy,
+}
+
 /// Bounds on every plugin instance.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -73,10 +98,10 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
     limits: Limits,
-    compiled: Mutex<HashMap<[u8; 32], Component>>,
+    compiled: Mutex<HashMap<PluginDigest, Component>>,
     ticker_stop: Arc<AtomicBool>,
     /// Digests of plugin versions rolled back after a reload: never loaded again.
-    quarantined: Mutex<std::collections::HashSet<[u8; 32]>>,
+    quarantined: Mutex<std::collections::HashSet<PluginDigest>>,
     pub reloads: ReloadStats,
 }
 
@@ -129,7 +154,7 @@ impl Runtime {
     /// Compiles a component, or returns the cached compilation of the same
     /// bytes.
     pub fn compile(&self, bytes: &[u8]) -> Result<Component> {
-        let digest: [u8; 32] = Sha256::digest(bytes).into();
+        let digest = PluginDigest::of(bytes);
         if let Some(c) = self.compiled.lock().expect("cache lock").get(&digest) {
             return Ok(c.clone());
         }
@@ -143,18 +168,43 @@ impl Runtime {
         Ok(component)
     }
 
-    pub fn quarantine(&self, digest: [u8; 32]) {
+    pub fn quarantine(&self, digest: PluginDigest) {
         self.quarantined
             .lock()
             .expect("quarantine lock")
             .insert(digest);
     }
 
-    pub fn is_quarantined(&self, digest: &[u8; 32]) -> bool {
+    pub fn is_quarantined(&self, digest: &PluginDigest) -> bool {
         self.quarantined
             .lock()
             .expect("quarantine lock")
             .contains(digest)
+    }
+
+    /// What a compiled component is, from what it exports (never from its
+    /// file name).
+    pub fn kind_of(&self, component: &Component) -> Result<PluginKind> {
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        let exports_interface = |interface: &str| {
+            exports
+                .iter()
+                .any(|e| e.split('@').next() == Some(interface))
+        };
+        match (
+            exports_interface("kwp:proxy/mode"),
+            exports_interface("kwp:proxy/policy"),
+        ) {
+            (true, false) => Ok(PluginKind::Mode),
+            (false, true) => Ok(PluginKind::Policy),
+            _ => anyhow::bail!(
+                "the component exports {exports:?}; a plugin exports exactly one of kwp:proxy/mode and kwp:proxy/policy"
+            ),
+        }
     }
 
     /// Number of distinct components compiled so far.

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -90,7 +89,7 @@ impl Mode {
     /// Swaps in a new version: it must configure with the current settings
     /// first, or the current version stays. It is then on probation (see
     /// `judge`).
-    pub fn reload(&mut self, component: &Component, digest: [u8; 32]) -> Result<()> {
+    pub fn reload(&mut self, component: &Component, digest: super::PluginDigest) -> Result<()> {
         self.swap(component)?;
         let previous = std::mem::replace(&mut self.component, component.clone());
         self.probation = Some(Probation::new(previous, digest));
@@ -136,18 +135,8 @@ impl Mode {
         };
         match self.swap(&p.previous) {
             Ok(()) => {
+                p.rolled_back(&self.runtime, &self.sandbox.name, first_sync);
                 self.component = p.previous;
-                self.runtime.quarantine(p.digest);
-                self.runtime
-                    .reloads
-                    .rollbacks
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    mode = self.sandbox.name,
-                    failures = p.failures,
-                    first_sync,
-                    "reloaded proxy mode failed; rolled back to the previous version and quarantined it"
-                );
                 true
             }
             Err(e) => {

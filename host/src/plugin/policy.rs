@@ -90,10 +90,10 @@ impl Policy {
     }
 
     /// Swaps in a new version of the plugin: a fresh instance is configured
-    /// and given every endpoint set before it replaces the current one, so
-    /// a failure leaves the current version serving. Calls already running
+    /// before it replaces the current one, so a failure leaves the current
+    /// version serving (endpoint sets follow as each Service is used). Calls already running
     /// finish on the old instance (the caller holds the policy's lock).
-    pub fn reload(&mut self, component: &Component, digest: [u8; 32]) -> Result<()> {
+    pub fn reload(&mut self, component: &Component, digest: super::PluginDigest) -> Result<()> {
         let sandbox = Self::sandbox(&self.runtime, &self.name, component)?;
         let previous = std::mem::replace(&mut self.sandbox, sandbox);
         let previous_component = std::mem::replace(&mut self.component, component.clone());
@@ -127,20 +127,12 @@ impl Policy {
         };
         match Self::sandbox(&self.runtime, &self.name, &p.previous) {
             Ok(sandbox) => {
+                p.rolled_back(&self.runtime, &self.name, false);
                 self.sandbox = sandbox;
                 self.component = p.previous;
-                let restored = self.ensure();
-                self.runtime.quarantine(p.digest);
-                self.runtime
-                    .reloads
-                    .rollbacks
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::error!(
-                    policy = self.name,
-                    failures = p.failures,
-                    restored = restored.is_ok(),
-                    "reloaded policy kept failing; rolled back to the previous version and quarantined it"
-                );
+                if let Err(e) = self.ensure() {
+                    tracing::error!(policy = self.name, error = %e, "the restored version failed to start; retried on its next call");
+                }
             }
             Err(e) => tracing::error!(
                 policy = self.name,

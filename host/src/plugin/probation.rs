@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::Component;
 
+use super::{PluginDigest, Runtime};
+
 /// How long a reloaded plugin is watched, and how many failures (traps,
 /// deadline or memory hits, bad answers, refused rules) in that time roll
 /// it back.
@@ -16,13 +18,13 @@ pub struct Probation {
     /// The version to go back to.
     pub previous: Component,
     /// The reloaded version's digest, quarantined on rollback.
-    pub digest: [u8; 32],
+    pub digest: PluginDigest,
     pub failures: u32,
     until: Instant,
 }
 
 impl Probation {
-    pub fn new(previous: Component, digest: [u8; 32]) -> Self {
+    pub fn new(previous: Component, digest: PluginDigest) -> Self {
         Self {
             previous,
             digest,
@@ -39,5 +41,22 @@ impl Probation {
     pub fn fail(&mut self, n: u32) -> bool {
         self.failures += n;
         self.failures >= PROBATION_FAILURES
+    }
+
+    /// Records that this version was rolled back: quarantined, counted and
+    /// logged the same way for every kind of plugin.
+    pub fn rolled_back(&self, runtime: &Runtime, plugin: &str, first_sync: bool) {
+        runtime.quarantine(self.digest);
+        runtime
+            .reloads
+            .rollbacks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(
+            plugin,
+            digest = %self.digest,
+            failures = self.failures,
+            first_sync,
+            "reloaded plugin failed; rolled back to the previous version and quarantined it"
+        );
     }
 }

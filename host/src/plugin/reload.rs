@@ -9,36 +9,31 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
-use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
-use super::Runtime;
 use super::policy::Policy;
+use super::{PluginDigest, PluginKind, Runtime};
 
 /// A new plugin version that passed its checks.
 pub struct Candidate {
     pub name: String,
     pub component: Component,
-    pub digest: [u8; 32],
-    /// A proxy mode rather than a policy.
-    pub is_mode: bool,
+    pub digest: PluginDigest,
+    pub kind: PluginKind,
 }
 
-/// Plugin names that are proxy modes.
-pub const MODE_NAMES: &[&str] = &["userspace", "nftables", "iptables", "ipvs"];
-
-/// Compiles `bytes` as policy `name` and runs the checks a reload needs:
-/// not quarantined, the policy world at our WIT version, `configure`
-/// accepts the empty config, and a probe with sample inputs completes
-/// under the deadline with sane answers.
+/// Compiles `bytes` as plugin `name` and runs the checks a reload needs:
+/// not quarantined, one world of our WIT version (its kind comes from what
+/// it exports), `configure` accepts the empty config, and a probe with
+/// sample inputs completes under the deadline with sane answers.
 pub fn prepare(runtime: &Arc<Runtime>, name: &str, bytes: &[u8]) -> Result<Candidate> {
-    let digest: [u8; 32] = Sha256::digest(bytes).into();
+    let digest = PluginDigest::of(bytes);
     if runtime.is_quarantined(&digest) {
         bail!("this version of {name} was rolled back before and is quarantined");
     }
     let component = runtime.compile(bytes)?;
-    let is_mode = MODE_NAMES.contains(&name);
-    if is_mode {
+    let kind = runtime.kind_of(&component)?;
+    if kind == PluginKind::Mode {
         let settings = super::mode::ModeSettings {
             table: crate::plan::Rules::default().nft_table,
             ..Default::default()
@@ -53,7 +48,7 @@ pub fn prepare(runtime: &Arc<Runtime>, name: &str, bytes: &[u8]) -> Result<Candi
         name: name.into(),
         component,
         digest,
-        is_mode,
+        kind,
     })
 }
 
@@ -109,9 +104,7 @@ impl Watcher {
 
 /// Reads, compiles and checks one changed file, counting rejections.
 pub fn candidate_from_file(runtime: &Arc<Runtime>, name: &str, path: &Path) -> Option<Candidate> {
-    let result = std::fs::read(path)
-        .with_context(|| format!("reading {}", path.display()))
-        .and_then(|bytes| prepare(runtime, name, &bytes));
+    let result = super::catalog::read_plugin(path).and_then(|bytes| prepare(runtime, name, &bytes));
     match result {
         Ok(c) => Some(c),
         Err(e) => {

@@ -280,3 +280,13 @@ fn every_test_program_is_used_by_a_test() {
         .collect();
     assert!(unused.is_empty(), "test programs no test runs: {unused:?}");
 }
+
+#[test]
+fn a_plugin_kind_comes_from_its_exports_not_its_file_name() {
+    let rt = runtime();
+    let (_, nftables) = Catalog::new(None).load("nftables").unwrap();
+    let mode = reload::prepare(&rt, "my-own-mode", &nftables).unwrap();
+    assert_eq!(mode.kind, PluginKind::Mode);
+    let policy = reload::prepare(&rt, "nftables", program("pick_first")).unwrap();
+    assert_eq!(policy.kind, PluginKind::Policy);
+}

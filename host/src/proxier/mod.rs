@@ -132,7 +132,7 @@ impl Proxier {
     /// the services using it are rendered again on the next sync, since
     /// their kernel plans may differ.
     pub fn reload_policy(&mut self, candidate: &crate::plugin::reload::Candidate) {
-        if candidate.is_mode {
+        if candidate.kind == crate::plugin::PluginKind::Mode {
             return self.reload_mode(candidate);
         }
         let using = self.policies.reload(candidate);

@@ -134,13 +134,13 @@ fn nftables_proxier(services: &[&str]) -> (Proxier, ClusterState) {
 }
 
 /// Swaps the test program `mode_breaks_after_probe` in as the nftables mode.
-fn reload_breaking_mode(proxier: &mut Proxier) -> [u8; 32] {
+fn reload_breaking_mode(proxier: &mut Proxier) -> crate::plugin::PluginDigest {
     let bytes = kwp_test_programs_artifacts::program("mode_breaks_after_probe");
     let candidate = crate::plugin::reload::Candidate {
         name: "nftables".into(),
         component: proxier.runtime.compile(bytes).unwrap(),
-        digest: [7; 32],
-        is_mode: true,
+        digest: crate::plugin::PluginDigest([7; 32]),
+        kind: crate::plugin::PluginKind::Mode,
     };
     proxier.reload_policy(&candidate);
     candidate.digest
