@@ -206,11 +206,6 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
-/// `endpoints.kubernetes.io/last-change-trigger-time`, as a time.
-pub fn parse_trigger_time(value: &str) -> Option<SystemTime> {
-    value.parse::<jiff::Timestamp>().ok().map(SystemTime::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,10 +220,6 @@ mod tests {
         assert_eq!(
             rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400 + 3_723)),
             "2000-02-29T01:02:03Z"
-        );
-        assert_eq!(
-            parse_trigger_time("2026-01-01T00:00:00Z"),
-            Some(UNIX_EPOCH + Duration::from_secs(1_767_225_600))
         );
     }
 

@@ -399,3 +399,26 @@ pub fn node_info(node: &Node) -> NodeInfo {
         labels: labels.into_iter().collect(),
     }
 }
+
+/// When the change an EndpointSlice carries was triggered (set by the
+/// EndpointSlice controller), for the network-programming latency metric.
+pub const ANNOTATION_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The trigger time annotation's RFC 3339 value, as a time.
+pub fn parse_trigger_time(value: &str) -> Option<std::time::SystemTime> {
+    value
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .map(std::time::SystemTime::from)
+}
+
+#[cfg(test)]
+#[test]
+fn trigger_times_are_rfc3339() {
+    use std::time::{Duration, UNIX_EPOCH};
+    assert_eq!(
+        parse_trigger_time("2026-01-01T00:00:00Z"),
+        Some(UNIX_EPOCH + Duration::from_secs(1_767_225_600))
+    );
+    assert_eq!(parse_trigger_time("yesterday"), None);
+}

@@ -148,8 +148,8 @@ impl ClusterState {
             .metadata
             .annotations
             .as_ref()
-            .and_then(|a| a.get("endpoints.kubernetes.io/last-change-trigger-time"))
-            .and_then(|t| crate::metrics::parse_trigger_time(t));
+            .and_then(|a| a.get(convert::ANNOTATION_TRIGGER_TIME))
+            .and_then(|t| convert::parse_trigger_time(t));
         if self.slice_owner.get(&key) == Some(&service) {
             let current = self.slices.get(&service).and_then(|s| s.get(&key.name));
             if current == Some(&endpoints) {
