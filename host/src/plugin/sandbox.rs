@@ -69,9 +69,11 @@ impl<B> Sandbox<B> {
         let mut store = self.runtime.new_store();
         let ticks = self.runtime.deadline_ticks(self.runtime.deadline(0));
         store.set_epoch_deadline(ticks);
-        let bindings = (self.instantiate)(&mut store).map_err(|e| PluginError::Instantiate {
-            plugin: self.name.clone(),
-            reason: format!("{e:#}"),
+        let bindings = off_the_async_workers(|| (self.instantiate)(&mut store)).map_err(|e| {
+            PluginError::Instantiate {
+                plugin: self.name.clone(),
+                reason: format!("{e:#}"),
+            }
         })?;
         self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
         self.live = Some((store, bindings));
@@ -91,17 +93,7 @@ impl<B> Sandbox<B> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = self.runtime.deadline(elements);
         store.set_epoch_deadline(self.runtime.deadline_ticks(deadline));
-        // A host function can panic under the guest: WASI's stdout/stderr
-        // block on tokio, which panics on a runtime worker thread (a plugin
-        // that prints, or panics and so prints, on the data path). That is
-        // the plugin's failure, not the proxy's: contain it like a trap.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store, bindings)));
-        let result = outcome.unwrap_or_else(|panic| {
-            let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
-            Err(wasmtime::Error::msg(format!(
-                "the host panicked under the call ({what}); plugins cannot use stdout or stderr outside the probe"
-            )))
-        });
+        let result = off_the_async_workers(|| f(store, bindings));
         match result {
             Ok(r) => Ok(r),
             Err(err) => {
@@ -145,5 +137,22 @@ impl<B> Sandbox<B> {
                 Err(error)
             }
         }
+    }
+}
+
+/// The calling model: Wasm runs synchronously, on the caller's thread. The
+/// sync loop and the userspace data path live on tokio's worker threads, and
+/// a worker must neither block (health and metrics share the workers) nor
+/// enter the runtime again, which WASI's synchronous bindings do for a
+/// guest's stdout or stderr (a panic message). On a worker the call runs in
+/// `block_in_place`: the worker's other tasks move to another thread first.
+/// The host runs the multi-thread runtime; elsewhere (tests, the blocking
+/// pool) the call runs as is.
+fn off_the_async_workers<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }

@@ -290,3 +290,31 @@ fn a_plugin_kind_comes_from_its_exports_not_its_file_name() {
     let policy = reload::prepare(&rt, "nftables", program("pick_first")).unwrap();
     assert_eq!(policy.kind, PluginKind::Policy);
 }
+
+/// The data path calls policies on tokio's workers; a guest that panics
+/// there writes its message to stderr through WASI, which must not take the
+/// host down: it is a trap like any other, with the guest's own words.
+#[test]
+fn a_guest_panic_on_an_async_worker_is_a_trap_with_its_message() {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let err = tokio
+        .block_on(async {
+            tokio::spawn(async {
+                let rt = runtime();
+                let mut p = policy(&rt, "pick_panics", "").unwrap();
+                p.set_endpoints(4, &endpoints(2)).unwrap();
+                p.pick(4, CLIENT, 13).unwrap_err()
+            })
+            .await
+        })
+        .expect("the host must not panic under the call");
+    match err {
+        PluginError::Trap { reason, .. } => {
+            assert!(reason.contains("deliberate panic"), "{reason}")
+        }
+        other => panic!("expected a trap, got {other}"),
+    }
+}
