@@ -128,7 +128,13 @@ impl SyncLoop {
             }
             SourceEvent::Delete(Kind::Service, key) => self.state.delete_service(&key),
             SourceEvent::Delete(Kind::EndpointSlice, key) => self.state.delete_slice(&key),
-            SourceEvent::Delete(Kind::Node, _) => {}
+            SourceEvent::Delete(Kind::Node, _) => {
+                // Upstream forgets the node's labels and resyncs.
+                self.metrics
+                    .node_deleting
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.state.clear_node();
+            }
             SourceEvent::Synced(kind) => {
                 if !self.synced.contains(&kind) {
                     tracing::info!(?kind, "initial listing complete");
