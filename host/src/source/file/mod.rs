@@ -127,6 +127,7 @@ impl FileSource {
                 }
                 Ok(Some(text)) => match parse_objects(&text) {
                     Ok(objects) => {
+                        tracing::debug!(path = %path.display(), services = objects.services.len(), slices = objects.slices.len(), "read file");
                         self.good.insert(path.clone(), objects);
                         changed = true;
                     }
