@@ -64,6 +64,8 @@ pub struct Listing {
     /// Directories that could not be read or were too deep: files below
     /// them keep their last contents.
     pub unread: Vec<(PathBuf, String)>,
+    /// Every directory read (each once), for change notifications.
+    pub dirs: Vec<PathBuf>,
 }
 
 impl Listing {
@@ -132,7 +134,10 @@ pub fn walk(root: &Path) -> Result<Listing> {
             continue;
         }
         let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
+            Ok(e) => {
+                out.dirs.push(dir.clone());
+                e
+            }
             Err(e) => {
                 out.unread.push((dir, e.to_string()));
                 continue;

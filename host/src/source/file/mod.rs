@@ -8,6 +8,8 @@
 //!
 //! - `disk`: the bounded walk (metadata only) and the bounded read.
 //! - `parse`: YAML within depth and node-count limits -> objects.
+//! - `watch`: inotify says when to scan; an idle tree is scanned only
+//!   every [`RESCAN`].
 //!
 //! A file is read only once it has settled (its size, times and inode were
 //! the same at two scans at least [`SETTLE`] apart, or it was last written
@@ -17,6 +19,7 @@
 
 mod disk;
 mod parse;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -32,8 +35,13 @@ pub use parse::{Objects, parse_objects};
 use super::SourceEvent;
 use disk::Fingerprint;
 
-/// How often the directory is scanned for changes (metadata only).
+/// How often the directory is scanned (metadata only) while a file is
+/// settling, the directory is missing, or inotify is unavailable; also the
+/// shortest gap between two scans.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How often an idle tree is scanned anyway (what inotify cannot see: the
+/// target of a file symlink outside the tree, a queue overflow).
+pub const RESCAN: Duration = Duration::from_secs(5);
 /// How long a changed file must stay unchanged before it is read.
 pub const SETTLE: Duration = Duration::from_millis(200);
 
@@ -59,6 +67,8 @@ pub struct FileSource {
     sent: bool,
     /// How long a changed file must stay unchanged ([`SETTLE`]).
     settle: Duration,
+    /// The directories the last scan read (to watch).
+    dirs: Vec<PathBuf>,
     /// Errors reported so far (`kwp_source_errors_total`).
     pub errors: Arc<AtomicU64>,
 }
@@ -75,6 +85,7 @@ impl FileSource {
             dir_problems: BTreeMap::new(),
             sent: false,
             settle: SETTLE,
+            dirs: Vec::new(),
             errors: Arc::default(),
         }
     }
@@ -101,6 +112,7 @@ impl FileSource {
             }
         };
         self.report_dir_problems(&listing);
+        self.dirs = listing.dirs.clone();
         let mut changed = false;
         for (path, file) in &listing.files {
             let fingerprint = match file {
@@ -240,7 +252,9 @@ impl FileSource {
         std::thread::Builder::new()
             .name("kwp-file-source".into())
             .spawn(move || {
+                let watch = watch::Watch::new();
                 loop {
+                    let started = Instant::now();
                     if let Some(event) = self.scan()
                         && tx.blocking_send(event).is_err()
                     {
@@ -249,7 +263,22 @@ impl FileSource {
                     if tx.is_closed() {
                         return;
                     }
-                    std::thread::sleep(POLL_INTERVAL);
+                    // Poll while something is pending; otherwise sleep until
+                    // inotify says something changed, or the slow rescan.
+                    let busy =
+                        !self.settling.is_empty() || self.dir_problems.contains_key(&self.dir);
+                    match &watch {
+                        Some(w) if !busy => {
+                            w.add(&self.dirs);
+                            w.wait(RESCAN);
+                        }
+                        _ => {}
+                    }
+                    // At most one scan per POLL_INTERVAL, however busy the writers.
+                    std::thread::sleep(POLL_INTERVAL.saturating_sub(started.elapsed()));
+                    if let Some(w) = &watch {
+                        w.drain();
+                    }
                 }
             })
     }
