@@ -205,9 +205,9 @@ fn a_file_rewritten_in_place_is_never_read_half_written() {
         use std::io::Write;
         let text = both(v);
         let mut f = std::fs::File::create(p.dir.join("ab.yaml")).unwrap();
-        f.write_all(text[..head_len].as_bytes()).unwrap();
+        f.write_all(&text.as_bytes()[..head_len]).unwrap();
         std::thread::sleep(Duration::from_millis(120));
-        f.write_all(text[head_len..].as_bytes()).unwrap();
+        f.write_all(&text.as_bytes()[head_len..]).unwrap();
         drop(f);
         std::thread::sleep(Duration::from_millis(150));
     }

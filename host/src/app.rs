@@ -27,7 +27,7 @@ pub struct App {
 }
 
 enum Source {
-    File(FileSource),
+    File(Box<FileSource>),
     Kubernetes,
 }
 
@@ -130,7 +130,7 @@ impl App {
         };
         let source = match source_spec {
             crate::source::Spec::File(dir) => {
-                Source::File(FileSource::new(&dir, &settings.hostname))
+                Source::File(Box::new(FileSource::new(&dir, &settings.hostname)))
             }
             crate::source::Spec::Kubernetes => Source::Kubernetes,
         };
@@ -185,7 +185,7 @@ impl App {
             Source::File(source) => {
                 // A thread of its own: never on the event loop that serves
                 // health, metrics and signals.
-                source
+                (*source)
                     .spawn(tx, self.sync.metrics.source_errors.clone())
                     .context("starting the file source")?;
             }

@@ -107,7 +107,7 @@ fn add_object(value: serde_yaml::Value, out: &mut Objects) -> Result<()> {
 /// or the file holds more than [`MAX_NODES`] nodes. Stops at the first
 /// event past a limit, so the cost is bounded by the limits, not the input.
 pub fn check_limits(text: &str) -> Result<()> {
-    use unsafe_libyaml as y;
+    use unsafe_libyaml::yaml_event_type_t as y;
     let mut events = Events::new(text);
     let (mut depth, mut nodes) = (0usize, 0usize);
     loop {
