@@ -15,8 +15,9 @@ use serde::Deserialize;
 /// use about 10).
 pub const MAX_DEPTH: usize = 64;
 /// Most YAML nodes (scalars, sequences, mappings, aliases) in one file: an
-/// 8 MiB file of short scalars stays below it.
-pub const MAX_NODES: usize = 2_000_000;
+/// 8 MiB file of real objects (about 20 bytes a node) stays well below it,
+/// and it bounds the memory serde_yaml needs for one file.
+pub const MAX_NODES: usize = 1_000_000;
 
 /// The objects found in one file.
 #[derive(Clone, Debug, Default)]
