@@ -27,7 +27,7 @@ pub struct App {
 }
 
 enum Source {
-    File(FileSource),
+    File(Box<FileSource>),
     Kubernetes,
 }
 
@@ -130,7 +130,7 @@ impl App {
         };
         let source = match source_spec {
             crate::source::Spec::File(dir) => {
-                Source::File(FileSource::new(&dir, &settings.hostname))
+                Source::File(Box::new(FileSource::new(&dir, &settings.hostname)))
             }
             crate::source::Spec::Kubernetes => Source::Kubernetes,
         };
@@ -147,7 +147,7 @@ impl App {
         let Source::File(source) = &mut self.source else {
             bail!("--dry-run reads --source file:DIR only")
         };
-        if let Some(event) = source.scan()? {
+        if let Some(event) = source.read_now()? {
             self.sync.apply(event);
         }
         self.sync.sync();
@@ -183,7 +183,11 @@ impl App {
         let (tx, rx) = mpsc::channel(1024);
         match std::mem::replace(&mut self.source, Source::Kubernetes) {
             Source::File(source) => {
-                tokio::spawn(source.run(tx));
+                // A thread of its own: never on the event loop that serves
+                // health, metrics and signals.
+                (*source)
+                    .spawn(tx, self.sync.metrics.source_errors.clone())
+                    .context("starting the file source")?;
             }
             Source::Kubernetes => {
                 let client =

@@ -128,7 +128,13 @@ impl SyncLoop {
             }
             SourceEvent::Delete(Kind::Service, key) => self.state.delete_service(&key),
             SourceEvent::Delete(Kind::EndpointSlice, key) => self.state.delete_slice(&key),
-            SourceEvent::Delete(Kind::Node, _) => {}
+            SourceEvent::Delete(Kind::Node, _) => {
+                // Upstream forgets the node's labels and resyncs.
+                self.metrics
+                    .node_deleting
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.state.clear_node();
+            }
             SourceEvent::Synced(kind) => {
                 if !self.synced.contains(&kind) {
                     tracing::info!(?kind, "initial listing complete");
@@ -228,10 +234,9 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn changes_are_batched_by_min_sync_period() {
-        let dir = tempfile::tempdir().unwrap();
-        let source = format!("file:{}", dir.path().display());
+    /// A userspace-mode app on an empty file source, node `n1`.
+    fn app(dir: &std::path::Path) -> crate::app::App {
+        let source = format!("file:{}", dir.display());
         let flags = crate::config::Cli::parse_from([
             "kube-wasm-proxy",
             "--proxy-mode",
@@ -239,13 +244,54 @@ mod tests {
             "--no-redirect",
             "--source",
             &source,
+            "--hostname-override",
+            "n1",
             "--min-sync-period",
             "300ms",
             "--sync-period",
             "1h",
         ])
         .flags;
-        let app = crate::app::App::build(&flags).unwrap();
+        crate::app::App::build(&flags).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_deleted_node_is_forgotten() {
+        use crate::source::{Kind, Object};
+        let dir = tempfile::tempdir().unwrap();
+        let mut sync = app(dir.path()).sync;
+        let node = || {
+            serde_yaml::from_str::<k8s_openapi::api::core::v1::Node>(
+                "metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}",
+            )
+            .unwrap()
+        };
+        // The kubernetes source: the Node is deleted.
+        sync.apply(SourceEvent::Apply(Object::Node(node())));
+        assert_eq!(sync.state.node().zone.as_deref(), Some("z1"));
+        sync.state.take_changes();
+        sync.apply(SourceEvent::Delete(
+            Kind::Node,
+            (String::new(), "n1".into()),
+        ));
+        assert_eq!(sync.state.node().zone, None);
+        assert_eq!(sync.state.node().name, "n1");
+        assert!(sync.state.take_changes().node_changed);
+        // The file source: the Node's file is removed.
+        sync.apply(SourceEvent::Apply(Object::Node(node())));
+        sync.apply(SourceEvent::Full {
+            services: vec![],
+            slices: vec![],
+            node: None,
+        });
+        assert_eq!(sync.state.node().zone, None);
+        assert!(sync.state.take_changes().node_changed);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_are_batched_by_min_sync_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
         let (tx, rx) = mpsc::channel(4);
         let running = tokio::spawn(app.sync.run(rx));
         // 50 changes over ~1 s: a sync per change would be 50.

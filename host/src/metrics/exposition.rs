@@ -208,7 +208,7 @@ impl Collector for Scrape {
         put(
             e,
             "kwp_source_errors",
-            "Errors reading cluster state (API watch failures)",
+            "Errors reading cluster state (API watch failures, unreadable source files and directories)",
             &counter(&m.source_errors),
         )?;
         if let Some(runtime) = &m.runtime {
@@ -399,7 +399,7 @@ mod tests {
             (
                 "kwp_source_errors_total",
                 "counter",
-                "Errors reading cluster state (API watch failures)",
+                "Errors reading cluster state (API watch failures, unreadable source files and directories)",
             ),
             ("kwp_plugin_calls_total", "counter", "Calls into the plugin"),
             (

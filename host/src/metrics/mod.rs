@@ -53,7 +53,7 @@ pub struct Metrics {
     pub service_errors: AtomicU64,
     /// Frontends asked for by a Service while an older one owns them.
     pub frontend_conflicts: AtomicU64,
-    /// Source errors (API watch failures).
+    /// Source errors (API watch failures, files the file source refused).
     pub source_errors: Arc<AtomicU64>,
     pub node_deleting: AtomicBool,
     health_timeout: Duration,

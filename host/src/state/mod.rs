@@ -192,6 +192,19 @@ impl ClusterState {
         }
     }
 
+    /// The node object is gone: only its name is known (no labels, zone or
+    /// addresses), as upstream forgets the node's labels.
+    pub fn clear_node(&mut self) {
+        let bare = NodeInfo {
+            name: self.node_name.clone(),
+            ..NodeInfo::default()
+        };
+        if self.node != bare {
+            self.node = bare;
+            self.node_changed = true;
+        }
+    }
+
     /// Replaces everything with a complete set of objects (a full listing),
     /// marking only what differs as changed.
     pub fn replace_all(
@@ -224,8 +237,9 @@ impl ClusterState {
             .collect();
         gone.iter().for_each(|k| self.delete_slice(k));
         slices.iter().for_each(|s| self.upsert_slice(s));
-        if let Some(node) = node {
-            self.set_node(node);
+        match node {
+            Some(node) => self.set_node(node),
+            None => self.clear_node(),
         }
     }
 
