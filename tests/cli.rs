@@ -186,22 +186,7 @@ fn a_second_instance_on_the_node_refuses_to_start() {
     ];
     let bin = env!("CARGO_BIN_EXE_kube-wasm-proxy");
     let mut first = ns.spawn(bin, &args);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ns
-        .sh("cat /proc/net/unix")
-        .contains("@kube-wasm-proxy/node-rules")
-    {
-        assert!(
-            first.try_wait().unwrap().is_none(),
-            "the first instance exited: {:?}",
-            first.wait_with_output()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the first instance never took the lock"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_lock(&ns, &mut first, "the first instance");
     let second = ns.spawn(bin, &args);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(second.wait_with_output()));
@@ -224,21 +209,25 @@ fn a_second_instance_on_the_node_refuses_to_start() {
     let _ = first.wait();
     // Released with the process: a new instance starts.
     let mut third = ns.spawn(bin, &args);
+    wait_for_lock(&ns, &mut third, "an instance started after the kill");
+    let _ = third.kill();
+    let _ = third.wait();
+}
+
+/// Waits until `child` holds the node lock (its abstract socket is listed
+/// in the namespace's /proc/net/unix), failing if it exits first.
+fn wait_for_lock(ns: &Netns, child: &mut std::process::Child, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ns
         .sh("cat /proc/net/unix")
         .contains("@kube-wasm-proxy/node-rules")
     {
-        assert!(
-            third.try_wait().unwrap().is_none(),
-            "a restart after a kill must start"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the restarted instance never took the lock"
-        );
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("{what} exited ({status}): {err}");
+        }
+        assert!(Instant::now() < deadline, "{what} never took the lock");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = third.kill();
-    let _ = third.wait();
 }
