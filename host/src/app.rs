@@ -24,6 +24,8 @@ pub struct App {
     /// Userspace mode's listener map.
     pub mapping: Option<Mapping>,
     source: Source,
+    /// Whether this instance writes kernel rules (and so takes the node lock).
+    kernel_rules: bool,
 }
 
 enum Source {
@@ -52,6 +54,7 @@ impl App {
             masquerade_all: settings.masquerade_all,
             detect_local: settings.detect_local.clone(),
             node_port_addresses: settings.node_port_addresses.clone(),
+            extra: settings.mode_extra.clone(),
             ..ModeSettings::default()
         };
         let mode = Mode::new(
@@ -62,6 +65,7 @@ impl App {
         )?;
         tracing::info!(mode = settings.mode.as_str(), %source, "loaded proxy mode");
         let mut userspace_backends = None;
+        let mut kernel_rules = !settings.dry_run && settings.mode != ProxyMode::Userspace;
         let (dataplane, mapping): (Box<dyn Dataplane>, _) = if settings.dry_run {
             (Box::new(NoDataplane), None)
         } else if settings.mode == ProxyMode::Nftables {
@@ -79,6 +83,7 @@ impl App {
                 (Some(_), None) => std::net::Ipv4Addr::UNSPECIFIED.into(),
                 _ => settings.userspace_bind_address,
             };
+            kernel_rules = redirector.is_some();
             if redirector.is_none() {
                 tracing::info!(%bind, "no CAP_NET_ADMIN: listeners only, no cluster IP redirection");
             }
@@ -111,7 +116,7 @@ impl App {
                 "metricsBindAddress": settings.metrics_bind_address.map(|a| a.to_string()).unwrap_or_default(),
                 "syncPeriod": format!("{:?}", settings.sync_period),
                 "minSyncPeriod": format!("{:?}", settings.min_sync_period),
-                "clusterCIDR": settings.cluster_cidrs.join(","),
+                "clusterCIDR": settings.cluster_cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             },
             "kube-wasm-proxy": { "source": settings.source, "lbPolicy": settings.lb_policy },
         })
@@ -139,6 +144,7 @@ impl App {
             sync,
             mapping,
             source,
+            kernel_rules,
         })
     }
 
@@ -180,6 +186,14 @@ impl App {
 
     /// Runs until interrupted.
     pub async fn run(mut self) -> Result<()> {
+        // Held until this future ends; the kernel frees it if the process dies.
+        let _lock = if self.kernel_rules {
+            Some(crate::instance_lock::InstanceLock::acquire(
+                crate::instance_lock::NODE_RULES_LOCK,
+            )?)
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::channel(1024);
         match std::mem::replace(&mut self.source, Source::Kubernetes) {
             Source::File(source) => {

@@ -96,6 +96,11 @@ pub async fn run(mut flags: Flags, dir: Option<PathBuf>, run_for: Option<Duratio
     flags.proxy_mode = Some(ProxyMode::Userspace);
     // The demo never touches the machine's nftables, even as root.
     flags.no_redirect = true;
+    // The demo's objects name no node; a fixed valid Node name keeps it
+    // independent of the machine's hostname (which may not be one).
+    flags
+        .hostname_override
+        .get_or_insert_with(|| "kwp-demo".into());
     flags.healthz_bind_address.get_or_insert_with(String::new);
     flags.metrics_bind_address.get_or_insert_with(String::new);
     let app = App::build(&flags)?;

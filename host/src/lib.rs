@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataplane;
 pub mod demo;
 pub mod healthcheck;
+pub mod instance_lock;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -25,6 +25,9 @@ fn main() -> std::process::ExitCode {
             None => kwp::app::run(cli.flags).await,
         }
     });
+    // Blocking tasks (a plugin compile, a file read) must not hold the
+    // exit: give them a moment, then leave.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -31,6 +31,13 @@ pub struct ModeSettings {
     pub table: String,
     pub masquerade_all: bool,
     pub detect_local: crate::config::DetectLocal,
+    /// The mode's KubeProxyConfiguration section as JSON: upstream's
+    /// camelCase names, defaults filled in, durations as Go writes them
+    /// (`30s`, `1m0s`); `{}` for modes without one. iptables:
+    /// masqueradeBit, masqueradeAll, localhostNodePorts, syncPeriod,
+    /// minSyncPeriod. ipvs: scheduler, excludeCIDRs, strictARP, tcpTimeout,
+    /// tcpFinTimeout, udpTimeout, syncPeriod, minSyncPeriod. Built and
+    /// checked by `crate::config::file::mode_extra`.
     pub extra: String,
 }
 
@@ -287,9 +294,29 @@ fn detect_local_to_wit(d: &crate::config::DetectLocal, node: &NodeInfo) -> wit_m
     use crate::config::DetectLocal as D;
     match d {
         D::None => wit_mode::DetectLocal::None,
-        D::ClusterCidr(c) => wit_mode::DetectLocal::Cidrs(c.clone()),
-        D::NodeCidr if node.pod_cidrs.is_empty() => wit_mode::DetectLocal::None,
-        D::NodeCidr => wit_mode::DetectLocal::Cidrs(node.pod_cidrs.clone()),
+        D::ClusterCidr(c) => {
+            wit_mode::DetectLocal::Cidrs(c.iter().map(ToString::to_string).collect())
+        }
+        D::NodeCidr => {
+            // The Node object's podCIDRs come from the cluster: only parsed
+            // CIDRs, re-rendered, reach the mode's rule text.
+            let cidrs: Vec<String> = node
+                .pod_cidrs
+                .iter()
+                .filter_map(|c| match c.parse::<crate::model::Cidr>() {
+                    Ok(cidr) => Some(cidr.to_string()),
+                    Err(e) => {
+                        tracing::warn!(error = e, "Node spec.podCIDRs entry ignored");
+                        None
+                    }
+                })
+                .collect();
+            if cidrs.is_empty() {
+                wit_mode::DetectLocal::None
+            } else {
+                wit_mode::DetectLocal::Cidrs(cidrs)
+            }
+        }
         D::BridgeInterface(b) => wit_mode::DetectLocal::BridgeInterface(b.clone()),
         D::InterfaceNamePrefix(p) => wit_mode::DetectLocal::InterfacePrefix(p.clone()),
     }

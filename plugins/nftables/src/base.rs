@@ -12,12 +12,12 @@ pub const MASQ_MARK: &str = "0x4000";
 pub fn render(cfg: &ModeConfig) -> Result<Fragment, String> {
     let mut items = Vec::new();
     for fam in [V4, V6] {
-        items.extend(render_family(cfg, fam));
+        items.extend(render_family(cfg, fam)?);
     }
     Ok(Fragment { items })
 }
 
-fn render_family(cfg: &ModeConfig, f: Fam) -> Vec<Item> {
+fn render_family(cfg: &ModeConfig, f: Fam) -> Result<Vec<Item>, String> {
     let (l3, addr) = (f.l3, f.addr);
     // Node ports answer on the node's addresses (upstream's "primary"
     // default); with no Node object known, on every local address.
@@ -31,7 +31,7 @@ fn render_family(cfg: &ModeConfig, f: Fam) -> Vec<Item> {
     let mut services = vec![format!(
         "{frontend} @masq-services jump mark-for-masquerade"
     )];
-    if let Some(not_local) = f.not_local(cfg) {
+    if let Some(not_local) = f.not_local(cfg)? {
         services.push(format!(
             "{not_local} {frontend} @cluster-ips jump mark-for-masquerade"
         ));
@@ -141,5 +141,5 @@ fn render_family(cfg: &ModeConfig, f: Fam) -> Vec<Item> {
     for ip in node_ips {
         items.push(f.element(cfg, "nodeport-ips", ip));
     }
-    items
+    Ok(items)
 }

@@ -49,27 +49,61 @@ impl Fam {
     }
 
     /// A match for "the source is not one of this node's pods", from the
-    /// configured detect-local mode; `None` when nothing is detected.
-    pub fn not_local(&self, cfg: &ModeConfig) -> Option<String> {
-        match &cfg.detect_local {
+    /// configured detect-local mode; `None` when nothing is detected. The
+    /// host checked these values; they are checked again here because they
+    /// go into rule text: CIDRs are parsed and written back from the parsed
+    /// value, interface names must be plain names inside double quotes.
+    pub fn not_local(&self, cfg: &ModeConfig) -> Result<Option<String>, String> {
+        Ok(match &cfg.detect_local {
             DetectLocal::None => None,
             DetectLocal::Cidrs(cidrs) => {
-                let sep = if self.family == NftFamily::Ip6 {
-                    ':'
-                } else {
-                    '.'
-                };
-                let mine: Vec<&str> = cidrs
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|c| c.contains(sep))
-                    .collect();
+                let mut mine = Vec::new();
+                for text in cidrs {
+                    if let Some(cidr) = self.cidr(text)? {
+                        mine.push(cidr);
+                    }
+                }
                 (!mine.is_empty())
                     .then(|| format!("{} saddr != {{ {} }}", self.l3, mine.join(", ")))
             }
-            DetectLocal::BridgeInterface(name) => Some(format!("iifname != \"{name}\"")),
-            DetectLocal::InterfacePrefix(prefix) => Some(format!("iifname != \"{prefix}*\"")),
+            DetectLocal::BridgeInterface(name) => {
+                Some(format!("iifname != \"{}\"", interface(name, 15)?))
+            }
+            DetectLocal::InterfacePrefix(prefix) => {
+                Some(format!("iifname != \"{}*\"", interface(prefix, 14)?))
+            }
+        })
+    }
+
+    /// `text` as a CIDR of this family, host bits cleared; `None` if it is
+    /// of the other family.
+    fn cidr(&self, text: &str) -> Result<Option<String>, String> {
+        let bad = || format!("nftables: detect-local CIDR {text:?} is not a CIDR");
+        let (addr, len) = text.split_once('/').ok_or_else(bad)?;
+        if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
         }
+        let len: u32 = len.parse().map_err(|_| bad())?;
+        let ip: std::net::IpAddr = addr.parse().map_err(|_| bad())?;
+        Ok(match (self.family, ip) {
+            (NftFamily::Ip, std::net::IpAddr::V4(v4)) if len <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                Some(format!(
+                    "{}/{len}",
+                    std::net::Ipv4Addr::from(v4.to_bits() & mask)
+                ))
+            }
+            (NftFamily::Ip6, std::net::IpAddr::V6(v6)) if len <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                Some(format!(
+                    "{}/{len}",
+                    std::net::Ipv6Addr::from(v6.to_bits() & mask)
+                ))
+            }
+            (NftFamily::Ip, std::net::IpAddr::V6(_))
+            | (NftFamily::Ip6, std::net::IpAddr::V4(_)) => None,
+            _ => return Err(bad()),
+        })
     }
 
     pub fn chain(
@@ -104,5 +138,72 @@ impl Fam {
             name: name.into(),
             declaration,
         })
+    }
+}
+
+/// An interface name (or prefix) that can sit inside double quotes in a
+/// rule: 1..=`max` printable ASCII bytes with nothing nft would read as a
+/// quote, an escape or a wildcard.
+fn interface(name: &str, max: usize) -> Result<&str, String> {
+    let plain = |c: char| c.is_ascii_graphic() && !matches!(c, '"' | '\\' | '\'' | '*' | '/' | ':');
+    if name.is_empty() || name.len() > max || !name.chars().all(plain) {
+        return Err(format!(
+            "nftables: detect-local interface {name:?} is not a valid interface name"
+        ));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kwp_sdk::mode::exports::kwp::proxy::mode::NodeInfo;
+
+    fn cfg(detect_local: DetectLocal) -> ModeConfig {
+        ModeConfig {
+            node: NodeInfo {
+                name: "n".into(),
+                addresses: vec![],
+                zone: None,
+                labels: vec![],
+            },
+            table: "t".into(),
+            masquerade_all: false,
+            detect_local,
+            extra: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn detect_local_values_are_rendered_from_parsed_values() {
+        let c = cfg(DetectLocal::Cidrs(vec![
+            "10.244.1.0/16".into(),
+            "fd00::1/64".into(),
+        ]));
+        assert_eq!(
+            V4.not_local(&c),
+            Ok(Some("ip saddr != { 10.244.0.0/16 }".into()))
+        );
+        assert_eq!(
+            V6.not_local(&c),
+            Ok(Some("ip6 saddr != { fd00::/64 }".into()))
+        );
+        for bad in [
+            "10.244.0.0/16 } accept #",
+            "10.244.0.0/33",
+            "not-a-cidr",
+            "10.0.0.0/+8",
+        ] {
+            let c = cfg(DetectLocal::Cidrs(vec![bad.into()]));
+            assert!(V4.not_local(&c).is_err(), "{bad}");
+        }
+        let c = cfg(DetectLocal::BridgeInterface("cni0".into()));
+        assert_eq!(V4.not_local(&c), Ok(Some("iifname != \"cni0\"".into())));
+        let c = cfg(DetectLocal::InterfacePrefix("veth".into()));
+        assert_eq!(V4.not_local(&c), Ok(Some("iifname != \"veth*\"".into())));
+        for bad in ["br0\" accept #", "", "a\\b", "sixteen-chars-xx", "br*"] {
+            let c = cfg(DetectLocal::BridgeInterface(bad.into()));
+            assert!(V4.not_local(&c).is_err(), "{bad:?}");
+        }
     }
 }

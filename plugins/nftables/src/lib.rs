@@ -38,6 +38,11 @@ impl Guest for Nftables {
         if config.table.is_empty() {
             return Err("nftables: empty table name".into());
         }
+        // Refuse a detect-local value that cannot be written safely now,
+        // rather than at every render.
+        for fam in [family::V4, family::V6] {
+            fam.not_local(&config)?;
+        }
         CONFIG.with(|c| *c.borrow_mut() = Some(config));
         Ok(())
     }

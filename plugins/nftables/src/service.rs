@@ -114,7 +114,7 @@ fn render_family(
         let mut rules = Vec::new();
         if cfg.masquerade_all {
             rules.push("jump mark-for-masquerade".to_string());
-        } else if let Some(not_local) = f.not_local(cfg) {
+        } else if let Some(not_local) = f.not_local(cfg)? {
             rules.push(format!("{not_local} jump mark-for-masquerade"));
         }
         rules.extend(affinity_rules(l3, &key, &internal, affinity));
