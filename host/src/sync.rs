@@ -272,7 +272,7 @@ mod tests {
         sync.state.take_changes();
         sync.apply(SourceEvent::Delete(
             Kind::Node,
-            (String::new(), "n1".into()),
+            crate::model::ObjectKey::new("", "n1"),
         ));
         assert_eq!(sync.state.node().zone, None);
         assert_eq!(sync.state.node().name, "n1");
