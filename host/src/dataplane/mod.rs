@@ -6,6 +6,7 @@
 //! that changed, and it keeps the record of what is in force.
 
 pub mod conntrack;
+pub mod ipvs;
 pub mod nftables;
 pub mod userspace;
 
@@ -62,6 +63,20 @@ pub trait Dataplane: Send {
     fn resync(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// One change: a fragment's new contents, or `None` when it goes.
+pub(crate) type Change<'a> = (FragmentKey, Option<&'a Fragment>);
+
+/// An apply's changes as one list: the base first, then the services.
+pub(crate) fn changes<'a>(
+    base: Option<&'a Fragment>,
+    changed: &'a [(ServicePortName, Option<&'a Fragment>)],
+) -> Vec<Change<'a>> {
+    base.map(|b| (None, Some(b)))
+        .into_iter()
+        .chain(changed.iter().map(|(n, f)| (Some(n.clone()), *f)))
+        .collect()
 }
 
 /// A dataplane that applies nothing (`--dry-run`).
