@@ -1,0 +1,121 @@
+//! The IPVS dataplane's netlink code against a real IPVS kernel: builds
+//! tests/ipvs-probe as a static program, runs it in Debian's cloud kernel
+//! under QEMU (scripts/ipvs-vm.sh), and checks what the probe saw and what
+//! the kernel itself reports in /proc/net/ip_vs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TARGET: &str = "x86_64-unknown-linux-musl";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Builds the probe and returns its path.
+fn build_probe() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(root())
+        .args(["build", "-p", "kwp-ipvs-probe", "--target", TARGET])
+        .args(["--message-format", "json-render-diagnostics"])
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building the probe failed (is the {TARGET} target installed?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .expect("cargo names the probe's executable")
+}
+
+/// The lines between `begin` and `end` markers.
+fn section<'a>(log: &'a str, begin: &str, end: &str) -> Vec<&'a str> {
+    log.lines()
+        .skip_while(|l| !l.contains(begin))
+        .skip(1)
+        .take_while(|l| !l.contains(end))
+        .map(str::trim_end)
+        .collect()
+}
+
+#[test]
+fn services_destinations_and_addresses_round_trip_through_a_real_ipvs_kernel() {
+    let probe = build_probe();
+    let started = std::time::Instant::now();
+    let out = Command::new(root().join("scripts/ipvs-vm.sh"))
+        .arg(&probe)
+        .output()
+        .expect("run scripts/ipvs-vm.sh");
+    if out.status.code() == Some(77) {
+        eprintln!(
+            "SKIPPED: this machine cannot run the IPVS VM: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let log = String::from_utf8_lossy(&out.stdout);
+    eprintln!("VM run took {:?}", started.elapsed());
+    assert!(
+        log.contains("KWP-VM-IPVS-LOADED"),
+        "ip_vs did not load:\n{log}"
+    );
+    for step in [
+        "link",
+        "services",
+        "destinations",
+        "updates",
+        "adoption",
+        "removal",
+    ] {
+        assert!(
+            log.contains(&format!("PROBE-STEP {step} ok")),
+            "step {step} failed:\n{log}"
+        );
+    }
+    assert!(
+        log.contains("PROBE-OK") && log.contains("KWP-VM-PROBE-EXIT 0"),
+        "{log}"
+    );
+
+    // What the kernel itself says (addresses and ports in hex).
+    let first = section(&log, "PROBE-DUMP-BEGIN", "PROBE-DUMP-END");
+    for want in [
+        "UDP  0A600035:0035 wrr  persistent", // 10.96.0.53:53, ClientIP affinity
+        "-> 0AF40201:0035      Masq    2",
+        "TCP  0A60000A:0050 rr",
+        "-> 0AF40101:1F90      Masq    1",
+        "-> 0AF40102:1F90      Masq    3",
+        "-> 0AF40103:1F90      Masq    0", // a draining endpoint
+        "TCP  [fd00:0000:0000:0000:0000:0000:0000:0010]:01BB mh",
+        "-> [fd00:0244:0000:0000:0000:0000:0000:0001]:20FB      Masq    1",
+        "TCP  0A00020F:7580 lc", // a node port
+    ] {
+        assert!(
+            first.iter().any(|l| l.contains(want)),
+            "/proc/net/ip_vs lacks {want:?}:\n{}",
+            first.join("\n")
+        );
+    }
+    let last = section(&log, "PROBE-FINAL-BEGIN", "PROBE-FINAL-END").join("\n");
+    assert!(
+        last.contains("TCP  0A60000A:0050 wrr  persistent"),
+        "{last}"
+    );
+    assert!(last.contains("-> 0AF40101:1F90      Masq    5"), "{last}");
+    assert!(
+        !last.contains("0AF40103"),
+        "deleted destination still there:\n{last}"
+    );
+    assert!(
+        !last.contains("0A00020F:7580"),
+        "deleted service still there:\n{last}"
+    );
+}
