@@ -1,7 +1,8 @@
 //! The IPVS dataplane's netlink code against a real IPVS kernel: builds
 //! tests/ipvs-probe as a static program, runs it in Debian's cloud kernel
 //! under QEMU (scripts/ipvs-vm.sh), and checks what the probe saw and what
-//! the kernel itself reports in /proc/net/ip_vs.
+//! the kernel itself reports in /proc/net/ip_vs, and a real TCP connection
+//! through a virtual server to a listener in a network namespace in the VM.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,7 +48,7 @@ fn section<'a>(log: &'a str, begin: &str, end: &str) -> Vec<&'a str> {
 }
 
 #[test]
-fn services_destinations_and_addresses_round_trip_through_a_real_ipvs_kernel() {
+fn services_destinations_addresses_and_a_real_connection_through_a_real_ipvs_kernel() {
     let probe = build_probe();
     let started = std::time::Instant::now();
     let out = Command::new(root().join("scripts/ipvs-vm.sh"))
@@ -82,6 +83,14 @@ fn services_destinations_and_addresses_round_trip_through_a_real_ipvs_kernel() {
     }
     assert!(
         log.contains("PROBE-OK") && log.contains("KWP-VM-PROBE-EXIT 0"),
+        "{log}"
+    );
+
+    // A real connection to a virtual address reached the pod's listener in
+    // its own network namespace (and the same address without a virtual
+    // server on that port was refused).
+    assert!(
+        log.contains("PROBE-PACKET 10.96.0.20:80 answered \"pod\" from 10.244.9.2:8080"),
         "{log}"
     );
 

@@ -8,4 +8,4 @@ pub mod kernel;
 #[path = "../../../host/src/dataplane/ipvs/link.rs"]
 mod link;
 #[path = "../../../host/src/dataplane/ipvs/netlink.rs"]
-mod netlink;
+pub mod netlink;

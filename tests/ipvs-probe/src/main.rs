@@ -9,6 +9,7 @@ mod model;
 #[allow(dead_code)]
 #[path = "ipvs.rs"]
 mod ipvs;
+mod packet;
 
 use std::net::SocketAddr;
 
@@ -185,6 +186,31 @@ fn main() -> Result<()> {
             k.unbind("10.96.0.53".parse()?)?;
             ensure!(k.services()?.len() == 3);
             ensure!(k.link_addresses()?.len() == 2);
+            Ok(())
+        })(),
+    )?;
+    step(
+        "packet",
+        (|| {
+            packet::start_pod()?;
+            let vip = vs("10.96.0.20:80", Protocol::Tcp, "rr", 0);
+            k.bind("10.96.0.20".parse()?)?;
+            k.add_service(&vip)?;
+            k.add_destination(
+                &vip.key,
+                &RealServer {
+                    address: sa("10.244.9.2:8080"),
+                    weight: 1,
+                },
+            )?;
+            let answer = packet::connect(vip.key.address)?;
+            ensure!(answer == "pod", "answer {answer:?}");
+            // The control: the same address on a port with no virtual server.
+            ensure!(
+                packet::connect(sa("10.96.0.20:81")).is_err(),
+                "port 81 answered"
+            );
+            println!("PROBE-PACKET 10.96.0.20:80 answered {answer:?} from 10.244.9.2:8080");
             Ok(())
         })(),
     )?;
