@@ -8,7 +8,7 @@
 set -euo pipefail
 prog=${1:?usage: ipvs-vm.sh STATIC_PROGRAM [ARGS...]}
 shift
-cache=/var/cache/kwp/ipvs-vm
+cache=${KWP_IPVS_VM_CACHE:-/var/cache/kwp/ipvs-vm}
 skip() { echo "ipvs-vm: SKIP: $*" >&2; exit 77; }
 
 need=""
