@@ -2,7 +2,8 @@
 //! tests/ipvs-probe as a static program, runs it in Debian's cloud kernel
 //! under QEMU (scripts/ipvs-vm.sh), and checks what the probe saw and what
 //! the kernel itself reports in /proc/net/ip_vs, and a real TCP connection
-//! through a virtual server to a listener in a network namespace in the VM.
+//! through a virtual server to a listener in a network namespace in the VM;
+//! then the whole `IpvsDataplane` (adoption, ownership, deltas) in the VM.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -93,6 +94,21 @@ fn services_destinations_addresses_and_a_real_connection_through_a_real_ipvs_ker
         log.contains("PROBE-PACKET 10.96.0.20:80 answered \"pod\" from 10.244.9.2:8080"),
         "{log}"
     );
+
+    // The whole dataplane: adoption by a second instance cost one call (the
+    // recorded node port's deletion), and its virtual server carries traffic.
+    assert!(log.contains("PROBE-ADOPTION calls 1"), "{log}");
+    assert!(
+        log.contains("PROBE-DATAPLANE-PACKET 10.96.1.1:80 answered \"pod\""),
+        "{log}"
+    );
+    let end = section(&log, "PROBE-DATAPLANE-BEGIN", "PROBE-DATAPLANE-END").join("\n");
+    assert!(end.contains("TCP  0A600101:0050 rr"), "{end}"); // 10.96.1.1:80
+    assert!(
+        end.contains("TCP  C0000201:01BB rr"),
+        "foreign server kept:\n{end}"
+    );
+    assert!(!end.contains("0AF40901:7580"), "node port kept:\n{end}");
 
     // What the kernel itself says (addresses and ports in hex).
     let first = section(&log, "PROBE-DUMP-BEGIN", "PROBE-DUMP-END");

@@ -7,14 +7,19 @@
 mod model;
 
 #[allow(dead_code)]
-#[path = "ipvs.rs"]
-mod ipvs;
+mod dataplane;
 mod packet;
+#[allow(dead_code)]
+#[path = "../../../host/src/plan.rs"]
+mod plan;
+mod whole;
 
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result, ensure};
-use ipvs::kernel::{IpvsKernel, NetlinkIpvs, RealServer, VirtualKey, VirtualServer};
+use dataplane::ipvs::kernel::{
+    self, IpvsKernel, NetlinkIpvs, RealServer, VirtualKey, VirtualServer,
+};
 use model::Protocol;
 
 fn sa(s: &str) -> SocketAddr {
@@ -65,7 +70,7 @@ fn main() -> Result<()> {
                 k.add_service(s)?;
             }
             let e = k.add_service(&web).expect_err("duplicate");
-            ensure!(ipvs::kernel::exists(&e), "duplicate add says EEXIST: {e:#}");
+            ensure!(kernel::exists(&e), "duplicate add says EEXIST: {e:#}");
             let mut listed = k.services()?;
             listed.sort_by_key(|s| s.key);
             let mut want = vec![web.clone(), dns.clone(), v6.clone(), node_port.clone()];
@@ -153,7 +158,7 @@ fn main() -> Result<()> {
                 .delete_destination(&web.key, sa("10.244.1.3:8080"))
                 .expect_err("gone");
             ensure!(
-                ipvs::kernel::missing(&e),
+                kernel::missing(&e),
                 "delete of a missing destination: {e:#}"
             );
             let d = k.destinations(&web.key)?;
@@ -179,10 +184,7 @@ fn main() -> Result<()> {
         (|| {
             k.delete_service(&node_port.key)?;
             let e = k.delete_service(&node_port.key).expect_err("gone");
-            ensure!(
-                ipvs::kernel::missing(&e),
-                "delete of a missing service: {e:#}"
-            );
+            ensure!(kernel::missing(&e), "delete of a missing service: {e:#}");
             k.unbind("10.96.0.53".parse()?)?;
             ensure!(k.services()?.len() == 3);
             ensure!(k.link_addresses()?.len() == 2);
@@ -220,6 +222,13 @@ fn main() -> Result<()> {
         std::fs::read_to_string("/proc/net/ip_vs").unwrap_or_default()
     );
     println!("PROBE-FINAL-END");
+    step("dataplane", whole::run())?;
+    println!("PROBE-DATAPLANE-BEGIN");
+    print!(
+        "{}",
+        std::fs::read_to_string("/proc/net/ip_vs").unwrap_or_default()
+    );
+    println!("PROBE-DATAPLANE-END");
     println!("PROBE-OK");
     Ok(())
 }

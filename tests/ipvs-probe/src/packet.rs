@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::ipvs::netlink::{Attrs, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, Socket};
+use crate::dataplane::ipvs::netlink::{Attrs, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, Socket};
 
 const RTM_NEWLINK: u16 = 16;
 const IFLA_IFNAME: u16 = 3;

@@ -24,7 +24,7 @@ pub mod fake;
 mod genl;
 pub mod kernel;
 mod link;
-mod netlink;
+pub(crate) mod netlink;
 #[cfg(test)]
 mod tests;
 
