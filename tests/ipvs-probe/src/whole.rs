@@ -2,7 +2,8 @@
 //! applies a ClusterIP and a node-port Service; a second instance adopts
 //! the state, deletes only what is ours and no longer wanted, spares a
 //! foreign virtual server, and then changes cost one call each; a real
-//! connection goes through the virtual server it made.
+//! connection goes through the virtual server it made. The sysctls
+//! upstream sets are set.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
@@ -82,6 +83,14 @@ pub fn run() -> Result<()> {
         ],
     )?;
     ensure!(applied.refused.is_empty(), "refused {:?}", applied.refused);
+    for name in [
+        "net/ipv4/vs/expire_nodest_conn",
+        "net/ipv4/vs/expire_quiescent_template",
+        "net/ipv4/vs/conntrack",
+        "net/ipv4/ip_forward",
+    ] {
+        ensure!(k.sysctl(name)? == "1", "sysctl {name} not set");
+    }
     let bound = k.link_addresses()?;
     ensure!(bound.contains(&"10.96.1.1".parse::<IpAddr>()?), "{bound:?}");
     ensure!(

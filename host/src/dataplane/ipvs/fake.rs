@@ -22,6 +22,7 @@ pub struct FakeState {
     pub dumps: usize,
     /// Any change touching this virtual server fails with EINVAL.
     pub fail_on: Option<VirtualKey>,
+    pub sysctls: BTreeMap<String, String>,
     /// Schedulers the "kernel" has modules for.
     pub schedulers: BTreeSet<String>,
 }
@@ -191,6 +192,19 @@ impl IpvsKernel for FakeIpvs {
         if !link.insert(ip) {
             return Err(err(libc::EEXIST));
         }
+        Ok(())
+    }
+
+    fn sysctl(&mut self, name: &str) -> Result<String> {
+        self.state()
+            .sysctls
+            .get(name)
+            .cloned()
+            .ok_or_else(|| err(libc::ENOENT))
+    }
+
+    fn set_sysctl(&mut self, name: &str, value: &str) -> Result<()> {
+        self.state().sysctls.insert(name.into(), value.into());
         Ok(())
     }
 

@@ -62,6 +62,9 @@ pub trait IpvsKernel: Send {
     fn node_addresses(&mut self) -> Result<BTreeSet<IpAddr>>;
     fn bind(&mut self, ip: IpAddr) -> Result<()>;
     fn unbind(&mut self, ip: IpAddr) -> Result<()>;
+    /// Reads a sysctl ("net/ipv4/vs/conntrack"), trimmed.
+    fn sysctl(&mut self, name: &str) -> Result<String>;
+    fn set_sysctl(&mut self, name: &str, value: &str) -> Result<()>;
 }
 
 /// The errno in `e`'s chain, if it came from the kernel.
@@ -160,5 +163,16 @@ impl IpvsKernel for NetlinkIpvs {
     }
     fn unbind(&mut self, ip: IpAddr) -> Result<()> {
         self.link()?.unbind(ip)
+    }
+    fn sysctl(&mut self, name: &str) -> Result<String> {
+        let path = format!("/proc/sys/{name}");
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {path}"))?
+            .trim()
+            .to_string())
+    }
+    fn set_sysctl(&mut self, name: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{name}");
+        std::fs::write(&path, value).with_context(|| format!("writing {value} to {path}"))
     }
 }

@@ -206,6 +206,7 @@ impl IpvsDataplane {
         plan: &BTreeMap<FragmentKey, Servers>,
     ) -> Result<Vec<(VirtualKey, anyhow::Error)>> {
         self.kernel.ensure_link().context("kube-ipvs0")?;
+        self.set_sysctls();
         let in_kernel: BTreeMap<VirtualKey, VirtualServer> = self
             .kernel
             .services()?
@@ -253,6 +254,38 @@ impl IpvsDataplane {
         }
         self.write_record(&wanted);
         Ok(failed)
+    }
+
+    /// The sysctls upstream's IPVS mode sets; a failure is logged, not
+    /// fatal (a read-only /proc/sys in a test, say), and retried at the
+    /// next reconcile.
+    fn set_sysctls(&mut self) {
+        let mut wanted = vec![
+            // Connections of a removed real server are dropped, not kept.
+            ("net/ipv4/vs/expire_nodest_conn", "1"),
+            // Persistence templates of a weight-0 server expire.
+            ("net/ipv4/vs/expire_quiescent_template", "1"),
+            // IPVS connections are visible to conntrack (masquerade).
+            ("net/ipv4/vs/conntrack", "1"),
+            ("net/ipv4/ip_forward", "1"),
+        ];
+        // Before 5.9 a reused source port skipped the scheduler for 1 s.
+        let release = self.kernel.sysctl("kernel/osrelease").unwrap_or_default();
+        if kernel_before(&release, (5, 9)) {
+            wanted.push(("net/ipv4/vs/conn_reuse_mode", "0"));
+        }
+        for (name, value) in wanted {
+            if self.kernel.sysctl(name).ok().as_deref() == Some(value) {
+                continue;
+            }
+            if let Err(e) = self.kernel.set_sysctl(name, value) {
+                tracing::warn!(
+                    sysctl = name,
+                    error = format!("{e:#}"),
+                    "setting an IPVS sysctl"
+                );
+            }
+        }
     }
 
     /// One virtual server to `d`, from what the kernel holds.
@@ -437,6 +470,18 @@ impl Default for IpvsDataplane {
 
 fn ok_if(pred: fn(&anyhow::Error) -> bool) -> impl Fn(anyhow::Error) -> Result<()> {
     move |e| if pred(&e) { Ok(()) } else { Err(e) }
+}
+
+/// `release` ("6.1.0-57-cloud-amd64") is older than `(major, minor)`;
+/// unparsable counts as new.
+fn kernel_before(release: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let m = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let n = parts.next().and_then(|p| p.parse::<u32>().ok());
+    match (m, n) {
+        (Some(m), Some(n)) => (m, n) < (major, minor),
+        _ => false,
+    }
 }
 
 fn read_record(path: Option<&PathBuf>) -> BTreeSet<VirtualKey> {

@@ -341,3 +341,35 @@ fn apply_all_restores_the_previous_state_when_any_service_fails() {
     assert_eq!(reals(&fake, "10.0.0.1:80"), vec![(sa("10.1.0.1:80"), 1)]);
     assert!(!fake.state().services.contains_key(&key("10.0.0.2:80")));
 }
+
+#[test]
+fn the_first_reconcile_sets_upstreams_sysctls_and_conn_reuse_mode_only_on_old_kernels() {
+    for (release, reuse) in [("6.1.0-57-cloud-amd64", None), ("5.4.0-1", Some("0"))] {
+        let fake = FakeIpvs::new();
+        fake.state()
+            .sysctls
+            .insert("kernel/osrelease".into(), release.into());
+        let mut dp = dataplane(&fake, None);
+        assert!(apply(&mut dp, &[]).refused.is_empty());
+        let s = fake.state();
+        for name in [
+            "net/ipv4/vs/expire_nodest_conn",
+            "net/ipv4/vs/expire_quiescent_template",
+            "net/ipv4/vs/conntrack",
+            "net/ipv4/ip_forward",
+        ] {
+            assert_eq!(
+                s.sysctls.get(name).map(String::as_str),
+                Some("1"),
+                "{name} on {release}"
+            );
+        }
+        assert_eq!(
+            s.sysctls
+                .get("net/ipv4/vs/conn_reuse_mode")
+                .map(String::as_str),
+            reuse,
+            "{release}"
+        );
+    }
+}
