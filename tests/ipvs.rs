@@ -144,3 +144,43 @@ fn services_destinations_addresses_and_a_real_connection_through_a_real_ipvs_ker
         "deleted service still there:\n{last}"
     );
 }
+
+/// The binary with `--proxy-mode ipvs --dry-run`: the bundled plugin's
+/// plan, through the host's validation, as the dataplane would get it.
+#[test]
+fn the_ipvs_mode_plans_virtual_servers_per_frontend_with_the_policys_scheduler() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("web.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, \
+         annotations: {kube-wasm-proxy.io/lb-policy: weighted}}\n\
+         spec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  externalIPs: [203.0.113.7]\n  \
+         sessionAffinity: ClientIP\n  ports: [{name: http, port: 80, nodePort: 30080}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {name: web-x, namespace: shop, labels: {kubernetes.io/service-name: web}}\n\
+         addressType: IPv4\nports: [{name: http, port: 8080}]\n\
+         endpoints: [{addresses: [10.1.0.1]}, {addresses: [10.1.0.2]}]\n",
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_kube-wasm-proxy"))
+        .args(["--proxy-mode", "ipvs", "--dry-run", "--source"])
+        .arg(format!("file:{}", dir.path().display()))
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+        .output()
+        .expect("run kube-wasm-proxy");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "ipvs virtual tcp 10.96.0.10:80 scheduler wrr persistent 10800s",
+        "ipvs virtual tcp 203.0.113.7:80 scheduler wrr persistent 10800s",
+        "ipvs real tcp 10.96.0.10:80 -> 10.1.0.1:8080 weight",
+        "ipvs real tcp 10.96.0.10:80 -> 10.1.0.2:8080 weight",
+        "ipvs real tcp 203.0.113.7:80 -> 10.1.0.2:8080 weight",
+    ] {
+        assert!(stdout.contains(want), "plan lacks {want:?}:\n{stdout}");
+    }
+}
