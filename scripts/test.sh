@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_wasm_target
+# The IPVS test's static probe program (tests/ipvs.rs).
+rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
+    || rustup target add x86_64-unknown-linux-musl
 ensure_packages nftables iproute2 conntrack
 # A real etcd + kube-apiserver (and upstream kube-proxy) for the API tests,
 # built once per machine and cached outside the repository.

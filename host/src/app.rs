@@ -37,9 +37,12 @@ impl App {
     pub fn build(flags: &Flags) -> Result<Self> {
         let settings = Settings::resolve(flags)?;
         let source_spec = crate::source::parse(&settings.source)?;
-        if !matches!(settings.mode, ProxyMode::Userspace | ProxyMode::Nftables) {
+        if !matches!(
+            settings.mode,
+            ProxyMode::Userspace | ProxyMode::Nftables | ProxyMode::Ipvs
+        ) {
             bail!(
-                "proxy mode {} is not available yet; use --proxy-mode userspace or nftables",
+                "proxy mode {} is not available yet; use --proxy-mode userspace, nftables or ipvs",
                 settings.mode.as_str()
             );
         }
@@ -73,6 +76,8 @@ impl App {
                 Box::new(NftDataplane::new(&crate::plan::Rules::default().nft_table)),
                 None,
             )
+        } else if settings.mode == ProxyMode::Ipvs {
+            (Box::new(crate::dataplane::ipvs::IpvsDataplane::new()), None)
         } else {
             let redirector = if flags.no_redirect {
                 None

@@ -119,6 +119,28 @@ pub enum PlanError {
     TooLarge(usize, usize),
     #[error("has an invalid name {0:?}")]
     BadName(String),
+    #[error("names IPVS scheduler {0:?}, not one of {IPVS_SCHEDULERS:?}")]
+    BadScheduler(String),
+    #[error("has an unusable IPVS address {0}")]
+    BadAddress(SocketAddr),
+}
+
+/// The schedulers IPVS ships.
+pub const IPVS_SCHEDULERS: &[&str] = &[
+    "rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "fo", "ovf", "mh", "twos",
+];
+
+/// An IPVS address must name one host and one port.
+fn check_endpoint(a: &SocketAddr) -> Result<(), PlanError> {
+    let ip = a.ip();
+    if a.port() == 0
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || ip == std::net::Ipv4Addr::BROADCAST
+    {
+        return Err(PlanError::BadAddress(*a));
+    }
+    Ok(())
 }
 
 impl Fragment {
@@ -179,9 +201,23 @@ impl Fragment {
                     check_name(name)?;
                     lines.iter().try_for_each(|l| check_text(l))?;
                 }
-                Item::IpvsVirtualServer { .. }
-                | Item::IpvsRealServer { .. }
-                | Item::Listener(_) => {}
+                Item::IpvsVirtualServer {
+                    address, scheduler, ..
+                } => {
+                    check_endpoint(address)?;
+                    if !IPVS_SCHEDULERS.contains(&scheduler.as_str()) {
+                        return Err(PlanError::BadScheduler(scheduler.clone()));
+                    }
+                }
+                Item::IpvsRealServer {
+                    virtual_address,
+                    address,
+                    ..
+                } => {
+                    check_endpoint(virtual_address)?;
+                    check_endpoint(address)?;
+                }
+                Item::Listener(_) => {}
             }
         }
         Ok(())
@@ -404,6 +440,28 @@ mod tests {
         let big = Fragment {
             items: vec![chain("kube-wasm-proxy", "accept").items[0].clone(); 3].into(),
         };
+        let vs = |addr: &str, scheduler: &str| Fragment {
+            items: vec![Item::IpvsVirtualServer {
+                address: addr.parse().unwrap_or_else(|_| unreachable!()),
+                protocol: Protocol::Tcp,
+                scheduler: scheduler.into(),
+                persistence_timeout: 0,
+            }]
+            .into(),
+        };
+        assert_eq!(vs("10.96.0.1:443", "mh").validate(&rules), Ok(()));
+        assert!(matches!(
+            vs("10.96.0.1:443", "fastest").validate(&rules),
+            Err(PlanError::BadScheduler(_))
+        ));
+        assert!(matches!(
+            vs("0.0.0.0:443", "rr").validate(&rules),
+            Err(PlanError::BadAddress(_))
+        ));
+        assert!(matches!(
+            vs("10.96.0.1:0", "rr").validate(&rules),
+            Err(PlanError::BadAddress(_))
+        ));
         assert_eq!(
             big.validate(&Rules {
                 max_items: 2,

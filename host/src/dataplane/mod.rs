@@ -6,73 +6,9 @@
 //! that changed, and it keeps the record of what is in force.
 
 pub mod conntrack;
+mod contract;
+pub mod ipvs;
 pub mod nftables;
 pub mod userspace;
 
-use anyhow::Result;
-
-use crate::model::ServicePortName;
-use crate::plan::Fragment;
-
-/// Which fragment: `None` is the node-wide base, `Some` a service port's.
-pub type FragmentKey = Option<ServicePortName>;
-
-/// The outcome of an apply that went through: every change is in force
-/// except the `refused` ones, whose previous state stays.
-#[derive(Debug, Default)]
-pub struct Applied {
-    pub refused: Vec<(FragmentKey, anyhow::Error)>,
-}
-
-impl Applied {
-    /// Everything in force.
-    pub fn all() -> Self {
-        Self::default()
-    }
-}
-
-/// The kernel or userspace side: applies fragment deltas.
-pub trait Dataplane: Send {
-    /// `changed` maps a service port to its new fragment, or `None` when it
-    /// is gone. `base` is `Some` when the base fragment changed. `Err`
-    /// means nothing was applied; a dataplane that can apply changes one
-    /// by one reports the ones it could not in `Applied::refused`.
-    fn apply(
-        &mut self,
-        base: Option<&Fragment>,
-        changed: &[(ServicePortName, Option<&Fragment>)],
-    ) -> Result<Applied>;
-
-    /// Like `apply`, but all or nothing: a reloaded mode's first sync is
-    /// judged whole, so none of a bad version's rules may land.
-    fn apply_all(
-        &mut self,
-        base: Option<&Fragment>,
-        changed: &[(ServicePortName, Option<&Fragment>)],
-    ) -> Result<()> {
-        let applied = self.apply(base, changed)?;
-        match applied.refused.into_iter().next() {
-            Some((_, e)) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// Re-applies the whole current state, repairing anything changed
-    /// behind the proxy's back. Called every syncPeriod.
-    fn resync(&mut self) -> Result<()> {
-        Ok(())
-    }
-}
-
-/// A dataplane that applies nothing (`--dry-run`).
-pub struct NoDataplane;
-
-impl Dataplane for NoDataplane {
-    fn apply(
-        &mut self,
-        _: Option<&Fragment>,
-        _: &[(ServicePortName, Option<&Fragment>)],
-    ) -> Result<Applied> {
-        Ok(Applied::all())
-    }
-}
+pub use contract::*;

@@ -28,6 +28,7 @@ mod tests {
                 "random",
                 "userspace",
                 "nftables",
+                "ipvs",
                 "maglev",
                 "weighted",
                 "least-connections"

@@ -30,7 +30,7 @@ pub use diff::diff_against_kernel;
 use kernel::{Listing, NftKernel, NftProcess};
 use script::{Obj, Objects, Script};
 
-use super::{Applied, Dataplane, FragmentKey};
+use super::{Applied, Change, Dataplane, FragmentKey, changes};
 use crate::model::ServicePortName;
 use crate::plan::Fragment;
 
@@ -47,9 +47,6 @@ pub struct NftDataplane {
     pub transactions: u64,
     pub failures: u64,
 }
-
-/// One change: a fragment's new contents, or `None` when it goes.
-type Change<'a> = (FragmentKey, Option<&'a Fragment>);
 
 impl NftDataplane {
     /// Through the `nft` process.
@@ -271,17 +268,6 @@ fn full_over(
     kernel: &Listing,
 ) -> Result<String> {
     Ok(Script::new(table).full(&Objects::of(plan.values())?, kernel))
-}
-
-/// The base first, then the services.
-fn changes<'a>(
-    base: Option<&'a Fragment>,
-    changed: &'a [(ServicePortName, Option<&'a Fragment>)],
-) -> Vec<Change<'a>> {
-    let base = base.map(|b| (None, Some(b)));
-    base.into_iter()
-        .chain(changed.iter().map(|(n, f)| (Some(n.clone()), *f)))
-        .collect()
 }
 
 impl Dataplane for NftDataplane {
