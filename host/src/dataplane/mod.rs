@@ -6,6 +6,7 @@
 //! that changed, and it keeps the record of what is in force.
 
 pub mod conntrack;
+pub mod iptables;
 pub mod nftables;
 pub mod userspace;
 
