@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_wasm_target
-ensure_packages nftables iproute2 conntrack
+ensure_packages nftables iproute2 conntrack iptables
 # A real etcd + kube-apiserver (and upstream kube-proxy) for the API tests,
 # built once per machine and cached outside the repository.
 scripts/control-plane.sh >/dev/null

@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 
 use crate::config::{Flags, ProxyMode, Settings};
+use crate::dataplane::iptables::IptablesDataplane;
 use crate::dataplane::nftables::NftDataplane;
 use crate::dataplane::userspace::backends::Backends;
 use crate::dataplane::userspace::{Mapping, Redirector, UserspaceDataplane};
@@ -35,9 +36,12 @@ impl App {
     pub fn build(flags: &Flags) -> Result<Self> {
         let settings = Settings::resolve(flags)?;
         let source_spec = crate::source::parse(&settings.source)?;
-        if !matches!(settings.mode, ProxyMode::Userspace | ProxyMode::Nftables) {
+        if !matches!(
+            settings.mode,
+            ProxyMode::Userspace | ProxyMode::Nftables | ProxyMode::Iptables
+        ) {
             bail!(
-                "proxy mode {} is not available yet; use --proxy-mode userspace or nftables",
+                "proxy mode {} is not available yet; use --proxy-mode userspace, nftables or iptables",
                 settings.mode.as_str()
             );
         }
@@ -69,6 +73,8 @@ impl App {
                 Box::new(NftDataplane::new(&crate::plan::Rules::default().nft_table)),
                 None,
             )
+        } else if settings.mode == ProxyMode::Iptables {
+            (Box::new(IptablesDataplane::new()), None)
         } else {
             let redirector = if flags.no_redirect {
                 None

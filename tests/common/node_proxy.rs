@@ -55,8 +55,6 @@ pub fn start_full(
     std::fs::rename(path.join("node.yaml"), path.join("objects/node.yaml")).unwrap();
     std::fs::rename(path.join("objects.yaml"), path.join("objects/objects.yaml")).unwrap();
     let mut args = vec![
-        "--proxy-mode",
-        "nftables",
         "--source",
         &source,
         "--config",
@@ -68,6 +66,7 @@ pub fn start_full(
     ];
     // Defaults the caller may override.
     for (flag, value) in [
+        ("--proxy-mode", "nftables"),
         ("--sync-period", "2s"),
         ("--healthz-bind-address", ""),
         ("--metrics-bind-address", ""),
@@ -78,6 +77,15 @@ pub fn start_full(
     }
     args.extend_from_slice(extra);
     let proxy = launch_in(cluster, dir, &args);
+    if extra.contains(&"iptables") {
+        eventually("the proxy's chains", || {
+            cluster
+                .node
+                .sh("iptables-save -t nat")
+                .contains(":KWP-SERVICES")
+        });
+        return proxy;
+    }
     eventually("the proxy's table", || {
         cluster
             .node

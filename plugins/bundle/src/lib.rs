@@ -28,6 +28,7 @@ mod tests {
                 "random",
                 "userspace",
                 "nftables",
+                "iptables",
                 "maglev",
                 "weighted",
                 "least-connections"

@@ -45,7 +45,7 @@ pub fn chain_name(kind: &str, input: &str) -> String {
 /// each; a single-stack one renders nothing for the other family.
 pub fn render(
     cfg: &ModeConfig,
-    _settings: &Settings,
+    s: &Settings,
     svc: &ServicePort,
     endpoints: &[Endpoint],
     backends: &BackendPlan,
