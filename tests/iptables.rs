@@ -8,9 +8,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::node_proxy::{
-    CONFIG, Proxy, addr, answered_by, eventually, many, service, start_full,
-};
+use common::node_proxy::{CONFIG, Proxy, addr, answered_by, eventually, many, service, start_full};
 use common::topology::{CLIENT_IP, Cluster, NODE_IP, Outcome, tcp_from, udp_from};
 use common::write;
 
@@ -88,7 +86,14 @@ fn external_traffic_policy_local_keeps_the_client_ip_and_local_pods() {
     let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n  # nodePort: 30081\n";
     let _p = start(
         &c,
-        &service(&c, "web", "10.96.0.12", spec, &["pod-a", "pod-b", "pod-c"], "TCP"),
+        &service(
+            &c,
+            "web",
+            "10.96.0.12",
+            spec,
+            &["pod-a", "pod-b", "pod-c"],
+            "TCP",
+        ),
     );
     let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30081)));
     assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-b"]));
@@ -185,7 +190,14 @@ fn endpoint_removal_rewrites_only_its_chains_and_foreign_chains_survive() {
     assert_eq!(before.len(), 5, "{before:?}");
     let p = start(
         &c,
-        &service(&c, "web", "10.96.0.16", "", &["pod-a", "pod-c", "pod-d"], "TCP"),
+        &service(
+            &c,
+            "web",
+            "10.96.0.16",
+            "",
+            &["pod-a", "pod-c", "pod-d"],
+            "TCP",
+        ),
     );
     let from = &c.pod("pod-b").ns;
     assert!(answered_by(&many(30, || tcp_from(from, addr("10.96.0.16", 80)))).contains("pod-d"));
@@ -226,7 +238,10 @@ fn a_restart_adopts_the_chains_without_dropping_a_connection() {
     std::thread::sleep(Duration::from_millis(2500)); // its first (full) sync and a resync ran
     let (ok, failed) = client.stop();
     let logs = second.logs.text();
-    assert!(!logs.contains("failed"), "adopting the chains failed:\n{logs}");
+    assert!(
+        !logs.contains("failed"),
+        "adopting the chains failed:\n{logs}"
+    );
     assert!(
         failed.is_empty(),
         "{} failed of {}: {failed:?}",
@@ -247,7 +262,9 @@ fn a_consistent_hash_policy_is_refused_by_name_and_the_others_sync() {
     );
     let plain = service(&c, "plain", "10.96.0.20", "", &["pod-a"], "TCP");
     let p = start(&c, &(maglev + &plain));
-    eventually("the plain service", || save(&c, "nat").contains("-d 10.96.0.20/32"));
+    eventually("the plain service", || {
+        save(&c, "nat").contains("-d 10.96.0.20/32")
+    });
     assert!(matches!(
         tcp_from(&c.pod("pod-b").ns, addr("10.96.0.20", 80)),
         Outcome::Answered(..)
