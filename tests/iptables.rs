@@ -275,3 +275,175 @@ fn a_consistent_hash_policy_is_refused_by_name_and_the_others_sync() {
         logs.contains("t/hashed") && logs.contains("cannot express")
     });
 }
+
+#[test]
+fn external_and_load_balancer_ips_with_source_ranges() {
+    let c = Cluster::new("ilb");
+    // 198.51.100.x stands for addresses routed to this node by a router.
+    c.client.sh("ip route add 198.51.100.0/24 via 203.0.113.1");
+    let spec = "  type: LoadBalancer\n  externalIPs: [198.51.100.7]\n  loadBalancerSourceRanges: [203.0.113.0/30]\n  # nodePort: 30085\n";
+    let objects = service(&c, "lb", "10.96.0.21", spec, &["pod-a"], "TCP").replacen(
+        "---\n",
+        "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.8}, {ip: 198.51.100.9, ipMode: Proxy}]\n---\n",
+        1,
+    );
+    let closed_spec =
+        "  type: LoadBalancer\n  loadBalancerSourceRanges: [192.0.2.0/24]\n  # nodePort: 30086\n";
+    let closed = service(&c, "closed", "10.96.0.22", closed_spec, &["pod-a"], "TCP").replacen(
+        "---\n",
+        "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.10}]\n---\n",
+        1,
+    );
+    let _p = start(&c, &(objects + &closed));
+    eventually("rules", || save(&c, "filter").contains("198.51.100.10"));
+    let answered_by_a = |ip: &str, port| matches!(tcp_from(&c.client, addr(ip, port)), Outcome::Answered(p, _) if p == "pod-a");
+    assert!(answered_by_a("198.51.100.7", 80), "external IP");
+    assert!(
+        answered_by_a("198.51.100.8", 80),
+        "LB IP from an allowed source"
+    );
+    assert_eq!(
+        tcp_from(&c.client, addr("198.51.100.10", 80)),
+        Outcome::TimedOut,
+        "LB IP from a source outside loadBalancerSourceRanges"
+    );
+    assert!(
+        answered_by_a(NODE_IP, 30086),
+        "source ranges apply to LB IPs only, not node ports"
+    );
+    let nat = save(&c, "nat");
+    assert!(
+        !nat.contains("198.51.100.9"),
+        "ipMode Proxy ingress must not be captured:\n{nat}"
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_and_traffic_from_the_node() {
+    let c = Cluster::new("iitp");
+    let spec = "  internalTrafficPolicy: Local\n";
+    let _p = start(
+        &c,
+        &service(
+            &c,
+            "web",
+            "10.96.0.23",
+            spec,
+            &["pod-a", "pod-c", "pod-d"],
+            "TCP",
+        ),
+    );
+    let outcomes = many(15, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.23", 80)));
+    assert_eq!(
+        answered_by(&outcomes),
+        pods(&["pod-a"]),
+        "only the local endpoint"
+    );
+    // From the node itself (nat OUTPUT).
+    let outcomes = many(5, || tcp_from(&c.node, addr("10.96.0.23", 80)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-a"]));
+}
+
+#[test]
+fn masquerade_all_and_the_masquerade_bit_come_from_the_iptables_section() {
+    let c = Cluster::new("imall");
+    let config = format!("{CONFIG}iptables:\n  masqueradeAll: true\n");
+    let _p = start_full(
+        &c,
+        &service(&c, "web", "10.96.0.24", "", &["pod-c"], "TCP"),
+        &config,
+        &Cluster::node_yaml(),
+        &["--proxy-mode", "iptables"],
+    );
+    match tcp_from(&c.pod("pod-b").ns, addr("10.96.0.24", 80)) {
+        Outcome::Answered(pod, src) => {
+            assert_eq!(pod, "pod-c");
+            assert_eq!(
+                src, "10.0.0.1",
+                "masqueradeAll: the pod sees the node's address"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let nat = save(&c, "nat");
+    assert!(
+        nat.contains("-A KWP-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000"),
+        "default masqueradeBit 14:\n{nat}"
+    );
+    assert!(nat.contains("--random-fully"), "{nat}");
+}
+
+#[test]
+fn dual_stack_services_answer_on_both_families() {
+    let c = Cluster::new("ids");
+    let slice = |family: &str, pods: &[&str]| {
+        let mut y = format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-{}, namespace: t, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {family}\nports: [{{name: p, port: {}, protocol: TCP}}]\nendpoints:\n",
+            family.to_lowercase(),
+            common::topology::POD_PORT
+        );
+        for pod in pods {
+            let p = c.pod(pod);
+            let ip = if family == "IPv6" {
+                p.ip6.clone()
+            } else {
+                p.ip.to_string()
+            };
+            let node = if p.local { "node-1" } else { "node-2" };
+            y.push_str(&format!("- {{addresses: ['{ip}'], nodeName: {node}}}\n"));
+        }
+        y
+    };
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.25\n  clusterIPs: [10.96.0.25, 'fd00:96::25']\n  ports: [{name: p, port: 80, protocol: TCP, nodePort: 30092}]\n".to_string();
+    let _p = start(
+        &c,
+        &(svc + &slice("IPv4", &["pod-a", "pod-c"]) + &slice("IPv6", &["pod-a", "pod-c"])),
+    );
+    eventually("ip6tables rules", || {
+        c.node
+            .sh("ip6tables-save -t nat")
+            .contains("fd00:96::25/128")
+    });
+    let from = &c.pod("pod-b").ns;
+    let v4 = many(16, || tcp_from(from, addr("10.96.0.25", 80)));
+    assert_eq!(answered_by(&v4), pods(&["pod-a", "pod-c"]));
+    let v6 = many(16, || tcp_from(from, "[fd00:96::25]:80".parse().unwrap()));
+    assert_eq!(answered_by(&v6), pods(&["pod-a", "pod-c"]));
+    let pod_b6 = c.pod("pod-b").ip6.clone();
+    assert!(
+        v6.iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if *src == pod_b6)),
+        "in-cluster IPv6 source kept: {v6:?}"
+    );
+    let np = many(8, || {
+        tcp_from(
+            &c.client,
+            format!("[{}]:30092", common::topology::NODE_IP6)
+                .parse()
+                .unwrap(),
+        )
+    });
+    assert!(
+        np.iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src != common::topology::CLIENT_IP6)),
+        "{np:?}"
+    );
+}
+
+#[test]
+fn sctp_services_are_programmed() {
+    let c = Cluster::new("isctp");
+    let _p = start(
+        &c,
+        &service(&c, "assoc", "10.96.0.26", "", &["pod-a"], "SCTP"),
+    );
+    eventually("sctp rules", || {
+        save(&c, "nat").contains("-d 10.96.0.26/32 -p sctp")
+    });
+    let nat = save(&c, "nat");
+    assert!(nat.contains("-m sctp --dport 80 -j KWP-SVC-"), "{nat}");
+    assert!(
+        nat.contains("-m sctp -j DNAT --to-destination 10.244.1.11:8080"),
+        "{nat}"
+    );
+}

@@ -239,31 +239,30 @@ fn render_family(
         .filter_map(|lb| f.ip(&lb.ip))
         .collect();
     let external_ips: Vec<String> = svc.external_ips.iter().filter_map(|ip| f.ip(ip)).collect();
+    // loadBalancerSourceRanges, as upstream: nat `KWP-FW-H` sends allowed
+    // sources on to the external chain; the rest fall through un-DNATed and
+    // filter `KWP-PROXY-FIREWALL` drops them by their LB destination.
+    let ranges: Vec<String> = svc.source_ranges.iter().filter_map(|c| f.cidr(c)).collect();
+    let firewalled = !svc.source_ranges.is_empty() && !external.is_empty();
+    if firewalled && !lb_ips.is_empty() {
+        out.nat(
+            &fw_chain,
+            ranges
+                .iter()
+                .map(|r| format!("{comment} -s {r} -j {ext_chain}"))
+                .collect(),
+        );
+    }
     for ip in external_ips.iter().chain(&lb_ips) {
         let to = format!("{comment} -d {} {}", f.host(ip), dport(svc.port));
+        let lb = lb_ips.contains(ip) && !external_ips.contains(ip);
         if external.is_empty() {
             filter_external.push(format!("{to} -j {}", no_endpoints(local_only)));
+        } else if lb && firewalled {
+            service_ips.push(format!("{to} -j {fw_chain}"));
+            firewall.push(format!("{to} -j DROP"));
         } else {
             service_ips.push(format!("{to} -j {ext_chain}"));
-        }
-    }
-    // loadBalancerSourceRanges: LB traffic from other sources is dropped in
-    // filter before it is accepted (it was DNATed, so match the original
-    // destination through conntrack... as upstream, on the LB IP itself).
-    let ranges: Vec<String> = svc.source_ranges.iter().filter_map(|c| f.cidr(c)).collect();
-    if !svc.source_ranges.is_empty() && !lb_ips.is_empty() && !external.is_empty() {
-        let mut rules: Vec<String> = ranges
-            .iter()
-            .map(|r| format!("{comment} -s {r} -j RETURN"))
-            .collect();
-        rules.push(format!("{comment} -j DROP"));
-        out.filter(&fw_chain, rules);
-        for ip in &lb_ips {
-            firewall.push(format!(
-                "{comment} -d {} {} -j {fw_chain}",
-                f.host(ip),
-                dport(svc.port)
-            ));
         }
     }
     let mut node_ports = Vec::new();
