@@ -8,7 +8,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::node_proxy::{CONFIG, Proxy, addr, answered_by, eventually, many, service, start_full};
+use common::node_proxy::{
+    CONFIG, Proxy, addr, answered_by, eventually, family_slice, many, service, start_full,
+};
 use common::topology::{CLIENT_IP, Cluster, NODE_IP, Outcome, tcp_from, udp_from};
 use common::write;
 
@@ -376,24 +378,7 @@ fn masquerade_all_and_the_masquerade_bit_come_from_the_iptables_section() {
 #[test]
 fn dual_stack_services_answer_on_both_families() {
     let c = Cluster::new("ids");
-    let slice = |family: &str, pods: &[&str]| {
-        let mut y = format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-{}, namespace: t, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {family}\nports: [{{name: p, port: {}, protocol: TCP}}]\nendpoints:\n",
-            family.to_lowercase(),
-            common::topology::POD_PORT
-        );
-        for pod in pods {
-            let p = c.pod(pod);
-            let ip = if family == "IPv6" {
-                p.ip6.clone()
-            } else {
-                p.ip.to_string()
-            };
-            let node = if p.local { "node-1" } else { "node-2" };
-            y.push_str(&format!("- {{addresses: ['{ip}'], nodeName: {node}}}\n"));
-        }
-        y
-    };
+    let slice = |family: &str, pods: &[&str]| family_slice(&c, "web", family, pods);
     let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.25\n  clusterIPs: [10.96.0.25, 'fd00:96::25']\n  ports: [{name: p, port: 80, protocol: TCP, nodePort: 30092}]\n".to_string();
     let _p = start(
         &c,

@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::node_proxy::{
-    CONFIG, addr, answered_by, eventually, many, service, start, start_full, start_with,
+    CONFIG, addr, answered_by, eventually, family_slice, many, service, start, start_full,
+    start_with,
 };
 use common::topology::{
     CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, POD_PORT, tcp_from, udp_from,
@@ -793,23 +794,7 @@ fn masquerade_all_masquerades_in_cluster_sources_too() {
 #[test]
 fn dual_stack_services_answer_on_both_families() {
     let c = Cluster::new("ds");
-    let slice = |family: &str, pods: &[&str]| {
-        let mut y = format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-{}, namespace: t, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {family}\nports: [{{name: p, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n",
-            family.to_lowercase()
-        );
-        for pod in pods {
-            let p = c.pod(pod);
-            let ip = if family == "IPv6" {
-                p.ip6.clone()
-            } else {
-                p.ip.to_string()
-            };
-            let node = if p.local { "node-1" } else { "node-2" };
-            y.push_str(&format!("- {{addresses: ['{ip}'], nodeName: {node}}}\n"));
-        }
-        y
-    };
+    let slice = |family: &str, pods: &[&str]| family_slice(&c, "web", family, pods);
     let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.31\n  clusterIPs: [10.96.0.31, 'fd00:96::31']\n  ports: [{name: p, port: 80, protocol: TCP, nodePort: 30091}]\n".to_string();
     let _p = start(
         &c,

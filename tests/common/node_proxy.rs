@@ -202,3 +202,23 @@ pub fn http_get(ns: &super::netns::Netns, addr: SocketAddr, path: &str) -> (u16,
         (status, body)
     })
 }
+
+/// An EndpointSlice of Service `service` (port `p`) for one address family
+/// (`IPv4` or `IPv6`) over the named pods.
+pub fn family_slice(cluster: &Cluster, service: &str, family: &str, pods: &[&str]) -> String {
+    let mut y = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{}, namespace: t, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {family}\nports: [{{name: p, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n",
+        family.to_lowercase()
+    );
+    for pod in pods {
+        let p = cluster.pod(pod);
+        let ip = if family == "IPv6" {
+            p.ip6.clone()
+        } else {
+            p.ip.to_string()
+        };
+        let node = if p.local { "node-1" } else { "node-2" };
+        y.push_str(&format!("- {{addresses: ['{ip}'], nodeName: {node}}}\n"));
+    }
+    y
+}
