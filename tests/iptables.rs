@@ -432,3 +432,72 @@ fn sctp_services_are_programmed() {
         "{nat}"
     );
 }
+
+#[test]
+fn weighted_policy_weights_become_statistic_probabilities() {
+    let c = Cluster::new("iwt");
+    let a = c.pod("pod-a").ip;
+    let objects = service(&c, "web", "10.96.0.27", "", &["pod-a", "pod-c"], "TCP").replacen(
+        "metadata: {name: web, namespace: t}",
+        &format!("metadata: {{name: web, namespace: t, annotations: {{kube-wasm-proxy.io/lb-policy: weighted, kube-wasm-proxy.io/lb-policy-config: '{a}=3'}}}}"),
+        1,
+    );
+    let _p = start(&c, &objects);
+    eventually("weighted rules", || {
+        save(&c, "nat").contains("--probability 0.75000000")
+    });
+    let outcomes = many(200, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.27", 80)));
+    let on_a = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Answered(p, _) if p == "pod-a"))
+        .count();
+    assert_eq!(answered_by(&outcomes).len(), 2);
+    // 3 : 1 is 150 of 200; allow for randomness.
+    assert!(
+        (125..=175).contains(&on_a),
+        "{on_a} of 200 on the weight-3 pod"
+    );
+}
+
+#[test]
+fn services_come_and_go_by_rule_in_the_shared_dispatch_chain() {
+    let c = Cluster::new("idel");
+    let first = service(&c, "one", "10.96.0.28", "", &["pod-a"], "TCP");
+    let second = service(
+        &c,
+        "two",
+        "10.96.0.29",
+        "  type: NodePort\n  # nodePort: 30093\n",
+        &["pod-c"],
+        "TCP",
+    );
+    let p = start(&c, &first);
+    let from = &c.pod("pod-b").ns;
+    assert!(
+        matches!(tcp_from(from, addr("10.96.0.28", 80)), Outcome::Answered(p, _) if p == "pod-a")
+    );
+    write(&p.dir, "objects.yaml", &(first.clone() + &second));
+    eventually(
+        "the second service",
+        || matches!(tcp_from(&c.client, addr(NODE_IP, 30093)), Outcome::Answered(p, _) if p == "pod-c"),
+    );
+    write(&p.dir, "objects.yaml", &first);
+    eventually("the second service gone", || {
+        !save(&c, "nat").contains("10.96.0.29")
+    });
+    let nat = save(&c, "nat");
+    assert!(!nat.contains("--dport 30093"), "{nat}");
+    assert_eq!(
+        nat.matches("-j KWP-SVC-").count(),
+        1,
+        "only the first service is dispatched:\n{nat}"
+    );
+    assert!(
+        matches!(tcp_from(from, addr("10.96.0.28", 80)), Outcome::Answered(p, _) if p == "pod-a")
+    );
+    let logs = p.logs.text();
+    assert!(
+        !logs.contains("reconciling in full"),
+        "the deltas (append, then delete by rule) must apply as such:\n{logs}"
+    );
+}
