@@ -9,7 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::node_proxy::{
-    CONFIG, Proxy, addr, answered_by, eventually, family_slice, many, service, start_full,
+    CONFIG, Proxy, addr, answered_by, assert_three_to_one, eventually, family_slice, many, service,
+    start_full, weighted_service,
 };
 use common::topology::{CLIENT_IP, Cluster, NODE_IP, Outcome, tcp_from, udp_from};
 use common::write;
@@ -436,27 +437,12 @@ fn sctp_services_are_programmed() {
 #[test]
 fn weighted_policy_weights_become_statistic_probabilities() {
     let c = Cluster::new("iwt");
-    let a = c.pod("pod-a").ip;
-    let objects = service(&c, "web", "10.96.0.27", "", &["pod-a", "pod-c"], "TCP").replacen(
-        "metadata: {name: web, namespace: t}",
-        &format!("metadata: {{name: web, namespace: t, annotations: {{kube-wasm-proxy.io/lb-policy: weighted, kube-wasm-proxy.io/lb-policy-config: '{a}=3'}}}}"),
-        1,
-    );
+    let objects = weighted_service(&c, "10.96.0.27");
     let _p = start(&c, &objects);
     eventually("weighted rules", || {
         save(&c, "nat").contains("--probability 0.75000000")
     });
-    let outcomes = many(200, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.27", 80)));
-    let on_a = outcomes
-        .iter()
-        .filter(|o| matches!(o, Outcome::Answered(p, _) if p == "pod-a"))
-        .count();
-    assert_eq!(answered_by(&outcomes).len(), 2);
-    // 3 : 1 is 150 of 200; allow for randomness.
-    assert!(
-        (125..=175).contains(&on_a),
-        "{on_a} of 200 on the weight-3 pod"
-    );
+    assert_three_to_one(&c, "10.96.0.27");
 }
 
 #[test]

@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::node_proxy::{
-    CONFIG, addr, answered_by, eventually, family_slice, many, service, start, start_full,
-    start_with,
+    CONFIG, addr, answered_by, assert_three_to_one, eventually, family_slice, many, service, start,
+    start_full, start_with, weighted_service,
 };
 use common::topology::{
     CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, POD_PORT, tcp_from, udp_from,
@@ -1029,27 +1029,12 @@ fn client_ip_affinity_expires_after_its_timeout() {
 #[test]
 fn weighted_policy_weights_reach_the_kernel() {
     let c = Cluster::new("wt");
-    let a = c.pod("pod-a").ip;
-    let objects = service(&c, "web", "10.96.0.35", "", &["pod-a", "pod-c"], "TCP").replacen(
-        "metadata: {name: web, namespace: t}",
-        &format!("metadata: {{name: web, namespace: t, annotations: {{kube-wasm-proxy.io/lb-policy: weighted, kube-wasm-proxy.io/lb-policy-config: '{a}=3'}}}}"),
-        1,
-    );
+    let objects = weighted_service(&c, "10.96.0.35");
     let _p = start(&c, &objects);
     eventually("weighted rules", || {
         c.node.sh("nft list ruleset").contains("goto class-4")
     });
-    let outcomes = many(200, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.35", 80)));
-    let on_a = outcomes
-        .iter()
-        .filter(|o| matches!(o, Outcome::Answered(p, _) if p == "pod-a"))
-        .count();
-    assert_eq!(answered_by(&outcomes).len(), 2);
-    // 3 : 1 is 150 of 200; allow for randomness.
-    assert!(
-        (125..=175).contains(&on_a),
-        "{on_a} of 200 on the weight-3 pod"
-    );
+    assert_three_to_one(&c, "10.96.0.35");
 }
 
 #[test]

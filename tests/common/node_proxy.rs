@@ -222,3 +222,30 @@ pub fn family_slice(cluster: &Cluster, service: &str, family: &str, pods: &[&str
     }
     y
 }
+
+/// Service `web` at `ip` over pod-a and pod-c, with the weighted policy
+/// giving pod-a weight 3 (pod-c the default 1).
+pub fn weighted_service(cluster: &Cluster, ip: &str) -> String {
+    let a = cluster.pod("pod-a").ip;
+    service(cluster, "web", ip, "", &["pod-a", "pod-c"], "TCP").replacen(
+        "metadata: {name: web, namespace: t}",
+        &format!("metadata: {{name: web, namespace: t, annotations: {{kube-wasm-proxy.io/lb-policy: weighted, kube-wasm-proxy.io/lb-policy-config: '{a}=3'}}}}"),
+        1,
+    )
+}
+
+/// 200 connections from pod-b to `ip`:80 split about 3 : 1 between pod-a and pod-c.
+pub fn assert_three_to_one(cluster: &Cluster, ip: &str) {
+    use super::topology::tcp_from;
+    let outcomes = many(200, || tcp_from(&cluster.pod("pod-b").ns, addr(ip, 80)));
+    let on_a = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Answered(p, _) if p == "pod-a"))
+        .count();
+    assert_eq!(answered_by(&outcomes).len(), 2);
+    // 3 : 1 is 150 of 200; allow for randomness.
+    assert!(
+        (125..=175).contains(&on_a),
+        "{on_a} of 200 on the weight-3 pod"
+    );
+}
