@@ -487,3 +487,9 @@ fn services_come_and_go_by_rule_in_the_shared_dispatch_chain() {
         "the deltas (append, then delete by rule) must apply as such:\n{logs}"
     );
 }
+
+#[test]
+fn stale_udp_conntrack_entries_are_flushed_when_an_endpoint_goes() {
+    let c = Cluster::new("ict");
+    common::scenarios::stale_udp_flow_moves(&c, "10.96.0.30", start, |c: &Cluster| save(c, "nat"));
+}

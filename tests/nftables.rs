@@ -586,57 +586,9 @@ fn health_check_node_ports_report_local_endpoints() {
 #[test]
 fn stale_udp_conntrack_entries_are_flushed_when_an_endpoint_goes() {
     let c = Cluster::new("ct");
-    let p = start(&c, &service(&c, "dns", "10.96.0.27", "", &["pod-c"], "UDP"));
-    eventually("udp rules", || {
-        c.node
-            .sh("nft list table ip kube-wasm-proxy")
-            .contains("10.96.0.27 . udp")
+    common::scenarios::stale_udp_flow_moves(&c, "10.96.0.27", start, |c: &Cluster| {
+        c.node.sh("nft list table ip kube-wasm-proxy")
     });
-    // One long-lived flow: the same socket (5-tuple) throughout.
-    let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<String>>();
-    c.pod("pod-b").ns.background(move || {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        while let Ok(reply_to) = rx.recv() {
-            let _ = socket.send_to(b"who", addr("10.96.0.27", 80));
-            let mut buf = [0u8; 128];
-            let answer = match socket.recv_from(&mut buf) {
-                Ok((n, _)) => String::from_utf8_lossy(&buf[..n])
-                    .split(' ')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-                Err(_) => "timeout".into(),
-            };
-            let _ = reply_to.send(answer);
-        }
-    });
-    let ask = || {
-        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        tx.send(reply_tx).unwrap();
-        reply_rx.recv().unwrap()
-    };
-    assert_eq!(ask(), "pod-c");
-    // pod-c leaves the Service but keeps running: only a stale conntrack
-    // entry could still send the flow there.
-    write(
-        &p.dir,
-        "objects.yaml",
-        &service(&c, "dns", "10.96.0.27", "", &["pod-a"], "UDP"),
-    );
-    eventually("pod-c removed", || {
-        !c.node
-            .sh("nft list table ip kube-wasm-proxy")
-            .contains("10.244.2.11")
-    });
-    let mut answer = String::new();
-    eventually("the flow to reach pod-a", || {
-        answer = ask();
-        answer == "pod-a"
-    });
-    assert_eq!(ask(), "pod-a");
 }
 
 /// A Service over explicit endpoint lines (`- {addresses: [...], ...}`).
