@@ -493,3 +493,15 @@ fn stale_udp_conntrack_entries_are_flushed_when_an_endpoint_goes() {
     let c = Cluster::new("ict");
     common::scenarios::stale_udp_flow_moves(&c, "10.96.0.30", start, |c: &Cluster| save(c, "nat"));
 }
+
+#[test]
+fn topology_hints_keep_traffic_in_the_zone_when_every_endpoint_has_them() {
+    let c = Cluster::new("itopo");
+    common::scenarios::topology_hints(&c, "10.96.0.31", start);
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_nothing_is_ready() {
+    let c = Cluster::new("iterm");
+    common::scenarios::terminating_fallback(&c, "10.96.0.32", start);
+}

@@ -13,7 +13,7 @@ use common::node_proxy::{
     start_full, start_with, weighted_service,
 };
 use common::topology::{
-    CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, POD_PORT, tcp_from, udp_from,
+    CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, tcp_from, udp_from,
 };
 use common::write;
 
@@ -591,104 +591,16 @@ fn stale_udp_conntrack_entries_are_flushed_when_an_endpoint_goes() {
     });
 }
 
-/// A Service over explicit endpoint lines (`- {addresses: [...], ...}`).
-fn service_with(name: &str, ip: &str, spec: &str, endpoints: &[String]) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {ip}\n{spec}  ports: [{{name: p, port: 80, protocol: TCP}}]\n\
----\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
-addressType: IPv4\nports: [{{name: p, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n{}---\n",
-        endpoints.concat()
-    )
-}
-
-fn ep(c: &Cluster, pod: &str, extra: &str) -> String {
-    let p = c.pod(pod);
-    let node = if p.local { "node-1" } else { "node-2" };
-    format!("- {{addresses: ['{}'], nodeName: {node}, {extra}}}\n", p.ip)
-}
-
 #[test]
 fn topology_hints_keep_traffic_in_the_zone_when_every_endpoint_has_them() {
     let c = Cluster::new("topo");
-    let zone = |z: &str| {
-        format!("conditions: {{ready: true}}, zone: {z}, hints: {{forZones: [{{name: {z}}}]}}")
-    };
-    let hinted: Vec<String> = [
-        ("pod-a", "zone-a"),
-        ("pod-c", "zone-a"),
-        ("pod-b", "zone-b"),
-        ("pod-d", "zone-b"),
-    ]
-    .iter()
-    .map(|(pod, z)| ep(&c, pod, &zone(z)))
-    .collect();
-    let p = start(&c, &service_with("web", "10.96.0.28", "", &hinted));
-    let from = &c.pod("pod-b").ns;
-    // The node is in zone-a (Cluster::node_yaml).
-    assert_eq!(
-        answered_by(&many(20, || tcp_from(from, addr("10.96.0.28", 80)))),
-        BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()])
-    );
-
-    // One endpoint without hints: hints are ignored, all four serve.
-    let mut partial = hinted.clone();
-    partial[3] = ep(&c, "pod-d", "conditions: {ready: true}, zone: zone-b");
-    write(
-        &p.dir,
-        "objects.yaml",
-        &service_with("web", "10.96.0.28", "", &partial),
-    );
-    eventually("all endpoints", || {
-        c.node
-            .sh("nft list table ip kube-wasm-proxy")
-            .contains("10.244.2.12")
-    });
-    assert_eq!(
-        answered_by(&many(40, || tcp_from(from, addr("10.96.0.28", 80)))).len(),
-        4
-    );
+    common::scenarios::topology_hints(&c, "10.96.0.28", start);
 }
 
 #[test]
 fn terminating_endpoints_serve_only_when_nothing_is_ready() {
     let c = Cluster::new("term");
-    let ready = "conditions: {ready: true, serving: true, terminating: false}";
-    let draining = "conditions: {ready: false, serving: true, terminating: true}";
-    let gone = "conditions: {ready: false, serving: false, terminating: true}";
-    let p = start(
-        &c,
-        &service_with(
-            "web",
-            "10.96.0.29",
-            "",
-            &[ep(&c, "pod-a", ready), ep(&c, "pod-c", draining)],
-        ),
-    );
-    let from = &c.pod("pod-b").ns;
-    assert_eq!(
-        answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))),
-        BTreeSet::from(["pod-a".to_string()])
-    );
-
-    write(
-        &p.dir,
-        "objects.yaml",
-        &service_with(
-            "web",
-            "10.96.0.29",
-            "",
-            &[ep(&c, "pod-a", gone), ep(&c, "pod-c", draining)],
-        ),
-    );
-    eventually("fallback to the draining endpoint", || {
-        c.node
-            .sh("nft list table ip kube-wasm-proxy")
-            .contains("10.244.2.11 . 8080")
-    });
-    assert_eq!(
-        answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))),
-        BTreeSet::from(["pod-c".to_string()])
-    );
+    common::scenarios::terminating_fallback(&c, "10.96.0.29", start);
 }
 
 #[test]

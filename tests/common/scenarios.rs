@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
-use super::node_proxy::{Proxy, addr, eventually, service};
-use super::topology::Cluster;
+use std::collections::BTreeSet;
+
+use super::node_proxy::{Proxy, addr, answered_by, eventually, many, service};
+use super::topology::{Cluster, Outcome, POD_PORT, tcp_from};
 use super::write;
 
 /// One long-lived UDP flow (the same 5-tuple throughout) from pod-b to
@@ -57,4 +59,100 @@ pub fn stale_udp_flow_moves(
         answer == "pod-a"
     });
     assert_eq!(ask(), "pod-a");
+}
+
+/// A Service over explicit endpoint lines (`- {addresses: [...], ...}`).
+pub fn service_with(name: &str, ip: &str, spec: &str, endpoints: &[String]) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {ip}\n{spec}  ports: [{{name: p, port: 80, protocol: TCP}}]\n\
+---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+addressType: IPv4\nports: [{{name: p, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n{}---\n",
+        endpoints.concat()
+    )
+}
+
+pub fn ep(c: &Cluster, pod: &str, extra: &str) -> String {
+    let p = c.pod(pod);
+    let node = if p.local { "node-1" } else { "node-2" };
+    format!("- {{addresses: ['{}'], nodeName: {node}, {extra}}}\n", p.ip)
+}
+
+/// Zone hints are followed when every endpoint has them (the node is in
+/// zone-a) and ignored when one lacks them.
+pub fn topology_hints(c: &Cluster, ip: &'static str, start: impl Fn(&Cluster, &str) -> Proxy) {
+    let zone = |z: &str| {
+        format!("conditions: {{ready: true}}, zone: {z}, hints: {{forZones: [{{name: {z}}}]}}")
+    };
+    let hinted: Vec<String> = [
+        ("pod-a", "zone-a"),
+        ("pod-c", "zone-a"),
+        ("pod-b", "zone-b"),
+        ("pod-d", "zone-b"),
+    ]
+    .iter()
+    .map(|(pod, z)| ep(c, pod, &zone(z)))
+    .collect();
+    let p = start(c, &service_with("web", ip, "", &hinted));
+    let from = &c.pod("pod-b").ns;
+    // The node is in zone-a (Cluster::node_yaml).
+    assert_eq!(
+        answered_by(&many(20, || tcp_from(from, addr(ip, 80)))),
+        BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()])
+    );
+
+    // One endpoint without hints: hints are ignored, all four serve.
+    let mut partial = hinted.clone();
+    partial[3] = ep(c, "pod-d", "conditions: {ready: true}, zone: zone-b");
+    write(
+        &p.dir,
+        "objects.yaml",
+        &service_with("web", ip, "", &partial),
+    );
+    eventually("all four endpoints to serve", || {
+        answered_by(&many(40, || tcp_from(from, addr(ip, 80)))).len() == 4
+    });
+}
+
+/// Terminating (still serving) endpoints serve only when none is ready.
+pub fn terminating_fallback(
+    c: &Cluster,
+    ip: &'static str,
+    start: impl Fn(&Cluster, &str) -> Proxy,
+) {
+    let ready = "conditions: {ready: true, serving: true, terminating: false}";
+    let draining = "conditions: {ready: false, serving: true, terminating: true}";
+    let gone = "conditions: {ready: false, serving: false, terminating: true}";
+    let p = start(
+        &c,
+        &service_with(
+            "web",
+            ip,
+            "",
+            &[ep(c, "pod-a", ready), ep(c, "pod-c", draining)],
+        ),
+    );
+    let from = &c.pod("pod-b").ns;
+    assert_eq!(
+        answered_by(&many(12, || tcp_from(from, addr(ip, 80)))),
+        BTreeSet::from(["pod-a".to_string()])
+    );
+
+    write(
+        &p.dir,
+        "objects.yaml",
+        &service_with(
+            "web",
+            ip,
+            "",
+            &[ep(c, "pod-a", gone), ep(c, "pod-c", draining)],
+        ),
+    );
+    eventually(
+        "fallback to the draining endpoint",
+        || matches!(tcp_from(from, addr(ip, 80)), Outcome::Answered(p, _) if p == "pod-c"),
+    );
+    assert_eq!(
+        answered_by(&many(12, || tcp_from(from, addr(ip, 80)))),
+        BTreeSet::from(["pod-c".to_string()])
+    );
 }
