@@ -505,3 +505,21 @@ fn terminating_endpoints_serve_only_when_nothing_is_ready() {
     let c = Cluster::new("iterm");
     common::scenarios::terminating_fallback(&c, "10.96.0.32", start);
 }
+
+#[test]
+fn detect_local_modes_decide_who_is_masqueraded() {
+    let c = Cluster::new("idl");
+    common::scenarios::detect_local_modes(
+        &c,
+        "10.96.0.33",
+        |c: &Cluster, objects: &str, config: &str, node: &str| {
+            start_full(c, objects, config, node, &["--proxy-mode", "iptables"])
+        },
+        |c: &Cluster| save(c, "nat"),
+        |c: &Cluster| {
+            // Everything in this test's own namespace.
+            c.node
+                .sh("iptables -t nat -F && iptables -t nat -X && iptables -F && iptables -X");
+        },
+    );
+}

@@ -700,66 +700,16 @@ fn dual_stack_services_answer_on_both_families() {
 #[test]
 fn detect_local_modes_decide_who_is_masqueraded() {
     let c = Cluster::new("dl");
-    let objects = service(&c, "web", "10.96.0.32", "", &["pod-c"], "TCP");
-    let base = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
-    let source_seen = |from: &common::netns::Netns| match tcp_from(from, addr("10.96.0.32", 80)) {
-        Outcome::Answered(_, src) => src,
-        other => panic!("{other:?}"),
-    };
-    let node_with_cidr = |cidr: &str| {
-        Cluster::node_yaml().replace(
-            "status:",
-            &format!("spec:\n  podCIDRs: ['{cidr}']\nstatus:"),
-        )
-    };
-    let cases = [
-        (
-            format!(
-                "{base}detectLocalMode: BridgeInterface\ndetectLocal: {{bridgeInterface: br0}}\n"
-            ),
-            Cluster::node_yaml(),
-            true,
-        ),
-        (
-            format!(
-                "{base}detectLocalMode: InterfaceNamePrefix\ndetectLocal: {{interfaceNamePrefix: br}}\n"
-            ),
-            Cluster::node_yaml(),
-            true,
-        ),
-        (
-            format!("{base}detectLocalMode: NodeCIDR\n"),
-            node_with_cidr("10.244.1.0/24"),
-            true,
-        ),
-        (
-            format!("{base}detectLocalMode: NodeCIDR\n"),
-            node_with_cidr("10.244.9.0/24"),
-            false,
-        ),
-    ];
-    for (config, node, pod_is_local) in cases {
-        let p = start_with(&c, &objects, &config, &node);
-        eventually("rules", || {
+    common::scenarios::detect_local_modes(
+        &c,
+        "10.96.0.32",
+        start_with,
+        |c: &Cluster| c.node.sh("nft list ruleset"),
+        |c: &Cluster| {
             c.node
-                .sh("nft list ruleset")
-                .contains("10.96.0.32 . tcp . 80")
-        });
-        let from_pod = source_seen(&c.pod("pod-b").ns);
-        assert_eq!(
-            from_pod == "10.244.1.12",
-            pod_is_local,
-            "{config} {node}: pod source seen as {from_pod}"
-        );
-        assert_ne!(
-            source_seen(&c.client),
-            CLIENT_IP,
-            "{config}: an outside source is masqueraded"
-        );
-        drop(p);
-        c.node
-            .sh("nft delete table ip kube-wasm-proxy && nft delete table ip6 kube-wasm-proxy");
-    }
+                .sh("nft delete table ip kube-wasm-proxy && nft delete table ip6 kube-wasm-proxy");
+        },
+    );
 }
 
 #[test]

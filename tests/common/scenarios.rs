@@ -6,7 +6,7 @@ use std::time::Duration;
 use std::collections::BTreeSet;
 
 use super::node_proxy::{Proxy, addr, answered_by, eventually, many, service};
-use super::topology::{Cluster, Outcome, POD_PORT, tcp_from};
+use super::topology::{CLIENT_IP, Cluster, Outcome, POD_PORT, tcp_from};
 use super::write;
 
 /// One long-lived UDP flow (the same 5-tuple throughout) from pod-b to
@@ -155,4 +155,72 @@ pub fn terminating_fallback(
         answered_by(&many(12, || tcp_from(from, addr(ip, 80)))),
         BTreeSet::from(["pod-c".to_string()])
     );
+}
+
+/// Each detect-local mode (BridgeInterface, InterfaceNamePrefix, NodeCIDR
+/// matching and not matching the pod) decides whether an in-cluster source
+/// is masqueraded; an outside source always is. `clean` removes the rules
+/// a killed proxy left, so that each case waits for its own.
+pub fn detect_local_modes(
+    c: &Cluster,
+    ip: &'static str,
+    start: impl Fn(&Cluster, &str, &str, &str) -> Proxy,
+    rules: impl Fn(&Cluster) -> String,
+    clean: impl Fn(&Cluster),
+) {
+    let objects = service(c, "web", ip, "", &["pod-c"], "TCP");
+    let base = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+    let source_seen = |from: &super::netns::Netns| match tcp_from(from, addr(ip, 80)) {
+        Outcome::Answered(_, src) => src,
+        other => panic!("{other:?}"),
+    };
+    let node_with_cidr = |cidr: &str| {
+        Cluster::node_yaml().replace(
+            "status:",
+            &format!("spec:\n  podCIDRs: ['{cidr}']\nstatus:"),
+        )
+    };
+    let cases = [
+        (
+            format!(
+                "{base}detectLocalMode: BridgeInterface\ndetectLocal: {{bridgeInterface: br0}}\n"
+            ),
+            Cluster::node_yaml(),
+            true,
+        ),
+        (
+            format!(
+                "{base}detectLocalMode: InterfaceNamePrefix\ndetectLocal: {{interfaceNamePrefix: br}}\n"
+            ),
+            Cluster::node_yaml(),
+            true,
+        ),
+        (
+            format!("{base}detectLocalMode: NodeCIDR\n"),
+            node_with_cidr("10.244.1.0/24"),
+            true,
+        ),
+        (
+            format!("{base}detectLocalMode: NodeCIDR\n"),
+            node_with_cidr("10.244.9.0/24"),
+            false,
+        ),
+    ];
+    for (config, node, pod_is_local) in cases {
+        let p = start(c, &objects, &config, &node);
+        eventually("rules", || rules(c).contains(ip));
+        let from_pod = source_seen(&c.pod("pod-b").ns);
+        assert_eq!(
+            from_pod == "10.244.1.12",
+            pod_is_local,
+            "{config} {node}: pod source seen as {from_pod}"
+        );
+        assert_ne!(
+            source_seen(&c.client),
+            CLIENT_IP,
+            "{config}: an outside source is masqueraded"
+        );
+        drop(p);
+        clean(c);
+    }
 }
