@@ -222,6 +222,14 @@ fn endpoint_removal_rewrites_only_its_chains_and_foreign_chains_survive() {
         1,
         "one jump: {nat}"
     );
+    let filter = save(&c, "filter");
+    for jump in [
+        "-A OUTPUT -m conntrack --ctstate NEW -j KWP-SERVICES",
+        "-A FORWARD -j KWP-FORWARD",
+        "-A INPUT -m conntrack --ctstate NEW -j KWP-EXTERNAL-SERVICES",
+    ] {
+        assert_eq!(filter.matches(jump).count(), 1, "{jump}: {filter}");
+    }
 }
 
 #[test]
