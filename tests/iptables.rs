@@ -531,3 +531,32 @@ fn detect_local_modes_decide_who_is_masqueraded() {
         },
     );
 }
+
+#[test]
+fn a_node_on_iptables_legacy_gets_its_rules_in_legacy() {
+    let c = Cluster::new("ileg");
+    // Another program's rule in the legacy tables: the node uses legacy.
+    c.node
+        .sh("iptables-legacy -N BYSTANDER && iptables-legacy -A INPUT -j BYSTANDER");
+    let p = start(
+        &c,
+        &service(&c, "web", "10.96.0.34", "", &["pod-a", "pod-c"], "TCP"),
+    );
+    let legacy = c.node.sh("iptables-legacy-save -t nat");
+    assert!(legacy.contains("-A PREROUTING -j KWP-SERVICES"), "{legacy}");
+    assert!(
+        !c.node.sh("iptables-nft-save -t nat").contains("KWP-"),
+        "nothing in the nft backend"
+    );
+    assert!(p.logs.text().contains("legacy"), "the backend is logged");
+    let from = &c.pod("pod-b").ns;
+    assert_eq!(
+        answered_by(&many(20, || tcp_from(from, addr("10.96.0.34", 80)))),
+        pods(&["pod-a", "pod-c"])
+    );
+    assert!(
+        c.node
+            .sh("iptables-legacy-save -t filter")
+            .contains("-A INPUT -j BYSTANDER")
+    );
+}

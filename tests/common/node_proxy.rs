@@ -81,7 +81,8 @@ pub fn start_full(
         eventually("the proxy's chains", || {
             cluster
                 .node
-                .sh("iptables-save -t nat")
+                // Legacy tables present: the proxy may have chosen that backend.
+                .sh("iptables-save -t nat; if grep -q . /proc/net/ip_tables_names; then iptables-legacy-save -t nat; fi")
                 .contains(":KWP-SERVICES")
         });
         return proxy;

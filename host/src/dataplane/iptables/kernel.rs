@@ -20,32 +20,81 @@ pub trait IptablesKernel: Send {
     fn save(&mut self, ipv6: bool, table: &str) -> Result<String>;
 }
 
-/// The `iptables-restore` / `iptables-save` binaries of the system (the
-/// backend, nft or legacy, is whichever `iptables` points to).
-#[derive(Debug, Default)]
-pub struct IptablesProcess;
+/// Which kernel interface the iptables binaries drive. Both may be present
+/// (Debian ships `iptables-nft` and `iptables-legacy`); rules must go where
+/// the rest of the node's rules are, or they would be evaluated apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Nft,
+    Legacy,
+    /// Only plain `iptables-restore` (no per-backend binaries installed).
+    Default,
+}
 
-fn binary(ipv6: bool, tool: &str) -> String {
-    format!("{}{tool}", if ipv6 { "ip6tables" } else { "iptables" })
+impl Backend {
+    /// As upstream's iptables wrapper decides: the backend already holding
+    /// more rules (legacy only when it holds more than nft), nft otherwise.
+    pub fn detect() -> Self {
+        let rules = |suffix: &str| -> Option<usize> {
+            let mut n = 0;
+            for family in ["iptables", "ip6tables"] {
+                let out = Command::new(format!("{family}-{suffix}-save"))
+                    .output()
+                    .ok()?;
+                n += String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A "))
+                    .count();
+            }
+            Some(n)
+        };
+        match (rules("nft"), rules("legacy")) {
+            (Some(nft), Some(legacy)) if legacy > nft => Backend::Legacy,
+            (Some(_), _) => Backend::Nft,
+            (None, Some(_)) => Backend::Legacy,
+            (None, None) => Backend::Default,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+            Backend::Default => "default",
+        }
+    }
+
+    /// `iptables-nft-restore`, `ip6tables-legacy-save`, `iptables-restore`...
+    fn binary(self, ipv6: bool, tool: &str) -> String {
+        let family = if ipv6 { "ip6tables" } else { "iptables" };
+        match self {
+            Backend::Default => format!("{family}-{tool}"),
+            b => format!("{family}-{}-{tool}", b.as_str()),
+        }
+    }
+}
+
+/// The `iptables-restore` / `iptables-save` binaries of one backend.
+#[derive(Debug)]
+pub struct IptablesProcess {
+    pub backend: Backend,
 }
 
 impl IptablesKernel for IptablesProcess {
     fn restore(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
-        restore(&binary(ipv6, "-restore"), &["--noflush", "-w", "5"], text)
+        let tool = self.backend.binary(ipv6, "restore");
+        restore(&tool, &["--noflush", "-w", "5"], text)
             .with_context(|| format!("restoring table {table}"))
     }
 
     fn check(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
-        restore(
-            &binary(ipv6, "-restore"),
-            &["--test", "--noflush", "-w", "5"],
-            text,
-        )
-        .with_context(|| format!("checking table {table}"))
+        let tool = self.backend.binary(ipv6, "restore");
+        restore(&tool, &["--test", "--noflush", "-w", "5"], text)
+            .with_context(|| format!("checking table {table}"))
     }
 
     fn save(&mut self, ipv6: bool, table: &str) -> Result<String> {
-        let tool = binary(ipv6, "-save");
+        let tool = self.backend.binary(ipv6, "save");
         let out = Command::new(&tool)
             .args(["-t", table])
             .output()

@@ -25,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Result, bail};
 
-use kernel::{IptablesKernel, IptablesProcess, parse_save};
+use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
 
 use super::{Applied, Dataplane, FragmentKey};
 use crate::model::ServicePortName;
@@ -112,8 +112,11 @@ pub struct IptablesDataplane {
 }
 
 impl IptablesDataplane {
+    /// Through the binaries of the backend the node already uses.
     pub fn new() -> Self {
-        Self::with_kernel(Box::new(IptablesProcess))
+        let backend = Backend::detect();
+        tracing::info!(backend = backend.as_str(), "iptables backend");
+        Self::with_kernel(Box::new(IptablesProcess { backend }))
     }
 
     pub fn with_kernel(kernel: Box<dyn IptablesKernel>) -> Self {
