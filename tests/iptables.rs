@@ -560,3 +560,38 @@ fn a_node_on_iptables_legacy_gets_its_rules_in_legacy() {
             .contains("-A INPUT -j BYSTANDER")
     );
 }
+
+#[test]
+fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
+    let c = Cluster::new("idry");
+    let objects = service(&c, "web", "10.96.0.35", "", &["pod-a"], "TCP");
+    let dry_run = || {
+        common::node_proxy::dry_run(
+            &c,
+            "iptables",
+            &service(&c, "web", "10.96.0.35", "", &["pod-a"], "TCP"),
+        )
+    };
+    let first = dry_run();
+    assert!(
+        first.contains("+ iptables -t nat -A KWP-SERVICE-IPS -d 10.96.0.35/32"),
+        "{first}"
+    );
+    assert!(
+        first.contains("+ iptables -t nat -A PREROUTING -j KWP-SERVICES"),
+        "{first}"
+    );
+    assert!(
+        !save(&c, "nat").contains("KWP-"),
+        "a dry run must not touch the kernel"
+    );
+
+    let p = start(&c, &objects);
+    let second = dry_run();
+    let diff = second
+        .split("# diff against the kernel\n")
+        .nth(1)
+        .unwrap_or("?");
+    assert_eq!(diff, "", "in sync: nothing to change:\n{second}");
+    drop(p);
+}

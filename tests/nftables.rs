@@ -373,40 +373,14 @@ fn internal_traffic_policy_local_and_traffic_from_the_node() {
 #[test]
 fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
     let c = Cluster::new("dry");
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "svc.yaml",
-        &service(&c, "web", "10.96.0.22", "", &["pod-a"], "TCP"),
-    );
-    write(dir.path(), "node.yaml", &Cluster::node_yaml());
-    let source = format!("file:{}", dir.path().display());
-    let config = dir.path().join("config.conf").display().to_string();
-    std::fs::write(&config, CONFIG).unwrap();
-    let dry_run = || {
-        let out = c.node.spawn(
-            env!("CARGO_BIN_EXE_kube-wasm-proxy"),
-            &[
-                "--proxy-mode",
-                "nftables",
-                "--dry-run",
-                "--source",
-                &source,
-                "--hostname-override",
-                "node-1",
-                "--config",
-                &config,
-            ],
-        );
-        let out = out.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    let dry_run = |pods: &[&str]| {
+        common::node_proxy::dry_run(
+            &c,
+            "nftables",
+            &service(&c, "web", "10.96.0.22", "", pods, "TCP"),
+        )
     };
-    let first = dry_run();
+    let first = dry_run(&["pod-a"]);
     assert!(
         first.contains("+   10.96.0.22 . tcp . 80 : goto class-1"),
         "{first}"
@@ -424,16 +398,11 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
     });
     drop(p);
     assert!(
-        dry_run().contains("# no changes"),
+        dry_run(&["pod-a"]).contains("# no changes"),
         "same plan as the kernel"
     );
 
-    write(
-        dir.path(),
-        "svc.yaml",
-        &service(&c, "web", "10.96.0.22", "", &["pod-c"], "TCP"),
-    );
-    let diff = dry_run();
+    let diff = dry_run(&["pod-c"]);
     assert!(
         diff.contains("+   10.96.0.22 . tcp . 80 . 0 : 10.244.2.11 . 8080")
             && diff.contains("-   10.96.0.22 . tcp . 80 . 0 : 10.244.1.11 . 8080"),

@@ -176,6 +176,13 @@ impl App {
                 Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),
             }
         }
+        if self.settings.mode == ProxyMode::Iptables {
+            out.push_str("\n# diff against the kernel\n");
+            match crate::dataplane::iptables::diff_against_kernel(plan) {
+                Ok(diff) => out.push_str(&diff),
+                Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),
+            }
+        }
         Ok(out)
     }
 

@@ -250,3 +250,35 @@ pub fn assert_three_to_one(cluster: &Cluster, ip: &str) {
         "{on_a} of 200 on the weight-3 pod"
     );
 }
+
+/// `--dry-run` of `mode` in the node namespace on a file source holding
+/// `objects` and the Node, with `CONFIG`: its standard output.
+pub fn dry_run(cluster: &Cluster, mode: &str, objects: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "svc.yaml", objects);
+    write(dir.path(), "node.yaml", &Cluster::node_yaml());
+    let source = format!("file:{}", dir.path().display());
+    let config = dir.path().join("config.conf").display().to_string();
+    std::fs::write(&config, CONFIG).unwrap();
+    let out = cluster.node.spawn(
+        env!("CARGO_BIN_EXE_kube-wasm-proxy"),
+        &[
+            "--proxy-mode",
+            mode,
+            "--dry-run",
+            "--source",
+            &source,
+            "--hostname-override",
+            "node-1",
+            "--config",
+            &config,
+        ],
+    );
+    let out = out.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

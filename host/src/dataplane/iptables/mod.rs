@@ -16,6 +16,7 @@
 //!   reconcile finds (by `--test` restores, halving) the largest set of
 //!   changes the kernel takes and reports the rest by name.
 
+mod diff;
 pub mod fake;
 pub mod kernel;
 #[cfg(test)]
@@ -25,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Result, bail};
 
+pub use diff::diff_against_kernel;
 use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
 
 use super::{Applied, Dataplane, FragmentKey};
