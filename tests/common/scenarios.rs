@@ -123,7 +123,7 @@ pub fn terminating_fallback(
     let draining = "conditions: {ready: false, serving: true, terminating: true}";
     let gone = "conditions: {ready: false, serving: false, terminating: true}";
     let p = start(
-        &c,
+        c,
         &service_with(
             "web",
             ip,

@@ -89,9 +89,6 @@ impl Out {
     fn nat(&mut self, name: &str, rules: Vec<String>) {
         self.items.push(self.f.chain("nat", name, rules));
     }
-    fn filter(&mut self, name: &str, rules: Vec<String>) {
-        self.items.push(self.f.chain("filter", name, rules));
-    }
 }
 
 fn render_family(
@@ -190,10 +187,10 @@ fn render_family(
         if local_only {
             // Pods and the node itself behave as internal traffic; clients
             // from outside keep their address and reach local endpoints only.
-            if !internal.is_empty() {
-                if let Some(local) = f.detect_local(cfg, true) {
-                    rules.push(format!("{comment} {local} -j {svc_chain}"));
-                }
+            if !internal.is_empty()
+                && let Some(local) = f.detect_local(cfg, true)
+            {
+                rules.push(format!("{comment} {local} -j {svc_chain}"));
             }
             rules.push(format!(
                 "{comment} -m addrtype --src-type LOCAL -j KWP-MARK-MASQ"

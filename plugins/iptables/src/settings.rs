@@ -31,12 +31,12 @@ impl Settings {
                 "iptables: the iptables section is not a JSON object: {text:?}"
             ));
         }
-        if let Some(v) = field(text, "masqueradeBit") {
-            if v != "null" {
-                s.masquerade_bit = v.parse::<u32>().ok().filter(|b| *b <= 31).ok_or(format!(
-                    "iptables.masqueradeBit {v:?} is not a bit number 0-31"
-                ))?;
-            }
+        if let Some(v) = field(text, "masqueradeBit")
+            && v != "null"
+        {
+            s.masquerade_bit = v.parse::<u32>().ok().filter(|b| *b <= 31).ok_or(format!(
+                "iptables.masqueradeBit {v:?} is not a bit number 0-31"
+            ))?;
         }
         if let Some(v) = field(text, "localhostNodePorts") {
             s.localhost_node_ports = match v {

@@ -39,6 +39,8 @@ type ChainKey = (bool, String, String);
 type Contributions = BTreeMap<ChainKey, BTreeMap<FragmentKey, Vec<String>>>;
 type Change<'a> = (FragmentKey, Option<&'a Fragment>);
 type Plan = BTreeMap<FragmentKey, Fragment>;
+/// `iptables-save` of each (ipv6, table), parsed: chain -> rules.
+type Saved = BTreeMap<(bool, String), BTreeMap<String, Vec<String>>>;
 
 /// The jumps from built-in chains into ours, as upstream installs them
 /// (table, built-in chain, match, our chain); each is installed when the
@@ -143,7 +145,7 @@ impl IptablesDataplane {
         Ok(())
     }
 
-    fn saved(&mut self) -> Result<BTreeMap<(bool, String), BTreeMap<String, Vec<String>>>> {
+    fn saved(&mut self) -> Result<Saved> {
         let mut out = BTreeMap::new();
         for (ipv6, table) in TABLES {
             let text = self.kernel.save(*ipv6, table)?;
@@ -216,7 +218,7 @@ impl IptablesDataplane {
         &mut self,
         good: &mut Plan,
         candidates: &[Change<'_>],
-        saved: &BTreeMap<(bool, String), BTreeMap<String, Vec<String>>>,
+        saved: &Saved,
         refused: &mut Vec<(FragmentKey, anyhow::Error)>,
     ) {
         if candidates.is_empty() {
@@ -277,10 +279,7 @@ fn rules_of(c: &BTreeMap<FragmentKey, Vec<String>>) -> Vec<&String> {
 }
 
 /// A full reconcile per table: see the module comment.
-fn full_scripts(
-    plan: &Contributions,
-    saved: &BTreeMap<(bool, String), BTreeMap<String, Vec<String>>>,
-) -> BTreeMap<(bool, String), String> {
+fn full_scripts(plan: &Contributions, saved: &Saved) -> BTreeMap<(bool, String), String> {
     let mut out = BTreeMap::new();
     for (ipv6, table) in TABLES {
         let empty = BTreeMap::new();
