@@ -8,7 +8,7 @@ ensure_wasm_target
 # The IPVS test's static probe program (tests/ipvs.rs).
 rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl \
     || rustup target add x86_64-unknown-linux-musl
-ensure_packages nftables iproute2 conntrack
+ensure_packages nftables iproute2 conntrack iptables
 # A real etcd + kube-apiserver (and upstream kube-proxy) for the API tests,
 # built once per machine and cached outside the repository.
 scripts/control-plane.sh >/dev/null

@@ -9,10 +9,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::node_proxy::{
-    CONFIG, addr, answered_by, eventually, many, service, start, start_full, start_with,
+    CONFIG, addr, answered_by, assert_three_to_one, eventually, family_slice, many, service, start,
+    start_full, start_with, weighted_service,
 };
 use common::topology::{
-    CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, POD_PORT, tcp_from, udp_from,
+    CLIENT_IP, CLIENT_IP6, Cluster, NODE_IP, NODE_IP6, Outcome, tcp_from, udp_from,
 };
 use common::write;
 
@@ -372,40 +373,14 @@ fn internal_traffic_policy_local_and_traffic_from_the_node() {
 #[test]
 fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
     let c = Cluster::new("dry");
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "svc.yaml",
-        &service(&c, "web", "10.96.0.22", "", &["pod-a"], "TCP"),
-    );
-    write(dir.path(), "node.yaml", &Cluster::node_yaml());
-    let source = format!("file:{}", dir.path().display());
-    let config = dir.path().join("config.conf").display().to_string();
-    std::fs::write(&config, CONFIG).unwrap();
-    let dry_run = || {
-        let out = c.node.spawn(
-            env!("CARGO_BIN_EXE_kube-wasm-proxy"),
-            &[
-                "--proxy-mode",
-                "nftables",
-                "--dry-run",
-                "--source",
-                &source,
-                "--hostname-override",
-                "node-1",
-                "--config",
-                &config,
-            ],
-        );
-        let out = out.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+    let dry_run = |pods: &[&str]| {
+        common::node_proxy::dry_run(
+            &c,
+            "nftables",
+            &service(&c, "web", "10.96.0.22", "", pods, "TCP"),
+        )
     };
-    let first = dry_run();
+    let first = dry_run(&["pod-a"]);
     assert!(
         first.contains("+   10.96.0.22 . tcp . 80 : goto class-1"),
         "{first}"
@@ -423,16 +398,11 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
     });
     drop(p);
     assert!(
-        dry_run().contains("# no changes"),
+        dry_run(&["pod-a"]).contains("# no changes"),
         "same plan as the kernel"
     );
 
-    write(
-        dir.path(),
-        "svc.yaml",
-        &service(&c, "web", "10.96.0.22", "", &["pod-c"], "TCP"),
-    );
-    let diff = dry_run();
+    let diff = dry_run(&["pod-c"]);
     assert!(
         diff.contains("+   10.96.0.22 . tcp . 80 . 0 : 10.244.2.11 . 8080")
             && diff.contains("-   10.96.0.22 . tcp . 80 . 0 : 10.244.1.11 . 8080"),
@@ -585,157 +555,21 @@ fn health_check_node_ports_report_local_endpoints() {
 #[test]
 fn stale_udp_conntrack_entries_are_flushed_when_an_endpoint_goes() {
     let c = Cluster::new("ct");
-    let p = start(&c, &service(&c, "dns", "10.96.0.27", "", &["pod-c"], "UDP"));
-    eventually("udp rules", || {
-        c.node
-            .sh("nft list table ip kube-wasm-proxy")
-            .contains("10.96.0.27 . udp")
+    common::scenarios::stale_udp_flow_moves(&c, "10.96.0.27", start, |c: &Cluster| {
+        c.node.sh("nft list table ip kube-wasm-proxy")
     });
-    // One long-lived flow: the same socket (5-tuple) throughout.
-    let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<String>>();
-    c.pod("pod-b").ns.background(move || {
-        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        while let Ok(reply_to) = rx.recv() {
-            let _ = socket.send_to(b"who", addr("10.96.0.27", 80));
-            let mut buf = [0u8; 128];
-            let answer = match socket.recv_from(&mut buf) {
-                Ok((n, _)) => String::from_utf8_lossy(&buf[..n])
-                    .split(' ')
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-                Err(_) => "timeout".into(),
-            };
-            let _ = reply_to.send(answer);
-        }
-    });
-    let ask = || {
-        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
-        tx.send(reply_tx).unwrap();
-        reply_rx.recv().unwrap()
-    };
-    assert_eq!(ask(), "pod-c");
-    // pod-c leaves the Service but keeps running: only a stale conntrack
-    // entry could still send the flow there.
-    write(
-        &p.dir,
-        "objects.yaml",
-        &service(&c, "dns", "10.96.0.27", "", &["pod-a"], "UDP"),
-    );
-    eventually("pod-c removed", || {
-        !c.node
-            .sh("nft list table ip kube-wasm-proxy")
-            .contains("10.244.2.11")
-    });
-    let mut answer = String::new();
-    eventually("the flow to reach pod-a", || {
-        answer = ask();
-        answer == "pod-a"
-    });
-    assert_eq!(ask(), "pod-a");
-}
-
-/// A Service over explicit endpoint lines (`- {addresses: [...], ...}`).
-fn service_with(name: &str, ip: &str, spec: &str, endpoints: &[String]) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: t}}\nspec:\n  clusterIP: {ip}\n{spec}  ports: [{{name: p, port: 80, protocol: TCP}}]\n\
----\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\n\
-addressType: IPv4\nports: [{{name: p, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n{}---\n",
-        endpoints.concat()
-    )
-}
-
-fn ep(c: &Cluster, pod: &str, extra: &str) -> String {
-    let p = c.pod(pod);
-    let node = if p.local { "node-1" } else { "node-2" };
-    format!("- {{addresses: ['{}'], nodeName: {node}, {extra}}}\n", p.ip)
 }
 
 #[test]
 fn topology_hints_keep_traffic_in_the_zone_when_every_endpoint_has_them() {
     let c = Cluster::new("topo");
-    let zone = |z: &str| {
-        format!("conditions: {{ready: true}}, zone: {z}, hints: {{forZones: [{{name: {z}}}]}}")
-    };
-    let hinted: Vec<String> = [
-        ("pod-a", "zone-a"),
-        ("pod-c", "zone-a"),
-        ("pod-b", "zone-b"),
-        ("pod-d", "zone-b"),
-    ]
-    .iter()
-    .map(|(pod, z)| ep(&c, pod, &zone(z)))
-    .collect();
-    let p = start(&c, &service_with("web", "10.96.0.28", "", &hinted));
-    let from = &c.pod("pod-b").ns;
-    // The node is in zone-a (Cluster::node_yaml).
-    assert_eq!(
-        answered_by(&many(20, || tcp_from(from, addr("10.96.0.28", 80)))),
-        BTreeSet::from(["pod-a".to_string(), "pod-c".to_string()])
-    );
-
-    // One endpoint without hints: hints are ignored, all four serve.
-    let mut partial = hinted.clone();
-    partial[3] = ep(&c, "pod-d", "conditions: {ready: true}, zone: zone-b");
-    write(
-        &p.dir,
-        "objects.yaml",
-        &service_with("web", "10.96.0.28", "", &partial),
-    );
-    eventually("all endpoints", || {
-        c.node
-            .sh("nft list table ip kube-wasm-proxy")
-            .contains("10.244.2.12")
-    });
-    assert_eq!(
-        answered_by(&many(40, || tcp_from(from, addr("10.96.0.28", 80)))).len(),
-        4
-    );
+    common::scenarios::topology_hints(&c, "10.96.0.28", start);
 }
 
 #[test]
 fn terminating_endpoints_serve_only_when_nothing_is_ready() {
     let c = Cluster::new("term");
-    let ready = "conditions: {ready: true, serving: true, terminating: false}";
-    let draining = "conditions: {ready: false, serving: true, terminating: true}";
-    let gone = "conditions: {ready: false, serving: false, terminating: true}";
-    let p = start(
-        &c,
-        &service_with(
-            "web",
-            "10.96.0.29",
-            "",
-            &[ep(&c, "pod-a", ready), ep(&c, "pod-c", draining)],
-        ),
-    );
-    let from = &c.pod("pod-b").ns;
-    assert_eq!(
-        answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))),
-        BTreeSet::from(["pod-a".to_string()])
-    );
-
-    write(
-        &p.dir,
-        "objects.yaml",
-        &service_with(
-            "web",
-            "10.96.0.29",
-            "",
-            &[ep(&c, "pod-a", gone), ep(&c, "pod-c", draining)],
-        ),
-    );
-    eventually("fallback to the draining endpoint", || {
-        c.node
-            .sh("nft list table ip kube-wasm-proxy")
-            .contains("10.244.2.11 . 8080")
-    });
-    assert_eq!(
-        answered_by(&many(12, || tcp_from(from, addr("10.96.0.29", 80)))),
-        BTreeSet::from(["pod-c".to_string()])
-    );
+    common::scenarios::terminating_fallback(&c, "10.96.0.29", start);
 }
 
 #[test]
@@ -793,23 +627,7 @@ fn masquerade_all_masquerades_in_cluster_sources_too() {
 #[test]
 fn dual_stack_services_answer_on_both_families() {
     let c = Cluster::new("ds");
-    let slice = |family: &str, pods: &[&str]| {
-        let mut y = format!(
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-{}, namespace: t, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {family}\nports: [{{name: p, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n",
-            family.to_lowercase()
-        );
-        for pod in pods {
-            let p = c.pod(pod);
-            let ip = if family == "IPv6" {
-                p.ip6.clone()
-            } else {
-                p.ip.to_string()
-            };
-            let node = if p.local { "node-1" } else { "node-2" };
-            y.push_str(&format!("- {{addresses: ['{ip}'], nodeName: {node}}}\n"));
-        }
-        y
-    };
+    let slice = |family: &str, pods: &[&str]| family_slice(&c, "web", family, pods);
     let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.31\n  clusterIPs: [10.96.0.31, 'fd00:96::31']\n  ports: [{name: p, port: 80, protocol: TCP, nodePort: 30091}]\n".to_string();
     let _p = start(
         &c,
@@ -851,66 +669,16 @@ fn dual_stack_services_answer_on_both_families() {
 #[test]
 fn detect_local_modes_decide_who_is_masqueraded() {
     let c = Cluster::new("dl");
-    let objects = service(&c, "web", "10.96.0.32", "", &["pod-c"], "TCP");
-    let base = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
-    let source_seen = |from: &common::netns::Netns| match tcp_from(from, addr("10.96.0.32", 80)) {
-        Outcome::Answered(_, src) => src,
-        other => panic!("{other:?}"),
-    };
-    let node_with_cidr = |cidr: &str| {
-        Cluster::node_yaml().replace(
-            "status:",
-            &format!("spec:\n  podCIDRs: ['{cidr}']\nstatus:"),
-        )
-    };
-    let cases = [
-        (
-            format!(
-                "{base}detectLocalMode: BridgeInterface\ndetectLocal: {{bridgeInterface: br0}}\n"
-            ),
-            Cluster::node_yaml(),
-            true,
-        ),
-        (
-            format!(
-                "{base}detectLocalMode: InterfaceNamePrefix\ndetectLocal: {{interfaceNamePrefix: br}}\n"
-            ),
-            Cluster::node_yaml(),
-            true,
-        ),
-        (
-            format!("{base}detectLocalMode: NodeCIDR\n"),
-            node_with_cidr("10.244.1.0/24"),
-            true,
-        ),
-        (
-            format!("{base}detectLocalMode: NodeCIDR\n"),
-            node_with_cidr("10.244.9.0/24"),
-            false,
-        ),
-    ];
-    for (config, node, pod_is_local) in cases {
-        let p = start_with(&c, &objects, &config, &node);
-        eventually("rules", || {
+    common::scenarios::detect_local_modes(
+        &c,
+        "10.96.0.32",
+        start_with,
+        |c: &Cluster| c.node.sh("nft list ruleset"),
+        |c: &Cluster| {
             c.node
-                .sh("nft list ruleset")
-                .contains("10.96.0.32 . tcp . 80")
-        });
-        let from_pod = source_seen(&c.pod("pod-b").ns);
-        assert_eq!(
-            from_pod == "10.244.1.12",
-            pod_is_local,
-            "{config} {node}: pod source seen as {from_pod}"
-        );
-        assert_ne!(
-            source_seen(&c.client),
-            CLIENT_IP,
-            "{config}: an outside source is masqueraded"
-        );
-        drop(p);
-        c.node
-            .sh("nft delete table ip kube-wasm-proxy && nft delete table ip6 kube-wasm-proxy");
-    }
+                .sh("nft delete table ip kube-wasm-proxy && nft delete table ip6 kube-wasm-proxy");
+        },
+    );
 }
 
 #[test]
@@ -1044,27 +812,12 @@ fn client_ip_affinity_expires_after_its_timeout() {
 #[test]
 fn weighted_policy_weights_reach_the_kernel() {
     let c = Cluster::new("wt");
-    let a = c.pod("pod-a").ip;
-    let objects = service(&c, "web", "10.96.0.35", "", &["pod-a", "pod-c"], "TCP").replacen(
-        "metadata: {name: web, namespace: t}",
-        &format!("metadata: {{name: web, namespace: t, annotations: {{kube-wasm-proxy.io/lb-policy: weighted, kube-wasm-proxy.io/lb-policy-config: '{a}=3'}}}}"),
-        1,
-    );
+    let objects = weighted_service(&c, "10.96.0.35");
     let _p = start(&c, &objects);
     eventually("weighted rules", || {
         c.node.sh("nft list ruleset").contains("goto class-4")
     });
-    let outcomes = many(200, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.35", 80)));
-    let on_a = outcomes
-        .iter()
-        .filter(|o| matches!(o, Outcome::Answered(p, _) if p == "pod-a"))
-        .count();
-    assert_eq!(answered_by(&outcomes).len(), 2);
-    // 3 : 1 is 150 of 200; allow for randomness.
-    assert!(
-        (125..=175).contains(&on_a),
-        "{on_a} of 200 on the weight-3 pod"
-    );
+    assert_three_to_one(&c, "10.96.0.35");
 }
 
 #[test]

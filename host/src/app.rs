@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 
 use crate::config::{Flags, ProxyMode, Settings};
+use crate::dataplane::iptables::IptablesDataplane;
 use crate::dataplane::nftables::NftDataplane;
 use crate::dataplane::userspace::backends::Backends;
 use crate::dataplane::userspace::{Mapping, Redirector, UserspaceDataplane};
@@ -39,10 +40,10 @@ impl App {
         let source_spec = crate::source::parse(&settings.source)?;
         if !matches!(
             settings.mode,
-            ProxyMode::Userspace | ProxyMode::Nftables | ProxyMode::Ipvs
+            ProxyMode::Userspace | ProxyMode::Nftables | ProxyMode::Iptables | ProxyMode::Ipvs
         ) {
             bail!(
-                "proxy mode {} is not available yet; use --proxy-mode userspace, nftables or ipvs",
+                "proxy mode {} is not available; use --proxy-mode userspace, nftables, iptables or ipvs",
                 settings.mode.as_str()
             );
         }
@@ -78,6 +79,8 @@ impl App {
             )
         } else if settings.mode == ProxyMode::Ipvs {
             (Box::new(crate::dataplane::ipvs::IpvsDataplane::new()), None)
+        } else if settings.mode == ProxyMode::Iptables {
+            (Box::new(IptablesDataplane::new()), None)
         } else {
             let redirector = if flags.no_redirect {
                 None
@@ -177,6 +180,13 @@ impl App {
                 &crate::plan::Rules::default().nft_table,
                 plan,
             ) {
+                Ok(diff) => out.push_str(&diff),
+                Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),
+            }
+        }
+        if self.settings.mode == ProxyMode::Iptables {
+            out.push_str("\n# diff against the kernel\n");
+            match crate::dataplane::iptables::diff_against_kernel(plan) {
                 Ok(diff) => out.push_str(&diff),
                 Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),
             }

@@ -119,6 +119,8 @@ pub enum PlanError {
     TooLarge(usize, usize),
     #[error("has an invalid name {0:?}")]
     BadName(String),
+    #[error("rule {0:?} jumps to {1:?}, neither a standard target nor one of the host's chains")]
+    ForeignJump(String, String),
     #[error("names IPVS scheduler {0:?}, not one of {IPVS_SCHEDULERS:?}")]
     BadScheduler(String),
     #[error("has an unusable IPVS address {0}")]
@@ -190,16 +192,27 @@ impl Fragment {
                     check_braced(element, false)?;
                 }
                 Item::IptablesChain {
-                    name, rules: lines, ..
+                    table,
+                    name,
+                    rules: lines,
+                    ..
                 } => {
-                    if !name.starts_with(&rules.iptables_prefix) {
+                    if !IPTABLES_TABLES.contains(&table.as_str()) {
+                        return Err(PlanError::ForeignTable(
+                            table.clone(),
+                            IPTABLES_TABLES.join(" or "),
+                        ));
+                    }
+                    if !name.starts_with(&rules.iptables_prefix) || name.len() > 28 {
                         return Err(PlanError::ForeignChain(
                             name.clone(),
                             rules.iptables_prefix.clone(),
                         ));
                     }
                     check_name(name)?;
-                    lines.iter().try_for_each(|l| check_text(l))?;
+                    lines
+                        .iter()
+                        .try_for_each(|l| check_iptables_rule(l, &rules.iptables_prefix))?;
                 }
                 Item::IpvsVirtualServer {
                     address, scheduler, ..
@@ -241,6 +254,73 @@ fn check_name(name: &str) -> Result<(), PlanError> {
 /// `;`): rule text may hold neither, or it could add commands of its own.
 fn check_text(text: &str) -> Result<(), PlanError> {
     check_chars(text, &['\n', '\r', ';'])
+}
+
+/// The iptables tables a plan may use.
+const IPTABLES_TABLES: &[&str] = &["nat", "filter"];
+
+/// The targets an iptables rule may jump to besides the host's own chains.
+const IPTABLES_TARGETS: &[&str] = &[
+    "DNAT",
+    "SNAT",
+    "MASQUERADE",
+    "MARK",
+    "RETURN",
+    "ACCEPT",
+    "DROP",
+    "REJECT",
+];
+
+/// One iptables-restore rule line after `-A CHAIN`: one line, no quoting
+/// (Kubernetes names need none, and a quote could hide a token), no
+/// command of its own (table switch, flush, delete, policy, new chain,
+/// insert, commit), and jumps only to standard targets or own chains.
+fn check_iptables_rule(rule: &str, prefix: &str) -> Result<(), PlanError> {
+    check_chars(rule, &['\n', '\r', '"', '\'', '\0'])?;
+    const COMMANDS: &[&str] = &[
+        "-t",
+        "--table",
+        "-F",
+        "--flush",
+        "-X",
+        "--delete-chain",
+        "-P",
+        "--policy",
+        "-N",
+        "--new-chain",
+        "-D",
+        "--delete",
+        "-I",
+        "--insert",
+        "-A",
+        "--append",
+        "-R",
+        "--replace",
+        "-Z",
+        "--zero",
+        "-E",
+        "--rename-chain",
+        "COMMIT",
+    ];
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    if words
+        .iter()
+        .any(|w| COMMANDS.contains(w) || w.starts_with('*') || w.starts_with(':'))
+    {
+        return Err(PlanError::Injection(rule.into()));
+    }
+    for pair in words.windows(2) {
+        if ["-j", "--jump", "-g", "--goto"].contains(&pair[0])
+            && !IPTABLES_TARGETS.contains(&pair[1])
+            && !pair[1].starts_with(prefix)
+        {
+            return Err(PlanError::ForeignJump(rule.into(), pair[1].into()));
+        }
+    }
+    if matches!(words.last(), Some(&("-j" | "--jump" | "-g" | "--goto"))) {
+        return Err(PlanError::Injection(rule.into()));
+    }
+    Ok(())
 }
 
 /// Text the host wraps in `{ ... }` (hooks, set declarations, elements) may
@@ -437,6 +517,57 @@ mod tests {
             ipt.validate(&rules),
             Err(PlanError::ForeignChain(..))
         ));
+        let ipt = |table: &str, name: &str, rule: &str| Fragment {
+            items: vec![Item::IptablesChain {
+                ipv6: false,
+                table: table.into(),
+                name: name.into(),
+                rules: vec![rule.into()],
+            }]
+            .into(),
+        };
+        assert_eq!(
+            ipt(
+                "nat",
+                "KWP-SVC-ABC",
+                "-m comment --comment t/web:p -m statistic --mode random --probability 0.5000000000 -j KWP-SEP-X"
+            )
+            .validate(&rules),
+            Ok(())
+        );
+        assert_eq!(
+            ipt(
+                "filter",
+                "KWP-SERVICES",
+                "-d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j REJECT"
+            )
+            .validate(&rules),
+            Ok(())
+        );
+        for (table, name, hostile) in [
+            ("raw", "KWP-X", "-j ACCEPT"),
+            ("nat", "KWP-THIS-NAME-IS-FAR-TOO-LONG-FOR-IT", "-j ACCEPT"),
+            ("nat", "KWP-X", "-j ACCEPT\n-F INPUT"),
+            ("nat", "KWP-X", "-j ACCEPT\rCOMMIT"),
+            ("nat", "KWP-X", "-m comment --comment \"x\" -j ACCEPT"),
+            ("nat", "KWP-X", "-m comment --comment 'a -F b' -j ACCEPT"),
+            ("nat", "KWP-X", "-j ACCEPT -t filter"),
+            ("nat", "KWP-X", "-F"),
+            ("nat", "KWP-X", "-X KUBE-SERVICES"),
+            ("nat", "KWP-X", "-P INPUT DROP"),
+            ("nat", "KWP-X", "-N EVIL"),
+            ("nat", "KWP-X", "-D INPUT 1"),
+            ("nat", "KWP-X", "-I INPUT -j ACCEPT"),
+            ("nat", "KWP-X", "-j ACCEPT COMMIT"),
+            ("nat", "KWP-X", "-j KUBE-SERVICES"),
+            ("nat", "KWP-X", "-g DOCKER"),
+            ("nat", "KWP-X", "-p tcp -j"),
+        ] {
+            assert!(
+                ipt(table, name, hostile).validate(&rules).is_err(),
+                "{table} {name} {hostile:?} must be refused"
+            );
+        }
         let big = Fragment {
             items: vec![chain("kube-wasm-proxy", "accept").items[0].clone(); 3].into(),
         };

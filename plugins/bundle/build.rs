@@ -7,6 +7,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("kwp-plugin-userspace", "kwp_plugin_userspace"),
     ("kwp-plugin-nftables", "kwp_plugin_nftables"),
     ("kwp-plugin-ipvs", "kwp_plugin_ipvs"),
+    ("kwp-plugin-iptables", "kwp_plugin_iptables"),
     ("kwp-plugin-maglev", "kwp_plugin_maglev"),
     ("kwp-plugin-weighted", "kwp_plugin_weighted"),
     (

@@ -7,6 +7,7 @@
 pub mod apiserver;
 pub mod netns;
 pub mod node_proxy;
+pub mod scenarios;
 pub mod topology;
 
 use std::net::SocketAddr;

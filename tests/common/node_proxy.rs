@@ -55,8 +55,6 @@ pub fn start_full(
     std::fs::rename(path.join("node.yaml"), path.join("objects/node.yaml")).unwrap();
     std::fs::rename(path.join("objects.yaml"), path.join("objects/objects.yaml")).unwrap();
     let mut args = vec![
-        "--proxy-mode",
-        "nftables",
         "--source",
         &source,
         "--config",
@@ -68,6 +66,7 @@ pub fn start_full(
     ];
     // Defaults the caller may override.
     for (flag, value) in [
+        ("--proxy-mode", "nftables"),
         ("--sync-period", "2s"),
         ("--healthz-bind-address", ""),
         ("--metrics-bind-address", ""),
@@ -78,6 +77,16 @@ pub fn start_full(
     }
     args.extend_from_slice(extra);
     let proxy = launch_in(cluster, dir, &args);
+    if extra.contains(&"iptables") {
+        eventually("the proxy's chains", || {
+            cluster
+                .node
+                // Legacy tables present: the proxy may have chosen that backend.
+                .sh("iptables-save -t nat; if grep -q . /proc/net/ip_tables_names; then iptables-legacy-save -t nat; fi")
+                .contains(":KWP-SERVICES")
+        });
+        return proxy;
+    }
     eventually("the proxy's table", || {
         cluster
             .node
@@ -193,4 +202,83 @@ pub fn http_get(ns: &super::netns::Netns, addr: SocketAddr, path: &str) -> (u16,
             .unwrap_or_default();
         (status, body)
     })
+}
+
+/// An EndpointSlice of Service `service` (port `p`) for one address family
+/// (`IPv4` or `IPv6`) over the named pods.
+pub fn family_slice(cluster: &Cluster, service: &str, family: &str, pods: &[&str]) -> String {
+    let mut y = format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{}, namespace: t, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {family}\nports: [{{name: p, port: {POD_PORT}, protocol: TCP}}]\nendpoints:\n",
+        family.to_lowercase()
+    );
+    for pod in pods {
+        let p = cluster.pod(pod);
+        let ip = if family == "IPv6" {
+            p.ip6.clone()
+        } else {
+            p.ip.to_string()
+        };
+        let node = if p.local { "node-1" } else { "node-2" };
+        y.push_str(&format!("- {{addresses: ['{ip}'], nodeName: {node}}}\n"));
+    }
+    y
+}
+
+/// Service `web` at `ip` over pod-a and pod-c, with the weighted policy
+/// giving pod-a weight 3 (pod-c the default 1).
+pub fn weighted_service(cluster: &Cluster, ip: &str) -> String {
+    let a = cluster.pod("pod-a").ip;
+    service(cluster, "web", ip, "", &["pod-a", "pod-c"], "TCP").replacen(
+        "metadata: {name: web, namespace: t}",
+        &format!("metadata: {{name: web, namespace: t, annotations: {{kube-wasm-proxy.io/lb-policy: weighted, kube-wasm-proxy.io/lb-policy-config: '{a}=3'}}}}"),
+        1,
+    )
+}
+
+/// 200 connections from pod-b to `ip`:80 split about 3 : 1 between pod-a and pod-c.
+pub fn assert_three_to_one(cluster: &Cluster, ip: &str) {
+    use super::topology::tcp_from;
+    let outcomes = many(200, || tcp_from(&cluster.pod("pod-b").ns, addr(ip, 80)));
+    let on_a = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Answered(p, _) if p == "pod-a"))
+        .count();
+    assert_eq!(answered_by(&outcomes).len(), 2);
+    // 3 : 1 is 150 of 200; allow for randomness.
+    assert!(
+        (125..=175).contains(&on_a),
+        "{on_a} of 200 on the weight-3 pod"
+    );
+}
+
+/// `--dry-run` of `mode` in the node namespace on a file source holding
+/// `objects` and the Node, with `CONFIG`: its standard output.
+pub fn dry_run(cluster: &Cluster, mode: &str, objects: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "svc.yaml", objects);
+    write(dir.path(), "node.yaml", &Cluster::node_yaml());
+    let source = format!("file:{}", dir.path().display());
+    let config = dir.path().join("config.conf").display().to_string();
+    std::fs::write(&config, CONFIG).unwrap();
+    let out = cluster.node.spawn(
+        env!("CARGO_BIN_EXE_kube-wasm-proxy"),
+        &[
+            "--proxy-mode",
+            mode,
+            "--dry-run",
+            "--source",
+            &source,
+            "--hostname-override",
+            "node-1",
+            "--config",
+            &config,
+        ],
+    );
+    let out = out.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -7,6 +7,7 @@
 
 pub mod conntrack;
 mod contract;
+pub mod iptables;
 pub mod ipvs;
 pub mod nftables;
 pub mod userspace;

@@ -29,6 +29,7 @@ mod tests {
                 "userspace",
                 "nftables",
                 "ipvs",
+                "iptables",
                 "maglev",
                 "weighted",
                 "least-connections"

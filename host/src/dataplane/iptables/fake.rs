@@ -1,0 +1,203 @@
+//! An in-memory iptables for tests, like upstream's fake iptables: it
+//! executes the restore text the dataplane writes (`:CHAIN`, `-A`, `-I`,
+//! `-D`, `-X`, `COMMIT`), table by table and all or nothing, refuses what
+//! the kernel refuses (a rule in a missing chain, a jump to a missing
+//! chain, deleting a missing rule or a chain still jumped to) and answers
+//! `save` in `iptables-save` form. Clones share one state.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Result, anyhow, bail};
+
+use super::kernel::IptablesKernel;
+
+type Chains = BTreeMap<String, Vec<String>>;
+
+#[derive(Default)]
+struct State {
+    tables: BTreeMap<(bool, String), Chains>,
+    restores: usize,
+    /// Any restore containing one of these is refused.
+    refuse: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct FakeIptables(Arc<Mutex<State>>);
+
+fn builtins(table: &str) -> &'static [&'static str] {
+    match table {
+        "nat" => &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
+        "filter" => &["INPUT", "FORWARD", "OUTPUT"],
+        _ => &[],
+    }
+}
+
+const TARGETS: &[&str] = &[
+    "ACCEPT",
+    "DROP",
+    "RETURN",
+    "REJECT",
+    "DNAT",
+    "SNAT",
+    "MASQUERADE",
+    "MARK",
+];
+
+impl FakeIptables {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn refuse(&self, text: &str) {
+        self.lock().refuse.push(text.into());
+    }
+
+    pub fn accept_all(&self) {
+        self.lock().refuse.clear();
+    }
+
+    /// Restores committed.
+    pub fn restores(&self) -> usize {
+        self.lock().restores
+    }
+
+    /// The rules of a chain, `None` if it does not exist.
+    pub fn rules(&self, ipv6: bool, table: &str, chain: &str) -> Option<Vec<String>> {
+        self.lock()
+            .tables
+            .get(&(ipv6, table.to_string()))?
+            .get(chain)
+            .cloned()
+    }
+
+    /// Restores `text` as someone else would (a previous run, an admin).
+    pub fn preload(&self, ipv6: bool, table: &str, text: &str) {
+        let mut copy = self.clone();
+        if let Err(e) = copy.restore(ipv6, table, text) {
+            panic!("preload refused: {e:#}");
+        }
+    }
+
+    fn execute(&self, ipv6: bool, table: &str, text: &str) -> Result<Chains> {
+        let state = self.lock();
+        if let Some(r) = state.refuse.iter().find(|r| text.contains(r.as_str())) {
+            bail!("fake iptables refuses {r:?}");
+        }
+        let mut chains = state
+            .tables
+            .get(&(ipv6, table.to_string()))
+            .cloned()
+            .unwrap_or_else(|| {
+                builtins(table)
+                    .iter()
+                    .map(|b| (b.to_string(), Vec::new()))
+                    .collect()
+            });
+        drop(state);
+        let mut committed = false;
+        for (n, line) in text.lines().enumerate() {
+            let err = |m: String| anyhow!("line {}: {m}: {line}", n + 1);
+            let words: Vec<&str> = line.splitn(3, ' ').collect();
+            match words.as_slice() {
+                [t] if t.starts_with('*') => {
+                    if &t[1..] != table {
+                        return Err(err("wrong table".into()));
+                    }
+                }
+                ["COMMIT"] => committed = true,
+                [decl, ..] if decl.starts_with(':') => {
+                    let name = &decl[1..];
+                    if !builtins(table).contains(&name) {
+                        chains.insert(name.to_string(), Vec::new());
+                    }
+                }
+                ["-A", chain, rule] => chains
+                    .get_mut(*chain)
+                    .ok_or_else(|| err("no such chain".into()))?
+                    .push(rule.to_string()),
+                ["-I", chain, rest] => {
+                    let rule = rest.strip_prefix("1 ").unwrap_or(rest);
+                    chains
+                        .get_mut(*chain)
+                        .ok_or_else(|| err("no such chain".into()))?
+                        .insert(0, rule.to_string());
+                }
+                ["-D", chain, rule] => {
+                    let rules = chains
+                        .get_mut(*chain)
+                        .ok_or_else(|| err("no such chain".into()))?;
+                    let at = rules
+                        .iter()
+                        .position(|r| r == rule)
+                        .ok_or_else(|| err("no such rule".into()))?;
+                    rules.remove(at);
+                }
+                ["-X", chain] => {
+                    let jump = format!("-j {chain}");
+                    if chains
+                        .values()
+                        .flatten()
+                        .any(|r| r.ends_with(&jump) || r.contains(&format!("{jump} ")))
+                    {
+                        return Err(err("chain is still jumped to".into()));
+                    }
+                    chains
+                        .remove(*chain)
+                        .ok_or_else(|| err("no such chain".into()))?;
+                }
+                [""] => {}
+                _ => return Err(err("unknown command".into())),
+            }
+        }
+        if !committed {
+            bail!("no COMMIT");
+        }
+        for rule in chains.values().flatten() {
+            if let Some(target) = rule.split(" -j ").nth(1).and_then(|t| t.split(' ').next())
+                && !TARGETS.contains(&target)
+                && !chains.contains_key(target)
+            {
+                bail!("jump to missing chain {target}: {rule}");
+            }
+        }
+        Ok(chains)
+    }
+}
+
+impl IptablesKernel for FakeIptables {
+    fn restore(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
+        let chains = self.execute(ipv6, table, text)?;
+        let mut state = self.lock();
+        state.tables.insert((ipv6, table.to_string()), chains);
+        state.restores += 1;
+        Ok(())
+    }
+
+    fn check(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
+        self.execute(ipv6, table, text).map(drop)
+    }
+
+    fn save(&mut self, ipv6: bool, table: &str) -> Result<String> {
+        let state = self.lock();
+        let mut out = format!("*{table}\n");
+        let Some(chains) = state.tables.get(&(ipv6, table.to_string())) else {
+            return Ok(String::new());
+        };
+        for name in chains.keys() {
+            let policy = if builtins(table).contains(&name.as_str()) {
+                "ACCEPT"
+            } else {
+                "-"
+            };
+            out.push_str(&format!(":{name} {policy} [0:0]\n"));
+        }
+        for (name, rules) in chains {
+            for r in rules {
+                out.push_str(&format!("-A {name} {r}\n"));
+            }
+        }
+        out.push_str("COMMIT\n");
+        Ok(out)
+    }
+}

@@ -1,0 +1,154 @@
+//! How the iptables dataplane talks to the kernel: restore one table's
+//! text, check it without committing, and save a table. The real one runs
+//! `iptables-restore` / `ip6tables-restore` and `iptables-save`, holding
+//! the xtables lock (`-w`) as upstream does.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// The kernel's iptables, as the dataplane needs it.
+pub trait IptablesKernel: Send {
+    /// `iptables-restore --noflush` of one table's text (`*table` ...
+    /// `COMMIT`): all of that table's changes or none.
+    fn restore(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()>;
+    /// The same, parsed and built but not committed (`--test`).
+    fn check(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()>;
+    /// `iptables-save -t table`.
+    fn save(&mut self, ipv6: bool, table: &str) -> Result<String>;
+}
+
+/// Which kernel interface the iptables binaries drive. Both may be present
+/// (Debian ships `iptables-nft` and `iptables-legacy`); rules must go where
+/// the rest of the node's rules are, or they would be evaluated apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Nft,
+    Legacy,
+    /// Only plain `iptables-restore` (no per-backend binaries installed).
+    Default,
+}
+
+impl Backend {
+    /// As upstream's iptables wrapper decides: the backend already holding
+    /// more rules (legacy only when it holds more than nft), nft otherwise.
+    pub fn detect() -> Self {
+        let rules = |suffix: &str| -> Option<usize> {
+            let mut n = 0;
+            for family in ["iptables", "ip6tables"] {
+                let out = Command::new(format!("{family}-{suffix}-save"))
+                    .output()
+                    .ok()?;
+                n += String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A "))
+                    .count();
+            }
+            Some(n)
+        };
+        match (rules("nft"), rules("legacy")) {
+            (Some(nft), Some(legacy)) if legacy > nft => Backend::Legacy,
+            (Some(_), _) => Backend::Nft,
+            (None, Some(_)) => Backend::Legacy,
+            (None, None) => Backend::Default,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+            Backend::Default => "default",
+        }
+    }
+
+    /// `iptables-nft-restore`, `ip6tables-legacy-save`, `iptables-restore`...
+    fn binary(self, ipv6: bool, tool: &str) -> String {
+        let family = if ipv6 { "ip6tables" } else { "iptables" };
+        match self {
+            Backend::Default => format!("{family}-{tool}"),
+            b => format!("{family}-{}-{tool}", b.as_str()),
+        }
+    }
+}
+
+/// The `iptables-restore` / `iptables-save` binaries of one backend.
+#[derive(Debug)]
+pub struct IptablesProcess {
+    pub backend: Backend,
+}
+
+impl IptablesKernel for IptablesProcess {
+    fn restore(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
+        let tool = self.backend.binary(ipv6, "restore");
+        restore(&tool, &["--noflush", "-w", "5"], text)
+            .with_context(|| format!("restoring table {table}"))
+    }
+
+    fn check(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
+        let tool = self.backend.binary(ipv6, "restore");
+        restore(&tool, &["--test", "--noflush", "-w", "5"], text)
+            .with_context(|| format!("checking table {table}"))
+    }
+
+    fn save(&mut self, ipv6: bool, table: &str) -> Result<String> {
+        let tool = self.backend.binary(ipv6, "save");
+        let out = Command::new(&tool)
+            .args(["-t", table])
+            .output()
+            .with_context(|| format!("running {tool} (is the iptables package installed?)"))?;
+        if !out.status.success() {
+            bail!(
+                "{tool} -t {table} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        String::from_utf8(out.stdout).with_context(|| format!("{tool} output"))
+    }
+}
+
+fn restore(tool: &str, args: &[&str], text: &str) -> Result<()> {
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {tool} (is the iptables package installed?)"))?;
+    child
+        .stdin
+        .take()
+        .context("restore stdin")?
+        .write_all(text.as_bytes())
+        .with_context(|| format!("writing to {tool}"))?;
+    let out = child.wait_with_output().context("waiting for restore")?;
+    if !out.status.success() {
+        bail!(
+            "{tool} refused the transaction: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// One table as `iptables-save` prints it: every chain (built-in or not)
+/// with its rules, each rule without the leading `-A CHAIN `.
+pub fn parse_save(text: &str) -> BTreeMap<String, Vec<String>> {
+    let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            if let Some(name) = decl.split_whitespace().next() {
+                chains.entry(name.to_string()).or_default();
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let (chain, rest) = rule.split_once(' ').unwrap_or((rule, ""));
+            chains
+                .entry(chain.to_string())
+                .or_default()
+                .push(rest.to_string());
+        }
+    }
+    chains
+}

@@ -1,0 +1,462 @@
+//! The iptables dataplane: applies fragment deltas to the host's own
+//! `KWP-` chains with `iptables-restore --noflush` (and ip6tables), one
+//! restore per table and family per sync.
+//!
+//! - A chain's rules are the rules every fragment gives for it, in
+//!   fragment order (the base declares the shared dispatch chains empty;
+//!   Services add their rules to them).
+//! - The first apply, and every `resync` (syncPeriod), is a full
+//!   reconcile: every plan chain is rewritten, `KWP-` chains no longer in
+//!   the plan are flushed and deleted, and the jumps from the built-in
+//!   chains are made exactly one each, all in one restore per table, so a
+//!   previous instance's chains are adopted with no gap in service.
+//! - After that a delta rewrites only chains whose rules changed; in a
+//!   shared chain it deletes and appends only the changed Services' rules.
+//! - A refused delta falls back to a full reconcile; a refused full
+//!   reconcile finds (by `--test` restores, halving) the largest set of
+//!   changes the kernel takes and reports the rest by name.
+
+mod diff;
+pub mod fake;
+pub mod kernel;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Result, bail};
+
+pub use diff::diff_against_kernel;
+use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
+
+use super::{Applied, Dataplane, FragmentKey};
+use crate::model::ServicePortName;
+use crate::plan::{Fragment, Item};
+
+/// (ipv6, table, chain)
+type ChainKey = (bool, String, String);
+/// Each chain's rules, by the fragment that gives them.
+type Contributions = BTreeMap<ChainKey, BTreeMap<FragmentKey, Vec<String>>>;
+type Change<'a> = (FragmentKey, Option<&'a Fragment>);
+type Plan = BTreeMap<FragmentKey, Fragment>;
+/// `iptables-save` of each (ipv6, table), parsed: chain -> rules.
+type Saved = BTreeMap<(bool, String), BTreeMap<String, Vec<String>>>;
+
+/// The jumps from built-in chains into ours, as upstream installs them
+/// (table, built-in chain, match, our chain); each is installed when the
+/// plan has the chain.
+const JUMPS: &[(&str, &str, &str, &str)] = &[
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW ",
+        "KWP-PROXY-FIREWALL",
+    ),
+    ("filter", "INPUT", "", "KWP-NODEPORTS"),
+    (
+        "filter",
+        "INPUT",
+        "-m conntrack --ctstate NEW ",
+        "KWP-EXTERNAL-SERVICES",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW ",
+        "KWP-PROXY-FIREWALL",
+    ),
+    ("filter", "FORWARD", "", "KWP-FORWARD"),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW ",
+        "KWP-SERVICES",
+    ),
+    (
+        "filter",
+        "FORWARD",
+        "-m conntrack --ctstate NEW ",
+        "KWP-EXTERNAL-SERVICES",
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW ",
+        "KWP-PROXY-FIREWALL",
+    ),
+    (
+        "filter",
+        "OUTPUT",
+        "-m conntrack --ctstate NEW ",
+        "KWP-SERVICES",
+    ),
+    ("nat", "PREROUTING", "", "KWP-SERVICES"),
+    ("nat", "OUTPUT", "", "KWP-SERVICES"),
+    ("nat", "POSTROUTING", "", "KWP-POSTROUTING"),
+];
+
+const TABLES: &[(bool, &str)] = &[
+    (false, "filter"),
+    (false, "nat"),
+    (true, "filter"),
+    (true, "nat"),
+];
+
+const PREFIX: &str = "KWP-";
+
+pub struct IptablesDataplane {
+    kernel: Box<dyn IptablesKernel>,
+    applied: Plan,
+    /// No full reconcile has succeeded yet (or a restore failed): what is
+    /// in the kernel is not known to be `applied`.
+    needs_full: bool,
+    /// Restores committed and refused, for metrics.
+    pub restores: u64,
+    pub failures: u64,
+}
+
+impl IptablesDataplane {
+    /// Through the binaries of the backend the node already uses.
+    pub fn new() -> Self {
+        let backend = Backend::detect();
+        tracing::info!(backend = backend.as_str(), "iptables backend");
+        Self::with_kernel(Box::new(IptablesProcess { backend }))
+    }
+
+    pub fn with_kernel(kernel: Box<dyn IptablesKernel>) -> Self {
+        Self {
+            kernel,
+            applied: Plan::new(),
+            needs_full: true,
+            restores: 0,
+            failures: 0,
+        }
+    }
+
+    fn restore(&mut self, scripts: &BTreeMap<(bool, String), String>) -> Result<()> {
+        for ((ipv6, table), text) in scripts {
+            self.restores += 1;
+            if let Err(e) = self.kernel.restore(*ipv6, table, text) {
+                self.failures += 1;
+                self.needs_full = true;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn saved(&mut self) -> Result<Saved> {
+        let mut out = BTreeMap::new();
+        for (ipv6, table) in TABLES {
+            let text = self.kernel.save(*ipv6, table)?;
+            out.insert((*ipv6, table.to_string()), parse_save(&text));
+        }
+        Ok(out)
+    }
+
+    fn full(&mut self, plan: Plan) -> Result<()> {
+        let saved = self.saved()?;
+        let scripts = full_scripts(&contributions(&plan)?, &saved);
+        self.restore(&scripts)?;
+        self.applied = plan;
+        self.needs_full = false;
+        Ok(())
+    }
+
+    fn apply_changes(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
+        // A fragment this dataplane cannot apply is refused on its own.
+        let mut refused = Vec::new();
+        let changes: Vec<Change<'_>> = changes
+            .into_iter()
+            .filter(|(key, f)| match f.map(|f| contributions([(key, f)])) {
+                Some(Err(e)) => {
+                    refused.push((key.clone(), e));
+                    false
+                }
+                _ => true,
+            })
+            .collect();
+        if let Some((_, e)) = refused.first()
+            && !one_by_one
+        {
+            bail!("{e:#}");
+        }
+        let next = with_changes(&self.applied, &changes);
+        if !self.needs_full {
+            let scripts = delta_scripts(&contributions(&self.applied)?, &contributions(&next)?);
+            match self.restore(&scripts) {
+                Ok(()) => {
+                    self.applied = next;
+                    return Ok(Applied { refused });
+                }
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "iptables delta refused; reconciling in full"
+                ),
+            }
+        }
+        match self.full(next) {
+            Ok(()) => Ok(Applied { refused }),
+            Err(e) if one_by_one && !changes.is_empty() => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "full reconcile refused; finding the changes the kernel takes"
+                );
+                let saved = self.saved()?;
+                let mut good = self.applied.clone();
+                self.grow(&mut good, &changes, &saved, &mut refused);
+                self.full(good)?;
+                Ok(Applied { refused })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Adds to `good` every change the kernel takes together with it
+    /// (`--test` restores); checks all at once, then halves.
+    fn grow(
+        &mut self,
+        good: &mut Plan,
+        candidates: &[Change<'_>],
+        saved: &Saved,
+        refused: &mut Vec<(FragmentKey, anyhow::Error)>,
+    ) {
+        if candidates.is_empty() {
+            return;
+        }
+        let trial = with_changes(good, candidates);
+        let checked = contributions(&trial).and_then(|c| {
+            full_scripts(&c, saved)
+                .iter()
+                .try_for_each(|((v6, t), text)| self.kernel.check(*v6, t, text))
+        });
+        match checked {
+            Ok(()) => *good = trial,
+            Err(e) if candidates.len() == 1 => refused.push((candidates[0].0.clone(), e)),
+            Err(_) => {
+                let (a, b) = candidates.split_at(candidates.len() / 2);
+                self.grow(good, a, saved, refused);
+                self.grow(good, b, saved, refused);
+            }
+        }
+    }
+}
+
+impl Default for IptablesDataplane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Every chain the fragments give, with each fragment's rules.
+fn contributions<'a>(
+    fragments: impl IntoIterator<Item = (&'a FragmentKey, &'a Fragment)>,
+) -> Result<Contributions> {
+    let mut out = Contributions::new();
+    for (key, fragment) in fragments {
+        for item in fragment.items.iter() {
+            let Item::IptablesChain {
+                ipv6,
+                table,
+                name,
+                rules,
+            } = item
+            else {
+                bail!("the iptables dataplane cannot apply {item}");
+            };
+            out.entry((*ipv6, table.clone(), name.clone()))
+                .or_default()
+                .entry(key.clone())
+                .or_default()
+                .extend(rules.iter().cloned());
+        }
+    }
+    Ok(out)
+}
+
+fn rules_of(c: &BTreeMap<FragmentKey, Vec<String>>) -> Vec<&String> {
+    c.values().flatten().collect()
+}
+
+/// A full reconcile per table: see the module comment.
+fn full_scripts(plan: &Contributions, saved: &Saved) -> BTreeMap<(bool, String), String> {
+    let mut out = BTreeMap::new();
+    for (ipv6, table) in TABLES {
+        let empty = BTreeMap::new();
+        let kernel = saved.get(&(*ipv6, table.to_string())).unwrap_or(&empty);
+        let mine: BTreeMap<&String, _> = plan
+            .iter()
+            .filter(|((v6, t, _), _)| v6 == ipv6 && t == table)
+            .map(|((_, _, name), c)| (name, c))
+            .collect();
+        let stale: Vec<&String> = kernel
+            .keys()
+            .filter(|n| n.starts_with(PREFIX) && !mine.contains_key(n))
+            .collect();
+        if mine.is_empty() && stale.is_empty() {
+            continue;
+        }
+        let mut text = format!("*{table}\n");
+        for name in mine.keys().chain(&stale) {
+            text.push_str(&format!(":{name} - [0:0]\n"));
+        }
+        for (name, c) in &mine {
+            for rule in rules_of(c) {
+                text.push_str(&format!("-A {name} {rule}\n"));
+            }
+        }
+        // Our jumps in the built-in chains: exactly the wanted ones, once.
+        let mut wanted: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (t, builtin, matches, target) in JUMPS {
+            if t == table && mine.contains_key(&target.to_string()) {
+                wanted
+                    .entry(builtin)
+                    .or_default()
+                    .push(format!("{matches}-j {target}"));
+            }
+        }
+        for (builtin, rules) in kernel.iter().filter(|(n, _)| !n.starts_with(PREFIX)) {
+            let ours: Vec<&String> = rules
+                .iter()
+                .filter(|r| r.contains(&format!("-j {PREFIX}")))
+                .collect();
+            let want = wanted.remove(builtin.as_str()).unwrap_or_default();
+            let exact = ours.len() == want.len() && want.iter().all(|w| ours.contains(&w));
+            if exact {
+                continue;
+            }
+            for r in &ours {
+                text.push_str(&format!("-D {builtin} {r}\n"));
+            }
+            for w in want.iter().rev() {
+                text.push_str(&format!("-I {builtin} 1 {w}\n"));
+            }
+        }
+        for (builtin, want) in wanted {
+            for w in want.iter().rev() {
+                text.push_str(&format!("-I {builtin} 1 {w}\n"));
+            }
+        }
+        for name in &stale {
+            text.push_str(&format!("-X {name}\n"));
+        }
+        text.push_str("COMMIT\n");
+        out.insert((*ipv6, table.to_string()), text);
+    }
+    out
+}
+
+/// The delta from `old` to `new` per table: only chains whose rules
+/// changed; a chain several fragments share is edited rule by rule.
+fn delta_scripts(old: &Contributions, new: &Contributions) -> BTreeMap<(bool, String), String> {
+    #[derive(Default)]
+    struct Parts {
+        declare: Vec<String>,
+        delete: Vec<String>,
+        append: Vec<String>,
+        remove: Vec<String>,
+    }
+    let mut parts: BTreeMap<(bool, String), Parts> = BTreeMap::new();
+    let empty = BTreeMap::new();
+    let keys: BTreeSet<&ChainKey> = old.keys().chain(new.keys()).collect();
+    for key in keys {
+        let (ipv6, table, name) = key;
+        let before = old.get(key).unwrap_or(&empty);
+        let after = new.get(key).unwrap_or(&empty);
+        if rules_of(before) == rules_of(after) && old.contains_key(key) == new.contains_key(key) {
+            continue;
+        }
+        let p = parts.entry((*ipv6, table.clone())).or_default();
+        if !new.contains_key(key) {
+            p.declare.push(name.clone());
+            p.remove.push(name.clone());
+        } else if !old.contains_key(key) || (before.len() <= 1 && after.len() <= 1) {
+            // A chain of one fragment: rewritten whole.
+            p.declare.push(name.clone());
+            p.append
+                .extend(rules_of(after).iter().map(|r| format!("-A {name} {r}")));
+        } else {
+            // A shared chain: only the changed fragments' rules move.
+            for frag in before.keys().chain(after.keys()).collect::<BTreeSet<_>>() {
+                let (b, a) = (before.get(frag), after.get(frag));
+                if b == a {
+                    continue;
+                }
+                p.delete
+                    .extend(b.into_iter().flatten().map(|r| format!("-D {name} {r}")));
+                p.append
+                    .extend(a.into_iter().flatten().map(|r| format!("-A {name} {r}")));
+            }
+        }
+    }
+    parts
+        .into_iter()
+        .map(|(key, p)| {
+            let mut text = format!("*{}\n", key.1);
+            for name in &p.declare {
+                text.push_str(&format!(":{name} - [0:0]\n"));
+            }
+            for line in p.delete.iter().chain(&p.append) {
+                text.push_str(line);
+                text.push('\n');
+            }
+            for name in &p.remove {
+                text.push_str(&format!("-X {name}\n"));
+            }
+            text.push_str("COMMIT\n");
+            (key, text)
+        })
+        .collect()
+}
+
+/// `plan` with `changes` made.
+fn with_changes(plan: &Plan, changes: &[Change<'_>]) -> Plan {
+    let mut next = plan.clone();
+    for (key, fragment) in changes {
+        match fragment {
+            Some(f) => next.insert(key.clone(), (*f).clone()),
+            None => next.remove(key),
+        };
+    }
+    next
+}
+
+/// The base first, then the services.
+fn changes<'a>(
+    base: Option<&'a Fragment>,
+    changed: &'a [(ServicePortName, Option<&'a Fragment>)],
+) -> Vec<Change<'a>> {
+    let base = base.map(|b| (None, Some(b)));
+    base.into_iter()
+        .chain(changed.iter().map(|(n, f)| (Some(n.clone()), *f)))
+        .collect()
+}
+
+impl Dataplane for IptablesDataplane {
+    fn apply(
+        &mut self,
+        base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<Applied> {
+        self.apply_changes(changes(base, changed), true)
+    }
+
+    fn apply_all(
+        &mut self,
+        base: Option<&Fragment>,
+        changed: &[(ServicePortName, Option<&Fragment>)],
+    ) -> Result<()> {
+        self.apply_changes(changes(base, changed), false).map(drop)
+    }
+
+    /// Rewrites everything in force, repairing edits made behind our back;
+    /// nothing before the first reconcile (that would delete a previous
+    /// run's chains before ours are known).
+    fn resync(&mut self) -> Result<()> {
+        if self.needs_full && self.applied.is_empty() {
+            return Ok(());
+        }
+        let plan = self.applied.clone();
+        self.full(plan)
+    }
+}

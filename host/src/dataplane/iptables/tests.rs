@@ -1,0 +1,214 @@
+//! The iptables dataplane against the in-memory fake: deltas, chain
+//! deletion, adoption of a previous run, foreign chains left alone, a
+//! refused restore.
+
+use super::fake::FakeIptables;
+use super::*;
+use crate::model::Protocol;
+
+fn name(n: &str) -> ServicePortName {
+    ServicePortName {
+        namespace: "t".into(),
+        name: n.into(),
+        port: "p".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn chain(table: &str, name: &str, rules: &[&str]) -> Item {
+    Item::IptablesChain {
+        ipv6: false,
+        table: table.into(),
+        name: name.into(),
+        rules: rules.iter().map(|r| r.to_string()).collect(),
+    }
+}
+
+fn base() -> Fragment {
+    Fragment {
+        items: vec![
+            chain("nat", "KWP-SERVICES", &["-j KWP-SERVICE-IPS"]),
+            chain("nat", "KWP-SERVICE-IPS", &[]),
+            chain("nat", "KWP-POSTROUTING", &["-j MASQUERADE --random-fully"]),
+            chain("filter", "KWP-SERVICES", &[]),
+        ]
+        .into(),
+    }
+}
+
+fn service(n: &str, ip: u8, eps: &[u8]) -> Fragment {
+    let svc = format!("KWP-SVC-{n}");
+    let mut items = vec![chain(
+        "nat",
+        "KWP-SERVICE-IPS",
+        &[&format!(
+            "-d 10.96.0.{ip}/32 -p tcp -m tcp --dport 80 -j {svc}"
+        )],
+    )];
+    let rules: Vec<String> = eps.iter().map(|e| format!("-j KWP-SEP-{n}{e}")).collect();
+    items.push(chain(
+        "nat",
+        &svc,
+        &rules.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    for e in eps {
+        items.push(chain(
+            "nat",
+            &format!("KWP-SEP-{n}{e}"),
+            &[&format!(
+                "-p tcp -m tcp -j DNAT --to-destination 10.244.1.{e}:80"
+            )],
+        ));
+    }
+    Fragment {
+        items: items.into(),
+    }
+}
+
+fn dataplane() -> (IptablesDataplane, FakeIptables) {
+    let fake = FakeIptables::default();
+    (IptablesDataplane::with_kernel(Box::new(fake.clone())), fake)
+}
+
+fn nat(fake: &FakeIptables, chain: &str) -> Option<Vec<String>> {
+    fake.rules(false, "nat", chain)
+}
+
+#[test]
+fn first_sync_then_a_delta_touches_only_the_changed_chains() {
+    let (mut dp, fake) = dataplane();
+    let (a, b) = (service("A", 1, &[1, 2]), service("B", 2, &[3]));
+    dp.apply(
+        Some(&base()),
+        &[(name("a"), Some(&a)), (name("b"), Some(&b))],
+    )
+    .unwrap();
+    assert_eq!(nat(&fake, "KWP-SERVICE-IPS").unwrap().len(), 2);
+    assert_eq!(
+        nat(&fake, "PREROUTING").unwrap(),
+        ["-j KWP-SERVICES"],
+        "jump installed once"
+    );
+    assert_eq!(
+        fake.rules(false, "filter", "OUTPUT").unwrap(),
+        ["-m conntrack --ctstate NEW -j KWP-SERVICES"]
+    );
+    let full = fake.restores();
+    // One endpoint of A goes: A's chains and its dispatch rule only.
+    let a2 = service("A", 1, &[1]);
+    dp.apply(None, &[(name("a"), Some(&a2))]).unwrap();
+    assert_eq!(fake.restores(), full + 1, "one restore: the nat table");
+    assert_eq!(nat(&fake, "KWP-SVC-A").unwrap(), ["-j KWP-SEP-A1"]);
+    assert_eq!(
+        nat(&fake, "KWP-SEP-A2"),
+        None,
+        "stale endpoint chain deleted"
+    );
+    assert_eq!(nat(&fake, "KWP-SEP-B3").unwrap().len(), 1);
+    // B goes: its dispatch rule and chains, nothing else.
+    dp.apply(None, &[(name("b"), None)]).unwrap();
+    assert_eq!(
+        nat(&fake, "KWP-SERVICE-IPS").unwrap(),
+        ["-d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j KWP-SVC-A"]
+    );
+    assert_eq!(nat(&fake, "KWP-SVC-B"), None);
+    assert_eq!(nat(&fake, "KWP-SEP-B3"), None);
+    assert_eq!(nat(&fake, "PREROUTING").unwrap(), ["-j KWP-SERVICES"]);
+}
+
+#[test]
+fn the_delta_restore_holds_only_what_changed() {
+    let old = contributions([
+        (&None, &base()),
+        (&Some(name("a")), &service("A", 1, &[1, 2])),
+    ])
+    .unwrap();
+    let new =
+        contributions([(&None, &base()), (&Some(name("a")), &service("A", 1, &[1]))]).unwrap();
+    let scripts = delta_scripts(&old, &new);
+    assert_eq!(scripts.len(), 1);
+    assert_eq!(
+        scripts[&(false, "nat".to_string())],
+        "*nat\n:KWP-SEP-A2 - [0:0]\n:KWP-SVC-A - [0:0]\n-A KWP-SVC-A -j KWP-SEP-A1\n-X KWP-SEP-A2\nCOMMIT\n"
+    );
+    assert!(
+        delta_scripts(&new, &new).is_empty(),
+        "no change, no restore"
+    );
+}
+
+#[test]
+fn a_restart_adopts_the_previous_chains_and_foreign_ones_stay() {
+    let fake = FakeIptables::default();
+    // A previous run's chains and jump, a stale chain of ours, and another
+    // program's chain and jump.
+    fake.preload(
+        false,
+        "nat",
+        "*nat\n:KWP-SERVICES - [0:0]\n:KWP-OLD - [0:0]\n:DOCKER - [0:0]\n-A KWP-SERVICES -j KWP-OLD\n-A KWP-OLD -j RETURN\n-A PREROUTING -j DOCKER\n-A PREROUTING -j KWP-SERVICES\n-A PREROUTING -j KWP-SERVICES\n-A DOCKER -j RETURN\nCOMMIT\n",
+    );
+    let mut dp = IptablesDataplane::with_kernel(Box::new(fake.clone()));
+    dp.resync().unwrap();
+    assert!(
+        nat(&fake, "KWP-OLD").is_some(),
+        "no resync before the first sync"
+    );
+    dp.apply(Some(&base()), &[(name("a"), Some(&service("A", 1, &[1])))])
+        .unwrap();
+    assert_eq!(nat(&fake, "KWP-OLD"), None, "stale chain deleted");
+    assert_eq!(nat(&fake, "DOCKER").unwrap(), ["-j RETURN"]);
+    assert_eq!(
+        nat(&fake, "PREROUTING").unwrap(),
+        ["-j KWP-SERVICES", "-j DOCKER"],
+        "duplicate jump removed, foreign jump kept"
+    );
+    assert_eq!(nat(&fake, "KWP-SERVICES").unwrap(), ["-j KWP-SERVICE-IPS"]);
+    // Someone deletes our chain's rules: the resync repairs them.
+    fake.preload(false, "nat", "*nat\n:KWP-SVC-A - [0:0]\nCOMMIT\n");
+    dp.resync().unwrap();
+    assert_eq!(nat(&fake, "KWP-SVC-A").unwrap(), ["-j KWP-SEP-A1"]);
+    assert_eq!(nat(&fake, "DOCKER").unwrap(), ["-j RETURN"]);
+}
+
+#[test]
+fn a_refused_service_keeps_its_last_rules_and_the_others_sync() {
+    let (mut dp, fake) = dataplane();
+    dp.apply(Some(&base()), &[(name("a"), Some(&service("A", 1, &[1])))])
+        .unwrap();
+    fake.refuse("10.244.1.66");
+    let applied = dp
+        .apply(
+            None,
+            &[
+                (name("a"), Some(&service("A", 1, &[66]))),
+                (name("b"), Some(&service("B", 2, &[3]))),
+            ],
+        )
+        .unwrap();
+    assert_eq!(applied.refused.len(), 1);
+    assert_eq!(applied.refused[0].0, Some(name("a")));
+    assert_eq!(
+        nat(&fake, "KWP-SVC-A").unwrap(),
+        ["-j KWP-SEP-A1"],
+        "last good"
+    );
+    assert_eq!(nat(&fake, "KWP-SVC-B").unwrap(), ["-j KWP-SEP-B3"]);
+    // All or nothing: nothing of a refused batch lands.
+    assert!(
+        dp.apply_all(None, &[(name("c"), Some(&service("C", 3, &[66])))])
+            .is_err()
+    );
+    assert_eq!(nat(&fake, "KWP-SVC-C"), None);
+    // A fragment for another dataplane is refused by name.
+    let nft = Fragment {
+        items: vec![Item::Listener(crate::plan::Listener {
+            service: 1,
+            protocol: Protocol::Tcp,
+            frontends: vec![],
+            udp_idle_timeout: std::time::Duration::from_secs(1),
+        })]
+        .into(),
+    };
+    let applied = dp.apply(None, &[(name("d"), Some(&nft))]).unwrap();
+    assert_eq!(applied.refused[0].0, Some(name("d")));
+}
