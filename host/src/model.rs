@@ -21,14 +21,6 @@ impl ObjectKey {
             name: name.into(),
         }
     }
-
-    /// The key of any object, from its metadata.
-    pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
-        Self::new(
-            meta.namespace.as_deref().unwrap_or("default"),
-            meta.name.as_deref().unwrap_or_default(),
-        )
-    }
 }
 
 impl fmt::Display for ObjectKey {

@@ -11,6 +11,18 @@ use crate::model::{
     TrafficPolicy,
 };
 
+// Here rather than in the model, which stays free of the API types (the
+// IPVS VM probe compiles the model alone).
+impl ObjectKey {
+    /// The key of any object, from its metadata.
+    pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Self {
+        Self::new(
+            meta.namespace.as_deref().unwrap_or("default"),
+            meta.name.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
 /// Label that hands a Service to another proxy: kube-proxy ignores it.
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 /// Label marking a Service headless (set by the endpoints controller).
