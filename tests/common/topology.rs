@@ -277,7 +277,15 @@ impl ContinuousClient {
                 0
             );
             let (mut ok, mut failed) = (0, Vec::new());
+            // At most one connection a millisecond: unpaced, a run of tens of
+            // seconds wraps the 28k ephemeral ports, and a reused 4-tuple that
+            // meets its own TIME_WAIT or conntrack entry loses a SYN now and
+            // then with no proxy involved. A gap in the rules of even a few
+            // milliseconds still fails connections.
+            let mut next = std::time::Instant::now();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                next += Duration::from_millis(1);
+                std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
                 match tcp_here(addr) {
                     Outcome::Answered(..) => ok += 1,
                     other => failed.push(other),
