@@ -287,3 +287,17 @@ pub enum BackendPlan {
     Weights(Vec<u32>),
     Slots(Vec<u32>),
 }
+
+/// detectLocalMode, as upstream: which sources count as this node's pods.
+/// Interface names are checked (`config::values::interface_name`) before
+/// they get here.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum DetectLocal {
+    #[default]
+    None,
+    ClusterCidr(Vec<Cidr>),
+    /// The Node's spec.podCIDRs, known once the Node object is.
+    NodeCidr,
+    BridgeInterface(String),
+    InterfaceNamePrefix(String),
+}

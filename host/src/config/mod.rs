@@ -152,18 +152,7 @@ pub struct Settings {
     pub dry_run: bool,
 }
 
-/// detectLocalMode, as upstream: which sources count as this node's pods.
-/// Interface names are checked (`values::interface_name`) before they get here.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
-pub enum DetectLocal {
-    #[default]
-    None,
-    ClusterCidr(Vec<Cidr>),
-    /// The Node's spec.podCIDRs, known once the Node object is.
-    NodeCidr,
-    BridgeInterface(String),
-    InterfaceNamePrefix(String),
-}
+pub use crate::model::DetectLocal;
 
 impl Settings {
     pub fn resolve(flags: &Flags) -> Result<Self> {

@@ -30,7 +30,7 @@ pub struct ModeSettings {
     pub node_port_addresses: Vec<crate::model::Cidr>,
     pub table: String,
     pub masquerade_all: bool,
-    pub detect_local: crate::config::DetectLocal,
+    pub detect_local: crate::model::DetectLocal,
     /// The mode's KubeProxyConfiguration section as JSON: upstream's
     /// camelCase names, defaults filled in, durations as Go writes them
     /// (`30s`, `1m0s`); `{}` for modes without one. iptables:
@@ -290,8 +290,8 @@ impl Mode {
 }
 
 /// NodeCIDR resolves to the Node's podCIDRs (no detection until known).
-fn detect_local_to_wit(d: &crate::config::DetectLocal, node: &NodeInfo) -> wit_mode::DetectLocal {
-    use crate::config::DetectLocal as D;
+fn detect_local_to_wit(d: &crate::model::DetectLocal, node: &NodeInfo) -> wit_mode::DetectLocal {
+    use crate::model::DetectLocal as D;
     match d {
         D::None => wit_mode::DetectLocal::None,
         D::ClusterCidr(c) => {
