@@ -133,7 +133,8 @@ impl App {
             crate::metrics::Metrics::new(settings.mode.as_str(), settings.sync_period, configz);
         metrics.runtime = Some(proxier.runtime());
         let sync = SyncLoop {
-            state: ClusterState::new(&settings.hostname),
+            state: ClusterState::new(&settings.hostname)
+                .with_node_port_range(settings.node_port_range.clone()),
             proxier,
             min_sync_period: settings.min_sync_period,
             sync_period: settings.sync_period,

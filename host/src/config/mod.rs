@@ -95,6 +95,11 @@ pub struct Flags {
     /// Where cluster state comes from: `kubernetes` (the API server, the default) or `file:DIR` (Kubernetes YAML in a directory).
     #[arg(long, value_name = "SOURCE")]
     pub source: Option<String>,
+    /// With --source file: the node-port range the objects must keep to, as
+    /// kube-apiserver's flag of that name enforces it for the API
+    /// (default 30000-32767). Node ports outside it are not programmed.
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub service_node_port_range: Option<String>,
     /// Directory holding plugin components (`<name>.wasm`); default: `plugins/` beside the binary, then the bundled ones.
     #[arg(long, value_name = "DIR")]
     pub plugin_dir: Option<PathBuf>,
@@ -137,6 +142,9 @@ pub struct Settings {
     pub min_sync_period: Duration,
     pub sync_period: Duration,
     pub source: String,
+    /// Node ports objects may use: the file source has no API server to
+    /// enforce it; `None` for the kubernetes source, whose API server did.
+    pub node_port_range: Option<std::ops::RangeInclusive<u16>>,
     pub kubeconfig: Option<PathBuf>,
     pub plugin_dir: Option<PathBuf>,
     pub lb_policy: String,
@@ -232,6 +240,7 @@ impl Settings {
             min_sync_period: min_sync.value,
             sync_period: sync.value,
             source: flags.source.clone().unwrap_or_else(|| "kubernetes".into()),
+            node_port_range: node_port_range(flags)?,
             kubeconfig: match &flags.kubeconfig {
                 Some(path) => Some(path.clone()),
                 None => kubeconfig_field(&file).map_err(in_file)?,
@@ -273,6 +282,25 @@ fn check_mode_flags(flags: &Flags, mode: ProxyMode) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--service-node-port-range`, for the file source only: the API server
+/// enforces its own range on what the kubernetes source reads.
+fn node_port_range(flags: &Flags) -> Result<Option<std::ops::RangeInclusive<u16>>> {
+    let from_files = flags
+        .source
+        .as_deref()
+        .is_some_and(|s| s.starts_with("file:"));
+    match (&flags.service_node_port_range, from_files) {
+        (None, false) => Ok(None),
+        (Some(_), false) => bail!(
+            "--service-node-port-range applies to --source file: only (the API server enforces its own)"
+        ),
+        (None, true) => Ok(Some(30000..=32767)),
+        (Some(text), true) => values::port_range(text)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("--service-node-port-range: {e}")),
+    }
 }
 
 /// The node name: --hostname-override, hostnameOverride, else the

@@ -412,3 +412,27 @@ fn bad_config_is_a_clear_error() {
     let (_dir, path) = config_file("clusterCIDR: [10.0.0.0/8]\n");
     assert!(error(&["--config", &path]).contains("clusterCIDR: expected a string"));
 }
+
+#[test]
+fn the_node_port_range_is_for_the_file_source_and_parsed() {
+    let file = |extra: &[&str]| {
+        let mut args = vec!["--source", "file:/tmp/x"];
+        args.extend_from_slice(extra);
+        resolve(&args)
+    };
+    assert_eq!(file(&[]).unwrap().node_port_range, Some(30000..=32767));
+    assert_eq!(
+        file(&["--service-node-port-range", "20000-20100"])
+            .unwrap()
+            .node_port_range,
+        Some(20000..=20100)
+    );
+    for bad in ["0-100", "300-200", "1-70000", "a-b"] {
+        let err = file(&["--service-node-port-range", bad]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("--service-node-port-range"),
+            "{bad}: {err:#}"
+        );
+    }
+    assert!(error(&["--service-node-port-range", "30000-32767"]).contains("--source file:"));
+}

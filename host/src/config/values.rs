@@ -274,3 +274,20 @@ pub fn ipvs_scheduler(text: &str, name: &str) -> Result<String> {
         ),
     }
 }
+
+/// `FIRST-LAST` (or one port), as kube-apiserver's `--service-node-port-range`.
+pub fn port_range(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (first, last) = text.split_once('-').unwrap_or((text, text));
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{text:?}: {p:?} is not a port 1-65535"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!("{text:?}: the range is empty"));
+    }
+    Ok(first..=last)
+}

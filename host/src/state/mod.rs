@@ -64,6 +64,8 @@ pub struct ClusterState {
     pub endpoint_changes: (u64, u64),
     /// Objects refused as invalid (each logged by name).
     pub invalid_objects: u64,
+    /// The node ports objects may use, when no API server enforced it.
+    node_port_range: Option<std::ops::RangeInclusive<u16>>,
     /// last-change-trigger-time of EndpointSlices changed since the last
     /// take (network programming latency).
     triggers: Vec<std::time::SystemTime>,
@@ -97,11 +99,43 @@ impl ClusterState {
         self.dirty.len()
     }
 
+    /// Node ports must keep to `range` (the file source, which has no API
+    /// server to enforce one: without it a Service could take port 22).
+    pub fn with_node_port_range(mut self, range: Option<std::ops::RangeInclusive<u16>>) -> Self {
+        self.node_port_range = range;
+        self
+    }
+
+    /// Drops node ports (and health-check node ports) outside the range,
+    /// with a warning; the rest of the Service is programmed.
+    fn within_node_port_range(&self, mut ports: Vec<ServicePort>) -> Vec<ServicePort> {
+        let Some(range) = &self.node_port_range else {
+            return ports;
+        };
+        for port in &mut ports {
+            for (what, value) in [
+                ("nodePort", &mut port.node_port),
+                ("healthCheckNodePort", &mut port.health_check_node_port),
+            ] {
+                if let Some(n) = value.filter(|n| !range.contains(n)) {
+                    tracing::warn!(
+                        service = %port.name,
+                        "ignoring {what} {n}: outside the node-port range {}-{}",
+                        range.start(),
+                        range.end()
+                    );
+                    *value = None;
+                }
+            }
+        }
+        ports
+    }
+
     /// Adds or replaces a Service. Returns why it is skipped, if it is.
     pub fn upsert_service(&mut self, svc: &Service) -> Option<convert::Skip> {
         let key = ObjectKey::of(&svc.metadata);
         let (ports, skip) = match convert::service_ports(svc, &mut |w| tracing::warn!("{w}")) {
-            Ok(ports) => (ports, None),
+            Ok(ports) => (self.within_node_port_range(ports), None),
             Err(skip @ convert::Skip::Invalid(_)) => {
                 // What the API server would refuse: keep the last good
                 // version (if any), as a broken file keeps its contents.

@@ -402,3 +402,52 @@ fn the_same_cluster_ip_twice_programs_only_the_owner() {
     );
     assert_eq!(s.frontend_conflicts(), 1);
 }
+
+/// The file source has no API server to keep node ports in its range: a
+/// Service could otherwise take the node's port 22.
+#[test]
+fn node_ports_outside_the_range_are_not_programmed_when_no_api_server_checked_them() {
+    let s = svc(r#"
+metadata: {name: np, namespace: ns}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.0.0.6
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 1
+  ports:
+  - {name: ssh, port: 2222, nodePort: 22}
+  - {name: web, port: 80, nodePort: 30080}
+"#);
+    let node_ports = |state: &mut ClusterState| -> Vec<(String, Option<u16>, Option<u16>)> {
+        state.replace_all(std::slice::from_ref(&s), &[], None);
+        state
+            .take_changes()
+            .updated
+            .iter()
+            .map(|u| {
+                (
+                    u.port.name.port.clone(),
+                    u.port.node_port,
+                    u.port.health_check_node_port,
+                )
+            })
+            .collect()
+    };
+    let mut checked = ClusterState::new("node-a").with_node_port_range(Some(30000..=32767));
+    assert_eq!(
+        node_ports(&mut checked),
+        [
+            ("ssh".into(), None, None),
+            ("web".into(), Some(30080), None)
+        ]
+    );
+    // From the API server: its own range was enforced there.
+    let mut trusted = ClusterState::new("node-a");
+    assert_eq!(
+        node_ports(&mut trusted),
+        [
+            ("ssh".into(), Some(22), Some(1)),
+            ("web".into(), Some(30080), Some(1))
+        ]
+    );
+}
