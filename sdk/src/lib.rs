@@ -48,6 +48,27 @@ pub mod mode {
 
 pub use bindings::kwp::proxy::types::{BackendPlan, Endpoint, IpAddress};
 
+/// For proxy modes: one weight per endpoint from a policy's plan (a lookup
+/// table's slots counted per endpoint), or why the plan does not fit.
+pub fn mode_weights(
+    plan: &mode::kwp::proxy::types::BackendPlan,
+    n: usize,
+) -> Result<Vec<u32>, String> {
+    use mode::kwp::proxy::types::BackendPlan as Plan;
+    match plan {
+        Plan::Weights(w) if w.len() == n => Ok(w.clone()),
+        Plan::Weights(w) => Err(format!("policy gave {} weights for {n} endpoints", w.len())),
+        Plan::Slots(slots) => {
+            let mut w = vec![0u32; n];
+            for s in slots {
+                *w.get_mut(*s as usize)
+                    .ok_or(format!("slot names endpoint {s} of {n}"))? += 1;
+            }
+            Ok(w)
+        }
+    }
+}
+
 /// A stateful load-balancing policy. The host calls it from one thread at a
 /// time; endpoints are referred to by their index in the last list given to
 /// [`Policy::set_endpoints`] for that service.

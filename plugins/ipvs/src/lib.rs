@@ -74,25 +74,6 @@ fn same_family(a: &IpAddress, b: &IpAddress) -> bool {
     )
 }
 
-/// One weight per endpoint from the policy's plan (slot counts for a
-/// lookup table).
-fn weights(plan: &BackendPlan, n: usize) -> Result<Vec<u32>, String> {
-    match plan {
-        BackendPlan::Weights(w) if w.len() == n => Ok(w.clone()),
-        BackendPlan::Weights(w) => {
-            Err(format!("policy gave {} weights for {n} endpoints", w.len()))
-        }
-        BackendPlan::Slots(slots) => {
-            let mut w = vec![0u32; n];
-            for s in slots {
-                *w.get_mut(*s as usize)
-                    .ok_or(format!("slot names endpoint {s} of {n}"))? += 1;
-            }
-            Ok(w)
-        }
-    }
-}
-
 pub fn render(
     mode: &ModeConfig,
     ipvs: &IpvsConfig,
@@ -101,7 +82,7 @@ pub fn render(
     backends: &BackendPlan,
 ) -> Result<Fragment, String> {
     let named = |e: String| format!("{}/{}:{}: {e}", svc.namespace, svc.name, svc.port_name);
-    let plan = weights(backends, endpoints.len()).map_err(named)?;
+    let plan = kwp_sdk::mode_weights(backends, endpoints.len()).map_err(named)?;
     let sched = scheduler(&svc.lb_policy, &ipvs.scheduler);
     let persistence = match svc.session_affinity {
         SessionAffinity::ClientIp(t) => t.max(1),

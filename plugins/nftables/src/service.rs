@@ -62,7 +62,7 @@ fn render_family(
             f,
             svc,
             endpoints,
-            &weights(backends, endpoints.len())?,
+            &kwp_sdk::mode_weights(backends, endpoints.len())?,
         ));
     }
     let l3 = f.l3;
@@ -76,7 +76,7 @@ fn render_family(
     let usable: Vec<usize> = (0..endpoints.len())
         .filter(|i| f.ip(&endpoints[*i].address).is_some())
         .collect();
-    let weights = weights(backends, endpoints.len())?;
+    let weights = kwp_sdk::mode_weights(backends, endpoints.len())?;
 
     // Per-endpoint chains.
     let affinity = match svc.session_affinity {
@@ -383,24 +383,6 @@ fn render_fast(
     Fragment { items }
 }
 
-/// One weight per endpoint from the policy's plan.
-fn weights(plan: &BackendPlan, n: usize) -> Result<Vec<u32>, String> {
-    match plan {
-        BackendPlan::Weights(w) if w.len() == n => Ok(w.clone()),
-        BackendPlan::Weights(w) => {
-            Err(format!("policy gave {} weights for {n} endpoints", w.len()))
-        }
-        BackendPlan::Slots(slots) => {
-            let mut w = vec![0u32; n];
-            for s in slots {
-                *w.get_mut(*s as usize)
-                    .ok_or(format!("slot names endpoint {s} of {n}"))? += 1;
-            }
-            Ok(w)
-        }
-    }
-}
-
 /// Existing ClientIP affinity wins over a new pick.
 fn affinity_rules(l3: &str, key: &str, eps: &[usize], affinity: Option<u32>) -> Vec<String> {
     match affinity {
@@ -503,7 +485,7 @@ mod tests {
             ),
             "jhash ip saddr mod 3 seed 0x6b777031 vmap { 0-1 : goto ep-k-0, 2 : goto ep-k-1 }"
         );
-        assert!(weights(&BackendPlan::Weights(vec![1]), 2).is_err());
-        assert!(weights(&BackendPlan::Slots(vec![5]), 2).is_err());
+        assert!(kwp_sdk::mode_weights(&BackendPlan::Weights(vec![1]), 2).is_err());
+        assert!(kwp_sdk::mode_weights(&BackendPlan::Slots(vec![5]), 2).is_err());
     }
 }

@@ -29,7 +29,7 @@ use anyhow::{Result, bail};
 pub use diff::diff_against_kernel;
 use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
 
-use super::{Applied, Dataplane, FragmentKey};
+use super::{Applied, Change, Dataplane, FragmentKey, changes};
 use crate::model::ServicePortName;
 use crate::plan::{Fragment, Item};
 
@@ -37,7 +37,6 @@ use crate::plan::{Fragment, Item};
 type ChainKey = (bool, String, String);
 /// Each chain's rules, by the fragment that gives them.
 type Contributions = BTreeMap<ChainKey, BTreeMap<FragmentKey, Vec<String>>>;
-type Change<'a> = (FragmentKey, Option<&'a Fragment>);
 type Plan = BTreeMap<FragmentKey, Fragment>;
 /// `iptables-save` of each (ipv6, table), parsed: chain -> rules.
 type Saved = BTreeMap<(bool, String), BTreeMap<String, Vec<String>>>;
@@ -422,16 +421,6 @@ fn with_changes(plan: &Plan, changes: &[Change<'_>]) -> Plan {
 }
 
 /// The base first, then the services.
-fn changes<'a>(
-    base: Option<&'a Fragment>,
-    changed: &'a [(ServicePortName, Option<&'a Fragment>)],
-) -> Vec<Change<'a>> {
-    let base = base.map(|b| (None, Some(b)));
-    base.into_iter()
-        .chain(changed.iter().map(|(n, f)| (Some(n.clone()), *f)))
-        .collect()
-}
-
 impl Dataplane for IptablesDataplane {
     fn apply(
         &mut self,
