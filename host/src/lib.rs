@@ -5,6 +5,9 @@ pub mod app;
 pub mod config;
 pub mod dataplane;
 pub mod demo;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod healthcheck;
 pub mod instance_lock;
 pub mod metrics;

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_yaml::Value;
 
 use crate::model::Cidr;
-use file::FileConfig;
+pub(crate) use file::FileConfig;
 use values::Named;
 pub use values::parse_duration;
 
@@ -172,6 +172,11 @@ impl Settings {
             }
             None => FileConfig::default(),
         };
+        Self::resolve_file(flags, file)
+    }
+
+    /// The settings from the flags and an already parsed `--config` file.
+    pub(crate) fn resolve_file(flags: &Flags, file: FileConfig) -> Result<Self> {
         let in_file = |e: anyhow::Error| match &flags.config {
             Some(path) => e.context(format!("--config {}", path.display())),
             None => e,

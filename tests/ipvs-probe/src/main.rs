@@ -9,8 +9,8 @@ mod model;
 #[allow(dead_code)]
 mod dataplane;
 mod packet;
-#[allow(dead_code)]
-#[path = "../../../host/src/plan.rs"]
+#[allow(dead_code, unused_imports)]
+#[path = "../../../host/src/plan/mod.rs"]
 mod plan;
 mod whole;
 
