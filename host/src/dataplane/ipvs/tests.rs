@@ -1,9 +1,14 @@
 //! The IPVS dataplane's reconcile, delta, ownership and refusal logic
 //! against the in-memory kernel (no root, milliseconds).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
 use super::fake::FakeIpvs;
 use super::*;
 use crate::model::Protocol;
+use crate::plan::Item;
 
 fn name(n: &str) -> ServicePortName {
     ServicePortName {
