@@ -112,10 +112,15 @@ impl IpvsDataplane {
         let mut from = from.clone();
         let mut to = to.clone();
         if let Some(list) = self.draining.get_mut(vk) {
-            list.retain(|a, _| !to.contains_key(a));
             for a in list.keys() {
                 from.entry(*a).or_insert(0);
+            }
+            list.retain(|a, _| !to.contains_key(a));
+            for a in list.keys() {
                 to.insert(*a, 0);
+            }
+            if list.is_empty() {
+                self.draining.remove(vk);
             }
         }
         for (address, weight) in &to {
