@@ -419,10 +419,7 @@ mod tests {
         );
         // A GET_CONFIG reply parses back (all three attributes present).
         let mut reply = Attrs::default();
-        reply
-            .u32(CMD_ATTR_TIMEOUT_TCP, 900)
-            .u32(CMD_ATTR_TIMEOUT_TCP_FIN, 120)
-            .u32(CMD_ATTR_TIMEOUT_UDP, 300);
+        reply.u32(4, 900).u32(5, 120).u32(6, 300);
         assert_eq!(
             parse_timeouts(&reply.0),
             Timeouts {
@@ -436,9 +433,9 @@ mod tests {
     #[test]
     fn a_dumped_destination_reports_active_plus_inactive_connections() {
         let mut d = dest_id("10.1.0.1:8080".parse().unwrap_or_else(|_| unreachable!()));
-        d.u32(DEST_ATTR_WEIGHT, 0)
-            .u32(DEST_ATTR_ACTIVE_CONNS, 3)
-            .u32(DEST_ATTR_INACT_CONNS, 2);
+        // IPVS_DEST_ATTR_WEIGHT 4, _ACTIVE_CONNS 7, _INACT_CONNS 8,
+        // _PERSIST_CONNS 9 (not counted, as upstream).
+        d.u32(4, 0).u32(7, 3).u32(8, 2).u32(9, 40);
         let (addr, conns) = parse_dest_connections(libc::AF_INET as u16, &d.0).expect("parses");
         assert_eq!(addr.to_string(), "10.1.0.1:8080");
         assert_eq!(conns, 5);
