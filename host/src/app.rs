@@ -170,7 +170,7 @@ impl App {
     }
 
     /// `--dry-run`: read the source once, render, print the plan (and in
-    /// nftables mode what it would change in the kernel).
+    /// nftables, iptables and IPVS mode what it would change in the kernel).
     pub fn dry_run(mut self) -> Result<String> {
         self.scan_and_sync()?;
         let plan = self.sync.proxier.plan();
@@ -180,6 +180,17 @@ impl App {
             match crate::dataplane::nftables::diff_against_kernel(
                 &crate::plan::Rules::default().nft_table,
                 plan,
+            ) {
+                Ok(diff) => out.push_str(&diff),
+                Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),
+            }
+        }
+        if self.settings.mode == ProxyMode::Ipvs {
+            // The packet-filter part, checked by nft in a scratch namespace.
+            out.push_str("\n# packet filter: diff against the kernel\n");
+            match crate::dataplane::nftables::diff_against_kernel(
+                &crate::plan::Rules::default().nft_table,
+                &crate::dataplane::ipvs::filter_plan(plan),
             ) {
                 Ok(diff) => out.push_str(&diff),
                 Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),

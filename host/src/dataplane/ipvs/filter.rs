@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 
 use super::{Dataplane, FragmentKey};
 use crate::model::ServicePortName;
-use crate::plan::{Fragment, Item};
+use crate::plan::{Fragment, Item, Plan};
 
 pub(super) struct Filter {
     dataplane: Box<dyn Dataplane>,
@@ -35,6 +35,20 @@ pub(super) fn split(fragment: &Fragment) -> (Fragment, Fragment) {
         Fragment { items: ipvs.into() },
         Fragment { items: nft.into() },
     )
+}
+
+/// The packet-filter part of a plan (its nftables items), for
+/// `--dry-run`'s diff against the kernel.
+pub fn filter_plan(plan: &Plan) -> Plan {
+    Plan {
+        base: split(&plan.base).1,
+        services: plan
+            .services
+            .iter()
+            .map(|(k, f)| (k.clone(), split(f).1))
+            .collect(),
+        context: BTreeMap::new(),
+    }
 }
 
 impl Filter {

@@ -54,6 +54,7 @@ use super::{Applied, Change, Dataplane, FragmentKey, changes};
 use crate::model::ServicePortName;
 use crate::plan::Fragment;
 use filter::Filter;
+pub use filter::filter_plan;
 pub use graceful::DEFAULT_DRAIN_TIMEOUT;
 use graceful::Draining;
 use items::{Servers, describe, owners, parse};
