@@ -18,6 +18,7 @@ mod health;
 mod image;
 mod iptables;
 mod ipvs;
+mod ipvs_filter;
 mod kubernetes;
 mod nftables;
 mod reliability;

@@ -157,6 +157,8 @@ pub struct Settings {
     /// The chosen mode's KubeProxyConfiguration section as JSON, for the
     /// mode plugin (see `file::mode_extra`).
     pub mode_extra: String,
+    /// The `ipvs` section, typed, in IPVS mode (the host applies part of it).
+    pub ipvs: Option<file::IpvsSection>,
     pub dry_run: bool,
 }
 
@@ -264,6 +266,10 @@ impl Settings {
             node_port_addresses: node_port_addresses(flags, &file).map_err(in_file)?,
             mode_extra: file::mode_extra(mode, &file, sync.value, min_sync.value)
                 .map_err(in_file)?,
+            ipvs: match mode {
+                ProxyMode::Ipvs => Some(file.ipvs().map_err(in_file)?),
+                _ => None,
+            },
             dry_run: flags.dry_run,
         })
     }
