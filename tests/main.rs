@@ -17,6 +17,7 @@ mod file_source;
 mod health;
 mod image;
 mod iptables;
+mod iptables_ops;
 mod ipvs;
 mod ipvs_filter;
 mod kubernetes;

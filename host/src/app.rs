@@ -69,6 +69,7 @@ impl App {
         )?;
         tracing::info!(mode = settings.mode.as_str(), %source, "loaded proxy mode");
         let mut userspace_backends = None;
+        let mut iptables_metrics = None;
         let mut kernel_rules = !settings.dry_run && settings.mode != ProxyMode::Userspace;
         let (dataplane, mapping): (Box<dyn Dataplane>, _) = if settings.dry_run {
             (Box::new(NoDataplane), None)
@@ -80,7 +81,9 @@ impl App {
         } else if settings.mode == ProxyMode::Ipvs {
             (Box::new(ipvs_dataplane(&settings)), None)
         } else if settings.mode == ProxyMode::Iptables {
-            (Box::new(IptablesDataplane::new()), None)
+            let dp = IptablesDataplane::new();
+            iptables_metrics = Some(dp.metrics.clone());
+            (Box::new(dp), None)
         } else {
             let redirector = if flags.no_redirect {
                 None
@@ -132,6 +135,7 @@ impl App {
         let mut metrics =
             crate::metrics::Metrics::new(settings.mode.as_str(), settings.sync_period, configz);
         metrics.runtime = Some(proxier.runtime());
+        metrics.iptables = iptables_metrics;
         let sync = SyncLoop {
             state: ClusterState::new(&settings.hostname)
                 .with_node_port_range(settings.node_port_range.clone()),
