@@ -12,6 +12,7 @@
 mod common;
 
 mod apiserver;
+mod cleanup;
 mod cli;
 mod file_source;
 mod health;

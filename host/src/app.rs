@@ -276,6 +276,12 @@ impl App {
 }
 
 pub async fn run(flags: Flags) -> Result<()> {
+    if flags.cleanup || flags.cleanup_kube_proxy {
+        return crate::cleanup::run(crate::cleanup::Scope {
+            kwp: flags.cleanup,
+            kube_proxy: flags.cleanup_kube_proxy,
+        });
+    }
     let app = App::build(&flags)?;
     if app.settings.dry_run {
         print!("{}", app.dry_run()?);

@@ -2,6 +2,7 @@
 //! validate -> apply. See docs/architecture.md.
 
 pub mod app;
+pub mod cleanup;
 pub mod config;
 pub mod dataplane;
 pub mod demo;

@@ -130,6 +130,16 @@ pub struct Flags {
     /// Print the plan and exit, applying nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Remove every table, chain, jump, virtual server and interface kwp
+    /// may have created in any mode, then exit (as kube-proxy's --cleanup).
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Remove upstream kube-proxy's leftovers (its `kube-proxy` nftables
+    /// tables, KUBE-* iptables chains and jumps, IPVS node-port services),
+    /// then exit; kwp's own rules stay unless --cleanup is given too, so it
+    /// may run while kwp programs the node (switch-over).
+    #[arg(long)]
+    pub cleanup_kube_proxy: bool,
 }
 
 /// The effective configuration.
