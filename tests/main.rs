@@ -22,6 +22,7 @@ mod iptables_ops;
 mod ipvs;
 mod ipvs_filter;
 mod kubernetes;
+mod nft_resync;
 mod nftables;
 mod reliability;
 mod reload;
