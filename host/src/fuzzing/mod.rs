@@ -163,4 +163,7 @@ impl IptablesKernel for Recorder {
     fn save(&mut self, _: bool, table: &str) -> Result<String> {
         Ok(format!("*{table}\nCOMMIT\n"))
     }
+    fn chain_rules(&mut self, _: bool, _: &str, _: &str) -> Result<Option<Vec<String>>> {
+        Ok(None)
+    }
 }

@@ -4,7 +4,11 @@ use kwp_wasm_build::{Guest, build, write_table};
 /// is read from there, never written by hand (a host test checks that each
 /// one is used by a test).
 fn main() {
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    // Read at run time: a build script binary is reused by clones at other
+    // paths (the target directory is shared), so a path compiled in with
+    // env! can name a clone that is gone.
+    let manifest = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let examples = std::path::Path::new(&manifest).join("../examples");
     let mut names: Vec<String> = std::fs::read_dir(&examples)
         .expect("host/test-programs/examples")
         .flatten()
