@@ -349,7 +349,12 @@ fn apply_all_restores_the_previous_state_when_any_service_fails() {
 
 #[test]
 fn the_first_reconcile_sets_upstreams_sysctls_and_conn_reuse_mode_only_on_old_kernels() {
-    for (release, reuse) in [("6.1.0-57-cloud-amd64", None), ("5.4.0-1", Some("0"))] {
+    for (release, reuse) in [
+        ("6.1.0-57-cloud-amd64", None),
+        ("5.4.0-1", Some("0")),
+        // Before 4.1 the sysctl does not exist: left alone, as upstream.
+        ("3.10.0-1160.el7.x86_64", None),
+    ] {
         let fake = FakeIpvs::new();
         fake.state()
             .sysctls

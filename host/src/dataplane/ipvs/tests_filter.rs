@@ -158,6 +158,15 @@ fn a_new_instance_adopts_the_filter_and_removes_only_its_own_stale_objects() {
         .is_empty()
     );
     drop(first);
+    // Someone else's virtual server, on an address that is not ours.
+    let foreign = VirtualServer {
+        key: key("192.0.2.1:443"),
+        scheduler: "wlc".into(),
+        persistence_timeout: 0,
+    };
+    ipvs.state()
+        .services
+        .insert(foreign.key, (foreign.clone(), Default::default()));
 
     // The next instance no longer has b: its first sync reconciles both
     // kernels in place (one nft transaction, no flush of the table).
@@ -180,6 +189,10 @@ fn a_new_instance_adopts_the_filter_and_removes_only_its_own_stale_objects() {
         nft.rules("ip", "other", "keep"),
         Some(vec!["accept".to_string()]),
         "a foreign table is untouched"
+    );
+    assert!(
+        ipvs.state().services.contains_key(&foreign.key),
+        "a foreign virtual server is untouched"
     );
 }
 
