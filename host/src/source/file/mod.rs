@@ -71,6 +71,8 @@ pub struct FileSource {
     dirs: Vec<PathBuf>,
     /// Errors reported so far (`kwp_source_errors_total`).
     pub errors: Arc<AtomicU64>,
+    /// Files read so far: a scan's cost is in what it reads.
+    pub files_read: u64,
 }
 
 impl FileSource {
@@ -87,6 +89,7 @@ impl FileSource {
             settle: SETTLE,
             dirs: Vec::new(),
             errors: Arc::default(),
+            files_read: 0,
         }
     }
 
@@ -130,6 +133,7 @@ impl FileSource {
             if !self.settled(path, fingerprint) {
                 continue;
             }
+            self.files_read += 1;
             match disk::read(path, fingerprint) {
                 Ok(None) => {
                     // Changed while read: wait for it to settle again.

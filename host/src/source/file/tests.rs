@@ -120,7 +120,7 @@ fn an_empty_directory_sends_one_empty_set() {
 }
 
 #[test]
-fn five_thousand_files_scan_in_linear_time_and_idle_scans_send_nothing() {
+fn five_thousand_files_are_read_once_and_idle_scans_read_nothing() {
     let dir = tempfile::tempdir().unwrap();
     for i in 0..5000 {
         std::fs::write(
@@ -133,23 +133,20 @@ fn five_thousand_files_scan_in_linear_time_and_idle_scans_send_nothing() {
     let first = scan_settled(&mut src);
     assert_eq!(services(first).len(), 5000);
 
-    let started = Instant::now();
+    assert_eq!(src.files_read, 5000);
+
+    // Idle scans look at metadata only: they read no file. (How long they
+    // take is a benchmark's business, not a timed test's.)
     for _ in 0..10 {
         assert!(src.scan().is_none());
     }
-    let idle = started.elapsed() / 10;
-    // Metadata only, linear: ~25 ms per idle scan of 5,000 files in a debug
-    // build on a loaded 2-core machine (quadratic work would be seconds).
-    assert!(idle < Duration::from_millis(400), "idle scan took {idle:?}");
+    assert_eq!(src.files_read, 5000, "an idle scan read files");
 
     std::fs::write(dir.path().join("new.yaml"), svc("new", 80)).unwrap();
-    let started = Instant::now();
     let names = services(scan_settled(&mut src));
-    eprintln!("idle scan {idle:?}, new file {:?}", started.elapsed());
     assert_eq!(names.len(), 5001);
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "a new file took {:?}",
-        started.elapsed()
+    assert_eq!(
+        src.files_read, 5001,
+        "a new file costs one read, not a rescan"
     );
 }
