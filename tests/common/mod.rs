@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod fixtures;
 pub mod netns;
 pub mod node_proxy;
 pub mod poll;

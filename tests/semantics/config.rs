@@ -5,9 +5,8 @@
 use std::time::Duration;
 
 use super::Mode;
-use crate::common::node_proxy::{
-    CONFIG, addr, assert_three_to_one, eventually, service, weighted_service,
-};
+use crate::common::fixtures::TestService;
+use crate::common::node_proxy::{CONFIG, addr, assert_three_to_one, eventually};
 use crate::common::scenarios;
 use crate::common::topology::{Cluster, NODE_IP, Outcome, tcp_from};
 
@@ -15,20 +14,19 @@ pub fn external_and_load_balancer_ips_with_source_ranges(mode: &Mode) {
     let c = mode.cluster("lb");
     // 198.51.100.x stands for addresses routed to this node by a router.
     c.client.sh("ip route add 198.51.100.0/24 via 203.0.113.1");
-    let spec = "  type: LoadBalancer\n  externalIPs: [198.51.100.7]\n  loadBalancerSourceRanges: [203.0.113.0/30]\n  # nodePort: 30085\n";
-    let objects = service(&c, "lb", "10.96.0.19", spec, &["pod-a"], "TCP").replacen(
-        "---\n",
-        "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.8}, {ip: 198.51.100.9, ipMode: Proxy}]\n---\n",
-        1,
-    );
-    let closed_spec =
-        "  type: LoadBalancer\n  loadBalancerSourceRanges: [192.0.2.0/24]\n  # nodePort: 30086\n";
-    let closed = service(&c, "closed", "10.96.0.20", closed_spec, &["pod-a"], "TCP").replacen(
-        "---\n",
-        "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.10}]\n---\n",
-        1,
-    );
-    let _p = mode.start(&c, &(objects + &closed));
+    let open = TestService::new(&c, "lb", "10.96.0.19")
+        .load_balancer(30085)
+        .external_ips(&["198.51.100.7"])
+        .source_ranges(&["203.0.113.0/30"])
+        .ingress("198.51.100.8", None)
+        .ingress("198.51.100.9", Some("Proxy"))
+        .pods(&["pod-a"]);
+    let closed = TestService::new(&c, "closed", "10.96.0.20")
+        .load_balancer(30086)
+        .source_ranges(&["192.0.2.0/24"])
+        .ingress("198.51.100.10", None)
+        .pods(&["pod-a"]);
+    let _p = mode.start(&c, &(open.yaml() + &closed.yaml()));
     eventually("rules", || mode.rules(&c).contains("198.51.100.10"));
     let answered_by_a = |ip: &str, port| matches!(tcp_from(&c.client, addr(ip, port)), Outcome::Answered(p, _) if p == "pod-a");
     assert!(answered_by_a("198.51.100.7", 80), "external IP");
@@ -57,7 +55,9 @@ pub fn masquerade_all_masquerades_in_cluster_sources_too(mode: &Mode) {
     let config = format!("{CONFIG}{}:\n  masqueradeAll: true\n", mode.config_section);
     let _p = mode.start_with(
         &c,
-        &service(&c, "web", "10.96.0.30", "", &["pod-c"], "TCP"),
+        &TestService::new(&c, "web", "10.96.0.30")
+            .pods(&["pod-c"])
+            .yaml(),
         &config,
         &Cluster::node_yaml(),
     );
@@ -89,10 +89,12 @@ pub fn detect_local_modes_decide_who_is_masqueraded(mode: &Mode) {
 pub fn node_port_addresses_limit_where_node_ports_answer(mode: &Mode) {
     let c = mode.cluster("npa");
     let config = format!("{CONFIG}nodePortAddresses: [10.0.0.0/24]\n");
-    let spec = "  type: NodePort\n  # nodePort: 30092\n";
     let _p = mode.start_with(
         &c,
-        &service(&c, "web", "10.96.0.33", spec, &["pod-a"], "TCP"),
+        &TestService::new(&c, "web", "10.96.0.33")
+            .node_port(30092)
+            .pods(&["pod-a"])
+            .yaml(),
         &config,
         &Cluster::node_yaml(),
     );
@@ -107,19 +109,15 @@ pub fn node_port_addresses_limit_where_node_ports_answer(mode: &Mode) {
 
 pub fn health_check_node_ports_report_local_endpoints(mode: &Mode) {
     let c = mode.cluster("hc");
-    let local = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n  # nodePort: 30089\n";
-    let remote = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32002\n  # nodePort: 30090\n";
-    let _p = mode.start(
-        &c,
-        &(service(
-            &c,
-            "here",
-            "10.96.0.25",
-            local,
-            &["pod-a", "pod-b", "pod-c"],
-            "TCP",
-        ) + &service(&c, "away", "10.96.0.26", remote, &["pod-c"], "TCP")),
-    );
+    let local = |name, ip, node_port, health_port| {
+        TestService::new(&c, name, ip)
+            .load_balancer(node_port)
+            .external_traffic_local()
+            .health_check_node_port(health_port)
+    };
+    let here = local("here", "10.96.0.25", 30089, 32001).pods(&["pod-a", "pod-b", "pod-c"]);
+    let away = local("away", "10.96.0.26", 30090, 32002).pods(&["pod-c"]);
+    let _p = mode.start(&c, &(here.yaml() + &away.yaml()));
     let get = |port: u16| {
         c.client.run_in(move || {
             let mut conn =
@@ -157,7 +155,15 @@ pub fn health_check_node_ports_report_local_endpoints(mode: &Mode) {
 
 pub fn weighted_policy_weights_reach_the_kernel(mode: &Mode) {
     let c = mode.cluster("wt");
-    let _p = mode.start(&c, &weighted_service(&c, "10.96.0.35"));
+    // pod-a weight 3, pod-c the default 1.
+    let web = TestService::new(&c, "web", "10.96.0.35")
+        .annotate("kube-wasm-proxy.io/lb-policy", "weighted")
+        .annotate(
+            "kube-wasm-proxy.io/lb-policy-config",
+            &format!("{}=3", c.pod("pod-a").ip),
+        )
+        .pods(&["pod-a", "pod-c"]);
+    let _p = mode.start(&c, &web.yaml());
     eventually("weighted rules", || {
         mode.rules(&c).contains(mode.marks.three_to_one)
     });

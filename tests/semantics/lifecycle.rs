@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use super::{Mode, pods};
-use crate::common::node_proxy::{addr, answered_by, eventually, many, service};
+use crate::common::fixtures::TestService;
+use crate::common::node_proxy::{addr, answered_by, eventually, many};
 use crate::common::scenarios;
 use crate::common::topology::{ContinuousClient, Outcome, tcp_from};
 use crate::common::write;
@@ -15,25 +16,12 @@ pub fn endpoint_changes_apply_incrementally_and_foreign_rules_are_untouched(mode
     (mode.add_foreign)(&c);
     let before = (mode.foreign)(&c);
     assert!(!before.is_empty(), "the foreign rules are listed");
-    let p = mode.start(
-        &c,
-        &service(
-            &c,
-            "web",
-            "10.96.0.16",
-            "",
-            &["pod-a", "pod-c", "pod-d"],
-            "TCP",
-        ),
-    );
+    let web = |pods: &[&str]| TestService::new(&c, "web", "10.96.0.16").pods(pods).yaml();
+    let p = mode.start(&c, &web(&["pod-a", "pod-c", "pod-d"]));
     let from = &c.pod("pod-b").ns;
     assert!(answered_by(&many(30, || tcp_from(from, addr("10.96.0.16", 80)))).contains("pod-d"));
 
-    write(
-        &p.dir,
-        "objects.yaml",
-        &service(&c, "web", "10.96.0.16", "", &["pod-a", "pod-c"], "TCP"),
-    );
+    write(&p.dir, "objects.yaml", &web(&["pod-a", "pod-c"]));
     eventually("pod-d removed", || !mode.rules(&c).contains("10.244.2.12"));
     assert_eq!(
         answered_by(&many(20, || tcp_from(from, addr("10.96.0.16", 80)))),
@@ -49,7 +37,9 @@ pub fn endpoint_changes_apply_incrementally_and_foreign_rules_are_untouched(mode
 
 pub fn a_restart_adopts_the_rules_without_dropping_a_connection(mode: &Mode) {
     let c = mode.cluster("rst");
-    let objects = service(&c, "web", "10.96.0.18", "", &["pod-a", "pod-c"], "TCP");
+    let objects = TestService::new(&c, "web", "10.96.0.18")
+        .pods(&["pod-a", "pod-c"])
+        .yaml();
     let first = mode.start(&c, &objects);
     assert!(matches!(
         tcp_from(&c.pod("pod-b").ns, addr("10.96.0.18", 80)),

@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::{Mode, pods};
-use crate::common::node_proxy::{addr, answered_by, eventually, family_slice, many, service};
+use crate::common::fixtures::TestService;
+use crate::common::node_proxy::{addr, answered_by, eventually, family_slice, many};
 use crate::common::topology::{
     CLIENT_IP, CLIENT_IP6, NODE_IP, NODE_IP6, Outcome, tcp_from, udp_from,
 };
@@ -13,7 +14,10 @@ use crate::common::topology::{
 pub fn cluster_ip_spreads_over_local_and_remote_pods_without_masquerade(mode: &Mode) {
     let c = mode.cluster("cip");
     let all = ["pod-a", "pod-b", "pod-c", "pod-d"];
-    let _p = mode.start(&c, &service(&c, "web", "10.96.0.10", "", &all, "TCP"));
+    let _p = mode.start(
+        &c,
+        &TestService::new(&c, "web", "10.96.0.10").pods(&all).yaml(),
+    );
     let from = &c.pod("pod-b").ns;
     let outcomes = many(40, || tcp_from(from, addr("10.96.0.10", 80)));
     assert_eq!(answered_by(&outcomes), pods(&all));
@@ -40,11 +44,10 @@ pub fn cluster_ip_spreads_over_local_and_remote_pods_without_masquerade(mode: &M
 
 pub fn node_port_from_outside_is_masqueraded(mode: &Mode) {
     let c = mode.cluster("np");
-    let spec = "  type: NodePort\n  # nodePort: 30080\n";
-    let _p = mode.start(
-        &c,
-        &service(&c, "web", "10.96.0.11", spec, &["pod-a", "pod-c"], "TCP"),
-    );
+    let web = TestService::new(&c, "web", "10.96.0.11")
+        .node_port(30080)
+        .pods(&["pod-a", "pod-c"]);
+    let _p = mode.start(&c, &web.yaml());
     let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30080)));
     assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-c"]));
     assert!(
@@ -57,18 +60,11 @@ pub fn node_port_from_outside_is_masqueraded(mode: &Mode) {
 
 pub fn external_traffic_policy_local_keeps_the_client_ip_and_local_pods(mode: &Mode) {
     let c = mode.cluster("etp");
-    let spec = "  type: NodePort\n  externalTrafficPolicy: Local\n  # nodePort: 30081\n";
-    let _p = mode.start(
-        &c,
-        &service(
-            &c,
-            "web",
-            "10.96.0.12",
-            spec,
-            &["pod-a", "pod-b", "pod-c"],
-            "TCP",
-        ),
-    );
+    let web = TestService::new(&c, "web", "10.96.0.12")
+        .node_port(30081)
+        .external_traffic_local()
+        .pods(&["pod-a", "pod-b", "pod-c"]);
+    let _p = mode.start(&c, &web.yaml());
     let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30081)));
     assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-b"]));
     assert!(
@@ -81,23 +77,12 @@ pub fn external_traffic_policy_local_keeps_the_client_ip_and_local_pods(mode: &M
 
 pub fn no_endpoints_rejects_and_no_local_endpoints_drops(mode: &Mode) {
     let c = mode.cluster("rej");
-    let none = service(
-        &c,
-        "empty",
-        "10.96.0.13",
-        "  type: NodePort\n  # nodePort: 30082\n",
-        &[],
-        "TCP",
-    );
-    let remote_only = service(
-        &c,
-        "far",
-        "10.96.0.14",
-        "  type: NodePort\n  externalTrafficPolicy: Local\n  # nodePort: 30083\n",
-        &["pod-c"],
-        "TCP",
-    );
-    let _p = mode.start(&c, &(none + &remote_only));
+    let none = TestService::new(&c, "empty", "10.96.0.13").node_port(30082);
+    let remote_only = TestService::new(&c, "far", "10.96.0.14")
+        .node_port(30083)
+        .external_traffic_local()
+        .pods(&["pod-c"]);
+    let _p = mode.start(&c, &(none.yaml() + &remote_only.yaml()));
     eventually("rules for both services", || {
         mode.rules(&c).contains("30083")
     });
@@ -124,9 +109,12 @@ pub fn no_endpoints_rejects_and_no_local_endpoints_drops(mode: &Mode) {
 
 pub fn client_ip_affinity_sticks_to_one_pod(mode: &Mode) {
     let c = mode.cluster("aff");
-    let spec = "  type: NodePort\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  # nodePort: 30084\n";
     let all = ["pod-a", "pod-b", "pod-c", "pod-d"];
-    let _p = mode.start(&c, &service(&c, "web", "10.96.0.15", spec, &all, "TCP"));
+    let web = TestService::new(&c, "web", "10.96.0.15")
+        .node_port(30084)
+        .affinity(60)
+        .pods(&all);
+    let _p = mode.start(&c, &web.yaml());
     let outcomes = many(12, || tcp_from(&c.client, addr(NODE_IP, 30084)));
     assert_eq!(answered_by(&outcomes).len(), 1, "{outcomes:?}");
     let outcomes = many(12, || tcp_from(&c.pod("pod-a").ns, addr("10.96.0.15", 80)));
@@ -136,11 +124,12 @@ pub fn client_ip_affinity_sticks_to_one_pod(mode: &Mode) {
 
 pub fn client_ip_affinity_expires_after_its_timeout(mode: &Mode) {
     let c = mode.cluster("afft");
-    // 2 s: long enough for a burst of connections on a loaded machine.
-    let spec =
-        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}\n";
     let all = ["pod-a", "pod-b", "pod-c", "pod-d"];
-    let _p = mode.start(&c, &service(&c, "web", "10.96.0.34", spec, &all, "TCP"));
+    // 2 s: long enough for a burst of connections on a loaded machine.
+    let web = TestService::new(&c, "web", "10.96.0.34")
+        .affinity(2)
+        .pods(&all);
+    let _p = mode.start(&c, &web.yaml());
     let from = &c.client;
     let mut seen = BTreeSet::new();
     for _ in 0..6 {
@@ -159,10 +148,10 @@ pub fn client_ip_affinity_expires_after_its_timeout(mode: &Mode) {
 
 pub fn udp_cluster_ip_works(mode: &Mode) {
     let c = mode.cluster("udp");
-    let _p = mode.start(
-        &c,
-        &service(&c, "dns", "10.96.0.53", "", &["pod-a", "pod-c"], "UDP"),
-    );
+    let dns = TestService::new(&c, "dns", "10.96.0.53")
+        .protocol("UDP")
+        .pods(&["pod-a", "pod-c"]);
+    let _p = mode.start(&c, &dns.yaml());
     eventually("udp rules", || mode.rules(&c).contains("10.96.0.53"));
     let outcomes = many(20, || udp_from(&c.pod("pod-b").ns, addr("10.96.0.53", 80)));
     assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-c"]));
@@ -170,18 +159,10 @@ pub fn udp_cluster_ip_works(mode: &Mode) {
 
 pub fn internal_traffic_policy_local_and_traffic_from_the_node(mode: &Mode) {
     let c = mode.cluster("itp");
-    let spec = "  internalTrafficPolicy: Local\n";
-    let _p = mode.start(
-        &c,
-        &service(
-            &c,
-            "web",
-            "10.96.0.21",
-            spec,
-            &["pod-a", "pod-c", "pod-d"],
-            "TCP",
-        ),
-    );
+    let web = TestService::new(&c, "web", "10.96.0.21")
+        .internal_traffic_local()
+        .pods(&["pod-a", "pod-c", "pod-d"]);
+    let _p = mode.start(&c, &web.yaml());
     let outcomes = many(15, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.21", 80)));
     assert_eq!(
         answered_by(&outcomes),
