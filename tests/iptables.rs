@@ -9,7 +9,8 @@ use crate::common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::node_proxy::{CONFIG, Proxy, addr, answered_by, eventually, many, service, start_full};
+use common::fixtures::TestService;
+use common::node_proxy::{CONFIG, Proxy, addr, answered_by, eventually, many, start_full};
 use common::topology::{Cluster, NODE_IP, Outcome, tcp_from};
 use common::write;
 
@@ -34,12 +35,13 @@ fn pods(names: &[&str]) -> BTreeSet<String> {
 #[test]
 fn a_consistent_hash_policy_is_refused_by_name_and_the_others_sync() {
     let c = Cluster::new("imag");
-    let maglev = service(&c, "hashed", "10.96.0.19", "", &["pod-a", "pod-c"], "TCP").replacen(
-        "metadata: {name: hashed, namespace: t}",
-        "metadata: {name: hashed, namespace: t, annotations: {kube-wasm-proxy.io/lb-policy: maglev}}",
-        1,
-    );
-    let plain = service(&c, "plain", "10.96.0.20", "", &["pod-a"], "TCP");
+    let maglev = TestService::new(&c, "hashed", "10.96.0.19")
+        .annotate("kube-wasm-proxy.io/lb-policy", "maglev")
+        .pods(&["pod-a", "pod-c"])
+        .yaml();
+    let plain = TestService::new(&c, "plain", "10.96.0.20")
+        .pods(&["pod-a"])
+        .yaml();
     let p = start(&c, &(maglev + &plain));
     eventually("the plain service", || {
         save(&c, "nat").contains("-d 10.96.0.20/32")
@@ -60,7 +62,10 @@ fn sctp_services_are_programmed() {
     let c = Cluster::new("isctp");
     let _p = start(
         &c,
-        &service(&c, "assoc", "10.96.0.26", "", &["pod-a"], "SCTP"),
+        &TestService::new(&c, "assoc", "10.96.0.26")
+            .protocol("SCTP")
+            .pods(&["pod-a"])
+            .yaml(),
     );
     eventually("sctp rules", || {
         save(&c, "nat").contains("-d 10.96.0.26/32 -p sctp")
@@ -76,15 +81,13 @@ fn sctp_services_are_programmed() {
 #[test]
 fn services_come_and_go_by_rule_in_the_shared_dispatch_chain() {
     let c = Cluster::new("idel");
-    let first = service(&c, "one", "10.96.0.28", "", &["pod-a"], "TCP");
-    let second = service(
-        &c,
-        "two",
-        "10.96.0.29",
-        "  type: NodePort\n  # nodePort: 30093\n",
-        &["pod-c"],
-        "TCP",
-    );
+    let first = TestService::new(&c, "one", "10.96.0.28")
+        .pods(&["pod-a"])
+        .yaml();
+    let second = TestService::new(&c, "two", "10.96.0.29")
+        .node_port(30093)
+        .pods(&["pod-c"])
+        .yaml();
     let p = start(&c, &first);
     let from = &c.pod("pod-b").ns;
     assert!(
@@ -141,7 +144,9 @@ fn a_node_on_iptables_legacy_gets_its_rules_in_legacy() {
         .sh("iptables-legacy -N BYSTANDER && iptables-legacy -A INPUT -j BYSTANDER");
     let p = start(
         &c,
-        &service(&c, "web", "10.96.0.34", "", &["pod-a", "pod-c"], "TCP"),
+        &TestService::new(&c, "web", "10.96.0.34")
+            .pods(&["pod-a", "pod-c"])
+            .yaml(),
     );
     let legacy = c.node.sh("iptables-legacy-save -t nat");
     assert!(legacy.contains("-A PREROUTING -j KWP-SERVICES"), "{legacy}");
@@ -165,12 +170,16 @@ fn a_node_on_iptables_legacy_gets_its_rules_in_legacy() {
 #[test]
 fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
     let c = Cluster::new("idry");
-    let objects = service(&c, "web", "10.96.0.35", "", &["pod-a"], "TCP");
+    let objects = TestService::new(&c, "web", "10.96.0.35")
+        .pods(&["pod-a"])
+        .yaml();
     let dry_run = || {
         common::node_proxy::dry_run(
             &c,
             "iptables",
-            &service(&c, "web", "10.96.0.35", "", &["pod-a"], "TCP"),
+            &TestService::new(&c, "web", "10.96.0.35")
+                .pods(&["pod-a"])
+                .yaml(),
         )
     };
     let first = dry_run();

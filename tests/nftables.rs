@@ -9,14 +9,20 @@ use crate::common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::node_proxy::{CONFIG, addr, eventually, service, start, start_full};
+use common::fixtures::TestService;
+use common::node_proxy::{CONFIG, addr, eventually, start, start_full};
 use common::topology::{Cluster, NODE_IP, Outcome, tcp_from};
 use common::write;
 
 #[test]
 fn a_deleted_table_is_repaired_within_sync_period() {
     let c = Cluster::new("rep");
-    let _p = start(&c, &service(&c, "web", "10.96.0.17", "", &["pod-a"], "TCP"));
+    let _p = start(
+        &c,
+        &TestService::new(&c, "web", "10.96.0.17")
+            .pods(&["pod-a"])
+            .yaml(),
+    );
     assert!(matches!(
         tcp_from(&c.pod("pod-b").ns, addr("10.96.0.17", 80)),
         Outcome::Answered(..)
@@ -41,7 +47,7 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
         common::node_proxy::dry_run(
             &c,
             "nftables",
-            &service(&c, "web", "10.96.0.22", "", pods, "TCP"),
+            &TestService::new(&c, "web", "10.96.0.22").pods(pods).yaml(),
         )
     };
     let first = dry_run(&["pod-a"]);
@@ -54,7 +60,12 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
         "a dry run must not touch the kernel"
     );
 
-    let p = start(&c, &service(&c, "web", "10.96.0.22", "", &["pod-a"], "TCP"));
+    let p = start(
+        &c,
+        &TestService::new(&c, "web", "10.96.0.22")
+            .pods(&["pod-a"])
+            .yaml(),
+    );
     eventually("rules", || {
         c.node
             .sh("nft list table ip kube-wasm-proxy")
@@ -84,8 +95,11 @@ fn maglev_in_the_kernel_keeps_clients_and_moves_few_when_a_pod_goes() {
         c.client.sh(&format!("ip addr add {ip}/24 dev eth0"));
     }
     let annotated = |pods: &[&str]| {
-        service(&c, "web", "10.96.0.23", "  type: NodePort\n  # nodePort: 30087\n", pods, "TCP")
-            .replacen("metadata: {name: web, namespace: t}", "metadata: {name: web, namespace: t, annotations: {kube-wasm-proxy.io/lb-policy: maglev}}", 1)
+        TestService::new(&c, "web", "10.96.0.23")
+            .node_port(30087)
+            .annotate("kube-wasm-proxy.io/lb-policy", "maglev")
+            .pods(pods)
+            .yaml()
     };
     let p = start(&c, &annotated(&["pod-a", "pod-b", "pod-c", "pod-d"]));
     eventually("maglev rules", || {
@@ -135,11 +149,11 @@ fn sctp_services_are_programmed() {
     // This kernel has no SCTP sockets, so SCTP is checked by inspecting the
     // rules the kernel accepted.
     let c = Cluster::new("sctp");
-    let spec = "  type: NodePort\n  # nodePort: 30088\n";
-    let _p = start(
-        &c,
-        &service(&c, "sig", "10.96.0.24", spec, &["pod-a"], "SCTP"),
-    );
+    let sig = TestService::new(&c, "sig", "10.96.0.24")
+        .protocol("SCTP")
+        .node_port(30088)
+        .pods(&["pod-a"]);
+    let _p = start(&c, &sig.yaml());
     eventually("sctp rules", || {
         c.node
             .sh("nft list table ip kube-wasm-proxy")
@@ -261,7 +275,9 @@ fn the_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected() {
     let dir = plugins.path().display().to_string();
     let p = start_full(
         &c,
-        &service(&c, "web", "10.96.0.36", "", &["pod-a", "pod-c"], "TCP"),
+        &TestService::new(&c, "web", "10.96.0.36")
+            .pods(&["pod-a", "pod-c"])
+            .yaml(),
         CONFIG,
         &Cluster::node_yaml(),
         &["--plugin-dir", &dir],
