@@ -105,6 +105,7 @@ pub struct ControlPlane {
     secure_port: u16,
     apiserver_flags: Vec<String>,
     _tmp: tempfile::TempDir,
+    _slot: super::slots::Slot,
     etcd: Option<Child>,
     apiserver: Option<Child>,
 }
@@ -138,6 +139,7 @@ impl ControlPlane {
     }
 
     fn try_start(bins: &Binaries, apiserver_flags: &[String]) -> Result<Self, String> {
+        let slot = super::slots::CONTROL_PLANES.take();
         // etcd fsyncs every write; on tmpfs that costs nothing.
         let base = Path::new("/dev/shm");
         let tmp = if base.is_dir() {
@@ -195,6 +197,7 @@ impl ControlPlane {
             etcd_url,
             dir: dir.clone(),
             _tmp: tmp,
+            _slot: slot,
             secure_port,
             apiserver_flags: apiserver_flags.to_vec(),
             etcd: Some(etcd),

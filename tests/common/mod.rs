@@ -10,6 +10,7 @@ pub mod netns;
 pub mod node_proxy;
 pub mod poll;
 pub mod scenarios;
+pub mod slots;
 pub mod topology;
 
 use std::net::SocketAddr;

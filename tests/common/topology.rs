@@ -16,11 +16,12 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::netns::Netns;
+use super::slots::{CLUSTERS, Slot};
 
 pub const NODE_IP: &str = "203.0.113.1";
 pub const CLIENT_IP: &str = "203.0.113.2";
@@ -56,7 +57,7 @@ const PODS: &[(&str, &str, bool)] = &[
 
 impl Cluster {
     pub fn new(tag: &str) -> Self {
-        let slot = Slot::take();
+        let slot = CLUSTERS.take();
         let node = Netns::new(&format!("kwp-{tag}-node"));
         let remote = Netns::new(&format!("kwp-{tag}-rem"));
         let client = Netns::new(&format!("kwp-{tag}-cli"));
@@ -138,37 +139,6 @@ fn link(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
         "ip link add {a_name} type veth peer name {b_name} netns {}",
         b.name
     ));
-}
-
-/// How many clusters may exist at once in this process: tests run on
-/// parallel threads, and more clusters (7 namespaces, 12 pod servers and a
-/// proxy each) than two cores carry make timing assertions flaky. A test
-/// that builds a cluster waits for a slot; others run meanwhile.
-const CLUSTERS_AT_ONCE: usize = 2;
-
-/// One of the `CLUSTERS_AT_ONCE` slots, given back when dropped.
-struct Slot;
-
-static SLOTS: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
-
-impl Slot {
-    fn take() -> Self {
-        let (taken, freed) = &SLOTS;
-        let mut taken = taken.lock().unwrap_or_else(|e| e.into_inner());
-        while *taken >= CLUSTERS_AT_ONCE {
-            taken = freed.wait(taken).unwrap_or_else(|e| e.into_inner());
-        }
-        *taken += 1;
-        Slot
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let (taken, freed) = &SLOTS;
-        *taken.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        freed.notify_one();
-    }
 }
 
 /// A pod's servers, stopped when dropped: an open socket keeps its
