@@ -12,4 +12,8 @@ ensure_packages nftables iproute2 conntrack iptables
 # A real etcd + kube-apiserver (and upstream kube-proxy) for the API tests,
 # built once per machine and cached outside the repository.
 scripts/control-plane.sh >/dev/null
+# Three test threads: the e2e crate's tutorial (cold builds at low priority)
+# takes one, and at most two namespace clusters run at once
+# (tests/common/topology.rs), as two cores carry.
+export RUST_TEST_THREADS="${RUST_TEST_THREADS:-3}"
 cargo test --workspace --locked "$@"

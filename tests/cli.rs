@@ -3,7 +3,7 @@
 use crate::common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::Netns;
 
@@ -217,17 +217,14 @@ fn a_second_instance_on_the_node_refuses_to_start() {
 /// Waits until `child` holds the node lock (its abstract socket is listed
 /// in the namespace's /proc/net/unix), failing if it exits first.
 fn wait_for_lock(ns: &Netns, child: &mut std::process::Child, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ns
-        .sh("cat /proc/net/unix")
-        .contains("@kube-wasm-proxy/node-rules")
-    {
+    let holds = common::poll::until(Duration::from_secs(30), || {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
             panic!("{what} exited ({status}): {err}");
         }
-        assert!(Instant::now() < deadline, "{what} never took the lock");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        ns.sh("cat /proc/net/unix")
+            .contains("@kube-wasm-proxy/node-rules")
+    });
+    assert!(holds, "{what} never took the lock");
 }

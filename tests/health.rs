@@ -41,17 +41,20 @@ async fn try_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
 }
 
 async fn eventually_status(port: u16, path: &str, want: u16) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(Ok((code, body))) =
-            tokio::time::timeout(Duration::from_secs(1), try_get(port, path)).await
-            && code == want
-        {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "{path} never answered {want}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut answer = String::new();
+    poll::eventually_async(
+        &format!("{path} to answer {want}"),
+        Duration::from_secs(10),
+        async || match tokio::time::timeout(Duration::from_secs(1), try_get(port, path)).await {
+            Ok(Ok((code, body))) if code == want => {
+                answer = body;
+                true
+            }
+            _ => false,
+        },
+    )
+    .await;
+    answer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,20 +125,19 @@ async fn health_and_metrics_follow_upstream() {
         "sctp.yaml",
         &(service("sig", "10.96.0.2", "SCTP", "") + &slices("sig", "SCTP", &[backend])),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !get(mp, "/metrics")
-        .await
-        .1
-        .lines()
-        .filter_map(|l| l.strip_prefix("kwp_sync_service_errors_total "))
-        .any(|v| v.trim().parse::<f64>().is_ok_and(|v| v > 0.0))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the SCTP Service's error was not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll::eventually_async(
+        "the SCTP Service's error to be counted",
+        Duration::from_secs(10),
+        async || {
+            get(mp, "/metrics")
+                .await
+                .1
+                .lines()
+                .filter_map(|l| l.strip_prefix("kwp_sync_service_errors_total "))
+                .any(|v| v.trim().parse::<f64>().is_ok_and(|v| v > 0.0))
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(700)).await; // > 2 x syncPeriod
     assert_eq!(get(hz, "/healthz").await.0, 200);
     assert_eq!(get(hz, "/livez").await.0, 200);
@@ -277,19 +279,12 @@ fn fd_exhaustion_does_not_stop_the_health_server() {
     // The kernel queues the probe; accepting it needs an fd and fails.
     let mut probe = std::net::TcpStream::connect(&hz_addr).unwrap();
     std::io::Write::write_all(&mut probe, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !logs
-        .text()
-        .lines()
-        .any(|l| l.contains(&hz_addr) && l.contains("Too many open files"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "accept never failed:\n{}",
-            logs.text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let failed = poll::until(Duration::from_secs(10), || {
+        logs.text()
+            .lines()
+            .any(|l| l.contains(&hz_addr) && l.contains("Too many open files"))
+    });
+    assert!(failed, "accept never failed:\n{}", logs.text());
 
     assert_eq!(
         unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &normal, std::ptr::null_mut()) },

@@ -9,7 +9,7 @@ use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Logs;
 use common::apiserver::{Apply, repo_root, yaml_documents};
@@ -279,19 +279,18 @@ fn the_staged_image_runs_as_the_daemonset_says_and_gets_ready() {
 
 /// Waits up to 30 s for `check`, failing at once if the proxy exits.
 fn wait_for(proxy: &mut Child, logs: &Logs, what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
+    let done = common::poll::until(Duration::from_secs(30), || {
         if let Ok(Some(status)) = proxy.try_wait() {
             panic!(
                 "the proxy exited ({status}) while waiting for {what}:\n{}",
                 logs.text()
             );
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; the proxy logged:\n{}",
-            logs.text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        check()
+    });
+    assert!(
+        done,
+        "timed out waiting for {what}; the proxy logged:\n{}",
+        logs.text()
+    );
 }

@@ -13,7 +13,7 @@ use crate::common;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Logs;
 use common::apiserver::{Apply, Client, ControlPlane, repo_root, yaml_documents};
@@ -252,12 +252,8 @@ fn answered_by(n: usize, f: impl Fn() -> Outcome) -> BTreeSet<String> {
         .collect()
 }
 
-fn eventually(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn eventually(what: &str, seconds: u64, check: impl FnMut() -> bool) {
+    common::poll::eventually_within(what, Duration::from_secs(seconds), check)
 }
 
 /// The value of one sample (`name` with its labels, if any) in Prometheus

@@ -287,15 +287,12 @@ fn a_kill_during_the_first_sync_converges_after_the_restart() {
     assert!(left < N, "the kill came after the first sync had finished");
 
     let second = launch_in(&c, tempfile::tempdir().unwrap(), &args);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while programmed() < N {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} of {N} programmed after the restart (the killed run left {left})",
-            programmed()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(250));
-    }
+    let converged = common::poll::until(std::time::Duration::from_secs(120), || programmed() >= N);
+    assert!(
+        converged,
+        "{} of {N} programmed after the restart (the killed run left {left})",
+        programmed()
+    );
     assert_eq!(healthz(&c), 200);
     assert!(
         !second.logs.text().contains("ERROR"),

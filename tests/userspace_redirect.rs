@@ -7,9 +7,10 @@ use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::netns::Netns;
+use common::poll::eventually;
 use common::{service, slices, write};
 
 const CLUSTER_IP: &str = "10.96.7.1";
@@ -42,14 +43,6 @@ fn ask_cluster_ip(ns: &Netns) -> Result<String, String> {
         conn.read_to_string(&mut out).map_err(|e| e.to_string())?;
         Ok(out)
     })
-}
-
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

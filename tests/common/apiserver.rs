@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -105,6 +105,7 @@ pub struct ControlPlane {
     secure_port: u16,
     apiserver_flags: Vec<String>,
     _tmp: tempfile::TempDir,
+    _slot: super::slots::Slot,
     etcd: Option<Child>,
     apiserver: Option<Child>,
 }
@@ -138,6 +139,7 @@ impl ControlPlane {
     }
 
     fn try_start(bins: &Binaries, apiserver_flags: &[String]) -> Result<Self, String> {
+        let slot = super::slots::CONTROL_PLANES.take();
         // etcd fsyncs every write; on tmpfs that costs nothing.
         let base = Path::new("/dev/shm");
         let tmp = if base.is_dir() {
@@ -195,6 +197,7 @@ impl ControlPlane {
             etcd_url,
             dir: dir.clone(),
             _tmp: tmp,
+            _slot: slot,
             secure_port,
             apiserver_flags: apiserver_flags.to_vec(),
             etcd: Some(etcd),
@@ -300,30 +303,30 @@ impl ControlPlane {
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.apiserver.as_mut().unwrap().try_wait().ok().flatten() {
-                return Err(format!(
-                    "kube-apiserver exited ({status}):\n{}",
-                    self.apiserver_log()
-                ));
-            }
-            let r = self.admin().try_request("GET", "/readyz", None);
-            if r.as_ref().is_ok_and(|r| r.status == 200) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let why = match r {
-                    Ok(r) => self.admin().get("/readyz?verbose").body + &r.body,
-                    Err(e) => e,
-                };
-                return Err(format!(
-                    "kube-apiserver not ready after {timeout:?}: {why}\n{}",
-                    self.apiserver_log()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(250));
+        let mut exited = None;
+        let mut last = Err(String::new());
+        let ready = super::poll::until(timeout, || {
+            exited = self.apiserver.as_mut().unwrap().try_wait().ok().flatten();
+            last = self.admin().try_request("GET", "/readyz", None);
+            exited.is_some() || last.as_ref().is_ok_and(|r| r.status == 200)
+        });
+        if let Some(status) = exited {
+            return Err(format!(
+                "kube-apiserver exited ({status}):\n{}",
+                self.apiserver_log()
+            ));
         }
+        if !ready {
+            let why = match last {
+                Ok(r) => self.admin().get("/readyz?verbose").body + &r.body,
+                Err(e) => e,
+            };
+            return Err(format!(
+                "kube-apiserver not ready after {timeout:?}: {why}\n{}",
+                self.apiserver_log()
+            ));
+        }
+        Ok(())
     }
 
     /// A client with the admin token.
@@ -442,12 +445,10 @@ impl Drop for ControlPlane {
 /// Ends a child: SIGTERM, then SIGKILL if it is still there after 10 s.
 fn stop(mut child: Child) {
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if child.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if super::poll::until(Duration::from_secs(10), || {
+        child.try_wait().ok().flatten().is_some()
+    }) {
+        return;
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -690,11 +691,11 @@ impl Client {
             r.status,
             r.body
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.get(&format!("/api/v1/namespaces/{name}")).status != 200 {
-            assert!(Instant::now() < deadline, "namespace {name} did not appear");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        super::poll::eventually_within(
+            &format!("namespace {name} to appear"),
+            Duration::from_secs(20),
+            || self.get(&format!("/api/v1/namespaces/{name}")).status == 200,
+        );
     }
 
     /// A token for a ServiceAccount (TokenRequest API), valid for an hour.
@@ -872,18 +873,17 @@ fn free_ports() -> [u16; 3] {
 }
 
 fn wait_for_port(port: u16, timeout: Duration, child: &mut Child) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        if let Some(status) = child.try_wait().ok().flatten() {
-            return Err(format!("exited ({status})"));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("nothing listens on {addr} after {timeout:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let mut exited = None;
+    let up = super::poll::until(timeout, || {
+        exited = child.try_wait().ok().flatten();
+        exited.is_some() || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+    });
+    match exited {
+        Some(status) => Err(format!("exited ({status})")),
+        None if up => Ok(()),
+        None => Err(format!("nothing listens on {addr} after {timeout:?}")),
     }
-    Ok(())
 }
 
 fn tail(path: &Path, lines: usize) -> String {

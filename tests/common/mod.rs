@@ -5,14 +5,17 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod fixtures;
 pub mod netns;
 pub mod node_proxy;
+pub mod poll;
 pub mod scenarios;
+pub mod slots;
 pub mod topology;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
 use kwp::config::Cli;
@@ -130,20 +133,22 @@ pub async fn start_proxy_with_runtime(
 
 /// The local listener of `e2e/<service>:p`, waiting for it to appear.
 pub async fn listener(mapping: &Mapping, service: &str) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = mapping
-            .read()
-            .unwrap()
-            .iter()
-            .find(|(n, _)| n.name == service)
-            .map(|(_, (_, a))| *a);
-        if let Some(addr) = found {
-            return addr;
-        }
-        assert!(Instant::now() < deadline, "no listener for {service}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut found = None;
+    poll::eventually_async(
+        &format!("a listener for {service}"),
+        Duration::from_secs(10),
+        async || {
+            found = mapping
+                .read()
+                .unwrap()
+                .iter()
+                .find(|(n, _)| n.name == service)
+                .map(|(_, (_, a))| *a);
+            found.is_some()
+        },
+    )
+    .await;
+    found.expect("found")
 }
 
 /// One TCP request through `addr`: the name of the backend that answered,

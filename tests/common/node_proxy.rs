@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::topology::{Cluster, Outcome, POD_PORT};
 use super::write;
@@ -112,13 +112,7 @@ pub fn launch_in(cluster: &Cluster, dir: tempfile::TempDir, args: &[&str]) -> Pr
     }
 }
 
-pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+pub use super::poll::eventually;
 
 pub fn addr(ip: &str, port: u16) -> SocketAddr {
     format!("{ip}:{port}").parse().unwrap()

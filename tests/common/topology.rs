@@ -15,9 +15,13 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::netns::Netns;
+use super::slots::{CLUSTERS, Slot};
 
 pub const NODE_IP: &str = "203.0.113.1";
 pub const CLIENT_IP: &str = "203.0.113.2";
@@ -30,6 +34,8 @@ pub struct Pod {
     pub ip: &'static str,
     pub ip6: String,
     pub local: bool,
+    // Before `ns`: the servers stop first, so the namespace really goes.
+    _servers: Servers,
     pub ns: Netns,
 }
 
@@ -38,6 +44,8 @@ pub struct Cluster {
     pub remote: Netns,
     pub client: Netns,
     pub pods: Vec<Pod>,
+    // Last: released once everything above is gone.
+    _slot: Slot,
 }
 
 const PODS: &[(&str, &str, bool)] = &[
@@ -49,6 +57,7 @@ const PODS: &[(&str, &str, bool)] = &[
 
 impl Cluster {
     pub fn new(tag: &str) -> Self {
+        let slot = CLUSTERS.take();
         let node = Netns::new(&format!("kwp-{tag}-node"));
         let remote = Netns::new(&format!("kwp-{tag}-rem"));
         let client = Netns::new(&format!("kwp-{tag}-cli"));
@@ -94,12 +103,12 @@ impl Cluster {
             let octets: Vec<&str> = ip.split('.').collect();
             let ip6 = format!("fd00:10:244:{}::{}", octets[2], octets[3]);
             ns.sh(&format!("ip -6 addr add {ip6}/64 dev eth0 nodad && ip -6 route add default via fd00:10:244:{}::1", octets[2]));
-            serve(&ns, name);
             pods.push(Pod {
                 name,
                 ip,
                 ip6,
                 local: *local,
+                _servers: serve(&ns, name),
                 ns,
             });
         }
@@ -108,6 +117,7 @@ impl Cluster {
             remote,
             client,
             pods,
+            _slot: slot,
         }
     }
 
@@ -131,34 +141,69 @@ fn link(a: &Netns, a_name: &str, b: &Netns, b_name: &str) {
     ));
 }
 
+/// A pod's servers, stopped when dropped: an open socket keeps its
+/// namespace alive, and every test shares this process.
+struct Servers {
+    stop: Arc<AtomicBool>,
+    /// Handles on the servers' sockets, to wake their blocked calls.
+    sockets: Vec<socket2::Socket>,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in &self.sockets {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// TCP and UDP servers answering "<name> <peer ip>", on IPv4 and IPv6.
-fn serve(ns: &Netns, name: &'static str) {
-    ns.background(move || {
-        let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+fn serve(ns: &Netns, name: &'static str) -> Servers {
+    let (tcp6, tcp4, udp) = ns.run_in(|| {
+        let tcp6 = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
             .expect("socket");
-        socket.set_only_v6(true).expect("v6only");
-        socket
-            .bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, POD_PORT)).into())
+        tcp6.set_only_v6(true).expect("v6only");
+        tcp6.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, POD_PORT)).into())
             .expect("pod tcp6 bind");
-        socket.listen(128).expect("listen");
-        let listener: TcpListener = socket.into();
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || answer(conn, name));
-        }
+        tcp6.listen(128).expect("listen");
+        let tcp4 = TcpListener::bind(("0.0.0.0", POD_PORT)).expect("pod tcp bind");
+        let udp = UdpSocket::bind(("0.0.0.0", POD_PORT)).expect("pod udp bind");
+        (TcpListener::from(tcp6), tcp4, udp)
     });
-    ns.background(move || {
-        let listener = TcpListener::bind(("0.0.0.0", POD_PORT)).expect("pod tcp bind");
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || answer(conn, name));
-        }
-    });
-    ns.background(move || {
-        let socket = UdpSocket::bind(("0.0.0.0", POD_PORT)).expect("pod udp bind");
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = |fd: std::os::fd::BorrowedFd| {
+        socket2::Socket::from(fd.try_clone_to_owned().expect("dup a pod socket"))
+    };
+    let sockets = vec![
+        handle(tcp6.as_fd()),
+        handle(tcp4.as_fd()),
+        handle(udp.as_fd()),
+    ];
+    for listener in [tcp6, tcp4] {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Ok(conn) = conn {
+                    std::thread::spawn(move || answer(conn, name));
+                }
+            }
+        });
+    }
+    let udp_stop = stop.clone();
+    std::thread::spawn(move || {
         let mut buf = [0u8; 512];
-        while let Ok((_, peer)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(format!("{name} {}", peer.ip()).as_bytes(), peer);
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            if udp_stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let _ = udp.send_to(format!("{name} {}", peer.ip()).as_bytes(), peer);
         }
     });
+    Servers { stop, sockets }
 }
 
 /// Reads the request and answers "<name> <peer ip>".

@@ -1,0 +1,206 @@
+//! Who answers a Service and which source address the pod sees: cluster
+//! IPs, node ports, traffic policies, affinity, UDP, dual stack.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use super::{Mode, pods};
+use crate::common::fixtures::TestService;
+use crate::common::node_proxy::{addr, answered_by, eventually, family_slice, many};
+use crate::common::topology::{
+    CLIENT_IP, CLIENT_IP6, NODE_IP, NODE_IP6, Outcome, tcp_from, udp_from,
+};
+
+pub fn cluster_ip_spreads_over_local_and_remote_pods_without_masquerade(mode: &Mode) {
+    let c = mode.cluster("cip");
+    let all = ["pod-a", "pod-b", "pod-c", "pod-d"];
+    let _p = mode.start(
+        &c,
+        &TestService::new(&c, "web", "10.96.0.10").pods(&all).yaml(),
+    );
+    let from = &c.pod("pod-b").ns;
+    let outcomes = many(40, || tcp_from(from, addr("10.96.0.10", 80)));
+    assert_eq!(answered_by(&outcomes), pods(&all));
+    for o in &outcomes {
+        let Outcome::Answered(pod, src) = o else {
+            unreachable!()
+        };
+        if pod == "pod-b" {
+            assert_eq!(src, "10.244.1.1", "hairpin to itself must be masqueraded");
+        } else {
+            assert_eq!(src, "10.244.1.12", "in-cluster source kept for {pod}");
+        }
+    }
+    // From outside the cluster CIDR: masqueraded.
+    let outside = many(8, || tcp_from(&c.client, addr("10.96.0.10", 80)));
+    assert!(
+        outside
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP)),
+        "{outside:?}"
+    );
+    mode.assert_marks(&c, mode.marks.spread_over_four);
+}
+
+pub fn node_port_from_outside_is_masqueraded(mode: &Mode) {
+    let c = mode.cluster("np");
+    let web = TestService::new(&c, "web", "10.96.0.11")
+        .node_port(30080)
+        .pods(&["pod-a", "pod-c"]);
+    let _p = mode.start(&c, &web.yaml());
+    let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30080)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-c"]));
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP)),
+        "externalTrafficPolicy Cluster masquerades: {outcomes:?}"
+    );
+}
+
+pub fn external_traffic_policy_local_keeps_the_client_ip_and_local_pods(mode: &Mode) {
+    let c = mode.cluster("etp");
+    let web = TestService::new(&c, "web", "10.96.0.12")
+        .node_port(30081)
+        .external_traffic_local()
+        .pods(&["pod-a", "pod-b", "pod-c"]);
+    let _p = mode.start(&c, &web.yaml());
+    let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30081)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-b"]));
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src == CLIENT_IP)),
+        "{outcomes:?}"
+    );
+}
+
+pub fn no_endpoints_rejects_and_no_local_endpoints_drops(mode: &Mode) {
+    let c = mode.cluster("rej");
+    let none = TestService::new(&c, "empty", "10.96.0.13").node_port(30082);
+    let remote_only = TestService::new(&c, "far", "10.96.0.14")
+        .node_port(30083)
+        .external_traffic_local()
+        .pods(&["pod-c"]);
+    let _p = mode.start(&c, &(none.yaml() + &remote_only.yaml()));
+    eventually("rules for both services", || {
+        mode.rules(&c).contains("30083")
+    });
+    // Local policy, no local endpoint: drop. (A mode may write its tables
+    // one after the other: wait for it.)
+    eventually("the drop of a node port with no local endpoint", || {
+        tcp_from(&c.client, addr(NODE_IP, 30083)) == Outcome::TimedOut
+    });
+    assert_eq!(
+        tcp_from(&c.pod("pod-a").ns, addr("10.96.0.13", 80)),
+        Outcome::Refused,
+        "cluster IP without endpoints"
+    );
+    assert_eq!(
+        tcp_from(&c.client, addr(NODE_IP, 30082)),
+        Outcome::Refused,
+        "node port without endpoints"
+    );
+    assert!(
+        matches!(tcp_from(&c.pod("pod-a").ns, addr("10.96.0.14", 80)), Outcome::Answered(p, _) if p == "pod-c"),
+        "internal traffic still served"
+    );
+}
+
+pub fn client_ip_affinity_sticks_to_one_pod(mode: &Mode) {
+    let c = mode.cluster("aff");
+    let all = ["pod-a", "pod-b", "pod-c", "pod-d"];
+    let web = TestService::new(&c, "web", "10.96.0.15")
+        .node_port(30084)
+        .affinity(60)
+        .pods(&all);
+    let _p = mode.start(&c, &web.yaml());
+    let outcomes = many(12, || tcp_from(&c.client, addr(NODE_IP, 30084)));
+    assert_eq!(answered_by(&outcomes).len(), 1, "{outcomes:?}");
+    let outcomes = many(12, || tcp_from(&c.pod("pod-a").ns, addr("10.96.0.15", 80)));
+    assert_eq!(answered_by(&outcomes).len(), 1, "{outcomes:?}");
+    mode.assert_marks(&c, mode.marks.affinity_60s);
+}
+
+pub fn client_ip_affinity_expires_after_its_timeout(mode: &Mode) {
+    let c = mode.cluster("afft");
+    let all = ["pod-a", "pod-b", "pod-c", "pod-d"];
+    // 2 s: long enough for a burst of connections on a loaded machine.
+    let web = TestService::new(&c, "web", "10.96.0.34")
+        .affinity(2)
+        .pods(&all);
+    let _p = mode.start(&c, &web.yaml());
+    let from = &c.client;
+    let mut seen = BTreeSet::new();
+    for _ in 0..6 {
+        // Back to back: sticky...
+        let burst = answered_by(&many(3, || tcp_from(from, addr("10.96.0.34", 80))));
+        assert_eq!(burst.len(), 1, "{burst:?}");
+        seen.extend(burst);
+        // ...then idle past the timeout: a fresh pick.
+        std::thread::sleep(Duration::from_millis(2600));
+    }
+    assert!(
+        seen.len() > 1,
+        "after the timeout the client must be free to move: {seen:?}"
+    );
+}
+
+pub fn udp_cluster_ip_works(mode: &Mode) {
+    let c = mode.cluster("udp");
+    let dns = TestService::new(&c, "dns", "10.96.0.53")
+        .protocol("UDP")
+        .pods(&["pod-a", "pod-c"]);
+    let _p = mode.start(&c, &dns.yaml());
+    eventually("udp rules", || mode.rules(&c).contains("10.96.0.53"));
+    let outcomes = many(20, || udp_from(&c.pod("pod-b").ns, addr("10.96.0.53", 80)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-c"]));
+}
+
+pub fn internal_traffic_policy_local_and_traffic_from_the_node(mode: &Mode) {
+    let c = mode.cluster("itp");
+    let web = TestService::new(&c, "web", "10.96.0.21")
+        .internal_traffic_local()
+        .pods(&["pod-a", "pod-c", "pod-d"]);
+    let _p = mode.start(&c, &web.yaml());
+    let outcomes = many(15, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.21", 80)));
+    assert_eq!(
+        answered_by(&outcomes),
+        pods(&["pod-a"]),
+        "only the local endpoint"
+    );
+    // From the node itself (the output hook); off-cluster source, so masqueraded.
+    let outcomes = many(5, || tcp_from(&c.node, addr("10.96.0.21", 80)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-a"]));
+}
+
+pub fn dual_stack_services_answer_on_both_families(mode: &Mode) {
+    let c = mode.cluster("ds");
+    let slice = |family: &str, pods: &[&str]| family_slice(&c, "web", family, pods);
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.31\n  clusterIPs: [10.96.0.31, 'fd00:96::31']\n  ports: [{name: p, port: 80, protocol: TCP, nodePort: 30091}]\n".to_string();
+    let _p = mode.start(
+        &c,
+        &(svc + &slice("IPv4", &["pod-a", "pod-c"]) + &slice("IPv6", &["pod-a", "pod-c"])),
+    );
+    eventually("IPv6 rules", || mode.rules(&c).contains("fd00:96::31"));
+    let from = &c.pod("pod-b").ns;
+    let v4 = many(16, || tcp_from(from, addr("10.96.0.31", 80)));
+    assert_eq!(answered_by(&v4), pods(&["pod-a", "pod-c"]));
+    let v6 = many(16, || tcp_from(from, "[fd00:96::31]:80".parse().unwrap()));
+    assert_eq!(answered_by(&v6), pods(&["pod-a", "pod-c"]));
+    let pod_b6 = c.pod("pod-b").ip6.clone();
+    assert!(
+        v6.iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if *src == pod_b6)),
+        "in-cluster IPv6 source kept: {v6:?}"
+    );
+    // IPv6 node port from outside: answered and masqueraded.
+    let np = many(8, || {
+        tcp_from(&c.client, format!("[{NODE_IP6}]:30091").parse().unwrap())
+    });
+    assert!(
+        np.iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP6)),
+        "{np:?}"
+    );
+}
