@@ -141,3 +141,138 @@ fn a_flushed_nat_table_comes_back_long_before_the_sync_period() {
     );
     assert_eq!(sample(&c, "kwp_iptables_canary_resyncs_total"), 2.0);
 }
+
+fn route_localnet(c: &Cluster) -> String {
+    c.node
+        .sh("sysctl -n net.ipv4.conf.all.route_localnet")
+        .trim()
+        .to_string()
+}
+
+fn node_port_service(c: &Cluster, ip: &str, node_port: u16) -> String {
+    service(
+        c,
+        "web",
+        ip,
+        &format!("  type: NodePort\n  # nodePort: {node_port}\n"),
+        &["pod-a", "pod-c"],
+        "TCP",
+    )
+}
+
+/// Datagrams a UDP socket on the node's 127.0.0.1:`port` received.
+fn loopback_listener(c: &Cluster, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = got.clone();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    c.node.background(move || {
+        let socket = std::net::UdpSocket::bind(("127.0.0.1", port)).expect("bind 127.0.0.1");
+        let _ = ready_tx.send(());
+        let mut buf = [0u8; 64];
+        while socket.recv_from(&mut buf).is_ok() {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    ready.recv().unwrap();
+    got
+}
+
+/// Upstream's default in iptables mode: node ports on every local address
+/// (not only the Node's), 127.0.0.1 included with `route_localnet=1`, and
+/// the guard that keeps other hosts from reaching the node's loopback
+/// services through it (CVE-2020-8558).
+#[test]
+fn node_ports_answer_on_every_local_address_and_on_localhost() {
+    let c = Cluster::new("iloc");
+    assert_eq!(route_localnet(&c), "0");
+    let _p = start(&c, &node_port_service(&c, "10.96.0.42", 30094), &[]);
+    assert_eq!(route_localnet(&c), "1");
+    let answered = |from: &common::netns::Netns, ip: &str| {
+        matches!(tcp_from(from, addr(ip, 30094)), Outcome::Answered(..))
+    };
+    assert!(answered(&c.node, "127.0.0.1"), "localhost node port");
+    assert!(answered(&c.client, common::topology::NODE_IP));
+    assert!(
+        answered(&c.client, "10.0.0.1"),
+        "a local address the Node object does not list"
+    );
+    // A pod that routes 127.0.0.1 to the node (as a hostile neighbour
+    // could) does not reach a service listening on the node's loopback.
+    let got = loopback_listener(&c, 9999);
+    let pod = &c.pod("pod-b").ns;
+    pod.sh("sysctl -qw net.ipv4.conf.all.route_localnet=1 net.ipv4.conf.eth0.route_localnet=1 && ip route del local 127.0.0.1 table local && ip route del local 127.0.0.0/8 table local && ip route add 127.0.0.1/32 via 10.244.1.1 dev eth0");
+    let send = |ns: &common::netns::Netns, from: &'static str| {
+        ns.run_in(move || {
+            let socket = std::net::UdpSocket::bind((from, 0)).expect("bind");
+            socket.send_to(b"x", "127.0.0.1:9999").expect("send")
+        })
+    };
+    for _ in 0..5 {
+        send(pod, "10.244.1.12");
+    }
+    send(&c.node, "127.0.0.1");
+    eventually("the node's own datagram", || {
+        got.load(std::sync::atomic::Ordering::Relaxed) >= 1
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        got.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "martian datagrams from the pod reached the node's loopback"
+    );
+    let filter = save(&c, "filter");
+    for line in [
+        "-A KWP-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP",
+        "-A INPUT -j KWP-FIREWALL",
+        "-A OUTPUT -j KWP-FIREWALL",
+    ] {
+        assert!(filter.contains(line), "{line} in\n{filter}");
+    }
+}
+
+/// localhostNodePorts false, or nodePortAddresses without loopback: no
+/// node ports on 127.0.0.1, `route_localnet` untouched, no guard; and
+/// nodePortAddresses limits the addresses as upstream does.
+#[test]
+fn localhost_node_ports_off_leave_loopback_alone() {
+    let c = Cluster::new("inol");
+    let objects = node_port_service(&c, "10.96.0.43", 30095);
+    let answered = |from: &common::netns::Netns, ip: &str| {
+        matches!(tcp_from(from, addr(ip, 30095)), Outcome::Answered(..))
+    };
+    for (config, on_other_address) in [
+        (
+            format!("{CONFIG}iptables:\n  localhostNodePorts: false\n"),
+            true,
+        ),
+        (
+            format!("{CONFIG}nodePortAddresses: [203.0.113.0/24]\n"),
+            false,
+        ),
+    ] {
+        let p = start_full(
+            &c,
+            &objects,
+            &config,
+            &Cluster::node_yaml(),
+            &["--proxy-mode", "iptables"],
+        );
+        // This proxy's rules, not the previous one's.
+        let dispatch = if on_other_address {
+            "-A KWP-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j KWP-NODEPORTS"
+        } else {
+            "-A KWP-SERVICES -d 203.0.113.1/32 -j KWP-NODEPORTS"
+        };
+        eventually("the node port", || save(&c, "nat").contains(dispatch));
+        assert!(answered(&c.client, common::topology::NODE_IP));
+        assert_eq!(
+            answered(&c.client, "10.0.0.1"),
+            on_other_address,
+            "{config}"
+        );
+        assert!(!answered(&c.node, "127.0.0.1"), "{config}");
+        assert_eq!(route_localnet(&c), "0", "{config}");
+        assert!(!save(&c, "filter").contains("KWP-FIREWALL"), "{config}");
+        drop(p);
+    }
+}

@@ -257,8 +257,13 @@ impl Settings {
             detect_local: detect_local(flags, &file, &cluster_cidrs).map_err(in_file)?,
             cluster_cidrs,
             node_port_addresses: node_port_addresses(flags, &file).map_err(in_file)?,
-            mode_extra: file::mode_extra(mode, &file, sync.value, min_sync.value)
-                .map_err(in_file)?,
+            mode_extra: with_node_port_addresses(
+                mode,
+                file::mode_extra(mode, &file, sync.value, min_sync.value).map_err(in_file)?,
+                flags,
+                &file,
+            )
+            .map_err(in_file)?,
             dry_run: flags.dry_run,
         })
     }
@@ -352,9 +357,29 @@ fn cluster_cidrs(flags: &Flags, file: &FileConfig) -> Result<Vec<Cidr>> {
     }
 }
 
-/// `--nodeport-addresses` or `nodePortAddresses`: CIDRs, or "primary".
-fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<Cidr>> {
-    let (list, name): (Vec<String>, _) = match &flags.nodeport_addresses {
+/// iptables mode tells "unset" (upstream: every local address) from
+/// "primary" (the node's IPs), which `node_port_addresses` folds
+/// together, so its plugin gets the list as given.
+fn with_node_port_addresses(
+    mode: ProxyMode,
+    extra: String,
+    flags: &Flags,
+    file: &FileConfig,
+) -> Result<String> {
+    if mode != ProxyMode::Iptables {
+        return Ok(extra);
+    }
+    let mut json: serde_json::Value = serde_json::from_str(&extra).context("mode section")?;
+    json["nodePortAddresses"] = given_node_port_addresses(flags, file)?.0.into();
+    Ok(json.to_string())
+}
+
+/// `--nodeport-addresses` or `nodePortAddresses` as given, and its name.
+fn given_node_port_addresses(
+    flags: &Flags,
+    file: &FileConfig,
+) -> Result<(Vec<String>, &'static str)> {
+    Ok(match &flags.nodeport_addresses {
         Some(s) => (
             s.split(',')
                 .map(|c| c.trim().to_string())
@@ -366,7 +391,12 @@ fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<Cidr>> {
             file.strings("nodePortAddresses")?.unwrap_or_default(),
             "nodePortAddresses",
         ),
-    };
+    })
+}
+
+/// `--nodeport-addresses` or `nodePortAddresses`: CIDRs, or "primary".
+fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<Cidr>> {
+    let (list, name) = given_node_port_addresses(flags, file)?;
     if list.iter().any(|c| c == "primary") {
         if list.len() > 1 {
             bail!("{name}: \"primary\" cannot be combined with CIDRs");

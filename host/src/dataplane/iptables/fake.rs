@@ -20,6 +20,7 @@ struct State {
     restores: usize,
     /// Any restore containing one of these is refused.
     refuse: Vec<String>,
+    route_localnet: bool,
 }
 
 #[derive(Clone, Default)]
@@ -55,6 +56,11 @@ impl FakeIptables {
 
     pub fn accept_all(&self) {
         self.lock().refuse.clear();
+    }
+
+    /// Whether `route_localnet` was turned on.
+    pub fn route_localnet(&self) -> bool {
+        self.lock().route_localnet
     }
 
     /// Restores committed.
@@ -193,6 +199,11 @@ impl IptablesKernel for FakeIptables {
 
     fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>> {
         Ok(self.rules(ipv6, table, chain))
+    }
+
+    fn enable_route_localnet(&mut self) -> Result<()> {
+        self.lock().route_localnet = true;
+        Ok(())
     }
 
     fn save(&mut self, ipv6: bool, table: &str) -> Result<String> {

@@ -54,6 +54,9 @@ type Saved = BTreeMap<(bool, String), BTreeMap<String, Vec<String>>>;
 /// (table, built-in chain, match, our chain); each is installed when the
 /// plan has the chain.
 const JUMPS: &[(&str, &str, &str, &str)] = &[
+    // The localnet guard, first (upstream's KUBE-FIREWALL).
+    ("filter", "INPUT", "", LOCALNET_GUARD),
+    ("filter", "OUTPUT", "", LOCALNET_GUARD),
     (
         "filter",
         "INPUT",
@@ -112,6 +115,11 @@ const TABLES: &[(bool, &str)] = &[
 
 const PREFIX: &str = "KWP-";
 
+/// The filter chain dropping martian traffic to 127.0.0.0/8, rendered
+/// (IPv4) when node ports answer on localhost: its presence is what
+/// turns `route_localnet` on.
+const LOCALNET_GUARD: &str = "KWP-FIREWALL";
+
 pub struct IptablesDataplane {
     kernel: Box<dyn IptablesKernel>,
     applied: Plan,
@@ -130,6 +138,8 @@ pub struct IptablesDataplane {
     canaries: BTreeSet<(bool, String)>,
     /// How long the last canary check took (the next waits 50 times that).
     canary_check_took: Duration,
+    /// `route_localnet` is on (set once, never reset).
+    route_localnet: bool,
 }
 
 impl IptablesDataplane {
@@ -153,6 +163,7 @@ impl IptablesDataplane {
             spent: Default::default(),
             canaries: BTreeSet::new(),
             canary_check_took: Duration::ZERO,
+            route_localnet: false,
         }
     }
 
@@ -211,9 +222,22 @@ impl IptablesDataplane {
     fn full_restore(&mut self, plan: &Plan) -> Result<(Contributions, Scripts)> {
         let saved = self.saved()?;
         let chains = contributions(plan)?;
+        self.ensure_route_localnet(&chains)?;
         let scripts = full_scripts(&chains, &saved);
         self.restore(&scripts, false)?;
         Ok((chains, scripts))
+    }
+
+    /// Node ports on 127.0.0.1 need the kernel to route loopback
+    /// destinations; the plan asks for it by holding the localnet guard,
+    /// which lands in the same sync (filter is restored before nat).
+    fn ensure_route_localnet(&mut self, chains: &Contributions) -> Result<()> {
+        let guard = (false, "filter".to_string(), LOCALNET_GUARD.to_string());
+        if !self.route_localnet && chains.contains_key(&guard) {
+            self.kernel.enable_route_localnet()?;
+            self.route_localnet = true;
+        }
+        Ok(())
     }
 
     /// Upstream's rule counts after a successful sync: every rule in our
@@ -254,9 +278,13 @@ impl IptablesDataplane {
             bail!("{e:#}");
         }
         let next = with_changes(&self.applied, &changes);
-        if !self.needs_full {
-            let chains = contributions(&next)?;
-            let scripts = delta_scripts(&contributions(&self.applied)?, &chains);
+        let chains = contributions(&next)?;
+        let before = contributions(&self.applied)?;
+        // A chain built-in chains jump to came or went: the jumps are
+        // made by the full reconcile only.
+        if !self.needs_full && jumped(&before) == jumped(&chains) {
+            self.ensure_route_localnet(&chains)?;
+            let scripts = delta_scripts(&before, &chains);
             let restored = self.restore(&scripts, true);
             self.observe(false);
             match restored {
@@ -348,6 +376,14 @@ fn contributions<'a>(
         }
     }
     Ok(out)
+}
+
+/// The chains of `plan` that built-in chains jump to.
+fn jumped(plan: &Contributions) -> BTreeSet<(bool, &str, &str)> {
+    plan.keys()
+        .filter(|(_, table, name)| JUMPS.iter().any(|(t, _, _, c)| t == table && c == name))
+        .map(|(ipv6, table, name)| (*ipv6, table.as_str(), name.as_str()))
+        .collect()
 }
 
 fn rules_of(c: &BTreeMap<FragmentKey, Vec<String>>) -> Vec<&String> {

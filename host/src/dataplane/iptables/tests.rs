@@ -304,3 +304,27 @@ fn a_flushed_or_deleted_canary_reapplies_everything_at_once() {
         Duration::from_millis(3850)
     );
 }
+
+#[test]
+fn the_localnet_guard_turns_route_localnet_on_and_is_jumped_to_first() {
+    let (mut dp, fake) = dataplane();
+    dp.apply(Some(&base()), &[]).unwrap();
+    assert!(!fake.route_localnet(), "no guard, no sysctl");
+    let mut guarded = base();
+    let mut items = guarded.items.to_vec();
+    items.push(chain(
+        "filter",
+        LOCALNET_GUARD,
+        &["-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"],
+    ));
+    guarded.items = items.into();
+    dp.apply(Some(&guarded), &[]).unwrap();
+    assert!(fake.route_localnet());
+    for builtin in ["INPUT", "OUTPUT"] {
+        assert_eq!(
+            fake.rules(false, "filter", builtin).unwrap()[0],
+            "-j KWP-FIREWALL",
+            "{builtin}"
+        );
+    }
+}
