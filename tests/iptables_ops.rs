@@ -276,3 +276,114 @@ fn localhost_node_ports_off_leave_loopback_alone() {
         drop(p);
     }
 }
+
+/// Hot reload of the iptables mode under a continuous client: a new build
+/// is swapped in; one that writes into a built-in chain is rejected at its
+/// probe; one whose rules iptables-restore refuses is rolled back in the
+/// same sync with nothing of it applied (every table checked before any
+/// is committed), and refused when installed again.
+#[test]
+fn the_iptables_mode_reloads_under_traffic_and_a_broken_one_is_rolled_back() {
+    let c = Cluster::new("irl");
+    let plugins = tempfile::tempdir().unwrap();
+    let iptables = kwp_plugins_bundle::bundled()
+        .find(|(n, _)| n == "iptables")
+        .unwrap()
+        .1
+        .to_vec();
+    let install = |bytes: &[u8]| {
+        std::fs::write(plugins.path().join(".tmp"), bytes).unwrap();
+        std::fs::rename(
+            plugins.path().join(".tmp"),
+            plugins.path().join("iptables.wasm"),
+        )
+        .unwrap();
+    };
+    install(&iptables);
+    let dir = plugins.path().display().to_string();
+    let p = start(
+        &c,
+        &service(&c, "web", "10.96.0.44", "", &["pod-a", "pod-c"], "TCP"),
+        &["--plugin-dir", &dir],
+    );
+    eventually("rules", || save(&c, "nat").contains("-d 10.96.0.44/32"));
+    let logged = |what: &str| p.logs.text().matches(what).count();
+    let before = (save(&c, "nat"), save(&c, "filter"));
+
+    let client =
+        common::topology::ContinuousClient::start(&c.pod("pod-b").ns, addr("10.96.0.44", 80));
+    let filter_rules = || {
+        save(&c, "filter")
+            .lines()
+            .filter(|l| l.starts_with("-A KWP-"))
+            .count()
+    };
+    // The fewest filter rules of ours seen while the reloads run: a
+    // refused version must not have committed any table.
+    let (fewest, watching) = (
+        std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(filter_rules())),
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    );
+    let watcher = {
+        let (fewest, watching, node) = (fewest.clone(), watching.clone(), c.node.name.clone());
+        std::thread::spawn(move || {
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "exec", &node, "iptables-save", "-t", "filter"])
+                    .output()
+                    .expect("iptables-save");
+                let n = String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("-A KWP-"))
+                    .count();
+                fewest.fetch_min(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    install(&[iptables.as_slice(), b"".as_slice()].concat());
+    eventually("the mode reload", || logged("reloaded proxy mode") == 1);
+    install(kwp_test_programs_artifacts::program(
+        "iptables_builtin_chain",
+    ));
+    eventually("the rejection", || logged("reload rejected") == 1);
+    let breaks = kwp_test_programs_artifacts::program("iptables_breaks_after_probe");
+    install(breaks);
+    eventually("the rollback", || {
+        logged("rolled back to the previous version") == 1
+    });
+    install(breaks);
+    eventually("the quarantined version refused", || {
+        logged("reload rejected") == 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed) = client.stop();
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    watcher.join().unwrap();
+    assert_eq!(
+        fewest.load(std::sync::atomic::Ordering::Relaxed),
+        filter_rules(),
+        "filter rules went missing while a refused version was applied"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 10, "only {ok} connections");
+    eprintln!("{ok} connections through three reloads, none failed");
+    let after = (save(&c, "nat"), save(&c, "filter"));
+    for (table, was, is) in [
+        ("nat", &before.0, &after.0),
+        ("filter", &before.1, &after.1),
+    ] {
+        let rules = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| l.starts_with("-A ") || l.starts_with(':'))
+                .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+                .collect()
+        };
+        assert_eq!(rules(is), rules(was), "{table} changed by the reloads");
+    }
+    assert!(!after.0.contains("BROKEN") && !after.1.contains("-A INPUT -j ACCEPT"));
+}

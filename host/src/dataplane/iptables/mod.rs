@@ -140,6 +140,8 @@ pub struct IptablesDataplane {
     canary_check_took: Duration,
     /// `route_localnet` is on (set once, never reset).
     route_localnet: bool,
+    /// The apply under way is all or nothing (a reloaded mode on trial).
+    all_or_nothing: bool,
 }
 
 impl IptablesDataplane {
@@ -164,6 +166,7 @@ impl IptablesDataplane {
             canaries: BTreeSet::new(),
             canary_check_took: Duration::ZERO,
             route_localnet: false,
+            all_or_nothing: false,
         }
     }
 
@@ -187,6 +190,13 @@ impl IptablesDataplane {
     }
 
     fn restore(&mut self, scripts: &BTreeMap<(bool, String), String>, partial: bool) -> Result<()> {
+        if self.all_or_nothing && scripts.len() > 1 {
+            // Each restore commits its table alone: check every table
+            // before committing any, so a refusal leaves all untouched.
+            for ((ipv6, table), text) in scripts {
+                self.timed(*ipv6, |k| k.check(*ipv6, table, text))?;
+            }
+        }
         for ((ipv6, table), text) in scripts {
             self.restores += 1;
             if let Err(e) = self.timed(*ipv6, |k| k.restore(*ipv6, table, text)) {
@@ -260,6 +270,13 @@ impl IptablesDataplane {
     }
 
     fn apply_changes(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
+        self.all_or_nothing = !one_by_one;
+        let applied = self.apply_changes_now(changes, one_by_one);
+        self.all_or_nothing = false;
+        applied
+    }
+
+    fn apply_changes_now(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
         // A fragment this dataplane cannot apply is refused on its own.
         let mut refused = Vec::new();
         let changes: Vec<Change<'_>> = changes

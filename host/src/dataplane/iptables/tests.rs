@@ -328,3 +328,29 @@ fn the_localnet_guard_turns_route_localnet_on_and_is_jumped_to_first() {
         );
     }
 }
+
+#[test]
+fn all_or_nothing_leaves_every_table_untouched_when_one_is_refused() {
+    let (mut dp, fake) = dataplane();
+    dp.apply(Some(&base()), &[(name("a"), Some(&service("A", 1, &[1])))])
+        .unwrap();
+    // A change to both tables whose nat part the kernel refuses: filter
+    // (restored first) must not be committed either.
+    let mut both = service("B", 2, &[66]);
+    let mut items = both.items.to_vec();
+    items.push(chain(
+        "filter",
+        "KWP-SERVICES",
+        &["-d 10.96.0.2/32 -j REJECT"],
+    ));
+    both.items = items.into();
+    fake.refuse("10.244.1.66");
+    let restores = fake.restores();
+    assert!(dp.apply_all(None, &[(name("b"), Some(&both))]).is_err());
+    assert_eq!(fake.restores(), restores, "nothing committed");
+    assert_eq!(
+        fake.rules(false, "filter", "KWP-SERVICES").unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(nat(&fake, "KWP-SVC-B"), None);
+}
