@@ -387,3 +387,40 @@ fn the_iptables_mode_reloads_under_traffic_and_a_broken_one_is_rolled_back() {
     }
     assert!(!after.0.contains("BROKEN") && !after.1.contains("-A INPUT -j ACCEPT"));
 }
+
+/// On a node whose rules are in iptables-legacy: the backend shows in
+/// /metrics, and the canary, checked through iptables-legacy, notices a
+/// flush of the legacy nat table.
+#[test]
+fn on_iptables_legacy_the_backend_is_exported_and_the_canary_watches_legacy() {
+    let c = Cluster::new("ilgc");
+    c.node
+        .sh("iptables-legacy -N BYSTANDER && iptables-legacy -A INPUT -j BYSTANDER");
+    let _p = start(
+        &c,
+        &service(&c, "web", "10.96.0.45", "", &["pod-a", "pod-c"], "TCP"),
+        &["--sync-period", "120s"],
+    );
+    assert_eq!(
+        sample(&c, r#"kwp_iptables_backend_info{backend="legacy"}"#),
+        1.0
+    );
+    assert!(
+        c.node
+            .sh("iptables-legacy-save -t nat")
+            .contains("-A KWP-PROXY-CANARY -j RETURN")
+    );
+    // Checks run (every second) and find the canary where it is.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        sample(&c, "kwp_iptables_canary_resyncs_total"),
+        0.0,
+        "an intact canary forced a resync"
+    );
+    c.node
+        .sh("iptables-legacy -t nat -F && iptables-legacy -t nat -X");
+    let back = until_answered(&c, "10.96.0.45");
+    eprintln!("legacy: service back after nat -F -X in {back:?}");
+    assert!(back < Duration::from_secs(5), "{back:?}");
+    assert_eq!(sample(&c, "kwp_iptables_canary_resyncs_total"), 1.0);
+}
