@@ -240,23 +240,27 @@ fn localhost_node_ports_off_leave_loopback_alone() {
     let answered = |from: &common::netns::Netns, ip: &str| {
         matches!(tcp_from(from, addr(ip, 30095)), Outcome::Answered(..))
     };
-    for (config, on_other_address) in [
+    for (config, flag, on_other_address) in [
         (
             format!("{CONFIG}iptables:\n  localhostNodePorts: false\n"),
+            None,
+            true,
+        ),
+        (
+            CONFIG.to_string(),
+            Some("--iptables-localhost-nodeports=false"),
             true,
         ),
         (
             format!("{CONFIG}nodePortAddresses: [203.0.113.0/24]\n"),
+            None,
             false,
         ),
     ] {
-        let p = start_full(
-            &c,
-            &objects,
-            &config,
-            &Cluster::node_yaml(),
-            &["--proxy-mode", "iptables"],
-        );
+        let mut args = vec!["--proxy-mode", "iptables"];
+        args.extend(flag);
+        let p = start_full(&c, &objects, &config, &Cluster::node_yaml(), &args);
+        let config = format!("{config}{flag:?}");
         // This proxy's rules, not the previous one's.
         let dispatch = if on_other_address {
             "-A KWP-SERVICES ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j KWP-NODEPORTS"
@@ -274,6 +278,9 @@ fn localhost_node_ports_off_leave_loopback_alone() {
         assert_eq!(route_localnet(&c), "0", "{config}");
         assert!(!save(&c, "filter").contains("KWP-FIREWALL"), "{config}");
         drop(p);
+        // The next proxy starts from nothing, so what it shows is its own.
+        c.node
+            .sh("iptables -t nat -F && iptables -t nat -X && iptables -F && iptables -X");
     }
 }
 

@@ -271,6 +271,21 @@ fn iptables_section_goes_to_the_plugin_with_defaults() {
         let extra: serde_json::Value = serde_json::from_str(&s.mode_extra).unwrap();
         assert_eq!(extra["nodePortAddresses"], list, "{given}");
     }
+    let (_dir, path) = config_file("mode: iptables\n");
+    let s = resolve(&["--config", &path, "--iptables-localhost-nodeports=false"]).unwrap();
+    let extra: serde_json::Value = serde_json::from_str(&s.mode_extra).unwrap();
+    assert_eq!(
+        extra["localhostNodePorts"], false,
+        "the flag overrides the file"
+    );
+    for mode in ["nftables", "userspace"] {
+        let err =
+            resolve(&["--proxy-mode", mode, "--iptables-localhost-nodeports=false"]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("iptables only"),
+            "{mode}: {err:#}"
+        );
+    }
     for (body, field) in [
         ("iptables: {masqueradeBit: 32}\n", "iptables.masqueradeBit"),
         ("iptables: {masqueradeBit: -1}\n", "iptables.masqueradeBit"),
