@@ -298,6 +298,7 @@ impl IptablesDataplane {
         }
         let trial = with_changes(good, candidates);
         let checked = contributions(&trial).and_then(|c| {
+            dangling_jump(&c)?;
             full_scripts(&c, saved)
                 .iter()
                 .try_for_each(|((v6, t), text)| self.kernel.check(*v6, t, text))
@@ -344,6 +345,28 @@ fn contributions<'a>(
         }
     }
     Ok(out)
+}
+
+/// Refuses a plan holding a jump to one of our chains it lacks: the
+/// restore would fail deleting that chain, and `iptables-nft-restore
+/// --test` does not notice (seen when a new base alone was tried while the
+/// Services still jumping to its old chains were refused).
+fn dangling_jump(plan: &Contributions) -> Result<()> {
+    for ((ipv6, table, chain), c) in plan {
+        for rule in rules_of(c) {
+            let mut words = rule.split_whitespace();
+            while let Some(word) = words.next() {
+                if (word == "-j" || word == "-g")
+                    && let Some(target) = words.next()
+                    && target.starts_with(PREFIX)
+                    && !plan.contains_key(&(*ipv6, table.clone(), target.to_string()))
+                {
+                    bail!("{chain} jumps to {target}, which the plan no longer has");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The chains of `plan` that built-in chains jump to.

@@ -354,3 +354,41 @@ fn all_or_nothing_leaves_every_table_untouched_when_one_is_refused() {
     );
     assert_eq!(nat(&fake, "KWP-SVC-B"), None);
 }
+
+/// A refused full reconcile keeps what the kernel takes, but never a new
+/// base without the chains that kept Services still jump to: the kernel's
+/// `--test` does not notice, the real restore then fails on deleting it.
+#[test]
+fn a_new_base_is_not_kept_without_the_chains_old_services_jump_to() {
+    let (mut dp, fake) = dataplane();
+    let marking = |ip: u8| {
+        let mut f = service("A", 1, &[1]);
+        let mut items = f.items.to_vec();
+        items.push(chain(
+            "nat",
+            "KWP-SEP-A1",
+            &[&format!("-s 10.244.1.{ip}/32 -j KWP-MARK-MASQ")],
+        ));
+        f.items = items.into();
+        f
+    };
+    let mut old_base = base();
+    let mut items = old_base.items.to_vec();
+    items.push(chain("nat", "KWP-MARK-MASQ", &["-j MARK --or-mark 0x4000"]));
+    old_base.items = items.into();
+    dp.apply(Some(&old_base), &[(name("a"), Some(&marking(1)))])
+        .unwrap();
+    fake.lenient_check();
+    fake.refuse("10.244.1.66");
+    // The new base drops KWP-MARK-MASQ; A's new version would not need it,
+    // but the kernel refuses it, so A keeps its old rules, which do.
+    let applied = dp
+        .apply(Some(&base()), &[(name("a"), Some(&marking(66)))])
+        .unwrap();
+    let refused: Vec<_> = applied.refused.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(refused, [None, Some(name("a"))]);
+    assert_eq!(
+        nat(&fake, "KWP-MARK-MASQ").unwrap(),
+        ["-j MARK --or-mark 0x4000"]
+    );
+}
