@@ -112,7 +112,7 @@ pub struct Flags {
     /// Userspace mode: never install nftables redirects, even with CAP_NET_ADMIN; only open listeners.
     #[arg(long)]
     pub no_redirect: bool,
-    /// Addresses node ports answer on: "primary" (the Node's addresses, the default) or CIDRs (local addresses within them), comma-separated.
+    /// Addresses node ports answer on: "primary" (the Node's addresses; the default, except in iptables mode, where it is every local address) or CIDRs (local addresses within them), comma-separated.
     #[arg(long, value_name = "CIDRS")]
     pub nodeport_addresses: Option<String>,
     /// How to tell local pod traffic: ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix.
@@ -127,6 +127,9 @@ pub struct Flags {
     /// The pods' interface name prefix, for --detect-local-mode InterfaceNamePrefix.
     #[arg(long, value_name = "PREFIX")]
     pub pod_interface_name_prefix: Option<String>,
+    /// iptables mode: node ports answer on 127.0.0.1 too (sets route_localnet=1), as kube-proxy's flag; overrides iptables.localhostNodePorts (default true).
+    #[arg(long, value_name = "BOOL")]
+    pub iptables_localhost_nodeports: Option<bool>,
     /// Print the plan and exit, applying nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -274,8 +277,13 @@ impl Settings {
             detect_local: detect_local(flags, &file, &cluster_cidrs).map_err(in_file)?,
             cluster_cidrs,
             node_port_addresses: node_port_addresses(flags, &file).map_err(in_file)?,
-            mode_extra: file::mode_extra(mode, &file, sync.value, min_sync.value)
-                .map_err(in_file)?,
+            mode_extra: with_node_port_addresses(
+                mode,
+                file::mode_extra(mode, &file, sync.value, min_sync.value).map_err(in_file)?,
+                flags,
+                &file,
+            )
+            .map_err(in_file)?,
             ipvs: match mode {
                 ProxyMode::Ipvs => Some(file.ipvs().map_err(in_file)?),
                 _ => None,
@@ -288,6 +296,12 @@ impl Settings {
 /// Flags that only mean something in one mode are errors elsewhere, not
 /// silently ignored.
 fn check_mode_flags(flags: &Flags, mode: ProxyMode) -> Result<()> {
+    if flags.iptables_localhost_nodeports.is_some() && mode != ProxyMode::Iptables {
+        bail!(
+            "--iptables-localhost-nodeports applies to --proxy-mode iptables only (the mode is {})",
+            mode.as_str()
+        );
+    }
     if mode != ProxyMode::Userspace {
         if flags.no_redirect {
             bail!(
@@ -373,9 +387,33 @@ fn cluster_cidrs(flags: &Flags, file: &FileConfig) -> Result<Vec<Cidr>> {
     }
 }
 
-/// `--nodeport-addresses` or `nodePortAddresses`: CIDRs, or "primary".
-fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<Cidr>> {
-    let (list, name): (Vec<String>, _) = match &flags.nodeport_addresses {
+/// iptables mode tells "unset" (upstream: every local address) from
+/// "primary" (the node's IPs), which `node_port_addresses` folds
+/// together, so its plugin gets the list as given; and
+/// `--iptables-localhost-nodeports` overrides the file.
+fn with_node_port_addresses(
+    mode: ProxyMode,
+    extra: String,
+    flags: &Flags,
+    file: &FileConfig,
+) -> Result<String> {
+    if mode != ProxyMode::Iptables {
+        return Ok(extra);
+    }
+    let mut json: serde_json::Value = serde_json::from_str(&extra).context("mode section")?;
+    json["nodePortAddresses"] = given_node_port_addresses(flags, file)?.0.into();
+    if let Some(on) = flags.iptables_localhost_nodeports {
+        json["localhostNodePorts"] = on.into();
+    }
+    Ok(json.to_string())
+}
+
+/// `--nodeport-addresses` or `nodePortAddresses` as given, and its name.
+fn given_node_port_addresses(
+    flags: &Flags,
+    file: &FileConfig,
+) -> Result<(Vec<String>, &'static str)> {
+    Ok(match &flags.nodeport_addresses {
         Some(s) => (
             s.split(',')
                 .map(|c| c.trim().to_string())
@@ -387,7 +425,12 @@ fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<Cidr>> {
             file.strings("nodePortAddresses")?.unwrap_or_default(),
             "nodePortAddresses",
         ),
-    };
+    })
+}
+
+/// `--nodeport-addresses` or `nodePortAddresses`: CIDRs, or "primary".
+fn node_port_addresses(flags: &Flags, file: &FileConfig) -> Result<Vec<Cidr>> {
+    let (list, name) = given_node_port_addresses(flags, file)?;
     if list.iter().any(|c| c == "primary") {
         if list.len() > 1 {
             bail!("{name}: \"primary\" cannot be combined with CIDRs");

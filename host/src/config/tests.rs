@@ -242,7 +242,7 @@ fn iptables_section_goes_to_the_plugin_with_defaults() {
     assert_eq!(
         extra,
         serde_json::json!({"masqueradeBit": 14, "masqueradeAll": false, "localhostNodePorts": true,
-            "syncPeriod": "30s", "minSyncPeriod": "1s"})
+            "syncPeriod": "30s", "minSyncPeriod": "1s", "nodePortAddresses": []})
     );
     let (_dir, path) = config_file(
         "mode: iptables\niptables:\n  masqueradeBit: 3\n  masqueradeAll: true\n  localhostNodePorts: false\n  \
@@ -255,8 +255,37 @@ fn iptables_section_goes_to_the_plugin_with_defaults() {
     assert_eq!(
         extra,
         serde_json::json!({"masqueradeBit": 3, "masqueradeAll": true, "localhostNodePorts": false,
-            "syncPeriod": "1m0s", "minSyncPeriod": "5s"})
+            "syncPeriod": "1m0s", "minSyncPeriod": "5s", "nodePortAddresses": []})
     );
+    // "primary" and CIDRs reach the plugin as given: unset means every
+    // local address in iptables mode, "primary" the node's IPs.
+    for (given, list) in [
+        ("primary", serde_json::json!(["primary"])),
+        (
+            "10.0.0.0/8,fd00::/64",
+            serde_json::json!(["10.0.0.0/8", "fd00::/64"]),
+        ),
+    ] {
+        let (_dir, path) = config_file("mode: iptables\n");
+        let s = resolve(&["--config", &path, "--nodeport-addresses", given]).unwrap();
+        let extra: serde_json::Value = serde_json::from_str(&s.mode_extra).unwrap();
+        assert_eq!(extra["nodePortAddresses"], list, "{given}");
+    }
+    let (_dir, path) = config_file("mode: iptables\n");
+    let s = resolve(&["--config", &path, "--iptables-localhost-nodeports=false"]).unwrap();
+    let extra: serde_json::Value = serde_json::from_str(&s.mode_extra).unwrap();
+    assert_eq!(
+        extra["localhostNodePorts"], false,
+        "the flag overrides the file"
+    );
+    for mode in ["nftables", "userspace"] {
+        let err =
+            resolve(&["--proxy-mode", mode, "--iptables-localhost-nodeports=false"]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("iptables only"),
+            "{mode}: {err:#}"
+        );
+    }
     for (body, field) in [
         ("iptables: {masqueradeBit: 32}\n", "iptables.masqueradeBit"),
         ("iptables: {masqueradeBit: -1}\n", "iptables.masqueradeBit"),

@@ -8,6 +8,9 @@ pub struct Settings {
     pub masquerade_bit: u32,
     /// iptables.localhostNodePorts: node ports answer on 127.0.0.1 too.
     pub localhost_node_ports: bool,
+    /// nodePortAddresses as given (the host adds it): empty when unset,
+    /// `["primary"]`, or CIDRs.
+    pub node_port_addresses: Vec<String>,
 }
 
 impl Default for Settings {
@@ -15,6 +18,7 @@ impl Default for Settings {
         Self {
             masquerade_bit: 14,
             localhost_node_ports: true,
+            node_port_addresses: Vec::new(),
         }
     }
 }
@@ -49,13 +53,66 @@ impl Settings {
                 }
             };
         }
+        if let Some(list) = string_list(text, "nodePortAddresses") {
+            s.node_port_addresses = list;
+        }
         Ok(s)
+    }
+
+    /// The nodePortAddresses CIDRs of one family; `"primary"` is none.
+    pub fn node_port_cidrs(&self, ipv6: bool) -> Vec<&str> {
+        self.node_port_addresses
+            .iter()
+            .map(String::as_str)
+            .filter(|c| *c != "primary" && c.contains(':') == ipv6)
+            .collect()
+    }
+
+    /// Upstream's effective localhostNodePorts: on only when asked for and
+    /// when node ports may be on IPv4 loopback at all (nodePortAddresses
+    /// unset, or holding a CIDR that covers 127.0.0.0).
+    pub fn localhost_node_ports_in_effect(&self) -> bool {
+        let v4 = self.node_port_cidrs(false);
+        let primary = self.node_port_addresses.iter().any(|c| c == "primary");
+        self.localhost_node_ports
+            && if v4.is_empty() {
+                // "primary" means the node's IP, never loopback.
+                !primary
+            } else {
+                v4.iter().any(|c| covers_ipv4_loopback(c))
+            }
     }
 
     /// The mark as iptables writes it, e.g. `0x4000`.
     pub fn mark(&self) -> String {
         format!("{:#x}", 1u32 << self.masquerade_bit)
     }
+}
+
+/// Whether an IPv4 CIDR holds 127.0.0.0 (so the loopback range).
+fn covers_ipv4_loopback(cidr: &str) -> bool {
+    let (ip, len) = cidr.split_once('/').unwrap_or((cidr, "32"));
+    let (Ok(ip), Ok(len)) = (ip.parse::<std::net::Ipv4Addr>(), len.parse::<u32>()) else {
+        return false;
+    };
+    let mask = u32::MAX.checked_shl(32 - len.min(32)).unwrap_or(0);
+    ip.is_loopback()
+        || u32::from(ip) & mask == u32::from(std::net::Ipv4Addr::new(127, 0, 0, 0)) & mask
+}
+
+/// A top-level `"key": ["a", "b"]` of plain strings.
+fn string_list(json: &str, key: &str) -> Option<Vec<String>> {
+    let quoted = format!("\"{key}\"");
+    let at = json.find(&quoted)? + quoted.len();
+    let rest = json[at..].trim_start().strip_prefix(':')?.trim_start();
+    let inner = &rest.strip_prefix('[')?[..rest[1..].find(']')?];
+    Some(
+        inner
+            .split(',')
+            .map(|s| s.trim().trim_matches('"').to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+    )
 }
 
 /// The raw scalar value of a top-level `"key": value` (numbers, booleans,
@@ -88,5 +145,32 @@ mod tests {
         assert!(Settings::parse(r#"{"masqueradeBit": 40}"#).is_err());
         assert!(Settings::parse(r#"{"localhostNodePorts": "yes"}"#).is_err());
         assert!(Settings::parse("[1]").is_err());
+    }
+
+    #[test]
+    fn localhost_node_ports_follow_node_port_addresses_as_upstream() {
+        let with = |list: &str, localhost: bool| {
+            Settings::parse(&format!(
+                r#"{{"localhostNodePorts":{localhost},"nodePortAddresses":{list},"syncPeriod":"30s"}}"#
+            ))
+            .unwrap()
+        };
+        assert!(
+            with("[]", true).localhost_node_ports_in_effect(),
+            "unset: all addresses"
+        );
+        assert!(!with("[]", false).localhost_node_ports_in_effect());
+        assert!(!with(r#"["primary"]"#, true).localhost_node_ports_in_effect());
+        assert!(!with(r#"["203.0.113.0/24"]"#, true).localhost_node_ports_in_effect());
+        assert!(with(r#"["127.0.0.0/8","203.0.113.0/24"]"#, true).localhost_node_ports_in_effect());
+        assert!(with(r#"["0.0.0.0/0"]"#, true).localhost_node_ports_in_effect());
+        assert!(with(r#"["127.0.0.1/32"]"#, true).localhost_node_ports_in_effect());
+        assert!(
+            with(r#"["fd00::/64"]"#, true).localhost_node_ports_in_effect(),
+            "no IPv4 CIDR: IPv4 matches every address"
+        );
+        let s = with(r#"["10.0.0.0/8","fd00::/64"]"#, true);
+        assert_eq!(s.node_port_cidrs(false), ["10.0.0.0/8"]);
+        assert_eq!(s.node_port_cidrs(true), ["fd00::/64"]);
     }
 }

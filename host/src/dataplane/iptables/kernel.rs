@@ -21,6 +21,10 @@ pub trait IptablesKernel: Send {
     /// The rules of one chain (`iptables -t table -S chain`, each without
     /// the leading `-A CHAIN `), `None` when the chain does not exist.
     fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>>;
+    /// `net.ipv4.conf.all.route_localnet=1`: the kernel routes packets to
+    /// 127.0.0.0/8 that arrive from or are DNATed off the host (node ports
+    /// on localhost). Never turned back off, as upstream.
+    fn enable_route_localnet(&mut self) -> Result<()>;
 }
 
 /// Which kernel interface the iptables binaries drive. Both may be present
@@ -116,6 +120,19 @@ impl IptablesKernel for IptablesProcess {
         String::from_utf8(out.stdout).with_context(|| format!("{tool} output"))
     }
 
+    fn enable_route_localnet(&mut self) -> Result<()> {
+        let now = std::fs::read_to_string(ROUTE_LOCALNET)
+            .with_context(|| format!("reading {ROUTE_LOCALNET}"))?;
+        if now.trim() != "1" {
+            tracing::info!(
+                "setting route_localnet=1 so node ports answer on 127.0.0.1; iptables.localhostNodePorts false, or nodePortAddresses without loopback, avoids it"
+            );
+            std::fs::write(ROUTE_LOCALNET, "1")
+                .with_context(|| format!("writing 1 to {ROUTE_LOCALNET}"))?;
+        }
+        Ok(())
+    }
+
     fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>> {
         let tool = self.backend.command(ipv6);
         let out = Command::new(&tool)
@@ -141,6 +158,8 @@ impl IptablesKernel for IptablesProcess {
         ))
     }
 }
+
+const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 
 fn restore(tool: &str, args: &[&str], text: &str) -> Result<()> {
     let mut child = Command::new(tool)

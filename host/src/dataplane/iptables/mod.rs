@@ -19,6 +19,7 @@
 //!   programs; when one is found flushed or deleted (someone flushed
 //!   iptables), everything is re-applied at once (`canary`).
 
+mod accounting;
 mod canary;
 mod diff;
 pub mod fake;
@@ -54,6 +55,9 @@ type Saved = BTreeMap<(bool, String), BTreeMap<String, Vec<String>>>;
 /// (table, built-in chain, match, our chain); each is installed when the
 /// plan has the chain.
 const JUMPS: &[(&str, &str, &str, &str)] = &[
+    // The localnet guard, first (upstream's KUBE-FIREWALL).
+    ("filter", "INPUT", "", LOCALNET_GUARD),
+    ("filter", "OUTPUT", "", LOCALNET_GUARD),
     (
         "filter",
         "INPUT",
@@ -112,6 +116,11 @@ const TABLES: &[(bool, &str)] = &[
 
 const PREFIX: &str = "KWP-";
 
+/// The filter chain dropping martian traffic to 127.0.0.0/8, rendered
+/// (IPv4) when node ports answer on localhost: its presence is what
+/// turns `route_localnet` on.
+const LOCALNET_GUARD: &str = "KWP-FIREWALL";
+
 pub struct IptablesDataplane {
     kernel: Box<dyn IptablesKernel>,
     applied: Plan,
@@ -130,6 +139,10 @@ pub struct IptablesDataplane {
     canaries: BTreeSet<(bool, String)>,
     /// How long the last canary check took (the next waits 50 times that).
     canary_check_took: Duration,
+    /// `route_localnet` is on (set once, never reset).
+    route_localnet: bool,
+    /// The apply under way is all or nothing (a reloaded mode on trial).
+    all_or_nothing: bool,
 }
 
 impl IptablesDataplane {
@@ -153,29 +166,19 @@ impl IptablesDataplane {
             spent: Default::default(),
             canaries: BTreeSet::new(),
             canary_check_took: Duration::ZERO,
-        }
-    }
-
-    /// Runs one kernel call of a family, adding its time to the sync's.
-    fn timed<R>(&mut self, ipv6: bool, call: impl FnOnce(&mut dyn IptablesKernel) -> R) -> R {
-        let start = Instant::now();
-        let out = call(&mut *self.kernel);
-        let spent = &mut self.spent[usize::from(ipv6)];
-        *spent = (spent.0 + start.elapsed(), true);
-        out
-    }
-
-    /// Observes the sync that just ended (full or partial) per family
-    /// touched, as upstream's per-family proxiers each observe theirs.
-    fn observe(&mut self, full: bool) {
-        for (i, (took, touched)) in std::mem::take(&mut self.spent).into_iter().enumerate() {
-            if touched {
-                self.metrics.observe_sync(i == 1, full, took);
-            }
+            route_localnet: false,
+            all_or_nothing: false,
         }
     }
 
     fn restore(&mut self, scripts: &BTreeMap<(bool, String), String>, partial: bool) -> Result<()> {
+        if self.all_or_nothing && scripts.len() > 1 {
+            // Each restore commits its table alone: check every table
+            // before committing any, so a refusal leaves all untouched.
+            for ((ipv6, table), text) in scripts {
+                self.timed(*ipv6, |k| k.check(*ipv6, table, text))?;
+            }
+        }
         for ((ipv6, table), text) in scripts {
             self.restores += 1;
             if let Err(e) = self.timed(*ipv6, |k| k.restore(*ipv6, table, text)) {
@@ -211,31 +214,20 @@ impl IptablesDataplane {
     fn full_restore(&mut self, plan: &Plan) -> Result<(Contributions, Scripts)> {
         let saved = self.saved()?;
         let chains = contributions(plan)?;
+        self.ensure_route_localnet(&chains)?;
         let scripts = full_scripts(&chains, &saved);
         self.restore(&scripts, false)?;
         Ok((chains, scripts))
     }
 
-    /// Upstream's rule counts after a successful sync: every rule in our
-    /// chains per table, and the ones this sync wrote (`-A`).
-    fn count_rules(&self, chains: &Contributions, scripts: &Scripts) {
-        let mut total: BTreeMap<(String, bool), u64> = BTreeMap::new();
-        for ((ipv6, table, _), c) in chains {
-            *total.entry((table.clone(), *ipv6)).or_default() += rules_of(c).len() as u64;
-        }
-        let mut last: BTreeMap<(String, bool), u64> =
-            total.keys().map(|k| (k.clone(), 0)).collect();
-        for ((ipv6, table), text) in scripts {
-            let written = text
-                .lines()
-                .filter(|l| l.starts_with("-A ") && !canary::is_canary_line(l))
-                .count();
-            *last.entry((table.clone(), *ipv6)).or_default() += written as u64;
-        }
-        self.metrics.set_rules(total, last);
+    fn apply_changes(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
+        self.all_or_nothing = !one_by_one;
+        let applied = self.apply_changes_now(changes, one_by_one);
+        self.all_or_nothing = false;
+        applied
     }
 
-    fn apply_changes(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
+    fn apply_changes_now(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
         // A fragment this dataplane cannot apply is refused on its own.
         let mut refused = Vec::new();
         let changes: Vec<Change<'_>> = changes
@@ -254,9 +246,13 @@ impl IptablesDataplane {
             bail!("{e:#}");
         }
         let next = with_changes(&self.applied, &changes);
-        if !self.needs_full {
-            let chains = contributions(&next)?;
-            let scripts = delta_scripts(&contributions(&self.applied)?, &chains);
+        let chains = contributions(&next)?;
+        let before = contributions(&self.applied)?;
+        // A chain built-in chains jump to came or went: the jumps are
+        // made by the full reconcile only.
+        if !self.needs_full && jumped(&before) == jumped(&chains) {
+            self.ensure_route_localnet(&chains)?;
+            let scripts = delta_scripts(&before, &chains);
             let restored = self.restore(&scripts, true);
             self.observe(false);
             match restored {
@@ -302,6 +298,7 @@ impl IptablesDataplane {
         }
         let trial = with_changes(good, candidates);
         let checked = contributions(&trial).and_then(|c| {
+            dangling_jump(&c)?;
             full_scripts(&c, saved)
                 .iter()
                 .try_for_each(|((v6, t), text)| self.kernel.check(*v6, t, text))
@@ -348,6 +345,36 @@ fn contributions<'a>(
         }
     }
     Ok(out)
+}
+
+/// Refuses a plan holding a jump to one of our chains it lacks: the
+/// restore would fail deleting that chain, and `iptables-nft-restore
+/// --test` does not notice (seen when a new base alone was tried while the
+/// Services still jumping to its old chains were refused).
+fn dangling_jump(plan: &Contributions) -> Result<()> {
+    for ((ipv6, table, chain), c) in plan {
+        for rule in rules_of(c) {
+            let mut words = rule.split_whitespace();
+            while let Some(word) = words.next() {
+                if (word == "-j" || word == "-g")
+                    && let Some(target) = words.next()
+                    && target.starts_with(PREFIX)
+                    && !plan.contains_key(&(*ipv6, table.clone(), target.to_string()))
+                {
+                    bail!("{chain} jumps to {target}, which the plan no longer has");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The chains of `plan` that built-in chains jump to.
+fn jumped(plan: &Contributions) -> BTreeSet<(bool, &str, &str)> {
+    plan.keys()
+        .filter(|(_, table, name)| JUMPS.iter().any(|(t, _, _, c)| t == table && c == name))
+        .map(|(ipv6, table, name)| (*ipv6, table.as_str(), name.as_str()))
+        .collect()
 }
 
 fn rules_of(c: &BTreeMap<FragmentKey, Vec<String>>) -> Vec<&String> {

@@ -304,3 +304,91 @@ fn a_flushed_or_deleted_canary_reapplies_everything_at_once() {
         Duration::from_millis(3850)
     );
 }
+
+#[test]
+fn the_localnet_guard_turns_route_localnet_on_and_is_jumped_to_first() {
+    let (mut dp, fake) = dataplane();
+    dp.apply(Some(&base()), &[]).unwrap();
+    assert!(!fake.route_localnet(), "no guard, no sysctl");
+    let mut guarded = base();
+    let mut items = guarded.items.to_vec();
+    items.push(chain(
+        "filter",
+        LOCALNET_GUARD,
+        &["-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"],
+    ));
+    guarded.items = items.into();
+    dp.apply(Some(&guarded), &[]).unwrap();
+    assert!(fake.route_localnet());
+    for builtin in ["INPUT", "OUTPUT"] {
+        assert_eq!(
+            fake.rules(false, "filter", builtin).unwrap()[0],
+            "-j KWP-FIREWALL",
+            "{builtin}"
+        );
+    }
+}
+
+#[test]
+fn all_or_nothing_leaves_every_table_untouched_when_one_is_refused() {
+    let (mut dp, fake) = dataplane();
+    dp.apply(Some(&base()), &[(name("a"), Some(&service("A", 1, &[1])))])
+        .unwrap();
+    // A change to both tables whose nat part the kernel refuses: filter
+    // (restored first) must not be committed either.
+    let mut both = service("B", 2, &[66]);
+    let mut items = both.items.to_vec();
+    items.push(chain(
+        "filter",
+        "KWP-SERVICES",
+        &["-d 10.96.0.2/32 -j REJECT"],
+    ));
+    both.items = items.into();
+    fake.refuse("10.244.1.66");
+    let restores = fake.restores();
+    assert!(dp.apply_all(None, &[(name("b"), Some(&both))]).is_err());
+    assert_eq!(fake.restores(), restores, "nothing committed");
+    assert_eq!(
+        fake.rules(false, "filter", "KWP-SERVICES").unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(nat(&fake, "KWP-SVC-B"), None);
+}
+
+/// A refused full reconcile keeps what the kernel takes, but never a new
+/// base without the chains that kept Services still jump to: the kernel's
+/// `--test` does not notice, the real restore then fails on deleting it.
+#[test]
+fn a_new_base_is_not_kept_without_the_chains_old_services_jump_to() {
+    let (mut dp, fake) = dataplane();
+    let marking = |ip: u8| {
+        let mut f = service("A", 1, &[1]);
+        let mut items = f.items.to_vec();
+        items.push(chain(
+            "nat",
+            "KWP-SEP-A1",
+            &[&format!("-s 10.244.1.{ip}/32 -j KWP-MARK-MASQ")],
+        ));
+        f.items = items.into();
+        f
+    };
+    let mut old_base = base();
+    let mut items = old_base.items.to_vec();
+    items.push(chain("nat", "KWP-MARK-MASQ", &["-j MARK --or-mark 0x4000"]));
+    old_base.items = items.into();
+    dp.apply(Some(&old_base), &[(name("a"), Some(&marking(1)))])
+        .unwrap();
+    fake.lenient_check();
+    fake.refuse("10.244.1.66");
+    // The new base drops KWP-MARK-MASQ; A's new version would not need it,
+    // but the kernel refuses it, so A keeps its old rules, which do.
+    let applied = dp
+        .apply(Some(&base()), &[(name("a"), Some(&marking(66)))])
+        .unwrap();
+    let refused: Vec<_> = applied.refused.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(refused, [None, Some(name("a"))]);
+    assert_eq!(
+        nat(&fake, "KWP-MARK-MASQ").unwrap(),
+        ["-j MARK --or-mark 0x4000"]
+    );
+}

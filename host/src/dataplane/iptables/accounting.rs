@@ -1,0 +1,67 @@
+//! What the dataplane keeps account of around its kernel calls: time per
+//! family for upstream's sync histograms, upstream's rule counts, and the
+//! one sysctl localhost node ports need.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::Result;
+
+use super::kernel::IptablesKernel;
+use super::{Contributions, IptablesDataplane, LOCALNET_GUARD, Scripts, canary, rules_of};
+
+impl IptablesDataplane {
+    /// Runs one kernel call of a family, adding its time to the sync's.
+    pub(super) fn timed<R>(
+        &mut self,
+        ipv6: bool,
+        call: impl FnOnce(&mut dyn IptablesKernel) -> R,
+    ) -> R {
+        let start = Instant::now();
+        let out = call(&mut *self.kernel);
+        let spent = &mut self.spent[usize::from(ipv6)];
+        *spent = (spent.0 + start.elapsed(), true);
+        out
+    }
+
+    /// Observes the sync that just ended (full or partial) per family
+    /// touched, as upstream's per-family proxiers each observe theirs.
+    pub(super) fn observe(&mut self, full: bool) {
+        for (i, (took, touched)) in std::mem::take(&mut self.spent).into_iter().enumerate() {
+            if touched {
+                self.metrics.observe_sync(i == 1, full, took);
+            }
+        }
+    }
+
+    /// Node ports on 127.0.0.1 need the kernel to route loopback
+    /// destinations; the plan asks for it by holding the localnet guard,
+    /// which lands in the same sync (filter is restored before nat).
+    pub(super) fn ensure_route_localnet(&mut self, chains: &Contributions) -> Result<()> {
+        let guard = (false, "filter".to_string(), LOCALNET_GUARD.to_string());
+        if !self.route_localnet && chains.contains_key(&guard) {
+            self.kernel.enable_route_localnet()?;
+            self.route_localnet = true;
+        }
+        Ok(())
+    }
+
+    /// Upstream's rule counts after a successful sync: every rule in our
+    /// chains per table, and the ones this sync wrote (`-A`).
+    pub(super) fn count_rules(&self, chains: &Contributions, scripts: &Scripts) {
+        let mut total: BTreeMap<(String, bool), u64> = BTreeMap::new();
+        for ((ipv6, table, _), c) in chains {
+            *total.entry((table.clone(), *ipv6)).or_default() += rules_of(c).len() as u64;
+        }
+        let mut last: BTreeMap<(String, bool), u64> =
+            total.keys().map(|k| (k.clone(), 0)).collect();
+        for ((ipv6, table), text) in scripts {
+            let written = text
+                .lines()
+                .filter(|l| l.starts_with("-A ") && !canary::is_canary_line(l))
+                .count();
+            *last.entry((table.clone(), *ipv6)).or_default() += written as u64;
+        }
+        self.metrics.set_rules(total, last);
+    }
+}
