@@ -132,6 +132,7 @@ impl App {
         let mut metrics =
             crate::metrics::Metrics::new(settings.mode.as_str(), settings.sync_period, configz);
         metrics.runtime = Some(proxier.runtime());
+        metrics.inspect = proxier.inspect.clone();
         let sync = SyncLoop {
             state: ClusterState::new(&settings.hostname)
                 .with_node_port_range(settings.node_port_range.clone()),

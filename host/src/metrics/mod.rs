@@ -62,6 +62,8 @@ pub struct Metrics {
     pub runtime: Option<Arc<Runtime>>,
     pub plugins: Mutex<BTreeMap<String, Arc<PluginStats>>>,
     pub configz: String,
+    /// The proxier's per-Service record, served at `/inspect`.
+    pub inspect: crate::inspect::Registry,
 }
 
 impl Metrics {
@@ -88,6 +90,7 @@ impl Metrics {
             runtime: None,
             plugins: Mutex::default(),
             configz,
+            inspect: crate::inspect::Registry::default(),
         }
     }
 
@@ -165,6 +168,7 @@ impl Metrics {
             (false, "/metrics") => (StatusCode::OK, exposition::CONTENT_TYPE, self.render()),
             (false, "/proxyMode") => (StatusCode::OK, "text/plain", self.mode.clone()),
             (false, "/configz") => (StatusCode::OK, "application/json", self.configz.clone()),
+            (false, "/inspect") => (StatusCode::OK, "application/json", self.inspect.json()),
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
