@@ -1,5 +1,8 @@
 //! Operating the binary like kube-proxy: `--version`, `--v` and
-//! `--logging-format`, and `inspect` against a running proxy.
+//! `--logging-format`, `inspect` against a running proxy, and conntrack
+//! tuning from the configuration in a network namespace.
+
+mod common;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -214,5 +217,125 @@ addressType: IPv4\nports: [{name: redis, port: 6379}]\nendpoints: [{addresses: [
         String::from_utf8_lossy(&out.stderr).contains(&closed),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const CONNTRACK_SYSCTLS: &[&str] = &[
+    "nf_conntrack_max",
+    "nf_conntrack_tcp_timeout_established",
+    "nf_conntrack_tcp_timeout_close_wait",
+    "nf_conntrack_udp_timeout",
+    "nf_conntrack_udp_timeout_stream",
+    "nf_conntrack_tcp_be_liberal",
+];
+
+/// The conntrack sysctls as `ns` sees them (the host's with `None`).
+fn conntrack_values(ns: Option<&common::netns::Netns>) -> Vec<String> {
+    let script = CONNTRACK_SYSCTLS
+        .iter()
+        .map(|n| format!("cat /proc/sys/net/netfilter/{n}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let out = match ns {
+        Some(ns) => ns.sh(&script),
+        None => String::from_utf8(
+            Command::new("sh")
+                .args(["-c", &script])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap(),
+    };
+    out.lines().map(str::to_string).collect()
+}
+
+/// Runs the proxy in `ns` with `config` until its log shows `wanted`.
+fn run_with_config(ns: &common::netns::Netns, config: &str, wanted: &str) -> String {
+    let dir = dry_run_dir();
+    std::fs::write(dir.path().join("config.yaml"), config).unwrap();
+    let source = format!("file:{}", dir.path().display());
+    let config_path = dir.path().join("config.yaml");
+    let mut child = ns.spawn(
+        BIN,
+        &[
+            "--config",
+            config_path.to_str().unwrap(),
+            "--proxy-mode",
+            "userspace",
+            "--no-redirect",
+            "--source",
+            &source,
+            "--healthz-bind-address",
+            "",
+            "--metrics-bind-address",
+            "",
+        ],
+    );
+    let logs = common::Logs::capture(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logs.text().contains(wanted) {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no {wanted:?} in\n{}", logs.text());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    logs.text()
+}
+
+#[test]
+fn conntrack_settings_apply_in_the_proxys_namespace_and_a_node_wide_one_is_refused_clearly() {
+    let ns = common::netns::Netns::new("kwp-conntrack");
+    // Loads nf_conntrack's per-namespace sysctls here.
+    ns.sh("nft add table ip t; nft add chain ip t c; nft add rule ip t c ct state established accept; nft delete table ip t");
+    let host_before = conntrack_values(None);
+    let ns_before = conntrack_values(Some(&ns));
+    let head = "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+
+    // No conntrack section: nothing changes (least privilege).
+    run_with_config(&ns, head, "kube-wasm-proxy starting");
+    assert_eq!(conntrack_values(Some(&ns)), ns_before);
+
+    // Everything set: the per-namespace timeouts change here; the node-wide
+    // maximum (400000 > the kernel's) cannot be written from a namespace:
+    // a warning names it, and the rest is applied all the same.
+    let config = format!(
+        "{head}conntrack:\n  maxPerCore: 200000\n  min: 0\n  tcpEstablishedTimeout: 1h\n  \
+         tcpCloseWaitTimeout: 2m\n  udpTimeout: 45s\n  udpStreamTimeout: 150s\n  tcpBeLiberal: true\n"
+    );
+    let cpus: u64 = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .unwrap()
+        .trim()
+        .split(',')
+        .map(|p| {
+            let (a, b) = p.split_once('-').unwrap_or((p, p));
+            b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1
+        })
+        .sum();
+    let logs = run_with_config(&ns, &config, "conntrack settings applied");
+    let warning = logs
+        .lines()
+        .find(|l| l.contains("cannot apply conntrack setting"))
+        .unwrap_or_else(|| panic!("no warning in\n{logs}"));
+    assert!(
+        warning.contains("nf_conntrack_max")
+            && warning.contains(&format!("value={}", 200_000 * cpus))
+            && warning.contains("node-wide"),
+        "{warning}"
+    );
+    let after = conntrack_values(Some(&ns));
+    assert_eq!(
+        after[1..],
+        ["3600", "120", "45", "150", "1"].map(String::from),
+        "{after:?}"
+    );
+    assert_eq!(after[0], ns_before[0], "nf_conntrack_max unchanged");
+    assert_eq!(
+        conntrack_values(None),
+        host_before,
+        "the host's values stay"
     );
 }

@@ -279,6 +279,10 @@ pub async fn run(flags: Flags) -> Result<()> {
         node = app.settings.hostname,
         "kube-wasm-proxy starting"
     );
+    if !app.settings.conntrack.is_empty() {
+        let sysctls = &mut crate::conntrack_sysctls::ProcSysctls;
+        crate::conntrack_sysctls::apply(&app.settings.conntrack, sysctls);
+    }
     tokio::select! {
         r = app.run() => r,
         signal = shutdown_signal() => {

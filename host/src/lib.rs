@@ -4,6 +4,7 @@
 pub mod app;
 pub mod cleanup;
 pub mod config;
+pub mod conntrack_sysctls;
 pub mod dataplane;
 pub mod demo;
 pub mod healthcheck;

@@ -28,8 +28,11 @@ pub fn filter_for(v: Option<u8>) -> &'static str {
 pub fn init(v: Option<u8>, format: Option<LoggingFormat>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| filter_for(v).into());
+    // Colours only for a person at a terminal, not in the kubelet's logs.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format.unwrap_or_default() {
         LoggingFormat::Text => builder.init(),

@@ -188,6 +188,8 @@ pub struct Settings {
     /// mode plugin (see `file::mode_extra`).
     pub mode_extra: String,
     pub dry_run: bool,
+    /// KubeProxyConfiguration's `conntrack`: what it sets, nothing more.
+    pub conntrack: crate::conntrack_sysctls::ConntrackConfig,
 }
 
 pub use crate::model::DetectLocal;
@@ -290,6 +292,7 @@ impl Settings {
             mode_extra: file::mode_extra(mode, &file, sync.value, min_sync.value)
                 .map_err(in_file)?,
             dry_run: flags.dry_run,
+            conntrack: file.conntrack().map_err(in_file)?,
         })
     }
 }
