@@ -117,6 +117,26 @@ fn v_and_logging_format_set_the_level_and_the_format() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("json"));
 }
 
+#[test]
+fn the_configurations_logging_section_sets_level_and_format_unless_flags_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         logging:\n  format: json\n  verbosity: 4\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let json = dry_run_logs(&["--config", config]);
+    assert!(
+        json.lines().all(|l| l.starts_with('{')) && json.contains("\"level\":\"DEBUG\""),
+        "{json}"
+    );
+    let text = dry_run_logs(&["--config", config, "--v=0", "--logging-format=text"]);
+    assert!(!text.contains('{') && !text.contains("DEBUG"), "{text}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

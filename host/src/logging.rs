@@ -1,6 +1,7 @@
 //! Logging as kube-proxy users set it: `--v=N` (klog verbosity) and
-//! `--logging-format=text|json`, mapped onto tracing. RUST_LOG, when set,
-//! still decides the levels.
+//! `--logging-format=text|json`, or the KubeProxyConfiguration's
+//! `logging.verbosity` and `logging.format` (flags win), mapped onto
+//! tracing. RUST_LOG, when set, still decides the levels.
 
 use clap::ValueEnum;
 
@@ -22,6 +23,30 @@ pub fn filter_for(v: Option<u8>) -> &'static str {
         Some(5) => "info,kwp=trace",
         Some(_) => "debug,kwp=trace",
     }
+}
+
+/// `logging.verbosity` and `logging.format` of the `--config` file, read
+/// before anything logs. A file that cannot be read or parsed gives
+/// nothing here; the configuration proper reports it, naming it.
+pub fn from_config(path: &std::path::Path) -> (Option<u8>, Option<LoggingFormat>) {
+    let Some(file) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| crate::config::file::FileConfig::parse(&text).ok())
+    else {
+        return (None, None);
+    };
+    let Ok(Some(logging)) = file.section("logging") else {
+        return (None, None);
+    };
+    let verbosity = logging
+        .get("verbosity")
+        .and_then(serde_yaml::Value::as_u64)
+        .map(|v| v.min(u64::from(u8::MAX)) as u8);
+    let format = logging
+        .get("format")
+        .and_then(serde_yaml::Value::as_str)
+        .and_then(|f| LoggingFormat::from_str(f, true).ok());
+    (verbosity, format)
 }
 
 /// Installs the global subscriber, writing to stderr.

@@ -7,7 +7,14 @@ fn main() -> std::process::ExitCode {
         print!("{}", kwp::version::long());
         return std::process::ExitCode::SUCCESS;
     }
-    kwp::logging::init(cli.flags.verbosity, cli.flags.logging_format);
+    let (verbosity, format) = match &cli.flags.config {
+        Some(path) => kwp::logging::from_config(path),
+        None => (None, None),
+    };
+    kwp::logging::init(
+        cli.flags.verbosity.or(verbosity),
+        cli.flags.logging_format.or(format),
+    );
     if let Some(Command::Inspect { address, json }) = &cli.command {
         return match kwp::inspect::run(address, *json) {
             Ok(()) => std::process::ExitCode::SUCCESS,
