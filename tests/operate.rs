@@ -137,6 +137,22 @@ fn the_configurations_logging_section_sets_level_and_format_unless_flags_do() {
     assert!(!text.contains('{') && !text.contains("DEBUG"), "{text}");
 }
 
+/// A userspace proxy without redirects (no rules on the host) on `source`,
+/// metrics on `metrics` ("" for none), no healthz server.
+fn userspace_proxy<'a>(source: &'a str, metrics: &'a str) -> [&'a str; 9] {
+    [
+        "--proxy-mode",
+        "userspace",
+        "--no-redirect",
+        "--source",
+        source,
+        "--healthz-bind-address",
+        "",
+        "--metrics-bind-address",
+        metrics,
+    ]
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -171,17 +187,7 @@ addressType: IPv4\nports: [{name: redis, port: 6379}]\nendpoints: [{addresses: [
     let metrics = format!("127.0.0.1:{}", free_port());
     let _proxy = Running(
         Command::new(BIN)
-            .args([
-                "--proxy-mode",
-                "userspace",
-                "--no-redirect",
-                "--source",
-                &source,
-                "--healthz-bind-address",
-                "",
-                "--metrics-bind-address",
-                &metrics,
-            ])
+            .args(userspace_proxy(&source, &metrics))
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap(),
@@ -276,22 +282,9 @@ fn run_with_config(ns: &common::netns::Netns, config: &str, wanted: &str) -> Str
     std::fs::write(dir.path().join("config.yaml"), config).unwrap();
     let source = format!("file:{}", dir.path().display());
     let config_path = dir.path().join("config.yaml");
-    let mut child = ns.spawn(
-        BIN,
-        &[
-            "--config",
-            config_path.to_str().unwrap(),
-            "--proxy-mode",
-            "userspace",
-            "--no-redirect",
-            "--source",
-            &source,
-            "--healthz-bind-address",
-            "",
-            "--metrics-bind-address",
-            "",
-        ],
-    );
+    let mut args = vec!["--config", config_path.to_str().unwrap()];
+    args.extend(userspace_proxy(&source, ""));
+    let mut child = ns.spawn(BIN, &args);
     let logs = common::Logs::capture(&mut child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !logs.text().contains(wanted) {
