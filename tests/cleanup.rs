@@ -293,3 +293,19 @@ fn cleanup_removes_kwps_and_then_kube_proxys_rules_and_leaves_foreign_ones_byte_
         "{stderr}"
     );
 }
+
+#[test]
+fn cleanup_of_a_clean_node_registers_no_legacy_tables_and_says_so() {
+    let ns = Netns::new("kwp-cleanup-clean");
+    let tables =
+        || ns.sh("cat /proc/net/ip_tables_names /proc/net/ip6_tables_names; nft list ruleset");
+    let before = tables();
+    let out = kwp_in(&ns, &["--cleanup", "--cleanup-kube-proxy"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "nothing to remove\n");
+    assert_eq!(tables(), before, "cleanup created tables");
+}

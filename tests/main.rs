@@ -30,6 +30,7 @@ mod ipvs_filter;
 mod kubernetes;
 mod nft_resync;
 mod nftables;
+mod operate;
 mod reliability;
 mod reload;
 mod semantics;

@@ -27,6 +27,21 @@ fn install(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
 }
 
+/// Who answers `n` requests to `addr`, in order.
+async fn answers(addr: std::net::SocketAddr, n: usize) -> Vec<String> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(ask(addr).await.expect("request"));
+    }
+    v
+}
+
+/// Round-robin over three backends: no two of any three answers alike.
+fn strictly_cycles(v: &[String]) -> bool {
+    v.windows(3)
+        .all(|w| w[0] != w[1] && w[1] != w[2] && w[0] != w[2])
+}
+
 async fn wait_for(what: &str, check: impl Fn() -> bool) {
     poll::eventually_async(what, Duration::from_secs(10), async || check()).await;
 }
@@ -73,17 +88,7 @@ async fn policies_reload_under_traffic_with_rejection_and_rollback() {
             }
         })
     };
-    let order = |n: usize| async move {
-        let mut v = Vec::new();
-        for _ in 0..n {
-            v.push(ask(addr).await.expect("request"));
-        }
-        v
-    };
-    let strictly_cycles = |v: &[String]| {
-        v.windows(3)
-            .all(|w| w[0] != w[1] && w[1] != w[2] && w[0] != w[2])
-    };
+    let order = |n: usize| answers(addr, n);
     assert!(
         strictly_cycles(&order(12).await),
         "round-robin to start with"
@@ -145,4 +150,79 @@ async fn policies_reload_under_traffic_with_rejection_and_rollback() {
         ok.load(Ordering::Relaxed)
     );
     assert!(ok.load(Ordering::Relaxed) > 50);
+}
+
+/// The kubelet's atomic update of a mounted ConfigMap: the files in a new
+/// `..<timestamp>` directory, a `..data_tmp` symlink to it renamed over
+/// `..data`, the old directory removed; each key is a symlink
+/// `<key> -> ..data/<key>`, made when the volume is first set up.
+fn kubelet_configmap_update(dir: &Path, stamp: &str, files: &[(&str, &[u8])]) {
+    use std::os::unix::fs::symlink;
+    let versioned = dir.join(format!("..{stamp}"));
+    std::fs::create_dir(&versioned).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(versioned.join(name), bytes).unwrap();
+    }
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    symlink(format!("..{stamp}"), dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    for (name, _) in files {
+        if std::fs::symlink_metadata(dir.join(name)).is_err() {
+            symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_in_a_mounted_configmap_is_reloaded_when_the_kubelet_swaps_data() {
+    let state = tempfile::tempdir().unwrap();
+    let plugins = tempfile::tempdir().unwrap();
+    // `kubectl create configmap my-policy --from-file=my-policy.wasm`,
+    // mounted as the plugin directory.
+    kubelet_configmap_update(
+        plugins.path(),
+        "2026_12_05_08_00_00.000000001",
+        &[("my-policy.wasm", &bundled("round-robin"))],
+    );
+    let backends = [
+        tcp_backend("c1").await,
+        tcp_backend("c2").await,
+        tcp_backend("c3").await,
+    ];
+    write(
+        state.path(),
+        "web.yaml",
+        &(service("web", "10.96.0.1", "TCP", "").replace(
+            "  namespace: e2e\n",
+            "  namespace: e2e\n  annotations: {kube-wasm-proxy.io/lb-policy: my-policy}\n",
+        ) + &slices("web", "TCP", &backends)),
+    );
+    let plugin_dir = plugins.path().display().to_string();
+    let (mapping, runtime) =
+        start_proxy_with_runtime(state.path(), &["--plugin-dir", &plugin_dir]).await;
+    let addr = listener(&mapping, "web").await;
+    let order = |n: usize| answers(addr, n);
+    assert!(
+        strictly_cycles(&order(12).await),
+        "my-policy is round-robin to start with"
+    );
+
+    // `kubectl create configmap my-policy --from-file=my-policy.wasm
+    // --dry-run=client -o yaml | kubectl replace -f -` with a new version:
+    // the kubelet swaps `..data`; the link `my-policy.wasm` stays as it was.
+    let reloads = || runtime.reloads.reloads.load(Ordering::Relaxed);
+    kubelet_configmap_update(
+        plugins.path(),
+        "2026_12_05_08_01_00.000000002",
+        &[("my-policy.wasm", &bundled("random"))],
+    );
+    // At least one: a SIGHUP from the other test re-reads every file too.
+    wait_for("the reload of my-policy", || reloads() >= 1).await;
+    assert!(
+        !strictly_cycles(&order(40).await),
+        "the ConfigMap's new version picks now"
+    );
 }

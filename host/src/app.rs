@@ -136,6 +136,7 @@ impl App {
             crate::metrics::Metrics::new(settings.mode.as_str(), settings.sync_period, configz);
         metrics.runtime = Some(proxier.runtime());
         metrics.iptables = iptables_metrics;
+        metrics.inspect = proxier.inspect.clone();
         let sync = SyncLoop {
             state: ClusterState::new(&settings.hostname)
                 .with_node_port_range(settings.node_port_range.clone()),
@@ -293,6 +294,10 @@ pub async fn run(flags: Flags) -> Result<()> {
         node = app.settings.hostname,
         "kube-wasm-proxy starting"
     );
+    if !app.settings.conntrack.is_empty() {
+        let sysctls = &mut crate::conntrack_sysctls::ProcSysctls;
+        crate::conntrack_sysctls::apply(&app.settings.conntrack, sysctls);
+    }
     tokio::select! {
         r = app.run() => r,
         signal = shutdown_signal() => {

@@ -4,13 +4,16 @@
 pub mod app;
 pub mod cleanup;
 pub mod config;
+pub mod conntrack_sysctls;
 pub mod dataplane;
 pub mod demo;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod healthcheck;
+pub mod inspect;
 pub mod instance_lock;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod plan;
@@ -19,3 +22,4 @@ pub mod proxier;
 pub mod source;
 pub mod state;
 pub mod sync;
+pub mod version;

@@ -2,13 +2,28 @@ use clap::Parser;
 use kwp::config::{Cli, Command};
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if cli.version {
+        print!("{}", kwp::version::long());
+        return std::process::ExitCode::SUCCESS;
+    }
+    let (verbosity, format) = match &cli.flags.config {
+        Some(path) => kwp::logging::from_config(path),
+        None => (None, None),
+    };
+    kwp::logging::init(
+        cli.flags.verbosity.or(verbosity),
+        cli.flags.logging_format.or(format),
+    );
+    if let Some(Command::Inspect { address, json }) = &cli.command {
+        return match kwp::inspect::run(address, *json) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -22,6 +37,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Command::Demo { dir, run_for }) => kwp::demo::run(cli.flags, dir, run_for).await,
+            Some(Command::Inspect { .. }) => Ok(()),
             None => kwp::app::run(cli.flags).await,
         }
     });

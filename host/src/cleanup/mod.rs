@@ -390,6 +390,37 @@ impl LinkKernel for NetlinkLinks {
     }
 }
 
+/// The legacy backend, reading only tables the kernel already has: saving
+/// a legacy table loads its module and registers it, a side effect
+/// cleanup should not have; a table never registered holds no rules.
+struct LegacyIfLoaded(IptablesProcess);
+
+impl LegacyIfLoaded {
+    fn loaded(ipv6: bool, table: &str) -> bool {
+        let names = if ipv6 {
+            "/proc/net/ip6_tables_names"
+        } else {
+            "/proc/net/ip_tables_names"
+        };
+        std::fs::read_to_string(names).is_ok_and(|t| t.lines().any(|l| l.trim() == table))
+    }
+}
+
+impl IptablesKernel for LegacyIfLoaded {
+    fn restore(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
+        self.0.restore(ipv6, table, text)
+    }
+    fn check(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
+        self.0.check(ipv6, table, text)
+    }
+    fn save(&mut self, ipv6: bool, table: &str) -> Result<String> {
+        if !Self::loaded(ipv6, table) {
+            return Ok(String::new());
+        }
+        self.0.save(ipv6, table)
+    }
+}
+
 /// Whether `program` is on PATH.
 fn installed(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -402,13 +433,21 @@ impl Kernels {
     /// kernel has it loaded (no IPVS module, no virtual servers).
     pub fn real() -> Self {
         let mut iptables: Vec<(String, Box<dyn IptablesKernel>)> = Vec::new();
-        for backend in [Backend::Nft, Backend::Legacy] {
-            if installed(&format!("iptables-{}-save", backend.as_str())) {
-                iptables.push((
-                    format!("iptables-{}", backend.as_str()),
-                    Box::new(IptablesProcess { backend }),
-                ));
-            }
+        if installed("iptables-nft-save") {
+            iptables.push((
+                "iptables-nft".into(),
+                Box::new(IptablesProcess {
+                    backend: Backend::Nft,
+                }),
+            ));
+        }
+        if installed("iptables-legacy-save") {
+            iptables.push((
+                "iptables-legacy".into(),
+                Box::new(LegacyIfLoaded(IptablesProcess {
+                    backend: Backend::Legacy,
+                })),
+            ));
         }
         if iptables.is_empty() && installed("iptables-save") {
             iptables.push((

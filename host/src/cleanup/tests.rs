@@ -203,7 +203,7 @@ fn kwp_cleanup_removes_kwps_objects_in_every_mode_and_nothing_else() {
     assert!(dump.contains("ip6 kube-proxy chain services"), "{dump}");
     assert!(dump.contains("ip firewalld chain input"), "{dump}");
 
-    let nat = chains(&ipt, false, "nat");
+    let nat = chains(ipt, false, "nat");
     assert!(nat.iter().all(|c| !c.starts_with("KWP-")), "{nat:?}");
     for kept in ["KUBE-SERVICES", "KUBE-SVC-ABCDEF", "MY-CHAIN"] {
         assert!(nat.contains(kept), "{kept} removed: {nat:?}");
@@ -216,8 +216,8 @@ fn kwp_cleanup_removes_kwps_objects_in_every_mode_and_nothing_else() {
             "-j MY-CHAIN"
         ]
     );
-    assert!(!chains(&ipt, false, "filter").contains("KWP-FORWARD"));
-    assert!(!chains(&ipt, true, "nat").contains("KWP-SERVICES"));
+    assert!(!chains(ipt, false, "filter").contains("KWP-FORWARD"));
+    assert!(!chains(ipt, true, "nat").contains("KWP-SERVICES"));
     assert_eq!(
         ipt.rules(true, "nat", "OUTPUT").unwrap(),
         Vec::<String>::new()
@@ -225,7 +225,7 @@ fn kwp_cleanup_removes_kwps_objects_in_every_mode_and_nothing_else() {
 
     // IPVS: the kube-ipvs0 servers and the recorded node port; the link
     // and the record go too.
-    let left = services(&ipvs);
+    let left = services(ipvs);
     let want: BTreeSet<SocketAddr> = ["192.168.1.10:31000", "192.168.1.10:8080", "203.0.113.7:443"]
         .iter()
         .map(|a| a.parse().unwrap())
@@ -252,7 +252,7 @@ fn kube_proxy_scope_also_removes_upstreams_leftovers_but_not_the_kubelets() {
     assert!(!dump.contains("kube-proxy"), "{dump}");
     assert!(dump.contains("ip firewalld chain input: tcp dport 22 accept"));
 
-    let nat = chains(&ipt, false, "nat");
+    let nat = chains(ipt, false, "nat");
     let want: BTreeSet<String> = [
         "PREROUTING",
         "INPUT",
@@ -274,7 +274,7 @@ fn kube_proxy_scope_also_removes_upstreams_leftovers_but_not_the_kubelets() {
         vec!["-s 192.0.2.0/24 -j ACCEPT"]
     );
     // The kubelet's KUBE-FIREWALL and its jump, and the admin's rule, stay.
-    let filter = chains(&ipt, false, "filter");
+    let filter = chains(ipt, false, "filter");
     assert!(filter.contains("KUBE-FIREWALL"), "{filter:?}");
     assert!(!filter.contains("KUBE-FORWARD") && !filter.contains("KUBE-PROXY-FIREWALL"));
     assert_eq!(
@@ -284,12 +284,12 @@ fn kube_proxy_scope_also_removes_upstreams_leftovers_but_not_the_kubelets() {
             .filter(|r| !r.contains("KUBE-PROXY-FIREWALL"))
             .collect::<Vec<_>>()
     );
-    let mangle = chains(&ipt, false, "mangle");
+    let mangle = chains(ipt, false, "mangle");
     assert!(!mangle.contains("KUBE-PROXY-CANARY") && mangle.contains("KUBE-IPTABLES-HINT"));
 
     // Upstream's node port on a node address goes; a node address outside
     // the node-port range and a foreign address stay.
-    let left = services(&ipvs);
+    let left = services(ipvs);
     let want: BTreeSet<SocketAddr> = ["192.168.1.10:8080", "203.0.113.7:443"]
         .iter()
         .map(|a| a.parse().unwrap())
@@ -327,8 +327,8 @@ fn a_refused_step_is_reported_and_the_others_still_run() {
         report.errors[0]
     );
     // The refused table is as it was (all or nothing); the rest is clean.
-    assert!(chains(&ipt, false, "filter").contains("KWP-FORWARD"));
-    assert!(!chains(&ipt, false, "nat").contains("KWP-SERVICES"));
+    assert!(chains(ipt, false, "filter").contains("KWP-FORWARD"));
+    assert!(!chains(ipt, false, "nat").contains("KWP-SERVICES"));
     assert!(!nft.dump().contains("kube-wasm-proxy"));
     assert!(ipvs.state().link.is_none());
 }
@@ -357,7 +357,7 @@ fn kube_proxy_scope_alone_leaves_a_running_kwps_objects_be() {
     assert!(!dump.contains("kube-proxy"), "{dump}");
     assert!(dump.contains("ip kube-wasm-proxy chain services"), "{dump}");
     assert!(dump.contains("ip kube-wasm-proxy-userspace chain services"));
-    let nat = chains(&ipt, false, "nat");
+    let nat = chains(ipt, false, "nat");
     assert!(nat.contains("KWP-SERVICES") && nat.contains("KWP-SVC-WEB"));
     assert!(!nat.contains("KUBE-SERVICES") && !nat.contains("KUBE-SEP-123456"));
     assert_eq!(
@@ -367,7 +367,7 @@ fn kube_proxy_scope_alone_leaves_a_running_kwps_objects_be() {
     // Only upstream's unrecorded node port goes; kube-ipvs0, its servers,
     // kwp's recorded node port and the record stay.
     let gone: SocketAddr = "192.168.1.10:31000".parse().unwrap();
-    let left = services(&ipvs);
+    let left = services(ipvs);
     assert!(!left.contains(&gone) && left.len() == 5, "{left:?}");
     assert!(ipvs.state().link.is_some());
     assert!(record.exists());

@@ -53,6 +53,16 @@ const IPTABLES_FIELDS: &[&str] = &[
     "syncPeriod",
 ];
 
+const CONNTRACK_FIELDS: &[&str] = &[
+    "maxPerCore",
+    "min",
+    "tcpEstablishedTimeout",
+    "tcpCloseWaitTimeout",
+    "tcpBeLiberal",
+    "udpTimeout",
+    "udpStreamTimeout",
+];
+
 const IPVS_FIELDS: &[&str] = &[
     "scheduler",
     "excludeCIDRs",
@@ -263,6 +273,35 @@ pub fn mode_extra(
         ProxyMode::Userspace | ProxyMode::Nftables => serde_json::json!({}),
     };
     Ok(json.to_string())
+}
+
+impl FileConfig {
+    /// The `conntrack` section: only what it sets (kwp's default is to
+    /// leave the kernel's values alone); counts must be 0 or more.
+    pub fn conntrack(&self) -> Result<crate::conntrack_sysctls::ConntrackConfig> {
+        let Some(s) = self.section("conntrack")? else {
+            return Ok(Default::default());
+        };
+        warn_unknown(s, CONNTRACK_FIELDS, "conntrack.");
+        let count = |key: &str| -> Result<Option<u32>> {
+            integer(s, key, "conntrack")?
+                .map(|n| {
+                    u32::try_from(n).map_err(|_| {
+                        anyhow!("conntrack.{key}: {n} must be between 0 and {}", u32::MAX)
+                    })
+                })
+                .transpose()
+        };
+        Ok(crate::conntrack_sysctls::ConntrackConfig {
+            max_per_core: count("maxPerCore")?,
+            min: count("min")?,
+            tcp_established_timeout: duration(s, "tcpEstablishedTimeout", "conntrack")?,
+            tcp_close_wait_timeout: duration(s, "tcpCloseWaitTimeout", "conntrack")?,
+            tcp_be_liberal: boolean(s, "tcpBeLiberal", "conntrack")?.unwrap_or(false),
+            udp_timeout: duration(s, "udpTimeout", "conntrack")?,
+            udp_stream_timeout: duration(s, "udpStreamTimeout", "conntrack")?,
+        })
+    }
 }
 
 fn mode_section_name(mode: ProxyMode) -> &'static str {

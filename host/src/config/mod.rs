@@ -43,10 +43,13 @@ impl ProxyMode {
 /// kube-wasm-proxy: a kube-proxy whose proxy modes and load-balancing
 /// policies are WebAssembly components.
 #[derive(Debug, Parser)]
-#[command(name = "kube-wasm-proxy", version, about, long_about = None)]
+#[command(name = "kube-wasm-proxy", about, long_about = None, disable_version_flag = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Print the version, the WIT contract version and the bundled plugins' digests.
+    #[arg(long, short = 'V')]
+    pub version: bool,
     #[command(flatten)]
     pub flags: Flags,
 }
@@ -63,6 +66,17 @@ pub enum Command {
         /// Exit after this long (default: run until interrupted).
         #[arg(long, value_parser = parse_duration)]
         run_for: Option<Duration>,
+    },
+    /// List the Services a running proxy handles: policy, plugin and
+    /// digest, endpoints, rules, last sync result (read from its metrics
+    /// server's /inspect).
+    Inspect {
+        /// The proxy's --metrics-bind-address.
+        #[arg(long, default_value = "127.0.0.1:10249")]
+        address: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -143,6 +157,12 @@ pub struct Flags {
     /// may run while kwp programs the node (switch-over).
     #[arg(long)]
     pub cleanup_kube_proxy: bool,
+    /// Log verbosity, as kube-proxy's (klog) --v: up to 3 info, 4 debug, 5 and more trace.
+    #[arg(long = "v", value_name = "N")]
+    pub verbosity: Option<u8>,
+    /// Log format, as kube-proxy's --logging-format: text or json.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub logging_format: Option<crate::logging::LoggingFormat>,
 }
 
 /// The effective configuration.
@@ -173,6 +193,8 @@ pub struct Settings {
     /// The `ipvs` section, typed, in IPVS mode (the host applies part of it).
     pub ipvs: Option<file::IpvsSection>,
     pub dry_run: bool,
+    /// KubeProxyConfiguration's `conntrack`: what it sets, nothing more.
+    pub conntrack: crate::conntrack_sysctls::ConntrackConfig,
 }
 
 pub use crate::model::DetectLocal;
@@ -289,6 +311,7 @@ impl Settings {
                 _ => None,
             },
             dry_run: flags.dry_run,
+            conntrack: file.conntrack().map_err(in_file)?,
         })
     }
 }

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub configz: String,
     /// iptables mode's own series (its dataplane writes them).
     pub iptables: Option<Arc<IptablesMetrics>>,
+    /// The proxier's per-Service record, served at `/inspect`.
+    pub inspect: crate::inspect::Registry,
 }
 
 impl Metrics {
@@ -93,6 +95,7 @@ impl Metrics {
             plugins: Mutex::default(),
             configz,
             iptables: None,
+            inspect: crate::inspect::Registry::default(),
         }
     }
 
@@ -170,6 +173,7 @@ impl Metrics {
             (false, "/metrics") => (StatusCode::OK, exposition::CONTENT_TYPE, self.render()),
             (false, "/proxyMode") => (StatusCode::OK, "text/plain", self.mode.clone()),
             (false, "/configz") => (StatusCode::OK, "application/json", self.configz.clone()),
+            (false, "/inspect") => (StatusCode::OK, "application/json", self.inspect.json()),
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",

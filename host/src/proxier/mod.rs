@@ -60,6 +60,8 @@ pub struct Proxier {
     /// Failures in this sync that are the proxy mode's (judged after a reload).
     mode_failures: u32,
     pub stats: SyncStats,
+    /// What `inspect` shows, per Service port.
+    pub inspect: crate::inspect::Registry,
 }
 
 impl Proxier {
@@ -93,6 +95,7 @@ impl Proxier {
             rendered: Vec::new(),
             mode_failures: 0,
             stats: SyncStats::default(),
+            inspect: crate::inspect::Registry::default(),
         })
     }
 
@@ -207,6 +210,7 @@ impl Proxier {
                 backends.remove(id);
             }
             self.plan.context.remove(&name);
+            self.inspect.removed(&name);
             if let Some(old) = self.plan.services.remove(&name) {
                 undo.push((name.clone(), Some(old)));
                 delta.push((name, None));
@@ -224,6 +228,7 @@ impl Proxier {
                 Err(e) => {
                     self.stats.failed_services += 1;
                     tracing::error!(service = %name, error = format!("{e:#}"), "cannot render service; keeping its last good rules");
+                    self.inspect.failed(&name, &e);
                     self.failed.insert(name);
                 }
             }
@@ -255,6 +260,7 @@ impl Proxier {
                     self.stats.failed_services += 1;
                     self.mode_failures += 1;
                     tracing::error!(service = %name, error = format!("{e:#}"), "the dataplane refused the service's rules; keeping its last good ones");
+                    self.inspect.failed(&name, &e);
                     match undo.remove(&name).flatten() {
                         Some(f) => self.plan.services.insert(name.clone(), f),
                         None => self.plan.services.remove(&name),
@@ -285,6 +291,9 @@ impl Proxier {
                     };
                 }
                 // Everything in this batch is retried: the dataplane kept its old state.
+                for (name, _) in &delta {
+                    self.inspect.failed(name, &e);
+                }
                 self.failed.extend(delta.into_iter().map(|(n, _)| n));
                 self.base_dirty |= base.is_some();
                 tracing::error!(
@@ -405,6 +414,7 @@ impl Proxier {
             self.next_id - 1
         });
         let (policy_key, policy) = self.policies.for_service(&svc.port, id);
+        let policy_label = policy_key.to_string();
         let policy_name = policy_key.name;
         let endpoints = categorize(&svc.port, &svc.endpoints, &self.node);
         let no_local = endpoints.local.is_empty();
@@ -449,6 +459,19 @@ impl Proxier {
             addrs.join(", ")
         );
         self.plan.context.insert(name.clone(), context);
+        let (plugin, digest) = self.policies.origin(&policy_name).unwrap_or_default();
+        self.inspect.synced(
+            name,
+            crate::inspect::ServiceInfo {
+                service: name.to_string(),
+                policy: policy_label,
+                plugin,
+                digest,
+                endpoints: eps.len(),
+                last_sync: "ok".into(),
+                rules: crate::inspect::rule_count(&fragment),
+            },
+        );
         let Some(table) = &self.backends else {
             return Ok(fragment);
         };

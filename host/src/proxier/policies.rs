@@ -38,6 +38,8 @@ pub struct Policies {
     instances: HashMap<PolicyKey, SharedPolicy>,
     /// Which instance each service port uses, and its policy id there.
     used_by: HashMap<ServicePortName, (PolicyKey, u32)>,
+    /// Each policy plugin's source and digest, as loaded or last reloaded.
+    origins: HashMap<String, (String, crate::plugin::PluginDigest)>,
 }
 
 impl Policies {
@@ -52,6 +54,7 @@ impl Policies {
             },
             instances: HashMap::new(),
             used_by: HashMap::new(),
+            origins: HashMap::new(),
         };
         let key = policies.default.clone();
         policies
@@ -135,6 +138,13 @@ impl Policies {
             match result {
                 Ok(()) => {
                     self.runtime.reloads.reloads.fetch_add(1, Relaxed);
+                    if let Some(dir) = self.catalog.dir() {
+                        let path = dir.join(format!("{}.wasm", candidate.name));
+                        self.origins.insert(
+                            candidate.name.clone(),
+                            (path.display().to_string(), candidate.digest),
+                        );
+                    }
                     tracing::info!(policy = %key, "reloaded policy");
                 }
                 Err(e) => {
@@ -148,6 +158,13 @@ impl Policies {
             .filter(|(_, (key, _))| key.name == candidate.name)
             .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    /// (source, sha256) of policy plugin `name`, for `inspect`.
+    pub fn origin(&self, name: &str) -> Option<(String, String)> {
+        self.origins
+            .get(name)
+            .map(|(source, digest)| (source.clone(), format!("sha256:{digest}")))
     }
 
     /// Per-instance counters, labelled `name` or `name[config]`.
@@ -182,6 +199,10 @@ impl Policies {
             .compile(&bytes)
             .with_context(|| format!("plugin {source}"))?;
         let policy = Policy::new(self.runtime.clone(), &key.name, &component, &key.config)?;
+        self.origins.insert(
+            key.name.clone(),
+            (source.to_string(), crate::plugin::PluginDigest::of(&bytes)),
+        );
         tracing::info!(policy = %key, %source, "loaded lb policy");
         let shared = Arc::new(Mutex::new(policy));
         self.instances.insert(key.clone(), shared.clone());

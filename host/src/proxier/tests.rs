@@ -360,3 +360,49 @@ fn policy_instances_nobody_uses_are_dropped() {
         "mode and default policy series"
     );
 }
+
+#[test]
+fn inspect_follows_each_service_through_refusal_retry_and_removal() {
+    let (mut proxier, fake) = nftables_over_fake();
+    let when = "2025-01-01T00:00:00Z";
+    let mut state = ClusterState::new("n");
+    let services = [
+        service_at("a", "10.0.0.1", when),
+        service_at("b", "10.0.0.2", when),
+    ];
+    state.replace_all(
+        &services,
+        &[slice("a", "10.1.0.1"), slice("b", "10.1.0.2")],
+        None,
+    );
+    fake.refuse("10.1.0.2");
+    proxier.sync(state.take_changes(), &state).unwrap();
+    let shown = |p: &Proxier| -> Vec<crate::inspect::ServiceInfo> {
+        serde_json::from_str(&p.inspect.json()).unwrap()
+    };
+    let (_, round_robin) = Catalog::new(None).load("round-robin").unwrap();
+    let digest = format!("sha256:{}", crate::plugin::PluginDigest::of(&round_robin));
+    let now = shown(&proxier);
+    assert_eq!(now.len(), 2, "{now:?}");
+    let a = &now[0];
+    assert_eq!(
+        (a.service.as_str(), a.policy.as_str(), a.plugin.as_str()),
+        ("t/a/tcp", "round-robin", "bundled:round-robin")
+    );
+    assert_eq!((a.endpoints, a.last_sync.as_str()), (1, "ok"));
+    assert_eq!(a.digest, digest);
+    let in_kernel = fake.dump();
+    assert!(a.rules > 0 && in_kernel.matches("10.1.0.1").count() <= a.rules);
+    assert!(
+        now[1].last_sync.starts_with("error: ") && now[1].last_sync.contains("refused"),
+        "{:?}",
+        now[1]
+    );
+    fake.accept_all();
+    proxier.sync(Changes::default(), &state).unwrap();
+    assert_eq!(shown(&proxier)[1].last_sync, "ok");
+    state.replace_all(&services[..1], &[slice("a", "10.1.0.1")], None);
+    proxier.sync(state.take_changes(), &state).unwrap();
+    let left: Vec<String> = shown(&proxier).into_iter().map(|s| s.service).collect();
+    assert_eq!(left, ["t/a/tcp"]);
+}
