@@ -1,0 +1,337 @@
+//! The whole kube-wasm-proxy binary in IPVS mode, in a real IPVS kernel:
+//! Debian's cloud kernel under QEMU (the host kernel has no IP_VS), real
+//! packets through the namespace cluster of common/topology.rs built inside
+//! the guest. One VM runs every case (ipvs_vm/harness.rs); each host test
+//! reports its case. Clients are outside the cluster or on the remote node
+//! unless a case is about masquerading (see `masq_` cases).
+
+mod common;
+#[path = "ipvs_vm/guest.rs"]
+mod guest;
+#[path = "ipvs_vm/harness.rs"]
+mod harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::node_proxy::{addr, answered_by, family_slice, many, service};
+use common::topology::{
+    CLIENT_IP, CLIENT_IP6, ContinuousClient, NODE_IP, NODE_IP6, Outcome, tcp_from, tcp_from_source,
+    udp_from,
+};
+use guest::{eventually, guest};
+
+/// A test that runs its body inside the VM.
+macro_rules! vm_case {
+    ($name:ident, $body:block) => {
+        #[test]
+        fn $name() {
+            harness::case(stringify!($name), || $body)
+        }
+    };
+}
+
+/// A continuous client's pace: one emulated CPU also runs the proxy.
+const PACE: Duration = Duration::from_millis(20);
+
+const ALL: [&str; 4] = ["pod-a", "pod-b", "pod-c", "pod-d"];
+
+fn pods(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// How many answers each pod gave.
+fn counts(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
+    let mut by_pod = BTreeMap::new();
+    for pod in answered_by(outcomes).into_iter() {
+        let n = outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Answered(p, _) if *p == pod))
+            .count();
+        by_pod.insert(pod, n);
+    }
+    by_pod
+}
+
+/// The kernel shows `line` and `reals` real servers under it.
+fn shows(table: &str, line: &str, reals: usize) -> bool {
+    let mut lines = table.lines().skip_while(|l| !l.starts_with(line));
+    lines.next().is_some() && lines.take_while(|l| l.starts_with("  ->")).count() == reals
+}
+
+/// A Service whose annotation picks load-balancing policy `policy`.
+fn with_policy(objects: String, name: &str, policy: &str, config: &str) -> String {
+    let config = if config.is_empty() {
+        String::new()
+    } else {
+        format!(", kube-wasm-proxy.io/lb-policy-config: '{config}'")
+    };
+    objects.replacen(
+        &format!("metadata: {{name: {name}, namespace: t}}"),
+        &format!("metadata: {{name: {name}, namespace: t, annotations: {{kube-wasm-proxy.io/lb-policy: {policy}{config}}}}}"),
+        1,
+    )
+}
+
+vm_case!(cluster_ip_round_robin_spreads_evenly_over_every_endpoint, {
+    let g = guest();
+    let c = &g.cluster;
+    g.apply(&service(c, "web", "10.96.0.10", "", &ALL, "TCP"), |t| {
+        shows(t, "TCP 10.96.0.10:80 rr", 4)
+    });
+    let outcomes = many(40, || tcp_from(&c.client, addr("10.96.0.10", 80)));
+    // rr is deterministic: 40 connections are exactly 10 per endpoint.
+    let by_pod = counts(&outcomes);
+    assert_eq!(by_pod.keys().cloned().collect::<BTreeSet<_>>(), pods(&ALL));
+    assert!(by_pod.values().all(|n| *n == 10), "{by_pod:?}");
+    assert!(
+        g.addresses().contains("10.96.0.10/32"),
+        "bound on kube-ipvs0"
+    );
+});
+
+vm_case!(node_port_answers_from_outside_on_the_node_address, {
+    let g = guest();
+    let c = &g.cluster;
+    let spec = "  type: NodePort\n  # nodePort: 30080\n";
+    let objects = service(c, "web", "10.96.0.11", spec, &["pod-a", "pod-c"], "TCP");
+    g.apply(&objects, |t| shows(t, "TCP 203.0.113.1:30080 rr", 2));
+    let outcomes = many(10, || tcp_from(&c.client, addr(NODE_IP, 30080)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-c"]));
+    // A node address is never bound to kube-ipvs0.
+    let bound = g.addresses();
+    let kube_ipvs0: Vec<&str> = bound.lines().filter(|l| l.contains("kube-ipvs0")).collect();
+    assert!(
+        !kube_ipvs0.iter().any(|l| l.contains(NODE_IP)),
+        "{kube_ipvs0:?}"
+    );
+});
+
+vm_case!(external_ip_answers_from_outside, {
+    let g = guest();
+    let c = &g.cluster;
+    let spec = "  externalIPs: [198.51.100.7]\n";
+    let objects = service(c, "ext", "10.96.0.12", spec, &["pod-c", "pod-d"], "TCP");
+    g.apply(&objects, |t| shows(t, "TCP 198.51.100.7:80 rr", 2));
+    let outcomes = many(10, || tcp_from(&c.client, addr("198.51.100.7", 80)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-c", "pod-d"]));
+    // A port the Service does not expose is not answered through the IP.
+    assert_ne!(
+        tcp_from(&c.client, addr("198.51.100.7", 81)).answered(),
+        true
+    );
+});
+
+vm_case!(client_ip_affinity_is_persistence_and_sticks_to_one_pod, {
+    let g = guest();
+    let c = &g.cluster;
+    let spec =
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n";
+    g.apply(&service(c, "aff", "10.96.0.13", spec, &ALL, "TCP"), |t| {
+        // /proc prints the timeout in jiffies: 60 s at Debian's CONFIG_HZ=250.
+        shows(t, "TCP 10.96.0.13:80 rr persistent 15000", 4)
+    });
+    let outcomes = many(12, || tcp_from(&c.client, addr("10.96.0.13", 80)));
+    assert_eq!(answered_by(&outcomes).len(), 1, "{outcomes:?}");
+});
+
+vm_case!(weighted_policy_is_wrr_and_splits_three_to_one, {
+    let g = guest();
+    let c = &g.cluster;
+    let a = c.pod("pod-a").ip;
+    let objects = service(c, "web", "10.96.0.14", "", &["pod-a", "pod-c"], "TCP");
+    let objects = with_policy(objects, "web", "weighted", &format!("{a}=3"));
+    g.apply(&objects, |t| shows(t, "TCP 10.96.0.14:80 wrr", 2));
+    let outcomes = many(200, || tcp_from(&c.client, addr("10.96.0.14", 80)));
+    let by_pod = counts(&outcomes);
+    // wrr cycles a, a, a, c: 150 of 200 up to where the cycle started.
+    let on_a = by_pod.get("pod-a").copied().unwrap_or(0);
+    assert!((147..=153).contains(&on_a), "{by_pod:?}\n{}", g.ipvs());
+    assert_eq!(on_a + by_pod.get("pod-c").copied().unwrap_or(0), 200);
+});
+
+vm_case!(least_connections_policy_is_lc_and_avoids_busy_pods, {
+    let g = guest();
+    let c = &g.cluster;
+    let objects = with_policy(
+        service(c, "lc", "10.96.0.15", "", &ALL, "TCP"),
+        "lc",
+        "least-connections",
+        "",
+    );
+    g.apply(&objects, |t| shows(t, "TCP 10.96.0.15:80 lc", 4));
+    let target = addr("10.96.0.15", 80);
+    // Three connections held open (a pod answers within 2 s, once it has
+    // read the request or given up waiting) keep three pods busy...
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            c.client
+                .run_in(move || TcpStream::connect_timeout(&target, Duration::from_secs(2)))
+                .expect("held connection")
+        })
+        .collect();
+    // ...so lc sends every new connection to the fourth (rr would cycle).
+    let short = many(4, || tcp_from(&c.client, target));
+    let busy: BTreeSet<String> = held
+        .into_iter()
+        .map(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"who\n");
+            let mut reply = String::new();
+            let _ = s.read_to_string(&mut reply);
+            reply.split(' ').next().unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(busy.len(), 3, "held connections on distinct pods: {busy:?}");
+    let idle = answered_by(&short);
+    assert_eq!(idle.len(), 1, "{short:?}");
+    assert!(idle.is_disjoint(&busy), "new {idle:?} busy {busy:?}");
+});
+
+vm_case!(maglev_policy_is_mh_and_keeps_each_client_on_one_pod, {
+    let g = guest();
+    let c = &g.cluster;
+    let objects = with_policy(
+        service(c, "mh", "10.96.0.16", "", &ALL, "TCP"),
+        "mh",
+        "maglev",
+        "",
+    );
+    g.apply(&objects, |t| shows(t, "TCP 10.96.0.16:80 mh", 4));
+    // Twelve client addresses: each always lands on one pod (mh hashes
+    // the source), and together they reach more than one.
+    let sources: Vec<IpAddr> = (100..112)
+        .map(|i| format!("203.0.113.{i}").parse().unwrap())
+        .collect();
+    for s in &sources {
+        c.client.sh(&format!(
+            "ip addr replace {s}/24 dev eth0 2>/dev/null || true"
+        ));
+    }
+    let mut reached = BTreeSet::new();
+    for s in &sources {
+        let target = addr("10.96.0.16", 80);
+        let got = answered_by(&many(4, || tcp_from_source(&c.client, *s, target)));
+        assert_eq!(got.len(), 1, "source {s} moved between pods: {got:?}");
+        reached.extend(got);
+    }
+    assert!(reached.len() > 1, "12 sources all on {reached:?}");
+});
+
+vm_case!(udp_cluster_ip_answers_from_every_endpoint, {
+    let g = guest();
+    let c = &g.cluster;
+    let objects = service(c, "dns", "10.96.0.17", "", &["pod-a", "pod-c"], "UDP");
+    g.apply(&objects, |t| shows(t, "UDP 10.96.0.17:80 rr", 2));
+    let outcomes = many(10, || udp_from(&c.client, addr("10.96.0.17", 80)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-c"]));
+});
+
+vm_case!(dual_stack_service_answers_on_both_families, {
+    let g = guest();
+    let c = &g.cluster;
+    let slice = |family: &str| family_slice(c, "ds", family, &["pod-a", "pod-c"]);
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: ds, namespace: t}\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  clusterIP: 10.96.0.18\n  clusterIPs: [10.96.0.18, 'fd00:96::18']\n  ports: [{name: p, port: 80, protocol: TCP, nodePort: 30091}]\n";
+    g.apply(&(svc.to_string() + &slice("IPv4") + &slice("IPv6")), |t| {
+        shows(t, "TCP [fd00:96::18]:80 rr", 2) && shows(t, "TCP 10.96.0.18:80 rr", 2)
+    });
+    let v6 = many(8, || {
+        tcp_from(&c.client, "[fd00:96::18]:80".parse().unwrap())
+    });
+    assert_eq!(answered_by(&v6), pods(&["pod-a", "pod-c"]));
+    let v4 = many(8, || tcp_from(&c.client, addr("10.96.0.18", 80)));
+    assert_eq!(answered_by(&v4), pods(&["pod-a", "pod-c"]));
+    let np6: SocketAddr = format!("[{NODE_IP6}]:30091").parse().unwrap();
+    let np = many(4, || tcp_from(&c.client, np6));
+    assert_eq!(answered_by(&np), pods(&["pod-a", "pod-c"]));
+    let _ = CLIENT_IP6;
+});
+
+vm_case!(restart_under_a_continuous_client_fails_no_connection, {
+    let g = guest();
+    let c = &g.cluster;
+    let objects = service(c, "rs", "10.96.0.20", "", &["pod-c", "pod-d"], "TCP");
+    g.apply(&objects, |t| shows(t, "TCP 10.96.0.20:80 rr", 2));
+    let client = ContinuousClient::start_every(&c.client, addr("10.96.0.20", 80), PACE);
+    std::thread::sleep(Duration::from_millis(500));
+    g.kill_proxy();
+    let took = g.start_proxy();
+    // The new instance adopted the table and applies changes.
+    let more = service(
+        c,
+        "rs",
+        "10.96.0.20",
+        "",
+        &["pod-a", "pod-c", "pod-d"],
+        "TCP",
+    );
+    g.apply(&more, |t| shows(t, "TCP 10.96.0.20:80 rr", 3));
+    let (ok, failed) = client.stop();
+    println!(
+        "restart took {:.1} s; {ok} connections during it",
+        took.as_secs_f64()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 20, "only {ok} connections");
+});
+
+vm_case!(
+    the_ipvs_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected,
+    {
+        let g = guest();
+        let c = &g.cluster;
+        let objects = service(c, "rl", "10.96.0.21", "", &["pod-c", "pod-d"], "TCP");
+        g.apply(&objects, |t| shows(t, "TCP 10.96.0.21:80 rr", 2));
+        let logged = |what: &str| g.logs().matches(what).count();
+        let (reloads, rejections) = (logged("reloaded proxy mode"), logged("reload rejected"));
+        let install = |bytes: &[u8]| {
+            std::fs::write(g.plugins.join(".tmp"), bytes).unwrap();
+            std::fs::rename(g.plugins.join(".tmp"), g.plugins.join("ipvs.wasm")).unwrap();
+        };
+        let client = ContinuousClient::start_every(&c.client, addr("10.96.0.21", 80), PACE);
+        install(&guest::ipvs_plugin());
+        eventually("the mode reload", || {
+            logged("reloaded proxy mode") > reloads
+        });
+        install(b"not a wasm component");
+        eventually("the rejection", || logged("reload rejected") > rejections);
+        // The reloaded mode still applies changes.
+        let more = service(
+            c,
+            "rl",
+            "10.96.0.21",
+            "",
+            &["pod-b", "pod-c", "pod-d"],
+            "TCP",
+        );
+        g.apply(&more, |t| shows(t, "TCP 10.96.0.21:80 rr", 3));
+        let (ok, failed) = client.stop();
+        assert!(
+            failed.is_empty(),
+            "{} failed of {}: {failed:?}",
+            failed.len(),
+            ok + failed.len()
+        );
+        assert!(ok > 10, "only {ok} connections");
+        install(&guest::ipvs_plugin());
+    }
+);
+
+trait Answered {
+    fn answered(&self) -> bool;
+}
+
+impl Answered for Outcome {
+    fn answered(&self) -> bool {
+        matches!(self, Outcome::Answered(..))
+    }
+}
+
+#[allow(dead_code)]
+const OUTSIDE: &str = CLIENT_IP;
