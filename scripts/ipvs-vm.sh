@@ -64,7 +64,8 @@ place() {
   if head -c4 "$from" | grep -q ELF; then
     strip --strip-debug -o "$to" "$from" 2>/dev/null || cp "$from" "$to"
     chmod +x "$to"
-    ldd "$from" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
+    # (A static program has none: ldd fails, which is fine.)
+    { ldd "$from" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | while read -r lib; do
       [ -f "$run/root$lib" ] || { mkdir -p "$run/root$(dirname "$lib")"; cp -L "$lib" "$run/root$lib"; }
     done
   else
