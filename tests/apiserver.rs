@@ -5,7 +5,7 @@
 //! strictly (and kube-wasm-proxy too), and the ServiceAccount's RBAC allows
 //! exactly what the proxy needs.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

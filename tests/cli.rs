@@ -1,6 +1,6 @@
 //! The binary as a user runs it: `--help`, `--dry-run`, bad flags.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

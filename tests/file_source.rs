@@ -3,7 +3,7 @@
 //! directory and SIGTERM while busy, with the real binary in nftables mode
 //! in a namespace cluster and real packets (docs/reliability.md).
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

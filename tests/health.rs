@@ -1,7 +1,7 @@
 //! /healthz, /livez, /metrics, /proxyMode and /configz as an operator's
 //! probes and Prometheus see them.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

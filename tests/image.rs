@@ -5,7 +5,7 @@
 //! pod would mount them, and only the capabilities the DaemonSet grants;
 //! against a real kube-apiserver, in a network namespace of its own.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};

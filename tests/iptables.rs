@@ -3,7 +3,7 @@
 //! namespace; clients in pods, on the node and outside assert who
 //! answered and which source address the backend saw.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

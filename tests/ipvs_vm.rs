@@ -5,10 +5,9 @@
 //! reports its case. Clients are outside the cluster or on the remote node
 //! unless a case is about masquerading (see `masq_` cases).
 
-mod common;
-#[path = "ipvs_vm/guest.rs"]
+use crate::common;
+
 mod guest;
-#[path = "ipvs_vm/harness.rs"]
 mod harness;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,10 +16,9 @@ use std::time::Duration;
 
 use common::node_proxy::{addr, answered_by, family_slice, many, service};
 use common::topology::{
-    CLIENT_IP, CLIENT_IP6, ContinuousClient, NODE_IP, NODE_IP6, Outcome, tcp_from, tcp_from_source,
-    udp_from,
+    CLIENT_IP, ContinuousClient, NODE_IP, NODE_IP6, Outcome, tcp_from, tcp_from_source, udp_from,
 };
-use guest::{eventually, guest};
+use guest::{LINE_PORT, eventually, guest};
 
 /// A test that runs its body inside the VM.
 macro_rules! vm_case {
@@ -245,7 +243,6 @@ vm_case!(dual_stack_service_answers_on_both_families, {
     let np6: SocketAddr = format!("[{NODE_IP6}]:30091").parse().unwrap();
     let np = many(4, || tcp_from(&c.client, np6));
     assert_eq!(answered_by(&np), pods(&["pod-a", "pod-c"]));
-    let _ = CLIENT_IP6;
 });
 
 vm_case!(restart_under_a_continuous_client_fails_no_connection, {
@@ -323,6 +320,138 @@ vm_case!(
     }
 );
 
+vm_case!(
+    a_terminating_endpoint_drains_at_weight_zero_and_gets_no_new_connections,
+    {
+        let g = guest();
+        let c = &g.cluster;
+        // Servers that keep a connection open and answer every line, so a
+        // connection can outlive its endpoint's termination.
+        g.line_servers(&["pod-a", "pod-d"]);
+        let (a, d) = (c.pod("pod-a").ip, c.pod("pod-d").ip);
+        let slice = |d_conditions: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: drain, namespace: t}}\nspec:\n  clusterIP: 10.96.0.19\n  ports: [{{name: p, port: 80, protocol: TCP, targetPort: {LINE_PORT}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: drain-1, namespace: t, labels: {{kubernetes.io/service-name: drain}}}}\naddressType: IPv4\nports: [{{name: p, port: {LINE_PORT}, protocol: TCP}}]\nendpoints:\n- {{addresses: ['{a}'], nodeName: node-1, conditions: {{ready: true}}}}\n- {{addresses: ['{d}'], nodeName: node-2, conditions: {d_conditions}}}\n"
+            )
+        };
+        g.apply(&slice("{ready: true}"), |t| {
+            shows(t, "TCP 10.96.0.19:80 rr", 2)
+        });
+        let target = addr("10.96.0.19", 80);
+        // rr: two connections, one on each pod; both stay open.
+        let mut held: Vec<guest::LineConn> = (0..2)
+            .map(|_| guest::LineConn::open(&c.client, target))
+            .collect();
+        let first: BTreeSet<String> = held.iter_mut().map(|h| h.ask()).collect();
+        assert_eq!(first, pods(&["pod-a", "pod-d"]));
+        g.apply(
+            &slice("{ready: false, serving: true, terminating: true}"),
+            |t| t.contains(&format!("-> {d}:{LINE_PORT} Masq 0")),
+        );
+        // No new connection reaches the draining pod...
+        let fresh: BTreeSet<String> = (0..6)
+            .map(|_| guest::LineConn::open(&c.client, target).ask())
+            .collect();
+        assert_eq!(fresh, pods(&["pod-a"]), "{}", g.ipvs());
+        // ...and its open connection still works.
+        let again: BTreeSet<String> = held.iter_mut().map(|h| h.ask()).collect();
+        assert_eq!(
+            again,
+            pods(&["pod-a", "pod-d"]),
+            "the draining connection broke"
+        );
+    }
+);
+
+// The cases below need the packet-filter helpers (masquerade, source
+// ranges, reject) that IPVS mode builds in kwp's nftables table.
+
+vm_case!(masquerade_hairpin_to_itself_and_in_cluster_sources_kept, {
+    let g = guest();
+    let c = &g.cluster;
+    let objects = service(c, "hp", "10.96.0.22", "", &["pod-b", "pod-c"], "TCP");
+    g.apply(&objects, |t| shows(t, "TCP 10.96.0.22:80 rr", 2));
+    let from = &c.pod("pod-b").ns;
+    let outcomes = many(8, || tcp_from(from, addr("10.96.0.22", 80)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-b", "pod-c"]));
+    for o in &outcomes {
+        let Outcome::Answered(pod, src) = o else {
+            unreachable!()
+        };
+        let want = if pod == "pod-b" {
+            "10.244.1.1"
+        } else {
+            "10.244.1.12"
+        };
+        assert_eq!(
+            src, want,
+            "source {pod} saw (hairpin masqueraded, in-cluster kept)"
+        );
+    }
+});
+
+vm_case!(masquerade_node_port_from_outside, {
+    let g = guest();
+    let c = &g.cluster;
+    let spec = "  type: NodePort\n  # nodePort: 30082\n";
+    let objects = service(c, "npm", "10.96.0.23", spec, &["pod-c", "pod-d"], "TCP");
+    g.apply(&objects, |t| shows(t, "TCP 203.0.113.1:30082 rr", 2));
+    let outcomes = many(6, || tcp_from(&c.client, addr(NODE_IP, 30082)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-c", "pod-d"]));
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src != CLIENT_IP)),
+        "externalTrafficPolicy Cluster masquerades: {outcomes:?}"
+    );
+});
+
+vm_case!(
+    load_balancer_source_ranges_filter_and_no_endpoints_rejects,
+    {
+        let g = guest();
+        let c = &g.cluster;
+        let open = "  type: LoadBalancer\n  loadBalancerSourceRanges: [203.0.113.0/30]\n  # nodePort: 30085\n";
+        let closed = "  type: LoadBalancer\n  loadBalancerSourceRanges: [192.0.2.0/24]\n  # nodePort: 30086\n";
+        let ingress =
+            |ip: &str| format!("status:\n  loadBalancer:\n    ingress: [{{ip: {ip}}}]\n---\n");
+        let objects = service(c, "lb", "10.96.0.24", open, &["pod-c"], "TCP").replacen(
+            "---\n",
+            &ingress("198.51.100.8"),
+            1,
+        ) + &service(c, "lbc", "10.96.0.25", closed, &["pod-c"], "TCP").replacen(
+            "---\n",
+            &ingress("198.51.100.10"),
+            1,
+        ) + &service(c, "empty", "10.96.0.26", "", &[], "TCP");
+        g.apply(&objects, |t| {
+            shows(t, "TCP 198.51.100.8:80 rr", 1) && shows(t, "TCP 198.51.100.10:80 rr", 1)
+        });
+        // The filter lives in kwp's nftables table.
+        eventually("the filter table", || {
+            c.node.sh("nft list ruleset").contains("198.51.100.10")
+        });
+        assert!(
+            tcp_from(&c.client, addr("198.51.100.8", 80)).answered(),
+            "allowed source"
+        );
+        assert_eq!(
+            tcp_from(&c.client, addr("198.51.100.10", 80)),
+            Outcome::TimedOut,
+            "a source outside loadBalancerSourceRanges is dropped"
+        );
+        assert!(
+            tcp_from(&c.client, addr(NODE_IP, 30086)).answered(),
+            "source ranges apply to LB IPs only, not node ports"
+        );
+        assert_eq!(
+            tcp_from(&c.client, addr("10.96.0.26", 80)),
+            Outcome::Refused,
+            "a Service without endpoints rejects"
+        );
+    }
+);
+
 trait Answered {
     fn answered(&self) -> bool;
 }
@@ -332,6 +461,3 @@ impl Answered for Outcome {
         matches!(self, Outcome::Answered(..))
     }
 }
-
-#[allow(dead_code)]
-const OUTSIDE: &str = CLIENT_IP;

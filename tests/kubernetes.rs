@@ -8,7 +8,7 @@
 //! continuous client; /healthz, /livez and /metrics are read as a kubelet
 //! and Prometheus would.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

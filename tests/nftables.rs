@@ -3,7 +3,7 @@
 //! the node and outside, asserting who answered and which source address
 //! the backend saw.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

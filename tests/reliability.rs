@@ -3,7 +3,7 @@
 //! Every Service that can be programmed is, health stays good, and the
 //! error names the object (docs/reliability.md).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

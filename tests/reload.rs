@@ -3,7 +3,7 @@
 //! rejected, one that fails only under real traffic is rolled back and
 //! quarantined.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

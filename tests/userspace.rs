@@ -1,7 +1,7 @@
 //! Userspace mode end to end: real TCP and UDP traffic through the proxy,
 //! driven by YAML files the way an operator would write them.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! redirect the host installs, and the redirect goes away with the Service
 //! and with the process.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

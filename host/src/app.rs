@@ -71,6 +71,7 @@ impl App {
         )?;
         tracing::info!(mode = settings.mode.as_str(), %source, "loaded proxy mode");
         let mut userspace_backends = None;
+        let mut iptables_metrics = None;
         let mut kernel_rules = !settings.dry_run && settings.mode != ProxyMode::Userspace;
         let (dataplane, mapping): (Box<dyn Dataplane>, _) = if settings.dry_run {
             (Box::new(NoDataplane), None)
@@ -80,9 +81,11 @@ impl App {
                 None,
             )
         } else if settings.mode == ProxyMode::Ipvs {
-            (Box::new(crate::dataplane::ipvs::IpvsDataplane::new()), None)
+            (Box::new(ipvs_dataplane(&settings)), None)
         } else if settings.mode == ProxyMode::Iptables {
-            (Box::new(IptablesDataplane::new()), None)
+            let dp = IptablesDataplane::new();
+            iptables_metrics = Some(dp.metrics.clone());
+            (Box::new(dp), None)
         } else {
             let redirector = if flags.no_redirect {
                 None
@@ -134,6 +137,7 @@ impl App {
         let mut metrics =
             crate::metrics::Metrics::new(settings.mode.as_str(), settings.sync_period, configz);
         metrics.runtime = Some(proxier.runtime());
+        metrics.iptables = iptables_metrics;
         let sync = SyncLoop {
             state: ClusterState::new(&settings.hostname)
                 .with_node_port_range(settings.node_port_range.clone()),
@@ -172,7 +176,7 @@ impl App {
     }
 
     /// `--dry-run`: read the source once, render, print the plan (and in
-    /// nftables mode what it would change in the kernel).
+    /// nftables, iptables and IPVS mode what it would change in the kernel).
     pub fn dry_run(mut self) -> Result<String> {
         self.scan_and_sync()?;
         let plan = self.sync.proxier.plan();
@@ -182,6 +186,17 @@ impl App {
             match crate::dataplane::nftables::diff_against_kernel(
                 &crate::plan::Rules::default().nft_table,
                 plan,
+            ) {
+                Ok(diff) => out.push_str(&diff),
+                Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),
+            }
+        }
+        if self.settings.mode == ProxyMode::Ipvs {
+            // The packet-filter part, checked by nft in a scratch namespace.
+            out.push_str("\n# packet filter: diff against the kernel\n");
+            match crate::dataplane::nftables::diff_against_kernel(
+                &crate::plan::Rules::default().nft_table,
+                &crate::dataplane::ipvs::filter_plan(plan),
             ) {
                 Ok(diff) => out.push_str(&diff),
                 Err(e) => out.push_str(&format!("# cannot compute the diff: {e:#}\n")),
@@ -263,6 +278,12 @@ impl App {
 }
 
 pub async fn run(flags: Flags) -> Result<()> {
+    if flags.cleanup || flags.cleanup_kube_proxy {
+        return crate::cleanup::run(crate::cleanup::Scope {
+            kwp: flags.cleanup,
+            kube_proxy: flags.cleanup_kube_proxy,
+        });
+    }
     let app = App::build(&flags)?;
     if app.settings.dry_run {
         print!("{}", app.dry_run()?);
@@ -329,4 +350,26 @@ pub async fn shutdown_signal() -> &'static str {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = term.recv() => "SIGTERM",
     }
+}
+
+/// IPVS mode's dataplane: IPVS over netlink, the host-applied `ipvs`
+/// settings, and the nftables dataplane on kwp's own table for the packet
+/// filter items (docs/ipvs.md).
+fn ipvs_dataplane(settings: &Settings) -> crate::dataplane::ipvs::IpvsDataplane {
+    use crate::dataplane::ipvs::{IpvsDataplane, IpvsSettings, Timeouts};
+    let secs = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    let host = settings.ipvs.as_ref().map(|s| IpvsSettings {
+        strict_arp: s.strict_arp,
+        timeouts: Timeouts {
+            tcp: secs(s.tcp_timeout),
+            tcp_fin: secs(s.tcp_fin_timeout),
+            udp: secs(s.udp_timeout),
+        },
+        exclude_cidrs: s.exclude_cidrs.clone(),
+    });
+    IpvsDataplane::new()
+        .with_settings(host.unwrap_or_default())
+        .with_filter(Box::new(NftDataplane::new(
+            &crate::plan::Rules::default().nft_table,
+        )))
 }

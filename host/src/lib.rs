@@ -2,9 +2,13 @@
 //! validate -> apply. See docs/architecture.md.
 
 pub mod app;
+pub mod cleanup;
 pub mod config;
 pub mod dataplane;
 pub mod demo;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod healthcheck;
 pub mod instance_lock;
 pub mod metrics;

@@ -36,6 +36,8 @@ impl SyncLoop {
         let mut pending = false;
         let mut retry_delay = RETRY_INITIAL;
         let mut retry_at: Option<Instant> = None;
+        // The next drift check (iptables' canary), once something is synced.
+        let mut drift_at: Option<Instant> = None;
         loop {
             let now = Instant::now();
             let earliest = last_sync.map_or(now, |t| t + self.min_sync_period);
@@ -48,6 +50,9 @@ impl SyncLoop {
             if let Some(retry) = retry_at {
                 wake = wake.min(retry.max(earliest));
             }
+            if drift_at.is_none() && last_sync.is_some() {
+                drift_at = self.proxier.drift_check_interval().map(|d| now + d);
+            }
             let ready = self.ready();
             let reload = async {
                 match self.reloads.as_mut() {
@@ -59,6 +64,10 @@ impl SyncLoop {
                 Some(candidate) = reload => {
                     self.proxier.reload_policy(&candidate);
                     pending = true;
+                }
+                _ = tokio::time::sleep_until(drift_at.unwrap_or(now)), if drift_at.is_some() => {
+                    drift_at = None;
+                    self.proxier.repair_drift();
                 }
                 event = events.recv() => match event {
                     Some(event) => {

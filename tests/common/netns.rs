@@ -20,6 +20,12 @@ impl Netns {
             "network-namespace tests need root (CAP_NET_ADMIN); run the suite as root"
         );
         let name = format!("{prefix}-{}", std::process::id());
+        // Every test shares this process id: two tests using one tag would
+        // delete each other's namespace.
+        assert!(
+            in_use().lock().unwrap().insert(name.clone()),
+            "namespace {name} is already in use by another test: choose a unique tag"
+        );
         let _ = Command::new("ip")
             .args(["netns", "delete", &name])
             .stderr(Stdio::null())
@@ -163,7 +169,15 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])
             .status();
+        in_use().lock().unwrap().remove(&self.name);
     }
+}
+
+/// The names of this process's live namespaces.
+fn in_use() -> &'static Mutex<std::collections::HashSet<String>> {
+    static NAMES: std::sync::OnceLock<Mutex<std::collections::HashSet<String>>> =
+        std::sync::OnceLock::new();
+    NAMES.get_or_init(Default::default)
 }
 
 fn run(cmd: &mut Command) -> Output {

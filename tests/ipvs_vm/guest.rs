@@ -3,12 +3,15 @@
 //! the Wasm plugins, which costs seconds under emulation). Each case
 //! replaces the file source's objects and waits for the kernel to show them.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Child;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::common::Logs;
+use crate::common::netns::Netns;
 use crate::common::node_proxy::CONFIG;
 use crate::common::topology::Cluster;
 use crate::common::write;
@@ -19,6 +22,32 @@ pub struct Guest {
     pub plugins: PathBuf,
     config: PathBuf,
     proxy: Mutex<Option<(Child, Logs)>>,
+    line_servers: Mutex<Vec<String>>,
+}
+
+/// The port of `Guest::line_servers`.
+pub const LINE_PORT: u16 = 9090;
+
+/// A connection to a line server: one line asked, one answered, kept open.
+pub struct LineConn(BufReader<TcpStream>);
+
+impl LineConn {
+    pub fn open(from: &Netns, to: SocketAddr) -> Self {
+        let conn = from
+            .run_in(move || TcpStream::connect_timeout(&to, Duration::from_secs(3)))
+            .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+        conn.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        Self(BufReader::new(conn))
+    }
+
+    /// The pod that answered.
+    pub fn ask(&mut self) -> String {
+        self.0.get_mut().write_all(b"who\n").expect("write");
+        let mut line = String::new();
+        self.0.read_line(&mut line).expect("an answer");
+        line.trim().to_string()
+    }
 }
 
 static GUEST: OnceLock<Guest> = OnceLock::new();
@@ -72,6 +101,7 @@ impl Guest {
             plugins,
             config,
             proxy: Mutex::new(None),
+            line_servers: Mutex::default(),
         };
         guest.start_proxy();
         guest
@@ -118,6 +148,36 @@ impl Guest {
         let took = started.elapsed();
         println!("guest: proxy started in {:.1} s", took.as_secs_f64());
         took
+    }
+
+    /// Starts, once per pod, a server on `LINE_PORT` that answers every line
+    /// with the pod's name and keeps the connection until the client closes.
+    pub fn line_servers(&self, names: &[&'static str]) {
+        let mut started = self.line_servers.lock().expect("line servers");
+        for &name in names {
+            if started.iter().any(|n| n == name) {
+                continue;
+            }
+            let listener = self
+                .cluster
+                .pod(name)
+                .ns
+                .run_in(|| TcpListener::bind(("0.0.0.0", LINE_PORT)))
+                .expect("line server bind");
+            std::thread::spawn(move || {
+                for conn in listener.incoming().flatten() {
+                    std::thread::spawn(move || {
+                        let mut out = conn.try_clone().expect("clone");
+                        for _ in BufReader::new(conn).lines().map_while(Result::ok) {
+                            if out.write_all(format!("{name}\n").as_bytes()).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            started.push(name.to_string());
+        }
     }
 
     /// Kills the proxy (as a crash or an upgrade would); the kernel keeps

@@ -96,8 +96,9 @@ fn boot() -> Option<VmRun> {
     ]
     .join(" ");
     let started = Instant::now();
-    // KWP_IPVS_VM_CASES: a test-name filter for the guest (while working on one case).
-    let filter = std::env::var("KWP_IPVS_VM_CASES").unwrap_or_default();
+    // KWP_IPVS_VM_CASES: the start of case names (while working on one case).
+    let only = std::env::var("KWP_IPVS_VM_CASES").unwrap_or_default();
+    let filter = format!("{}{only}", cases_module());
     let out = Command::new(root().join("scripts/ipvs-vm.sh"))
         .arg(&me)
         .args(["--test-threads=1", "--nocapture", &filter])
@@ -124,6 +125,16 @@ fn boot() -> Option<VmRun> {
         saved.display()
     );
     Some(parse(log, total))
+}
+
+/// The cases' module as libtest names it (`ipvs_vm::`), so the guest runs
+/// only them out of the whole e2e crate.
+fn cases_module() -> String {
+    let path: Vec<&str> = module_path!().split("::").collect();
+    path[1..path.len() - 1]
+        .iter()
+        .map(|m| format!("{m}::"))
+        .collect()
 }
 
 /// Splits the console into cases by their markers.

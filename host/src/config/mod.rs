@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_yaml::Value;
 
 use crate::model::Cidr;
-use file::FileConfig;
+pub(crate) use file::FileConfig;
 use values::Named;
 pub use values::parse_duration;
 
@@ -134,6 +134,16 @@ pub struct Flags {
     /// machine (an emulated CPU runs Wasm tens of times slower), never to let a bad plugin run.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub plugin_call_timeout: Option<Duration>,
+    /// Remove every table, chain, jump, virtual server and interface kwp
+    /// may have created in any mode, then exit (as kube-proxy's --cleanup).
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Remove upstream kube-proxy's leftovers (its `kube-proxy` nftables
+    /// tables, KUBE-* iptables chains and jumps, IPVS node-port services),
+    /// then exit; kwp's own rules stay unless --cleanup is given too, so it
+    /// may run while kwp programs the node (switch-over).
+    #[arg(long)]
+    pub cleanup_kube_proxy: bool,
 }
 
 /// The effective configuration.
@@ -161,6 +171,8 @@ pub struct Settings {
     /// The chosen mode's KubeProxyConfiguration section as JSON, for the
     /// mode plugin (see `file::mode_extra`).
     pub mode_extra: String,
+    /// The `ipvs` section, typed, in IPVS mode (the host applies part of it).
+    pub ipvs: Option<file::IpvsSection>,
     pub dry_run: bool,
 }
 
@@ -176,6 +188,11 @@ impl Settings {
             }
             None => FileConfig::default(),
         };
+        Self::resolve_file(flags, file)
+    }
+
+    /// The settings from the flags and an already parsed `--config` file.
+    pub(crate) fn resolve_file(flags: &Flags, file: FileConfig) -> Result<Self> {
         let in_file = |e: anyhow::Error| match &flags.config {
             Some(path) => e.context(format!("--config {}", path.display())),
             None => e,
@@ -263,6 +280,10 @@ impl Settings {
             node_port_addresses: node_port_addresses(flags, &file).map_err(in_file)?,
             mode_extra: file::mode_extra(mode, &file, sync.value, min_sync.value)
                 .map_err(in_file)?,
+            ipvs: match mode {
+                ProxyMode::Ipvs => Some(file.ipvs().map_err(in_file)?),
+                _ => None,
+            },
             dry_run: flags.dry_run,
         })
     }

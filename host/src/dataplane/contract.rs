@@ -54,6 +54,18 @@ pub trait Dataplane: Send {
     fn resync(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// How long until `repair_drift` should run again; `None` when this
+    /// dataplane has nothing to watch.
+    fn drift_check_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Checks cheaply whether rules were removed behind the proxy's back
+    /// and, if so, re-applies everything at once: `Ok(true)` when it did.
+    fn repair_drift(&mut self) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// One change: a fragment's new contents, or `None` when it goes.

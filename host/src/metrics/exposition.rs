@@ -42,6 +42,10 @@ impl Histogram {
     pub fn observe(&self, d: Duration) {
         self.0.observe(d.as_secs_f64());
     }
+
+    pub(super) fn inner(&self) -> &prometheus_client::metrics::histogram::Histogram {
+        &self.0
+    }
 }
 
 impl Metrics {
@@ -180,6 +184,10 @@ impl Collector for Scrape {
             &m.livez,
         )?;
 
+        if let Some(iptables) = &m.iptables {
+            iptables.encode(e)?;
+        }
+
         // kwp's own.
         put(
             e,
@@ -248,7 +256,7 @@ impl Collector for Scrape {
 }
 
 /// One metric family with its help text.
-fn put(
+pub(super) fn put(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -258,7 +266,7 @@ fn put(
 }
 
 /// One metric family whose series are told apart by labels.
-fn put_family<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
+pub(super) fn put_family<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,

@@ -13,6 +13,7 @@
 
 mod exposition;
 pub(crate) mod http;
+mod iptables;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -26,6 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 pub use exposition::Histogram;
+pub use iptables::IptablesMetrics;
 
 use crate::plugin::{PluginStats, Runtime};
 
@@ -62,6 +64,8 @@ pub struct Metrics {
     pub runtime: Option<Arc<Runtime>>,
     pub plugins: Mutex<BTreeMap<String, Arc<PluginStats>>>,
     pub configz: String,
+    /// iptables mode's own series (its dataplane writes them).
+    pub iptables: Option<Arc<IptablesMetrics>>,
 }
 
 impl Metrics {
@@ -88,6 +92,7 @@ impl Metrics {
             runtime: None,
             plugins: Mutex::default(),
             configz,
+            iptables: None,
         }
     }
 

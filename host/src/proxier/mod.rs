@@ -360,6 +360,24 @@ impl Proxier {
         result
     }
 
+    /// See `Dataplane::drift_check_interval`.
+    pub fn drift_check_interval(&self) -> Option<std::time::Duration> {
+        self.dataplane.drift_check_interval()
+    }
+
+    /// Drift repair between syncs (iptables' canary); errors are logged
+    /// and counted like a failed resync. `true` when it re-applied.
+    pub fn repair_drift(&mut self) -> bool {
+        match self.dataplane.repair_drift() {
+            Ok(repaired) => repaired,
+            Err(e) => {
+                self.stats.apply_errors += 1;
+                tracing::error!(error = format!("{e:#}"), "drift repair failed; will retry");
+                false
+            }
+        }
+    }
+
     fn render_base(&mut self) -> Result<Fragment> {
         let settings = ModeSettings {
             node: self.node.clone(),

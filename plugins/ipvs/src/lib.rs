@@ -14,8 +14,18 @@
 //! - The scheduler follows the Service's policy (weighted -> wrr, maglev ->
 //!   mh, least-connections -> lc, round-robin -> the configured scheduler,
 //!   rr by default); ClientIP affinity is persistence with its timeout.
+//! - The packet-filter helpers upstream builds with ipset + iptables, as
+//!   nftables sets and chains in the host's own table: the base
+//!   (`base.rs`) holds the chains and sets, each Service its elements
+//!   (`filter.rs`); the host applies them with its nftables dataplane.
 
+mod base;
 mod config;
+mod filter;
+// The nftables mode's family helpers (addresses, detect-local), shared by path.
+#[allow(dead_code)] // `host_port` is for DNAT, which IPVS does itself.
+#[path = "../../nftables/src/family.rs"]
+mod family;
 
 use std::cell::RefCell;
 
@@ -41,7 +51,10 @@ impl Guest for Ipvs {
     }
 
     fn render_base() -> Result<Fragment, String> {
-        Ok(Fragment { items: Vec::new() })
+        CONFIG.with(|c| match c.borrow().as_ref() {
+            Some((mode, _)) => base::render(mode),
+            None => Err("ipvs: not configured".into()),
+        })
     }
 
     fn render_service(
@@ -131,7 +144,12 @@ pub fn render(
         }
     }
     let local = svc.external_traffic_policy == TrafficPolicy::Local;
-    let mut items = Vec::new();
+    let takes_new = |local_only: bool| reals(local_only).iter().any(|(_, w)| *w > 0);
+    let usable = filter::Usable {
+        internal: takes_new(false),
+        external: takes_new(local),
+    };
+    let mut items = filter::render(mode, svc, endpoints, &usable);
     for (address, port, external) in frontends {
         items.push(Item::IpvsVirtualServer(IpvsVirtualServer {
             address,
@@ -162,3 +180,5 @@ kwp_sdk::mode::export_mode_world!(Ipvs with_types_in kwp_sdk::mode);
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_filter;

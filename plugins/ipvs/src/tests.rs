@@ -5,11 +5,11 @@ use kwp_sdk::mode::kwp::proxy::types::{LoadBalancerIngress, NodeInfo, Protocol};
 
 use super::*;
 
-fn v4(a: [u8; 4]) -> IpAddress {
+pub(super) fn v4(a: [u8; 4]) -> IpAddress {
     IpAddress::V4(u32::from_be_bytes(a))
 }
 
-fn mode() -> ModeConfig {
+pub(super) fn mode() -> ModeConfig {
     ModeConfig {
         node: NodeInfo {
             name: "n1".into(),
@@ -24,7 +24,7 @@ fn mode() -> ModeConfig {
     }
 }
 
-fn svc(policy: &str) -> ServicePort {
+pub(super) fn svc(policy: &str) -> ServicePort {
     ServicePort {
         id: 1,
         namespace: "ns".into(),
@@ -55,7 +55,7 @@ fn svc(policy: &str) -> ServicePort {
     }
 }
 
-fn ep(last: u8, ready: bool, terminating: bool, local: bool) -> Endpoint {
+pub(super) fn ep(last: u8, ready: bool, terminating: bool, local: bool) -> Endpoint {
     Endpoint {
         address: v4([10, 1, 0, last]),
         port: 8080,

@@ -6,11 +6,12 @@
 #[path = "../../../host/src/model.rs"]
 mod model;
 
+mod config;
 #[allow(dead_code)]
 mod dataplane;
 mod packet;
-#[allow(dead_code)]
-#[path = "../../../host/src/plan.rs"]
+#[allow(dead_code, unused_imports)]
+#[path = "../../../host/src/plan/mod.rs"]
 mod plan;
 mod whole;
 
@@ -229,6 +230,7 @@ fn main() -> Result<()> {
         std::fs::read_to_string("/proc/net/ip_vs").unwrap_or_default()
     );
     println!("PROBE-DATAPLANE-END");
+    step("config", config::run())?;
     println!("PROBE-OK");
     Ok(())
 }

@@ -71,6 +71,19 @@ impl FakeIptables {
             .cloned()
     }
 
+    /// Every chain of a table gone but the built-in ones, which are
+    /// emptied: `iptables -t table -F; iptables -t table -X`, or a
+    /// firewall service restarting.
+    pub fn wipe(&self, ipv6: bool, table: &str) {
+        let builtins = builtins(table)
+            .iter()
+            .map(|b| (b.to_string(), Vec::new()))
+            .collect();
+        self.lock()
+            .tables
+            .insert((ipv6, table.to_string()), builtins);
+    }
+
     /// Restores `text` as someone else would (a previous run, an admin).
     pub fn preload(&self, ipv6: bool, table: &str, text: &str) {
         let mut copy = self.clone();
@@ -176,6 +189,10 @@ impl IptablesKernel for FakeIptables {
 
     fn check(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
         self.execute(ipv6, table, text).map(drop)
+    }
+
+    fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>> {
+        Ok(self.rules(ipv6, table, chain))
     }
 
     fn save(&mut self, ipv6: bool, table: &str) -> Result<String> {

@@ -18,6 +18,9 @@ pub trait IptablesKernel: Send {
     fn check(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()>;
     /// `iptables-save -t table`.
     fn save(&mut self, ipv6: bool, table: &str) -> Result<String>;
+    /// The rules of one chain (`iptables -t table -S chain`, each without
+    /// the leading `-A CHAIN `), `None` when the chain does not exist.
+    fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>>;
 }
 
 /// Which kernel interface the iptables binaries drive. Both may be present
@@ -66,10 +69,15 @@ impl Backend {
 
     /// `iptables-nft-restore`, `ip6tables-legacy-save`, `iptables-restore`...
     fn binary(self, ipv6: bool, tool: &str) -> String {
+        format!("{}-{tool}", self.command(ipv6))
+    }
+
+    /// `iptables-nft`, `ip6tables-legacy`, `iptables`...
+    fn command(self, ipv6: bool) -> String {
         let family = if ipv6 { "ip6tables" } else { "iptables" };
         match self {
-            Backend::Default => format!("{family}-{tool}"),
-            b => format!("{family}-{}-{tool}", b.as_str()),
+            Backend::Default => family.to_string(),
+            b => format!("{family}-{}", b.as_str()),
         }
     }
 }
@@ -106,6 +114,31 @@ impl IptablesKernel for IptablesProcess {
             );
         }
         String::from_utf8(out.stdout).with_context(|| format!("{tool} output"))
+    }
+
+    fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>> {
+        let tool = self.backend.command(ipv6);
+        let out = Command::new(&tool)
+            .args(["-w", "5", "-t", table, "-S", chain])
+            .output()
+            .with_context(|| format!("running {tool} (is the iptables package installed?)"))?;
+        // Exit status 1: no such chain (or table); others (4: the lock
+        // was not free in time) say nothing about the chain.
+        match out.status.code() {
+            Some(0) => {}
+            Some(1) => return Ok(None),
+            _ => bail!(
+                "{tool} -t {table} -S {chain} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }
+        let prefix = format!("-A {chain} ");
+        Ok(Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.strip_prefix(&prefix).map(String::from))
+                .collect(),
+        ))
     }
 }
 

@@ -15,7 +15,11 @@
 //! - A refused delta falls back to a full reconcile; a refused full
 //!   reconcile finds (by `--test` restores, halving) the largest set of
 //!   changes the kernel takes and reports the rest by name.
+//! - Every full reconcile also writes a canary chain into each table it
+//!   programs; when one is found flushed or deleted (someone flushed
+//!   iptables), everything is re-applied at once (`canary`).
 
+mod canary;
 mod diff;
 pub mod fake;
 pub mod kernel;
@@ -23,6 +27,8 @@ pub mod kernel;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
@@ -30,11 +36,14 @@ pub use diff::diff_against_kernel;
 use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
+use crate::metrics::IptablesMetrics;
 use crate::model::ServicePortName;
 use crate::plan::{Fragment, Item};
 
 /// (ipv6, table, chain)
 type ChainKey = (bool, String, String);
+/// Restore text per (ipv6, table).
+type Scripts = BTreeMap<(bool, String), String>;
 /// Each chain's rules, by the fragment that gives them.
 type Contributions = BTreeMap<ChainKey, BTreeMap<FragmentKey, Vec<String>>>;
 type Plan = BTreeMap<FragmentKey, Fragment>;
@@ -109,9 +118,18 @@ pub struct IptablesDataplane {
     /// No full reconcile has succeeded yet (or a restore failed): what is
     /// in the kernel is not known to be `applied`.
     needs_full: bool,
-    /// Restores committed and refused, for metrics.
+    /// Restores committed and refused.
     pub restores: u64,
     pub failures: u64,
+    /// Upstream's iptables series, written here as restores happen.
+    pub metrics: Arc<IptablesMetrics>,
+    /// Kernel time per family (IPv4, IPv6) in the sync under way, and
+    /// whether the family was touched at all.
+    spent: [(Duration, bool); 2],
+    /// The (ipv6, table)s whose canary the last full reconcile wrote.
+    canaries: BTreeSet<(bool, String)>,
+    /// How long the last canary check took (the next waits 50 times that).
+    canary_check_took: Duration,
 }
 
 impl IptablesDataplane {
@@ -119,7 +137,9 @@ impl IptablesDataplane {
     pub fn new() -> Self {
         let backend = Backend::detect();
         tracing::info!(backend = backend.as_str(), "iptables backend");
-        Self::with_kernel(Box::new(IptablesProcess { backend }))
+        let mut dp = Self::with_kernel(Box::new(IptablesProcess { backend }));
+        dp.metrics = Arc::new(IptablesMetrics::new(backend.as_str()));
+        dp
     }
 
     pub fn with_kernel(kernel: Box<dyn IptablesKernel>) -> Self {
@@ -129,14 +149,38 @@ impl IptablesDataplane {
             needs_full: true,
             restores: 0,
             failures: 0,
+            metrics: Arc::new(IptablesMetrics::new("test")),
+            spent: Default::default(),
+            canaries: BTreeSet::new(),
+            canary_check_took: Duration::ZERO,
         }
     }
 
-    fn restore(&mut self, scripts: &BTreeMap<(bool, String), String>) -> Result<()> {
+    /// Runs one kernel call of a family, adding its time to the sync's.
+    fn timed<R>(&mut self, ipv6: bool, call: impl FnOnce(&mut dyn IptablesKernel) -> R) -> R {
+        let start = Instant::now();
+        let out = call(&mut *self.kernel);
+        let spent = &mut self.spent[usize::from(ipv6)];
+        *spent = (spent.0 + start.elapsed(), true);
+        out
+    }
+
+    /// Observes the sync that just ended (full or partial) per family
+    /// touched, as upstream's per-family proxiers each observe theirs.
+    fn observe(&mut self, full: bool) {
+        for (i, (took, touched)) in std::mem::take(&mut self.spent).into_iter().enumerate() {
+            if touched {
+                self.metrics.observe_sync(i == 1, full, took);
+            }
+        }
+    }
+
+    fn restore(&mut self, scripts: &BTreeMap<(bool, String), String>, partial: bool) -> Result<()> {
         for ((ipv6, table), text) in scripts {
             self.restores += 1;
-            if let Err(e) = self.kernel.restore(*ipv6, table, text) {
+            if let Err(e) = self.timed(*ipv6, |k| k.restore(*ipv6, table, text)) {
                 self.failures += 1;
+                self.metrics.restore_failed(*ipv6, partial);
                 self.needs_full = true;
                 return Err(e);
             }
@@ -147,19 +191,48 @@ impl IptablesDataplane {
     fn saved(&mut self) -> Result<Saved> {
         let mut out = BTreeMap::new();
         for (ipv6, table) in TABLES {
-            let text = self.kernel.save(*ipv6, table)?;
+            let text = self.timed(*ipv6, |k| k.save(*ipv6, table))?;
             out.insert((*ipv6, table.to_string()), parse_save(&text));
         }
         Ok(out)
     }
 
     fn full(&mut self, plan: Plan) -> Result<()> {
-        let saved = self.saved()?;
-        let scripts = full_scripts(&contributions(&plan)?, &saved);
-        self.restore(&scripts)?;
+        let result = self.full_restore(&plan);
+        self.observe(true);
+        let (chains, scripts) = result?;
+        self.canaries = canary::tables(&scripts);
+        self.count_rules(&chains, &scripts);
         self.applied = plan;
         self.needs_full = false;
         Ok(())
+    }
+
+    fn full_restore(&mut self, plan: &Plan) -> Result<(Contributions, Scripts)> {
+        let saved = self.saved()?;
+        let chains = contributions(plan)?;
+        let scripts = full_scripts(&chains, &saved);
+        self.restore(&scripts, false)?;
+        Ok((chains, scripts))
+    }
+
+    /// Upstream's rule counts after a successful sync: every rule in our
+    /// chains per table, and the ones this sync wrote (`-A`).
+    fn count_rules(&self, chains: &Contributions, scripts: &Scripts) {
+        let mut total: BTreeMap<(String, bool), u64> = BTreeMap::new();
+        for ((ipv6, table, _), c) in chains {
+            *total.entry((table.clone(), *ipv6)).or_default() += rules_of(c).len() as u64;
+        }
+        let mut last: BTreeMap<(String, bool), u64> =
+            total.keys().map(|k| (k.clone(), 0)).collect();
+        for ((ipv6, table), text) in scripts {
+            let written = text
+                .lines()
+                .filter(|l| l.starts_with("-A ") && !canary::is_canary_line(l))
+                .count();
+            *last.entry((table.clone(), *ipv6)).or_default() += written as u64;
+        }
+        self.metrics.set_rules(total, last);
     }
 
     fn apply_changes(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
@@ -182,9 +255,13 @@ impl IptablesDataplane {
         }
         let next = with_changes(&self.applied, &changes);
         if !self.needs_full {
-            let scripts = delta_scripts(&contributions(&self.applied)?, &contributions(&next)?);
-            match self.restore(&scripts) {
+            let chains = contributions(&next)?;
+            let scripts = delta_scripts(&contributions(&self.applied)?, &chains);
+            let restored = self.restore(&scripts, true);
+            self.observe(false);
+            match restored {
                 Ok(()) => {
+                    self.count_rules(&chains, &scripts);
                     self.applied = next;
                     return Ok(Applied { refused });
                 }
@@ -278,16 +355,21 @@ fn rules_of(c: &BTreeMap<FragmentKey, Vec<String>>) -> Vec<&String> {
 }
 
 /// A full reconcile per table: see the module comment.
-fn full_scripts(plan: &Contributions, saved: &Saved) -> BTreeMap<(bool, String), String> {
+fn full_scripts(plan: &Contributions, saved: &Saved) -> Scripts {
     let mut out = BTreeMap::new();
+    let (canary_name, canary_rules) = canary::chain();
     for (ipv6, table) in TABLES {
         let empty = BTreeMap::new();
         let kernel = saved.get(&(*ipv6, table.to_string())).unwrap_or(&empty);
-        let mine: BTreeMap<&String, _> = plan
+        let mut mine: BTreeMap<&String, _> = plan
             .iter()
             .filter(|((v6, t, _), _)| v6 == ipv6 && t == table)
             .map(|((_, _, name), c)| (name, c))
             .collect();
+        // Every table we program carries the canary.
+        if !mine.is_empty() {
+            mine.insert(&canary_name, &canary_rules);
+        }
         let stale: Vec<&String> = kernel
             .keys()
             .filter(|n| n.starts_with(PREFIX) && !mine.contains_key(n))
@@ -347,7 +429,7 @@ fn full_scripts(plan: &Contributions, saved: &Saved) -> BTreeMap<(bool, String),
 
 /// The delta from `old` to `new` per table: only chains whose rules
 /// changed; a chain several fragments share is edited rule by rule.
-fn delta_scripts(old: &Contributions, new: &Contributions) -> BTreeMap<(bool, String), String> {
+fn delta_scripts(old: &Contributions, new: &Contributions) -> Scripts {
     #[derive(Default)]
     struct Parts {
         declare: Vec<String>,
@@ -447,5 +529,37 @@ impl Dataplane for IptablesDataplane {
         }
         let plan = self.applied.clone();
         self.full(plan)
+    }
+
+    /// As often as 50 times one check's cost allows, at most once a second.
+    fn drift_check_interval(&self) -> Option<Duration> {
+        Some(canary::interval(self.canary_check_took))
+    }
+
+    /// Upstream's canary, checked in every table we program (not only the
+    /// first): a canary chain gone or emptied means someone flushed
+    /// iptables, so everything is re-applied now, not at the next resync.
+    fn repair_drift(&mut self) -> Result<bool> {
+        if self.needs_full || self.canaries.is_empty() {
+            // Nothing known to be in place; the retry or resync does it.
+            return Ok(false);
+        }
+        let start = Instant::now();
+        let gone = canary::missing(&mut *self.kernel, &self.canaries);
+        self.canary_check_took = start.elapsed();
+        let gone = gone?;
+        if gone.is_empty() {
+            return Ok(false);
+        }
+        tracing::warn!(
+            tables = ?gone,
+            "iptables canary flushed or deleted behind our back; re-applying every rule now"
+        );
+        self.metrics
+            .canary_resyncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let plan = self.applied.clone();
+        self.full(plan)?;
+        Ok(true)
     }
 }

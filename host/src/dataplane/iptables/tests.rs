@@ -212,3 +212,95 @@ fn a_refused_service_keeps_its_last_rules_and_the_others_sync() {
     let applied = dp.apply(None, &[(name("d"), Some(&nft))]).unwrap();
     assert_eq!(applied.refused[0].0, Some(name("d")));
 }
+
+#[test]
+fn upstream_iptables_metrics_follow_each_sync_per_family() {
+    let (mut dp, fake) = dataplane();
+    let m = dp.metrics.clone();
+    dp.apply(
+        Some(&base()),
+        &[(name("a"), Some(&service("A", 1, &[1, 2])))],
+    )
+    .unwrap();
+    // nat: SERVICES 1, SERVICE-IPS 1, POSTROUTING 1, SVC-A 2, SEP-A1 1, SEP-A2 1.
+    assert_eq!(m.rules_total("nat", false), 7);
+    assert_eq!(m.rules_last("nat", false), 7, "a full sync writes them all");
+    assert_eq!(m.rules_total("filter", false), 0);
+    assert_eq!(m.sync_counts(false), (1, 0));
+    assert_eq!(m.sync_counts(true), (1, 0), "IPv6 tables were read");
+    // A delta: KWP-SVC-A rewritten with one rule, KWP-SEP-A2 deleted.
+    dp.apply(None, &[(name("a"), Some(&service("A", 1, &[1])))])
+        .unwrap();
+    assert_eq!(m.rules_total("nat", false), 5);
+    assert_eq!(m.rules_last("nat", false), 1);
+    assert_eq!(m.sync_counts(false), (1, 1));
+    assert_eq!(m.sync_counts(true), (1, 0), "no IPv6 work in the delta");
+    assert_eq!(m.failures(false), (0, 0));
+    // A refused delta counts a partial restore failure; its full fallback
+    // is refused too, then the kernel takes what it can.
+    fake.refuse("10.244.1.66");
+    let applied = dp
+        .apply(None, &[(name("a"), Some(&service("A", 1, &[66])))])
+        .unwrap();
+    assert_eq!(applied.refused.len(), 1);
+    assert_eq!(m.failures(false), (2, 1));
+    assert_eq!(m.failures(true), (0, 0));
+    assert_eq!(m.rules_total("nat", false), 5, "last good rules counted");
+}
+
+#[test]
+fn a_flushed_or_deleted_canary_reapplies_everything_at_once() {
+    use canary::CANARY;
+    let (mut dp, fake) = dataplane();
+    assert!(
+        !dp.repair_drift().unwrap(),
+        "nothing synced, nothing watched"
+    );
+    dp.apply(Some(&base()), &[(name("a"), Some(&service("A", 1, &[1])))])
+        .unwrap();
+    assert_eq!(nat(&fake, CANARY).unwrap(), ["-j RETURN"]);
+    assert_eq!(fake.rules(false, "filter", CANARY).unwrap(), ["-j RETURN"]);
+    assert_eq!(
+        fake.rules(true, "nat", CANARY),
+        None,
+        "no canary where we have no rules"
+    );
+    let restores = fake.restores();
+    assert!(!dp.repair_drift().unwrap());
+    assert_eq!(
+        fake.restores(),
+        restores,
+        "an intact canary costs no restore"
+    );
+    // `iptables -t nat -F; iptables -t nat -X`: every chain of ours gone.
+    fake.wipe(false, "nat");
+    assert!(dp.repair_drift().unwrap());
+    assert_eq!(nat(&fake, "KWP-SVC-A").unwrap(), ["-j KWP-SEP-A1"]);
+    assert_eq!(nat(&fake, "PREROUTING").unwrap(), ["-j KWP-SERVICES"]);
+    assert_eq!(nat(&fake, CANARY).unwrap(), ["-j RETURN"]);
+    // `iptables -F`: rules flushed, chains kept; only the canary's rule
+    // tells.
+    fake.preload(
+        false,
+        "filter",
+        "*filter\n:KWP-PROXY-CANARY - [0:0]\n:KWP-SERVICES - [0:0]\nCOMMIT\n",
+    );
+    assert!(dp.repair_drift().unwrap());
+    assert_eq!(fake.rules(false, "filter", CANARY).unwrap(), ["-j RETURN"]);
+    assert!(!dp.repair_drift().unwrap(), "repaired: quiet again");
+    assert_eq!(
+        dp.metrics
+            .canary_resyncs
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    // The check's pace: at least a second apart, 50 times its cost.
+    assert_eq!(
+        canary::interval(Duration::from_millis(7)),
+        Duration::from_secs(1)
+    );
+    assert_eq!(
+        canary::interval(Duration::from_millis(77)),
+        Duration::from_millis(3850)
+    );
+}

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Result, bail};
 
-use super::kernel::{IpvsKernel, RealServer, VirtualKey, VirtualServer};
+use super::kernel::{IpvsKernel, RealServer, Timeouts, VirtualKey, VirtualServer};
 
 #[derive(Debug, Default)]
 pub struct FakeState {
@@ -25,6 +25,9 @@ pub struct FakeState {
     pub sysctls: BTreeMap<String, String>,
     /// Schedulers the "kernel" has modules for.
     pub schedulers: BTreeSet<String>,
+    /// Active + inactive connections of a destination (0 when absent).
+    pub connections: BTreeMap<(VirtualKey, SocketAddr), u32>,
+    pub timeouts: Timeouts,
 }
 
 #[derive(Clone, Default)]
@@ -33,10 +36,18 @@ pub struct FakeIpvs(pub Arc<Mutex<FakeState>>);
 impl FakeIpvs {
     pub fn new() -> Self {
         let f = Self::default();
-        f.state().schedulers = ["rr", "wrr", "lc", "mh", "sh"]
+        let mut s = f.state();
+        s.schedulers = ["rr", "wrr", "lc", "mh", "sh"]
             .into_iter()
             .map(String::from)
             .collect();
+        // The kernel's defaults (ipvsadm -l --timeout: 900 120 300).
+        s.timeouts = Timeouts {
+            tcp: 900,
+            tcp_fin: 120,
+            udp: 300,
+        };
+        drop(s);
         f
     }
 
@@ -160,6 +171,29 @@ impl IpvsKernel for FakeIpvs {
             .remove(&address)
             .map(drop)
             .ok_or_else(|| err(libc::ENOENT))
+    }
+
+    fn connections(&mut self, key: &VirtualKey) -> Result<BTreeMap<SocketAddr, u32>> {
+        let mut s = self.state();
+        s.dumps += 1;
+        let addresses: Vec<SocketAddr> = s.dests(key)?.keys().copied().collect();
+        Ok(addresses
+            .into_iter()
+            .map(|a| (a, s.connections.get(&(*key, a)).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    fn timeouts(&mut self) -> Result<Timeouts> {
+        let mut s = self.state();
+        s.dumps += 1;
+        Ok(s.timeouts)
+    }
+
+    fn set_timeouts(&mut self, t: &Timeouts) -> Result<()> {
+        let mut s = self.state();
+        s.changes += 1;
+        s.timeouts = t.over(s.timeouts);
+        Ok(())
     }
 
     fn ensure_link(&mut self) -> Result<()> {

@@ -2,11 +2,12 @@
 //! through the generic netlink controller, then services and
 //! destinations are added, changed, deleted and dumped one request each.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result, anyhow};
 
-use super::kernel::{RealServer, VirtualKey, VirtualServer};
+use super::kernel::{RealServer, Timeouts, VirtualKey, VirtualServer};
 use super::netlink::{
     Attrs, NLM_F_ACK, NLM_F_DUMP, Socket, attrs, family, get_be16, get_ip, get_str, get_u16,
     get_u32, ip_bytes,
@@ -27,9 +28,14 @@ const CMD_NEW_DEST: u8 = 5;
 const CMD_SET_DEST: u8 = 6;
 const CMD_DEL_DEST: u8 = 7;
 const CMD_GET_DEST: u8 = 8;
+const CMD_SET_CONFIG: u8 = 12;
+const CMD_GET_CONFIG: u8 = 13;
 
 const CMD_ATTR_SERVICE: u16 = 1;
 const CMD_ATTR_DEST: u16 = 2;
+const CMD_ATTR_TIMEOUT_TCP: u16 = 4;
+const CMD_ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+const CMD_ATTR_TIMEOUT_UDP: u16 = 6;
 
 const SVC_ATTR_AF: u16 = 1;
 const SVC_ATTR_PROTOCOL: u16 = 2;
@@ -46,6 +52,8 @@ const DEST_ATTR_FWD_METHOD: u16 = 3;
 const DEST_ATTR_WEIGHT: u16 = 4;
 const DEST_ATTR_U_THRESH: u16 = 5;
 const DEST_ATTR_L_THRESH: u16 = 6;
+const DEST_ATTR_ACTIVE_CONNS: u16 = 7;
+const DEST_ATTR_INACT_CONNS: u16 = 8;
 const DEST_ATTR_ADDR_FAMILY: u16 = 11;
 
 const IP_VS_SVC_F_PERSISTENT: u32 = 0x1;
@@ -81,9 +89,43 @@ impl IpvsSocket {
     }
 
     fn call(&mut self, cmd: u8, flags: u16, a: Attrs) -> Result<Vec<Vec<u8>>> {
-        let mut payload = vec![cmd, IPVS_GENL_VERSION, 0, 0];
-        payload.extend_from_slice(&a.0);
-        Ok(self.sock.request(self.family, flags, &payload)?)
+        Ok(self
+            .sock
+            .request(self.family, flags, &genl_payload(cmd, a))?)
+    }
+
+    /// IPVS's connection timeouts (the reply's top-level attributes).
+    pub fn timeouts(&mut self) -> Result<Timeouts> {
+        let replies = self
+            .call(CMD_GET_CONFIG, NLM_F_ACK, Attrs::default())
+            .context("IPVS get config")?;
+        let reply = replies.first().context("IPVS get config: no reply")?;
+        Ok(parse_timeouts(reply.get(4..).unwrap_or_default()))
+    }
+
+    /// Sets the non-zero timeouts of `t`; the kernel leaves the others.
+    pub fn set_timeouts(&mut self, t: &Timeouts) -> Result<()> {
+        self.call(CMD_SET_CONFIG, NLM_F_ACK, timeout_attrs(t))
+            .with_context(|| format!("IPVS set timeouts {t:?}"))?;
+        Ok(())
+    }
+
+    /// Active plus inactive connections per destination of `key`.
+    pub fn connections(&mut self, key: &VirtualKey) -> Result<BTreeMap<SocketAddr, u32>> {
+        let af = family(key.address.ip());
+        Ok(self
+            .dest_dump(key)?
+            .iter()
+            .filter_map(|r| nested(r, CMD_ATTR_DEST))
+            .filter_map(|d| parse_dest_connections(af, d))
+            .collect())
+    }
+
+    fn dest_dump(&mut self, key: &VirtualKey) -> Result<Vec<Vec<u8>>> {
+        let mut a = Attrs::default();
+        a.nested(CMD_ATTR_SERVICE, service_id(key));
+        self.call(CMD_GET_DEST, NLM_F_DUMP, a)
+            .with_context(|| format!("IPVS destination dump of {key}"))
     }
 
     pub fn services(&mut self) -> Result<Vec<VirtualServer>> {
@@ -137,11 +179,7 @@ impl IpvsSocket {
     }
 
     pub fn destinations(&mut self, key: &VirtualKey) -> Result<Vec<RealServer>> {
-        let mut a = Attrs::default();
-        a.nested(CMD_ATTR_SERVICE, service_id(key));
-        let replies = self
-            .call(CMD_GET_DEST, NLM_F_DUMP, a)
-            .with_context(|| format!("IPVS destination dump of {key}"))?;
+        let replies = self.dest_dump(key)?;
         let af = family(key.address.ip());
         Ok(replies
             .iter()
@@ -173,6 +211,57 @@ impl IpvsSocket {
             .with_context(|| format!("IPVS delete destination {address} of {key}"))?;
         Ok(())
     }
+}
+
+/// A generic netlink payload: the genl header (command, version,
+/// reserved) and the attributes.
+fn genl_payload(cmd: u8, a: Attrs) -> Vec<u8> {
+    let mut payload = vec![cmd, IPVS_GENL_VERSION, 0, 0];
+    payload.extend_from_slice(&a.0);
+    payload
+}
+
+/// Only the set (non-zero) timeouts: an absent attribute keeps the
+/// kernel's value (ip_vs_genl_set_config starts from the current ones).
+fn timeout_attrs(t: &Timeouts) -> Attrs {
+    let mut a = Attrs::default();
+    for (kind, v) in [
+        (CMD_ATTR_TIMEOUT_TCP, t.tcp),
+        (CMD_ATTR_TIMEOUT_TCP_FIN, t.tcp_fin),
+        (CMD_ATTR_TIMEOUT_UDP, t.udp),
+    ] {
+        if v > 0 {
+            a.u32(kind, v);
+        }
+    }
+    a
+}
+
+fn parse_timeouts(b: &[u8]) -> Timeouts {
+    let mut t = Timeouts::default();
+    for (k, v) in attrs(b) {
+        let slot = match k {
+            CMD_ATTR_TIMEOUT_TCP => &mut t.tcp,
+            CMD_ATTR_TIMEOUT_TCP_FIN => &mut t.tcp_fin,
+            CMD_ATTR_TIMEOUT_UDP => &mut t.udp,
+            _ => continue,
+        };
+        *slot = get_u32(v).unwrap_or(0);
+    }
+    t
+}
+
+/// A dumped destination's address and active + inactive connections.
+fn parse_dest_connections(service_af: u16, b: &[u8]) -> Option<(SocketAddr, u32)> {
+    let rs = parse_dest(service_af, b)?;
+    let count = |kind| {
+        attrs(b)
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, v)| get_u32(v))
+            .unwrap_or(0)
+    };
+    let total = count(DEST_ATTR_ACTIVE_CONNS).saturating_add(count(DEST_ATTR_INACT_CONNS));
+    Some((rs.address, total))
 }
 
 fn verb(new: bool) -> &'static str {
@@ -303,5 +392,52 @@ mod tests {
         let rs = parse_dest(libc::AF_INET as u16, &d2.0).expect("parses");
         assert_eq!(rs.address.to_string(), "[fd00::5]:8080");
         assert_eq!(rs.weight, 3);
+    }
+
+    /// The bytes the kernel's ip_vs_genl_set_config expects (linux
+    /// include/uapi/linux/ip_vs.h; moby/ipvs uses the same numbers):
+    /// genl header {cmd 12, version 1, reserved 0}, then one 8-byte
+    /// attribute per set timeout {len 8, type 4/5/6, u32 seconds}.
+    #[test]
+    fn set_config_is_laid_out_as_the_kernel_reads_it() {
+        let t = Timeouts {
+            tcp: 900,
+            tcp_fin: 0,
+            udp: 300,
+        };
+        let bytes = genl_payload(CMD_SET_CONFIG, timeout_attrs(&t));
+        let mut want = vec![12u8, 1, 0, 0];
+        for (kind, secs) in [(4u16, 900u32), (6, 300)] {
+            want.extend_from_slice(&8u16.to_ne_bytes());
+            want.extend_from_slice(&kind.to_ne_bytes());
+            want.extend_from_slice(&secs.to_ne_bytes());
+        }
+        assert_eq!(bytes, want, "tcpFinTimeout 0 is left out, not sent as 0");
+        assert_eq!(
+            genl_payload(CMD_GET_CONFIG, Attrs::default()),
+            [13, 1, 0, 0]
+        );
+        // A GET_CONFIG reply parses back (all three attributes present).
+        let mut reply = Attrs::default();
+        reply.u32(4, 900).u32(5, 120).u32(6, 300);
+        assert_eq!(
+            parse_timeouts(&reply.0),
+            Timeouts {
+                tcp: 900,
+                tcp_fin: 120,
+                udp: 300
+            }
+        );
+    }
+
+    #[test]
+    fn a_dumped_destination_reports_active_plus_inactive_connections() {
+        let mut d = dest_id("10.1.0.1:8080".parse().unwrap_or_else(|_| unreachable!()));
+        // IPVS_DEST_ATTR_WEIGHT 4, _ACTIVE_CONNS 7, _INACT_CONNS 8,
+        // _PERSIST_CONNS 9 (not counted, as upstream).
+        d.u32(4, 0).u32(7, 3).u32(8, 2).u32(9, 40);
+        let (addr, conns) = parse_dest_connections(libc::AF_INET as u16, &d.0).expect("parses");
+        assert_eq!(addr.to_string(), "10.1.0.1:8080");
+        assert_eq!(conns, 5);
     }
 }

@@ -2,7 +2,7 @@
 //! one speaks netlink (`NetlinkIpvs`), the fake (`fake::FakeIpvs`) keeps
 //! tables in memory for unit tests.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -42,6 +42,32 @@ pub struct RealServer {
     pub weight: u32,
 }
 
+/// IPVS's connection timeouts in seconds (`ipvsadm --set`); 0 means
+/// "leave the kernel's value", as upstream's `ipvs.tcpTimeout` etc.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: u32,
+    pub tcp_fin: u32,
+    pub udp: u32,
+}
+
+impl Timeouts {
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// `current` with the set (non-zero) values of `self` in place: what the
+    /// kernel holds after `set_timeouts(self)`.
+    pub fn over(&self, current: Timeouts) -> Timeouts {
+        let pick = |mine: u32, theirs: u32| if mine == 0 { theirs } else { mine };
+        Timeouts {
+            tcp: pick(self.tcp, current.tcp),
+            tcp_fin: pick(self.tcp_fin, current.tcp_fin),
+            udp: pick(self.udp, current.udp),
+        }
+    }
+}
+
 /// The kernel calls the dataplane makes. Every call is one netlink
 /// request (or one dump); errors keep their errno as an `io::Error` in the
 /// chain, so callers can tell "exists" and "missing" apart.
@@ -54,6 +80,14 @@ pub trait IpvsKernel: Send {
     fn add_destination(&mut self, key: &VirtualKey, rs: &RealServer) -> Result<()>;
     fn update_destination(&mut self, key: &VirtualKey, rs: &RealServer) -> Result<()>;
     fn delete_destination(&mut self, key: &VirtualKey, address: SocketAddr) -> Result<()>;
+    /// Active plus inactive connections of each destination of `key` (the
+    /// counts upstream's graceful termination waits on).
+    fn connections(&mut self, key: &VirtualKey) -> Result<BTreeMap<SocketAddr, u32>>;
+    /// IPVS's connection timeouts (IPVS_CMD_GET_CONFIG).
+    fn timeouts(&mut self) -> Result<Timeouts>;
+    /// Sets the non-zero timeouts of `t`, leaving the others
+    /// (IPVS_CMD_SET_CONFIG).
+    fn set_timeouts(&mut self, t: &Timeouts) -> Result<()>;
     /// Creates the dummy interface if it is missing.
     fn ensure_link(&mut self) -> Result<()>;
     /// Addresses bound on the dummy interface (none when it is missing).
@@ -148,6 +182,15 @@ impl IpvsKernel for NetlinkIpvs {
     }
     fn delete_destination(&mut self, key: &VirtualKey, address: SocketAddr) -> Result<()> {
         self.ipvs()?.delete_destination(key, address)
+    }
+    fn connections(&mut self, key: &VirtualKey) -> Result<BTreeMap<SocketAddr, u32>> {
+        self.ipvs()?.connections(key)
+    }
+    fn timeouts(&mut self) -> Result<Timeouts> {
+        self.ipvs()?.timeouts()
+    }
+    fn set_timeouts(&mut self, t: &Timeouts) -> Result<()> {
+        self.ipvs()?.set_timeouts(t)
     }
     fn ensure_link(&mut self) -> Result<()> {
         self.link()?.ensure()

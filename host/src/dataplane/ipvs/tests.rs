@@ -1,11 +1,16 @@
 //! The IPVS dataplane's reconcile, delta, ownership and refusal logic
 //! against the in-memory kernel (no root, milliseconds).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
 use super::fake::FakeIpvs;
 use super::*;
 use crate::model::Protocol;
+use crate::plan::Item;
 
-fn name(n: &str) -> ServicePortName {
+pub(super) fn name(n: &str) -> ServicePortName {
     ServicePortName {
         namespace: "t".into(),
         name: n.into(),
@@ -14,11 +19,11 @@ fn name(n: &str) -> ServicePortName {
     }
 }
 
-fn sa(s: &str) -> SocketAddr {
+pub(super) fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
 }
 
-fn key(s: &str) -> VirtualKey {
+pub(super) fn key(s: &str) -> VirtualKey {
     VirtualKey {
         address: sa(s),
         protocol: Protocol::Tcp,
@@ -26,7 +31,7 @@ fn key(s: &str) -> VirtualKey {
 }
 
 /// A virtual server on `vip` with `scheduler` and real servers (address, weight).
-fn service(vip: &str, scheduler: &str, reals: &[(&str, u32)]) -> Fragment {
+pub(super) fn service(vip: &str, scheduler: &str, reals: &[(&str, u32)]) -> Fragment {
     let mut items = vec![Item::IpvsVirtualServer {
         address: sa(vip),
         protocol: Protocol::Tcp,
@@ -44,11 +49,11 @@ fn service(vip: &str, scheduler: &str, reals: &[(&str, u32)]) -> Fragment {
     }
 }
 
-fn dataplane(fake: &FakeIpvs, record: Option<PathBuf>) -> IpvsDataplane {
+pub(super) fn dataplane(fake: &FakeIpvs, record: Option<PathBuf>) -> IpvsDataplane {
     IpvsDataplane::with_kernel(Box::new(fake.clone()), record)
 }
 
-fn reals(fake: &FakeIpvs, vip: &str) -> Vec<(SocketAddr, u32)> {
+pub(super) fn reals(fake: &FakeIpvs, vip: &str) -> Vec<(SocketAddr, u32)> {
     let s = fake.state();
     s.services
         .get(&key(vip))
@@ -56,7 +61,7 @@ fn reals(fake: &FakeIpvs, vip: &str) -> Vec<(SocketAddr, u32)> {
         .unwrap_or_default()
 }
 
-fn apply(dp: &mut IpvsDataplane, changes: &[(&str, Option<&Fragment>)]) -> Applied {
+pub(super) fn apply(dp: &mut IpvsDataplane, changes: &[(&str, Option<&Fragment>)]) -> Applied {
     let changed: Vec<_> = changes.iter().map(|(n, f)| (name(n), *f)).collect();
     dp.apply(None, &changed).expect("apply")
 }

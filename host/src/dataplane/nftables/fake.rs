@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use super::kernel::{Listing, NftKernel, SetKind};
+use super::kernel::{Inventory, Listing, NftKernel, SetKind, Summary};
 use crate::plan::NftFamily;
 
 #[derive(Clone, Debug, Default)]
@@ -41,6 +41,10 @@ struct State {
     /// Transactions committed and checked.
     runs: usize,
     checks: usize,
+    /// Commands (lines) committed, over all transactions.
+    commands: usize,
+    /// The last transaction committed.
+    last: String,
     /// Any command containing one of these is refused (a test's way to
     /// make the kernel say no).
     refuse: Vec<String>,
@@ -55,6 +59,8 @@ impl NftKernel for FakeNft {
         let next = execute(&state.tables, &state.refuse, script)?;
         state.tables = next;
         state.runs += 1;
+        state.commands += script.lines().filter(|l| !l.trim().is_empty()).count();
+        state.last = script.to_string();
         Ok(())
     }
 
@@ -81,6 +87,40 @@ impl NftKernel for FakeNft {
         }
         Ok(listing)
     }
+
+    fn inventory(&mut self, table: &str) -> Result<Inventory> {
+        use std::hash::{Hash, Hasher};
+        let digest = |text: &str| {
+            let mut h = std::hash::DefaultHasher::new();
+            text.hash(&mut h);
+            h.finish()
+        };
+        let state = self.lock();
+        let mut inventory = Inventory::default();
+        for family in [NftFamily::Ip, NftFamily::Ip6] {
+            let Some(t) = state.tables.get(&(family.to_string(), table.to_string())) else {
+                continue;
+            };
+            for (name, chain) in &t.chains {
+                let summary = Summary {
+                    count: chain.rules.len(),
+                    digest: (chain.rules.iter())
+                        .fold(0, |h: u64, r| h.wrapping_mul(31) ^ digest(r)),
+                };
+                inventory.chains.insert((family, name.clone()), summary);
+            }
+            for (name, set) in &t.sets {
+                let summary = Summary {
+                    count: set.elements.len(),
+                    digest: (set.elements.values()).fold(0, |h: u64, e| h.wrapping_add(digest(e))),
+                };
+                inventory
+                    .sets
+                    .insert((family, name.clone()), (set.kind, summary));
+            }
+        }
+        Ok(inventory)
+    }
 }
 
 impl FakeNft {
@@ -103,6 +143,17 @@ impl FakeNft {
     pub fn counts(&self) -> (usize, usize) {
         let s = self.lock();
         (s.runs, s.checks)
+    }
+
+    /// Commands committed so far, over all transactions: how much the
+    /// dataplane wrote.
+    pub fn commands(&self) -> usize {
+        self.lock().commands
+    }
+
+    /// The last transaction committed.
+    pub fn last_script(&self) -> String {
+        self.lock().last.clone()
     }
 
     /// Runs `script` as someone else would (a previous run, an admin).

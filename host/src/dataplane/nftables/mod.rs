@@ -18,16 +18,19 @@
 mod diff;
 pub mod fake;
 pub mod kernel;
+mod netlink;
 mod script;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_drift;
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 
 pub use diff::diff_against_kernel;
-use kernel::{Listing, NftKernel, NftProcess};
+use kernel::{Listing, NftKernel, NftProcess, Summary};
 use script::{Obj, Objects, Script};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
@@ -43,6 +46,11 @@ pub struct NftDataplane {
     /// No full reconcile has succeeded yet: `applied` says nothing about
     /// the kernel, which may hold a previous run's rules.
     needs_full: bool,
+    /// Chain and set summaries seen at the last resync, for objects no
+    /// delta has touched since: a later difference is drift.
+    known: BTreeMap<Obj, Summary>,
+    /// Periodic checks that found and repaired drift.
+    pub repairs: u64,
     /// Transactions applied and failed, for metrics.
     pub transactions: u64,
     pub failures: u64,
@@ -61,22 +69,52 @@ impl NftDataplane {
             applied: BTreeMap::new(),
             refs: BTreeMap::new(),
             needs_full: true,
+            known: BTreeMap::new(),
+            repairs: 0,
             transactions: 0,
             failures: 0,
         }
     }
 
-    /// Re-applies everything in force (repairs edits made behind our
-    /// back). Before the first full reconcile has succeeded there is
-    /// nothing known to be in force, and reconciling to that would delete
-    /// a previous run's rules: the next apply reconciles instead.
+    /// Compares the kernel with everything in force and repairs only
+    /// what drifted (edits made behind our back). Before the first full
+    /// reconcile has succeeded there is nothing known to be in force, and
+    /// reconciling to that would delete a previous run's rules: the next
+    /// apply reconciles instead.
     pub fn resync(&mut self) -> Result<()> {
         if self.needs_full {
             return Ok(());
         }
-        let kernel = self.kernel.list(&self.table)?;
-        let script = full_over(&self.table, &self.applied, &kernel)?;
-        self.run(&script)
+        let inventory = self.kernel.inventory(&self.table)?;
+        let want = Objects::of(self.applied.values())?;
+        let drift = want.drift(&inventory, &self.known);
+        let chains = inventory
+            .chains
+            .iter()
+            .map(|((f, n), s)| (Obj::Chain(*f, n.clone()), *s));
+        let sets = inventory
+            .sets
+            .iter()
+            .map(|((f, n), (_, s))| (Obj::Set(*f, n.clone()), *s));
+        self.known = chains.chain(sets).collect();
+        if drift.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            chains = ?drift.chains.iter().map(|(f, n)| format!("{f} {n}")).collect::<Vec<_>>(),
+            sets = ?drift.sets.iter().map(|(f, n)| format!("{f} {n}")).collect::<Vec<_>>(),
+            "nftables state drifted from what kube-wasm-proxy wrote; repairing those objects"
+        );
+        for (f, n) in &drift.chains {
+            self.known.remove(&Obj::Chain(*f, n.clone()));
+        }
+        for (f, n) in &drift.sets {
+            self.known.remove(&Obj::Set(*f, n.clone()));
+        }
+        let script = Script::new(&self.table).repair(&want, &inventory.listing(), &drift);
+        self.run(&script)?;
+        self.repairs += 1;
+        Ok(())
     }
 
     fn run(&mut self, script: &str) -> Result<()> {
@@ -197,6 +235,7 @@ impl NftDataplane {
     fn reconciled(&mut self, plan: BTreeMap<FragmentKey, Fragment>) {
         self.applied = plan;
         self.needs_full = false;
+        self.known.clear();
         self.refs.clear();
         for f in self.applied.values() {
             // Every applied fragment passed `Objects::of` in the script.
@@ -228,6 +267,16 @@ impl NftDataplane {
         let script = Script::new(&self.table).delta(&old, &new, &self.refs, &diff);
         if !script.is_empty() {
             self.run(&script)?;
+        }
+        // What the delta touched has a new summary: the next check
+        // compares only its counts, then records it.
+        for o in old.tables().chain(new.tables()) {
+            self.known.remove(&o);
+        }
+        for o in diff.keys() {
+            if let Obj::Element(f, set, _) = o {
+                self.known.remove(&Obj::Set(*f, set.clone()));
+            }
         }
         for (o, d) in diff {
             let r = self.refs.entry(o.clone()).or_default();

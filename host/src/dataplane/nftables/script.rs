@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Result, bail};
 
-use super::kernel::{Listing, SetKind};
+use super::kernel::{Inventory, Listing, SetKind, Summary};
 use crate::plan::{Fragment, Item, NftFamily};
 
 type Fam = NftFamily;
@@ -81,6 +81,135 @@ impl Objects {
             .iter()
             .map(|(f, s, e)| Obj::Element(*f, s.clone(), e.clone()));
         sets.chain(chains).chain(elements)
+    }
+}
+
+/// Chains and sets whose kernel contents differ from what we wrote (or
+/// that should not be there, or are missing): the periodic check repairs
+/// only these.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Drift {
+    pub chains: BTreeSet<Qualified>,
+    pub sets: BTreeSet<Qualified>,
+}
+
+impl Drift {
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty() && self.sets.is_empty()
+    }
+}
+
+/// Whether the kernel, not us, fills a set (ClientIP affinity): its
+/// elements are never compared.
+fn filled_by_packets(declaration: &str) -> bool {
+    declaration.contains("dynamic") || declaration.contains("timeout")
+}
+
+impl Objects {
+    /// What differs between these (wanted) objects and the kernel's
+    /// `inventory`: a missing or extra chain or set, a rule or element
+    /// count that differs, or a digest that differs from the one `known`
+    /// recorded for an object untouched since. Closed over nft 1.0.x's
+    /// `typeof` limit: a `typeof` map is re-created, so the chains using
+    /// it are refilled too, and a refilled chain re-creates the `typeof`
+    /// maps it uses.
+    pub fn drift(&self, inventory: &Inventory, known: &BTreeMap<Obj, Summary>) -> Drift {
+        let mut drift = Drift::default();
+        let differs = |obj: Obj, kernel: &Summary, count: usize| {
+            kernel.count != count || known.get(&obj).is_some_and(|k| k != kernel)
+        };
+        for (q, (_, rules)) in &self.chains {
+            let bad = inventory
+                .chains
+                .get(q)
+                .is_none_or(|k| differs(Obj::Chain(q.0, q.1.clone()), k, rules.len()));
+            if bad {
+                drift.chains.insert(q.clone());
+            }
+        }
+        let mut counts: BTreeMap<Qualified, usize> = BTreeMap::new();
+        for (f, set, _) in &self.elements {
+            *counts.entry((*f, set.clone())).or_default() += 1;
+        }
+        for (q, decl) in &self.sets {
+            let bad = match inventory.sets.get(q) {
+                None => true,
+                Some((kind, _)) if *kind != SetKind::of(decl) => true,
+                Some(_) if filled_by_packets(decl) => false,
+                Some((_, k)) => differs(
+                    Obj::Set(q.0, q.1.clone()),
+                    k,
+                    counts.get(q).copied().unwrap_or(0),
+                ),
+            };
+            if bad {
+                drift.sets.insert(q.clone());
+            }
+        }
+        let extra_chains = inventory
+            .chains
+            .keys()
+            .filter(|q| !self.chains.contains_key(*q));
+        drift.chains.extend(extra_chains.cloned());
+        let extra_sets = inventory
+            .sets
+            .keys()
+            .filter(|q| !self.sets.contains_key(*q));
+        drift.sets.extend(extra_sets.cloned());
+        let recreated = |q: &Qualified, drift: &Drift| {
+            drift.sets.contains(q)
+                && inventory.sets.contains_key(q)
+                && self
+                    .sets
+                    .get(q)
+                    .is_some_and(|d| d.trim_start().starts_with("typeof"))
+        };
+        loop {
+            let before = (drift.chains.len(), drift.sets.len());
+            for (q, (_, rules)) in &self.chains {
+                let uses = |set: &Qualified| {
+                    set.0 == q.0 && rules.iter().any(|r| r.contains(&format!("@{}", set.1)))
+                };
+                let typeof_sets: Vec<Qualified> = self
+                    .sets
+                    .iter()
+                    .filter(|(s, d)| uses(s) && d.trim_start().starts_with("typeof"))
+                    .map(|(s, _)| s.clone())
+                    .collect();
+                if drift.chains.contains(q) {
+                    drift.sets.extend(typeof_sets);
+                } else if typeof_sets.iter().any(|s| recreated(s, &drift)) {
+                    drift.chains.insert(q.clone());
+                }
+            }
+            if (drift.chains.len(), drift.sets.len()) == before {
+                return drift;
+            }
+        }
+    }
+
+    /// Only the chains and sets in `drift` (sets with their elements).
+    pub fn only(&self, drift: &Drift) -> Objects {
+        Objects {
+            chains: (self.chains.iter())
+                .filter(|(q, _)| drift.chains.contains(*q))
+                .map(|(q, c)| (q.clone(), c.clone()))
+                .collect(),
+            sets: (self.sets.iter())
+                .filter(|(q, _)| drift.sets.contains(*q))
+                .map(|(q, d)| (q.clone(), d.clone()))
+                .collect(),
+            elements: (self.elements.iter())
+                .filter(|(f, s, _)| drift.sets.contains(&(*f, s.clone())))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The chains and sets these objects name.
+    pub fn tables(&self) -> impl Iterator<Item = Obj> + '_ {
+        let sets = self.sets.keys().map(|(f, n)| Obj::Set(*f, n.clone()));
+        sets.chain(self.chains.keys().map(|(f, n)| Obj::Chain(*f, n.clone())))
     }
 }
 
@@ -213,6 +342,22 @@ impl<'a> Script<'a> {
             self.line(format!("delete {kind} {at}"));
         }
         self.finish()
+    }
+
+    /// Repairs `drift` only: a full reconcile restricted to the drifted
+    /// chains and sets (and the kernel's objects of those names).
+    pub fn repair(self, want: &Objects, kernel: &Listing, drift: &Drift) -> String {
+        let kernel = Listing {
+            chains: (kernel.chains.iter())
+                .filter(|q| drift.chains.contains(*q))
+                .cloned()
+                .collect(),
+            sets: (kernel.sets.iter())
+                .filter(|(q, _)| drift.sets.contains(*q))
+                .map(|(q, k)| (q.clone(), *k))
+                .collect(),
+        };
+        self.full(&want.only(drift), &kernel)
     }
 
     /// Only what the changed fragments add or remove: `old` and `new` are

@@ -21,6 +21,8 @@ use crate::model::{Protocol, ServicePortName};
 use crate::plan::{Fragment, Item, Listener};
 use backends::Backends;
 pub use redirect::Redirector;
+/// The nftables table of the redirects (for `--cleanup`).
+pub use redirect::TABLE as REDIRECT_TABLE;
 
 /// An open listener.
 struct Active {

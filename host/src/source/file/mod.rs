@@ -18,7 +18,7 @@
 //! path and reason, counted, and its last good objects stay in force.
 
 mod disk;
-mod parse;
+pub(crate) mod parse;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,90 +1,11 @@
-//! The host's form of a plan, its validation and its printing.
-//!
-//! A plan is a base fragment plus one fragment per service port. The host
-//! refuses any fragment that names an object outside the tables it owns or
-//! smuggles extra commands into rule text, before anything is applied.
+//! What a plan may touch: the host refuses any fragment that names an
+//! object outside what it owns or smuggles commands into text the host
+//! hands to `nft` or `iptables-restore`, before anything is applied.
+//! fuzzing::confinement reads the host's output independently of this.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use crate::model::{Protocol, ServicePortName};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum NftFamily {
-    Ip,
-    Ip6,
-    Inet,
-}
-
-impl fmt::Display for NftFamily {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            NftFamily::Ip => "ip",
-            NftFamily::Ip6 => "ip6",
-            NftFamily::Inet => "inet",
-        })
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Listener {
-    pub service: u32,
-    pub protocol: Protocol,
-    pub frontends: Vec<SocketAddr>,
-    pub udp_idle_timeout: Duration,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Item {
-    NftChain {
-        family: NftFamily,
-        table: String,
-        name: String,
-        hook: Option<String>,
-        rules: Vec<String>,
-    },
-    NftSet {
-        family: NftFamily,
-        table: String,
-        name: String,
-        declaration: String,
-    },
-    NftElement {
-        family: NftFamily,
-        table: String,
-        set: String,
-        element: String,
-    },
-    IptablesChain {
-        ipv6: bool,
-        table: String,
-        name: String,
-        rules: Vec<String>,
-    },
-    IpvsVirtualServer {
-        address: SocketAddr,
-        protocol: Protocol,
-        scheduler: String,
-        persistence_timeout: u32,
-    },
-    IpvsRealServer {
-        virtual_address: SocketAddr,
-        protocol: Protocol,
-        address: SocketAddr,
-        weight: u32,
-    },
-    Listener(Listener),
-}
-
-/// Shared, immutable items: the proxier's plan and the dataplane's record of
-/// what is applied hold the same fragment, not copies (at 50k Services the
-/// copies were a large part of the heap).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Fragment {
-    pub items: std::sync::Arc<[Item]>,
-}
+use super::{Fragment, Item};
 
 /// What the host allows a plan to touch and how big it may be.
 #[derive(Clone, Debug)]
@@ -250,10 +171,29 @@ fn check_name(name: &str) -> Result<(), PlanError> {
     }
 }
 
-/// nft and iptables-restore read one command per line (nft also splits on
-/// `;`): rule text may hold neither, or it could add commands of its own.
+/// nft reads one command per line and also ends one at `;`; a string
+/// (`"`) or a brace left open runs on into the host's next line, and `#`
+/// comments out the rest of it: rule text may do none of these, or it
+/// could swallow or add commands.
 fn check_text(text: &str) -> Result<(), PlanError> {
-    check_chars(text, &['\n', '\r', ';'])
+    check_chars(text, &[';'])?;
+    let injection = || Err(PlanError::Injection(text.into()));
+    let (mut depth, mut quoted) = (0usize, false);
+    for c in text.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            _ if quoted => {}
+            '#' => return injection(),
+            '{' => depth += 1,
+            '}' if depth == 0 => return injection(),
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    if quoted || depth != 0 {
+        return injection();
+    }
+    Ok(())
 }
 
 /// The iptables tables a plan may use.
@@ -306,7 +246,10 @@ fn check_iptables_rule(rule: &str, prefix: &str) -> Result<(), PlanError> {
     // and the host writes every rule after its own `-A CHAIN`; a word like
     // `::1/128` is an IPv6 address.
     let words: Vec<&str> = rule.split_whitespace().collect();
-    if words.iter().any(|w| COMMANDS.contains(w)) {
+    if words
+        .iter()
+        .any(|w| COMMANDS.contains(w) || hides_an_option(w))
+    {
         return Err(PlanError::Injection(rule.into()));
     }
     for pair in words.windows(2) {
@@ -323,130 +266,60 @@ fn check_iptables_rule(rule: &str, prefix: &str) -> Result<(), PlanError> {
     Ok(())
 }
 
-/// Text the host wraps in `{ ... }` (hooks, set declarations, elements) may
-/// not close the brace; a set declaration may use `;` inside it.
-fn check_braced(text: &str, allow_semicolon: bool) -> Result<(), PlanError> {
-    check_chars(text, &['\n', '\r', '{', '}'])?;
-    if allow_semicolon {
-        Ok(())
-    } else {
-        check_text(text)
+/// iptables reads its words with getopt: `-vj X` is `-v -j X`, `-jX` is
+/// `-j X`, `--ju X` is `--jump X` and `--fl` is `--flush`. A word that
+/// bundles short options, or abbreviates or `=`-joins a long option that
+/// is a command or a jump, would hide it from the word checks above.
+fn hides_an_option(word: &str) -> bool {
+    const LONG_COMMANDS: &[&str] = &[
+        "append",
+        "check",
+        "delete",
+        "insert",
+        "replace",
+        "list",
+        "list-rules",
+        "flush",
+        "zero",
+        "new-chain",
+        "delete-chain",
+        "policy",
+        "rename-chain",
+        "table",
+    ];
+    if let Some(long) = word.strip_prefix("--") {
+        let (name, joined) = match long.split_once('=') {
+            Some((name, _)) => (name, true),
+            None => (long, false),
+        };
+        let jump = ["jump", "goto"]
+            .iter()
+            .any(|l| l.starts_with(name) && (joined || *l != name));
+        return !name.is_empty() && (jump || LONG_COMMANDS.iter().any(|l| l.starts_with(name)));
     }
+    // `-1` and the like are numbers, not options.
+    word.len() > 2 && word.starts_with('-') && !word[1..].starts_with(|c: char| c.is_ascii_digit())
 }
 
+/// Text the host wraps in `{ ... }` (hooks, set declarations, elements) may
+/// not close the brace, open a string past it or comment it out; a set
+/// declaration may use `;` inside it.
+fn check_braced(text: &str, allow_semicolon: bool) -> Result<(), PlanError> {
+    check_chars(text, &['{', '}'])?;
+    let stripped = if allow_semicolon {
+        text.replace(';', " ")
+    } else {
+        text.to_string()
+    };
+    check_text(&stripped).map_err(|_| PlanError::Injection(text.into()))
+}
+
+/// No control character (a NUL ends what a C tool reads, a newline a
+/// command) and none of `forbidden`.
 fn check_chars(text: &str, forbidden: &[char]) -> Result<(), PlanError> {
-    if text.contains(forbidden) {
+    if text.contains(forbidden) || text.chars().any(|c| c.is_control() && c != '\t') {
         Err(PlanError::Injection(text.into()))
     } else {
-        Ok(())
-    }
-}
-
-/// A whole plan, for `--dry-run`.
-#[derive(Debug, Default)]
-pub struct Plan {
-    pub base: Fragment,
-    pub services: BTreeMap<ServicePortName, Fragment>,
-    /// Why each fragment looks as it does (policy, endpoints, backend
-    /// plan), printed as comments.
-    pub context: BTreeMap<ServicePortName, String>,
-}
-
-impl fmt::Display for Item {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Item::NftChain {
-                family,
-                table,
-                name,
-                hook,
-                rules,
-            } => {
-                writeln!(f, "nft chain {family} {table} {name}")?;
-                if let Some(hook) = hook {
-                    writeln!(f, "    {hook}")?;
-                }
-                rules.iter().try_for_each(|r| writeln!(f, "    {r}"))
-            }
-            Item::NftSet {
-                family,
-                table,
-                name,
-                declaration,
-            } => writeln!(f, "nft set {family} {table} {name} {{ {declaration} }}"),
-            Item::NftElement {
-                family,
-                table,
-                set,
-                element,
-            } => writeln!(f, "nft element {family} {table} {set} {{ {element} }}"),
-            Item::IptablesChain {
-                ipv6,
-                table,
-                name,
-                rules,
-            } => {
-                writeln!(
-                    f,
-                    "{} -t {table} chain {name}",
-                    if *ipv6 { "ip6tables" } else { "iptables" }
-                )?;
-                rules
-                    .iter()
-                    .try_for_each(|r| writeln!(f, "    -A {name} {r}"))
-            }
-            Item::IpvsVirtualServer {
-                address,
-                protocol,
-                scheduler,
-                persistence_timeout,
-            } => {
-                write!(f, "ipvs virtual {protocol} {address} scheduler {scheduler}")?;
-                if *persistence_timeout > 0 {
-                    write!(f, " persistent {persistence_timeout}s")?;
-                }
-                writeln!(f)
-            }
-            Item::IpvsRealServer {
-                virtual_address,
-                protocol,
-                address,
-                weight,
-            } => {
-                writeln!(
-                    f,
-                    "ipvs real {protocol} {virtual_address} -> {address} weight {weight}"
-                )
-            }
-            Item::Listener(l) => {
-                let fronts: Vec<String> = l.frontends.iter().map(ToString::to_string).collect();
-                write!(
-                    f,
-                    "listen {} for service #{} frontends [{}]",
-                    l.protocol,
-                    l.service,
-                    fronts.join(", ")
-                )?;
-                if l.protocol == Protocol::Udp {
-                    write!(f, " udp-idle {}ms", l.udp_idle_timeout.as_millis())?;
-                }
-                writeln!(f)
-            }
-        }
-    }
-}
-
-impl fmt::Display for Plan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "# base")?;
-        self.base.items.iter().try_for_each(|i| write!(f, "{i}"))?;
-        for (name, fragment) in &self.services {
-            writeln!(f, "# service {name}")?;
-            if let Some(context) = self.context.get(name) {
-                writeln!(f, "#   {context}")?;
-            }
-            fragment.items.iter().try_for_each(|i| write!(f, "{i}"))?;
-        }
         Ok(())
     }
 }
@@ -454,6 +327,8 @@ impl fmt::Display for Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
+    use crate::plan::NftFamily;
 
     fn chain(table: &str, rule: &str) -> Fragment {
         Fragment {
@@ -504,6 +379,47 @@ mod tests {
             set("type ipv4_addr; }; flush ruleset; add set ip t x {").validate(&rules),
             Err(PlanError::Injection(_))
         ));
+        // Found by fuzzing (fuzz/regressions/hostile_plan): text that leaves
+        // a string or brace open, or comments out the host's closing brace,
+        // joins the host's next line to this command.
+        for hostile in [
+            "comment \"open",
+            "ip daddr { 10.0.0.1",
+            "ip daddr 10.0.0.1 } accept",
+            "accept # the rest",
+            "accept\u{8}",
+        ] {
+            assert!(
+                chain("kube-wasm-proxy", hostile).validate(&rules).is_err(),
+                "{hostile:?} must be refused"
+            );
+        }
+        assert_eq!(
+            chain(
+                "kube-wasm-proxy",
+                "ip daddr { 10.0.0.1, 10.0.0.2 } comment \"a;b#c\" accept"
+            )
+            .validate(&rules),
+            Err(PlanError::Injection(
+                "ip daddr { 10.0.0.1, 10.0.0.2 } comment \"a;b#c\" accept".into()
+            )),
+            "`;` stays refused even inside a string"
+        );
+        assert!(matches!(
+            set("type ipv4_addr # ; }").validate(&rules),
+            Err(PlanError::Injection(_))
+        ));
+        let element = |e: &str| Fragment {
+            items: vec![Item::NftElement {
+                family: NftFamily::Ip6,
+                table: "kube-wasm-proxy".into(),
+                set: "backends".into(),
+                element: e.into(),
+            }]
+            .into(),
+        };
+        assert_eq!(element("10.0.0.1 . tcp . 80").validate(&rules), Ok(()));
+        assert!(element("\"MASQUERADE\u{8}drop").validate(&rules).is_err());
         let ipt = Fragment {
             items: vec![Item::IptablesChain {
                 ipv6: false,
@@ -572,6 +488,13 @@ mod tests {
             ("nat", "KWP-X", "-j KUBE-SERVICES"),
             ("nat", "KWP-X", "-g DOCKER"),
             ("nat", "KWP-X", "-p tcp -j"),
+            ("nat", "KWP-X", "-jKUBE-SERVICES"),
+            ("nat", "KWP-X", "-vj KUBE-SERVICES"),
+            ("nat", "KWP-X", "--ju KUBE-SERVICES"),
+            ("nat", "KWP-X", "--jump=KUBE-SERVICES"),
+            ("nat", "KWP-X", "--fl"),
+            ("nat", "KWP-X", "--check INPUT"),
+            ("nat", "KWP-X", "-j ACCEPT\0-F INPUT"),
         ] {
             assert!(
                 ipt(table, name, hostile).validate(&rules).is_err(),

@@ -1,0 +1,166 @@
+//! What the fuzz targets in `fuzz/` run, one function per target, so that
+//! the same code replays the kept corpora in `cargo test` (on stable, no
+//! libFuzzer needed) and fuzzes under `cargo fuzz` (scripts/fuzz.sh).
+//!
+//! A target returns normally for any input it does not like; it panics
+//! only when the host misbehaves: a panic on input from outside, or a
+//! plan the validator accepted that reaches beyond kwp's own objects.
+
+mod confinement;
+mod hostile;
+#[cfg(test)]
+mod tests;
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::config::{Cli, FileConfig, Settings};
+use crate::dataplane::Dataplane;
+use crate::dataplane::iptables::IptablesDataplane;
+use crate::dataplane::iptables::kernel::IptablesKernel;
+use crate::dataplane::nftables::NftDataplane;
+use crate::dataplane::nftables::kernel::{Listing, NftKernel};
+use crate::plan::{Fragment, Rules};
+use crate::state::ClusterState;
+
+/// Every target, by the name of its `fuzz/fuzz_targets/<name>.rs` and
+/// corpus directory.
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("kube_proxy_configuration", kube_proxy_configuration),
+    ("api_objects", api_objects),
+    ("file_objects", file_objects),
+    ("hostile_plan", hostile_plan),
+];
+
+/// A KubeProxyConfiguration file, resolved into settings as at start-up.
+pub fn kube_proxy_configuration(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(file) = FileConfig::parse(text) else {
+        return;
+    };
+    let cli = <Cli as clap::Parser>::parse_from(["kube-wasm-proxy", "--hostname-override", "n"]);
+    let _ = Settings::resolve_file(&cli.flags, file);
+}
+
+/// Objects as the API server could send them: the first byte says which
+/// kind, the rest is its JSON; every object goes into one cluster state,
+/// whose changes are then taken as the proxier would.
+pub fn api_objects(data: &[u8]) {
+    let mut state = ClusterState::new("node-a");
+    for chunk in data.split(|b| *b == 0) {
+        let Some((kind, json)) = chunk.split_first() else {
+            continue;
+        };
+        match kind % 3 {
+            0 => {
+                if let Ok(svc) = serde_json::from_slice::<Service>(json) {
+                    state.upsert_service(&svc);
+                }
+            }
+            1 => {
+                if let Ok(slice) = serde_json::from_slice::<EndpointSlice>(json) {
+                    state.upsert_slice(&slice);
+                }
+            }
+            _ => {
+                if let Ok(node) = serde_json::from_slice::<Node>(json) {
+                    state.set_node(&node);
+                }
+            }
+        }
+    }
+    take_everything(&mut state);
+}
+
+/// A file of the file source: parsed with its limits, then applied.
+pub fn file_objects(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(objects) = crate::source::file::parse::parse_objects(text) else {
+        return;
+    };
+    let mut state = ClusterState::new("node-a");
+    objects.nodes.iter().for_each(|n| state.set_node(n));
+    objects.services.iter().for_each(|s| {
+        state.upsert_service(s);
+    });
+    objects.slices.iter().for_each(|s| state.upsert_slice(s));
+    take_everything(&mut state);
+}
+
+fn take_everything(state: &mut ClusterState) {
+    let _ = state.take_changes();
+    let _ = state.snapshot().count();
+}
+
+/// A fragment a hostile proxy-mode plugin could return. If the validator
+/// accepts it, whatever the host then writes to nft and iptables-restore
+/// must address only kwp's own objects, one command per line the host
+/// meant to write (checked by an independent reading of that text).
+pub fn hostile_plan(data: &[u8]) {
+    let Ok(items) = hostile::items(&mut arbitrary::Unstructured::new(data)) else {
+        return;
+    };
+    let fragment = Fragment {
+        items: items.into(),
+    };
+    let rules = Rules::default();
+    if fragment.validate(&rules).is_err() {
+        return;
+    }
+    let written = Arc::new(Mutex::new(Vec::new()));
+    let mut nft = NftDataplane::with_kernel(&rules.nft_table, Box::new(Recorder(written.clone())));
+    if nft.apply(Some(&fragment), &[]).is_ok() {
+        for script in written.lock().expect("recorder").drain(..) {
+            confinement::nft_script(&script, &rules.nft_table)
+                .unwrap_or_else(|e| panic!("{e}\nin the nft script:\n{script}"));
+        }
+    }
+    let mut iptables = IptablesDataplane::with_kernel(Box::new(Recorder(written.clone())));
+    if iptables.apply(Some(&fragment), &[]).is_ok() {
+        for script in written.lock().expect("recorder").drain(..) {
+            confinement::iptables_restore(&script, &rules.iptables_prefix)
+                .unwrap_or_else(|e| panic!("{e}\nin the iptables-restore input:\n{script}"));
+        }
+    }
+}
+
+/// A kernel that takes everything and remembers what it was given.
+struct Recorder(Arc<Mutex<Vec<String>>>);
+
+impl Recorder {
+    fn record(&self, text: &str) -> Result<()> {
+        self.0.lock().expect("recorder").push(text.to_string());
+        Ok(())
+    }
+}
+
+impl NftKernel for Recorder {
+    fn run(&mut self, script: &str) -> Result<()> {
+        self.record(script)
+    }
+    fn check(&mut self, script: &str) -> Result<()> {
+        self.record(script)
+    }
+    fn list(&mut self, _: &str) -> Result<Listing> {
+        Ok(Listing::default())
+    }
+}
+
+impl IptablesKernel for Recorder {
+    fn restore(&mut self, _: bool, _: &str, text: &str) -> Result<()> {
+        self.record(text)
+    }
+    fn check(&mut self, _: bool, _: &str, text: &str) -> Result<()> {
+        self.record(text)
+    }
+    fn save(&mut self, _: bool, table: &str) -> Result<String> {
+        Ok(format!("*{table}\nCOMMIT\n"))
+    }
+}

@@ -1,0 +1,32 @@
+//! The end-to-end tests of kube-wasm-proxy: one test crate (one link, one
+//! `common`), a module per topic. `cargo test --test e2e nftables::` runs a
+//! topic, `cargo test --test e2e <name>` one test; tests/README.md says where
+//! a new test goes.
+//!
+//! All tests share this process and run on parallel threads, so nothing
+//! here may depend on process-wide state: no environment or working
+//! directory changes, ports from the kernel (`:0`) or inside a namespace of
+//! the test's own, namespace tags unique across the crate (`Netns::new`
+//! refuses a name already in use).
+
+mod common;
+
+mod apiserver;
+mod cleanup;
+mod cli;
+mod file_source;
+mod health;
+mod image;
+mod iptables;
+mod iptables_ops;
+mod ipvs;
+mod ipvs_filter;
+mod ipvs_vm;
+mod kubernetes;
+mod nft_resync;
+mod nftables;
+mod reliability;
+mod reload;
+mod tutorial;
+mod userspace;
+mod userspace_redirect;
