@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::node_proxy::{addr, answered_by, family_slice, many, service};
+use common::node_proxy::{addr, answered_by, family_slice, http_get, many, service};
 use common::topology::{
     CLIENT_IP, ContinuousClient, NODE_IP, NODE_IP6, Outcome, tcp_from, tcp_from_source, udp_from,
 };
@@ -359,6 +359,52 @@ vm_case!(
             again,
             pods(&["pod-a", "pod-d"]),
             "the draining connection broke"
+        );
+    }
+);
+
+vm_case!(
+    external_traffic_policy_local_keeps_the_client_ip_with_health_check_node_ports,
+    {
+        let g = guest();
+        let c = &g.cluster;
+        let here = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32001\n  # nodePort: 30087\n";
+        let away = "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32002\n  # nodePort: 30088\n";
+        let objects = service(
+            c,
+            "here",
+            "10.96.0.27",
+            here,
+            &["pod-a", "pod-b", "pod-c"],
+            "TCP",
+        ) + &service(c, "away", "10.96.0.28", away, &["pod-c"], "TCP");
+        // The node port gets the local endpoints only; the ClusterIP all.
+        g.apply(&objects, |t| {
+            shows(t, "TCP 203.0.113.1:30087 rr", 2) && shows(t, "TCP 10.96.0.27:80 rr", 3)
+        });
+        let outcomes = many(8, || tcp_from(&c.client, addr(NODE_IP, 30087)));
+        assert_eq!(answered_by(&outcomes), pods(&["pod-a", "pod-b"]));
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Answered(_, src) if src == CLIENT_IP)),
+            "the client's address is kept: {outcomes:?}"
+        );
+        assert!(
+            !tcp_from(&c.client, addr(NODE_IP, 30088)).answered(),
+            "no local endpoint: not answered"
+        );
+        let mut status = (0, String::new());
+        eventually("the health check node port", || {
+            status = http_get(&c.client, addr(NODE_IP, 32001), "/healthz");
+            status.0 != 0
+        });
+        assert_eq!(status.0, 200, "{}", status.1);
+        assert!(status.1.contains(r#""localEndpoints":2"#), "{}", status.1);
+        let (code, body) = http_get(&c.client, addr(NODE_IP, 32002), "/healthz");
+        assert!(
+            code == 503 && body.contains(r#""localEndpoints":0"#),
+            "{code} {body}"
         );
     }
 );
