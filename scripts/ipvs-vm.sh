@@ -26,6 +26,10 @@ if [ -n "$need" ]; then
 fi
 command -v qemu-system-x86_64 >/dev/null || skip "no qemu-system-x86_64"
 
+# One builder of the cache at a time (two tests may boot VMs at once).
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
 # The newest cached kernel, or the one Debian's meta package names.
 ver=$(ls -1 "$cache" 2>/dev/null | grep -- '-cloud-amd64$' | sort -V | tail -1 || true)
 if [ -z "$ver" ] || [ ! -f "$cache/$ver/vmlinuz" ] || [ ! -f "$cache/$ver/$base" ]; then
@@ -52,6 +56,7 @@ if [ -z "$ver" ] || [ ! -f "$cache/$ver/vmlinuz" ] || [ ! -f "$cache/$ver/$base"
   (cd "$work/root" && find . | cpio -o -H newc 2>/dev/null | gzip -1) > "$cache/$ver/$base.tmp"
   mv "$cache/$ver/$base.tmp" "$cache/$ver/$base"
 fi
+flock -u 9
 
 run=$(mktemp -d)
 trap 'rm -rf "$run"' EXIT

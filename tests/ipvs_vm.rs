@@ -11,12 +11,13 @@ mod guest;
 mod harness;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::node_proxy::{addr, answered_by, family_slice, http_get, many, service};
 use common::topology::{
-    CLIENT_IP, ContinuousClient, NODE_IP, NODE_IP6, Outcome, tcp_from, tcp_from_source, udp_from,
+    CLIENT_IP, ContinuousClient, NODE_IP, NODE_IP6, Outcome, POD_PORT, tcp_from, tcp_from_source,
+    udp_from,
 };
 use guest::{LINE_PORT, eventually, guest};
 
@@ -158,33 +159,25 @@ vm_case!(least_connections_policy_is_lc_and_avoids_busy_pods, {
         "least-connections",
         "",
     );
+    // Line servers keep a connection open (and active) for as long as the
+    // client wants, however slow the emulated CPU is.
+    g.line_servers(&ALL);
+    let objects = objects.replace(&POD_PORT.to_string(), &LINE_PORT.to_string());
     g.apply(&objects, |t| shows(t, "TCP 10.96.0.15:80 lc", 4));
     let target = addr("10.96.0.15", 80);
-    // Three connections held open (a pod answers within 2 s, once it has
-    // read the request or given up waiting) keep three pods busy...
-    let held: Vec<TcpStream> = (0..3)
-        .map(|_| {
-            c.client
-                .run_in(move || TcpStream::connect_timeout(&target, Duration::from_secs(2)))
-                .expect("held connection")
-        })
+    // Three connections held open keep three pods busy...
+    let mut held: Vec<guest::LineConn> = (0..3)
+        .map(|_| guest::LineConn::open(&c.client, target))
         .collect();
-    // ...so lc sends every new connection to the fourth (rr would cycle).
-    let short = many(4, || tcp_from(&c.client, target));
-    let busy: BTreeSet<String> = held
-        .into_iter()
-        .map(|mut s| {
-            use std::io::{Read, Write};
-            let _ = s.write_all(b"who\n");
-            let mut reply = String::new();
-            let _ = s.read_to_string(&mut reply);
-            reply.split(' ').next().unwrap_or_default().to_string()
-        })
-        .collect();
+    let busy: BTreeSet<String> = held.iter_mut().map(|h| h.ask()).collect();
     assert_eq!(busy.len(), 3, "held connections on distinct pods: {busy:?}");
-    let idle = answered_by(&short);
-    assert_eq!(idle.len(), 1, "{short:?}");
+    // ...so lc sends every new connection to the fourth (rr would cycle).
+    let idle: BTreeSet<String> = (0..4)
+        .map(|_| guest::LineConn::open(&c.client, target).ask())
+        .collect();
+    assert_eq!(idle.len(), 1, "{idle:?}\n{}", g.ipvs());
     assert!(idle.is_disjoint(&busy), "new {idle:?} busy {busy:?}");
+    drop(held);
 });
 
 vm_case!(maglev_policy_is_mh_and_keeps_each_client_on_one_pod, {

@@ -203,7 +203,8 @@ impl Guest {
     pub fn apply(&self, objects: &str, ready: impl Fn(&str) -> bool) {
         write(&self.objects, "objects.yaml", objects);
         let mut last = String::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // A policy's first use compiles it: tens of seconds on a loaded host.
+        let deadline = Instant::now() + Duration::from_secs(120);
         while !ready(&last) {
             assert!(
                 Instant::now() < deadline,

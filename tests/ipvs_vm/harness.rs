@@ -87,6 +87,12 @@ fn host_program(name: &str) -> String {
 }
 
 fn boot() -> Option<VmRun> {
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!(
+            "SKIPPED: the IPVS VM runs this host's x86_64 executables; this host is not x86_64"
+        );
+        return None;
+    }
     let me = std::env::current_exe().expect("own executable");
     let files = [
         env!("CARGO_BIN_EXE_kube-wasm-proxy").to_string(),
