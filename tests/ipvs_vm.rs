@@ -3,7 +3,8 @@
 //! packets through the namespace cluster of common/topology.rs built inside
 //! the guest. One VM runs every case (ipvs_vm/harness.rs); each host test
 //! reports its case. Clients are outside the cluster or on the remote node
-//! unless a case is about masquerading (see `masq_` cases).
+//! unless a case is about masquerading (`masquerade_*`, source ranges and
+//! reject: the packet-filter helpers in kwp's nftables table).
 
 use crate::common;
 
@@ -31,7 +32,7 @@ macro_rules! vm_case {
     };
 }
 
-/// A continuous client's pace: one emulated CPU also runs the proxy.
+/// A continuous client's pace: the emulated CPUs also run the proxy.
 const PACE: Duration = Duration::from_millis(20);
 
 const ALL: [&str; 4] = ["pod-a", "pod-b", "pod-c", "pod-d"];
@@ -491,6 +492,7 @@ vm_case!(
     }
 );
 
+/// Whether a connection got an answer from a pod.
 trait Answered {
     fn answered(&self) -> bool;
 }
