@@ -27,6 +27,7 @@ mod iptables;
 mod iptables_ops;
 mod ipvs;
 mod ipvs_filter;
+mod ipvs_vm;
 mod kubernetes;
 mod nft_resync;
 mod nftables;

@@ -47,7 +47,9 @@ impl App {
                 settings.mode.as_str()
             );
         }
-        let runtime = Runtime::new(Limits::default())?;
+        let mut limits = Limits::default();
+        limits.call_timeout = flags.plugin_call_timeout.unwrap_or(limits.call_timeout);
+        let runtime = Runtime::new(limits)?;
         let catalog = Catalog::new(settings.plugin_dir.clone());
         let (source, bytes) = catalog.load(settings.mode.as_str())?;
         let component = runtime

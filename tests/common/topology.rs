@@ -312,6 +312,11 @@ pub struct ContinuousClient {
 
 impl ContinuousClient {
     pub fn start(ns: &Netns, addr: SocketAddr) -> Self {
+        Self::start_every(ns, addr, Duration::from_millis(1))
+    }
+
+    /// At most one connection every `gap` (an emulated CPU needs slack).
+    pub fn start_every(ns: &Netns, addr: SocketAddr, gap: Duration) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let path = format!("/run/netns/{}", ns.name);
@@ -329,7 +334,7 @@ impl ContinuousClient {
             // milliseconds still fails connections.
             let mut next = std::time::Instant::now();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                next += Duration::from_millis(1);
+                next += gap;
                 std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
                 match tcp_here(addr) {
                     Outcome::Answered(..) => ok += 1,

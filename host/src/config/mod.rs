@@ -147,6 +147,10 @@ pub struct Flags {
     /// Print the plan and exit, applying nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Wall-clock budget of one call into a plugin (default 100ms); raise it only on a very slow
+    /// machine (an emulated CPU runs Wasm tens of times slower), never to let a bad plugin run.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub plugin_call_timeout: Option<Duration>,
     /// Remove every table, chain, jump, virtual server and interface kwp
     /// may have created in any mode, then exit (as kube-proxy's --cleanup).
     #[arg(long)]
