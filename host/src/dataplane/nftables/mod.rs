@@ -31,6 +31,7 @@ use anyhow::{Context, Result};
 
 pub use diff::diff_against_kernel;
 use kernel::{Listing, NftKernel, NftProcess, Summary};
+pub use netlink::element_count;
 use script::{Obj, Objects, Script};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
