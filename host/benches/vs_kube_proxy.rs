@@ -7,7 +7,8 @@
 //! - cold start: process start until `service-ips` holds all N frontends;
 //!   CPU seconds (its own and its `nft` children's) until then;
 //! - one change: an EndpointSlice patched through the API, from the write
-//!   returning until `nft monitor` prints the new address; at least 10,
+//!   returning until nf_tables announces a commit carrying the new address
+//!   (the event group `nft monitor` reads); at least 10,
 //!   spaced so that they span several syncPeriods (30 s);
 //! - peak RSS (VmHWM).
 //! Run as root (everything lives in a private network namespace):
@@ -19,9 +20,7 @@
 #[allow(dead_code)]
 mod apiserver;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -192,43 +191,24 @@ impl Run<'_> {
         }
         let cold_start = started.elapsed().as_secs_f64();
         let cold_cpu = cpu_seconds(pid);
-        // One change at a time, seen by `nft monitor`.
-        let mut monitor = Command::new("nft")
-            .arg("monitor")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("nft monitor")?;
-        let (tx, rx) = mpsc::channel::<(Instant, String)>();
-        let out = monitor.stdout.take().context("monitor stdout")?;
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send((Instant::now(), line)).is_err() {
-                    return;
-                }
-            }
-        });
+        // One change at a time, seen on nf_tables' event group. Not
+        // `nft monitor`: it reloads its cache of the whole table for every
+        // event, seconds per event at 10k Services.
+        let events = Events::subscribe()?;
         std::thread::sleep(Duration::from_secs(2));
         let mut latencies = Vec::new();
         for k in 0..self.changes {
-            while rx.try_recv().is_ok() {}
+            events.drain();
             let service = (k * 7919 + self.round * 31) % self.n;
             let ip = format!("10.{}.{}.{}", 200 + self.round % 50, k / 250, k % 250 + 1);
             rt.block_on(move_endpoint(client, service, &ip))?;
             let written = Instant::now();
-            let seen = loop {
-                let (at, line) = rx
-                    .recv_timeout(Duration::from_secs(300))
-                    .with_context(|| format!("{}: change {k} not seen in 300 s", self.proxy))?;
-                if mentions(&line, &ip) {
-                    break at;
-                }
-            };
+            let seen = events
+                .wait_for(&ip, written + Duration::from_secs(300))
+                .with_context(|| format!("{}: change {k} not seen in 300 s", self.proxy))?;
             latencies.push(seen.saturating_duration_since(written).as_secs_f64() * 1000.0);
             std::thread::sleep(self.gap);
         }
-        let _ = monitor.kill();
-        let _ = monitor.wait();
         let peak_rss_mib = peak_rss_kib(pid) / 1024.0;
         // SAFETY: a signal to the child we started.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -273,12 +253,88 @@ impl Run<'_> {
     }
 }
 
-/// Whether an `nft monitor` line names `ip` (not a longer address).
-fn mentions(line: &str, ip: &str) -> bool {
-    line.match_indices(ip).any(|(i, _)| {
-        let next = line[i + ip.len()..].chars().next();
-        !next.is_some_and(|c| c.is_ascii_digit())
-    })
+/// nf_tables change notifications (the netlink group `nft monitor`
+/// reads), searched raw: a change is visible once a committed message
+/// carries the new address, as 4 bytes (a rule's or element's data) or as
+/// text (upstream names endpoint chains after the address).
+struct Events {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Events {
+    fn subscribe() -> Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: socket(2) and setsockopt(2) on a descriptor we own.
+        unsafe {
+            let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 12);
+            anyhow::ensure!(
+                fd >= 0,
+                "netlink socket: {}",
+                std::io::Error::last_os_error()
+            );
+            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            let group: libc::c_int = 7; // NFNLGRP_NFTABLES
+            let size: libc::c_int = 64 << 20;
+            let opt = |level, name, value: &libc::c_int| {
+                libc::setsockopt(raw, level, name, (value as *const libc::c_int).cast(), 4)
+            };
+            opt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size);
+            anyhow::ensure!(
+                opt(libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, &group) == 0,
+                "joining NFNLGRP_NFTABLES: {}",
+                std::io::Error::last_os_error()
+            );
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 200_000,
+            };
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            Ok(Self { fd })
+        }
+    }
+
+    /// One datagram, or `None` after the receive timeout.
+    fn recv(&self, buf: &mut [u8]) -> Option<usize> {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&self.fd);
+        // SAFETY: recv(2) into a buffer we own, within its length.
+        let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        (n > 0).then_some(n as usize)
+    }
+
+    fn drain(&self) {
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&self.fd);
+        let mut buf = vec![0u8; 1 << 16];
+        // SAFETY: non-blocking recv(2) into our buffer.
+        while unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) } > 0
+        {
+        }
+    }
+
+    /// When a message naming `ip` arrived.
+    fn wait_for(&self, ip: &str, deadline: Instant) -> Result<Instant> {
+        let bytes: Vec<u8> = ip.split('.').map(|o| o.parse().unwrap_or(0)).collect();
+        let text = format!("__{ip}/");
+        let mut buf = vec![0u8; 1 << 20];
+        while Instant::now() < deadline {
+            let Some(n) = self.recv(&mut buf) else {
+                continue;
+            };
+            let at = Instant::now();
+            let data = &buf[..n];
+            let has = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
+            if has(&bytes) || has(text.as_bytes()) {
+                return Ok(at);
+            }
+        }
+        bail!("not seen")
+    }
 }
 
 async fn client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
