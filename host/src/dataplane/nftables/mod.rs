@@ -86,9 +86,17 @@ impl NftDataplane {
         if self.needs_full {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let inventory = self.kernel.inventory(&self.table)?;
         let want = Objects::of(self.applied.values())?;
         let drift = want.drift(&inventory, &self.known);
+        tracing::debug!(
+            took = ?started.elapsed(),
+            chains = inventory.chains.len(),
+            sets = inventory.sets.len(),
+            drifted = drift.chains.len() + drift.sets.len(),
+            "compared the kernel with the rules in force"
+        );
         let chains = inventory
             .chains
             .iter()
