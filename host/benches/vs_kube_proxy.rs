@@ -275,6 +275,15 @@ impl Events {
             let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
             let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
             let group: libc::c_int = 7; // NFNLGRP_NFTABLES
+            // Without a bind (an address, not a group) no event arrives.
+            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as u16;
+            let len = std::mem::size_of::<libc::sockaddr_nl>() as u32;
+            anyhow::ensure!(
+                libc::bind(raw, (&addr as *const libc::sockaddr_nl).cast(), len) == 0,
+                "netlink bind: {}",
+                std::io::Error::last_os_error()
+            );
             let size: libc::c_int = 64 << 20;
             let opt = |level, name, value: &libc::c_int| {
                 libc::setsockopt(raw, level, name, (value as *const libc::c_int).cast(), 4)
