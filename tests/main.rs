@@ -34,6 +34,7 @@ mod nftables;
 mod operate;
 mod reliability;
 mod reload;
+mod slice_selector;
 mod semantics;
 mod userspace;
 mod userspace_redirect;

@@ -1,6 +1,7 @@
 //! `--source kubernetes`: watches the API server like upstream kube-proxy:
-//! Services (not those handed to another proxy, not headless), all
-//! EndpointSlices, and this node's Node object. Watch errors, 410 Gone and
+//! Services and EndpointSlices with upstream's label selector (not those
+//! handed to another proxy, not headless: the API server filters them, so
+//! they cost this node nothing), and this node's Node object. Watch errors, 410 Gone and
 //! API-server restarts are retried with backoff and a relist; meanwhile the
 //! rules in force stay as they are. Objects that vanished while the watch
 //! was down are deleted when the relist completes.
@@ -50,8 +51,11 @@ pub async fn run(
     errors: Arc<AtomicU64>,
 ) {
     tokio::spawn(announce_start(client.clone(), node_name.clone()));
-    let services = watcher::Config::default()
-        .labels(&format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}"));
+    // Upstream's informers list both kinds with this selector; the
+    // EndpointSlice controller copies both labels onto a Service's slices.
+    let selector = format!("!{LABEL_SERVICE_PROXY_NAME},!{LABEL_HEADLESS}");
+    let services = watcher::Config::default().labels(&selector);
+    let slices = watcher::Config::default().labels(&selector);
     let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     tokio::join!(
         watch(
@@ -64,7 +68,7 @@ pub async fn run(
         ),
         watch(
             Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
+            slices,
             Kind::EndpointSlice,
             Object::Slice,
             tx.clone(),

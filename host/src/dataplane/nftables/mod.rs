@@ -31,6 +31,7 @@ use anyhow::{Context, Result};
 
 pub use diff::diff_against_kernel;
 use kernel::{Listing, NftKernel, NftProcess, Summary};
+pub use netlink::element_count;
 use script::{Obj, Objects, Script};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
@@ -85,9 +86,17 @@ impl NftDataplane {
         if self.needs_full {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let inventory = self.kernel.inventory(&self.table)?;
         let want = Objects::of(self.applied.values())?;
         let drift = want.drift(&inventory, &self.known);
+        tracing::debug!(
+            took = ?started.elapsed(),
+            chains = inventory.chains.len(),
+            sets = inventory.sets.len(),
+            drifted = drift.chains.len() + drift.sets.len(),
+            "compared the kernel with the rules in force"
+        );
         let chains = inventory
             .chains
             .iter()

@@ -63,6 +63,21 @@ pub fn inventory(table: &str) -> Result<Inventory> {
     Ok(inventory)
 }
 
+/// How many elements set `set` of `ip` table `table` holds (0 if absent):
+/// one dump, for benchmarks that wait until a proxy has programmed all.
+pub fn element_count(table: &str, set: &str) -> Result<usize> {
+    let socket = Socket::open()?;
+    let mut request = attr(TABLE, &cstr(table));
+    request.extend(attr(SET_ELEM_LIST_SET, &cstr(set)));
+    let mut count = 0;
+    for msg in socket.dump(NFT_MSG_GETSETELEM, NFPROTO_IPV4, &request)? {
+        if let Some(list) = attrs(&msg).get(&SET_ELEM_LIST_ELEMENTS) {
+            count += nested(list).filter(|(t, _)| *t == LIST_ELEM).count();
+        }
+    }
+    Ok(count)
+}
+
 fn family_inventory(
     socket: &Socket,
     table: &str,
