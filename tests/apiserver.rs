@@ -41,8 +41,8 @@ fn manifests() -> Vec<(String, String)> {
     out
 }
 
-fn yaml(doc: &str) -> serde_yaml::Value {
-    serde_yaml::from_str(doc).unwrap()
+fn yaml(doc: &str) -> serde_yaml_ng::Value {
+    serde_yaml_ng::from_str(doc).unwrap()
 }
 
 fn kind_of(doc: &str) -> String {
@@ -469,7 +469,7 @@ fn the_service_account_may_do_what_the_proxy_needs_and_no_more() {
     let path = dir.path().join("kubeconfig");
     cp.write_kubeconfig(&path, sa.token.as_deref().unwrap());
     let kubeconfig = std::fs::read_to_string(&path).unwrap();
-    let v: serde_yaml::Value = serde_yaml::from_str(&kubeconfig).unwrap();
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&kubeconfig).unwrap();
     assert_eq!(
         v["clusters"][0]["cluster"]["server"].as_str(),
         Some(cp.url.as_str())

@@ -15,7 +15,7 @@ use common::Logs;
 use common::apiserver::{Apply, repo_root, yaml_documents};
 use common::netns::Netns;
 use serde_json::json;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 /// Where a pod finds its service-account token and CA.
 const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -28,7 +28,7 @@ fn deploy(file: &str) -> String {
 fn document(file: &str, kind: &str) -> Value {
     yaml_documents(&deploy(file))
         .iter()
-        .map(|d| serde_yaml::from_str::<Value>(d).unwrap())
+        .map(|d| serde_yaml_ng::from_str::<Value>(d).unwrap())
         .find(|v| v["kind"] == kind)
         .unwrap_or_else(|| panic!("no {kind} in deploy/{file}"))
 }

@@ -487,7 +487,7 @@ fn no_rules_until_services_and_endpoint_slices_are_listed() {
 /// The ClusterRole of `doc` without its EndpointSlice rule (other documents
 /// unchanged).
 fn without_endpoint_slices(doc: &str) -> String {
-    let mut v: serde_yaml::Value = serde_yaml::from_str(doc).unwrap();
+    let mut v: serde_yaml_ng::Value = serde_yaml_ng::from_str(doc).unwrap();
     if v["kind"] == "ClusterRole" {
         let rules = v["rules"].as_sequence_mut().unwrap();
         rules.retain(|r| {
@@ -496,7 +496,7 @@ fn without_endpoint_slices(doc: &str) -> String {
                 .is_some_and(|rs| rs.iter().any(|x| x == "endpointslices"))
         });
     }
-    serde_yaml::to_string(&v).unwrap()
+    serde_yaml_ng::to_string(&v).unwrap()
 }
 
 /// A proxy cut off from the API server while a Service is deleted and

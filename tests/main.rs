@@ -34,7 +34,7 @@ mod nftables;
 mod operate;
 mod reliability;
 mod reload;
-mod slice_selector;
 mod semantics;
+mod slice_selector;
 mod userspace;
 mod userspace_redirect;

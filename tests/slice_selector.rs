@@ -5,9 +5,7 @@
 //! kube-apiserver: such slices never reach the proxy, at the initial list
 //! or later, and a slice that gains the label is deleted from its view.
 
-#[path = "common/apiserver.rs"]
-#[allow(dead_code)]
-mod apiserver;
+use crate::common::apiserver;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -234,7 +234,11 @@ impl App {
                 // A thread of its own: never on the event loop that serves
                 // health, metrics and signals.
                 (*source)
-                    .spawn(tx, self.sync.metrics.source_errors.clone())
+                    .spawn(
+                        tx,
+                        self.sync.metrics.source_errors.clone(),
+                        self.sync.metrics.source_files_read.clone(),
+                    )
                     .context("starting the file source")?;
             }
             Source::Kubernetes => {

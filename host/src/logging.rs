@@ -40,11 +40,11 @@ pub fn from_config(path: &std::path::Path) -> (Option<u8>, Option<LoggingFormat>
     };
     let verbosity = logging
         .get("verbosity")
-        .and_then(serde_yaml::Value::as_u64)
+        .and_then(serde_yaml_ng::Value::as_u64)
         .map(|v| v.min(u64::from(u8::MAX)) as u8);
     let format = logging
         .get("format")
-        .and_then(serde_yaml::Value::as_str)
+        .and_then(serde_yaml_ng::Value::as_str)
         .and_then(|f| LoggingFormat::from_str(f, true).ok());
     (verbosity, format)
 }

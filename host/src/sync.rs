@@ -237,7 +237,7 @@ mod tests {
             1000 + version
         );
         SourceEvent::Full {
-            services: vec![serde_yaml::from_str(&svc).unwrap()],
+            services: vec![serde_yaml_ng::from_str(&svc).unwrap()],
             slices: vec![],
             node: None,
         }
@@ -270,7 +270,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sync = app(dir.path()).sync;
         let node = || {
-            serde_yaml::from_str::<k8s_openapi::api::core::v1::Node>(
+            serde_yaml_ng::from_str::<k8s_openapi::api::core::v1::Node>(
                 "metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}",
             )
             .unwrap()

@@ -6,7 +6,7 @@
 //! The binaries come from `scripts/control-plane.sh` (etcd from Debian,
 //! kube-apiserver and kube-proxy built once per machine from the Go module
 //! k8s.io/kubernetes at a pinned version, cached outside the clone). The API
-//! is spoken over HTTPS with `curl`, so no Kubernetes client crate is needed.
+//! is spoken through `kube::Client` (common/api_client.rs).
 //!
 //! ```ignore
 //! let cp = ControlPlane::start();
@@ -26,7 +26,9 @@ use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
+
+pub use super::api_client::{Apply, Client, yaml_documents};
 
 /// Paths of the control-plane binaries.
 #[derive(Debug, Clone)]
@@ -273,17 +275,28 @@ impl ControlPlane {
     /// (when the API server reads etcd directly, `--watch-cache=false`).
     pub fn compact_etcd(&self) {
         let post = |path: &str, body: &str| -> Value {
-            let out = Command::new("curl")
-                .args(["-sS", "--max-time", "10", "-X", "POST", "--data", body])
-                .arg(format!("{}{path}", self.etcd_url))
-                .output()
-                .expect("curl");
+            let addr = self.etcd_url.trim_start_matches("http://");
+            // HTTP/1.0: etcd's JSON gateway then answers without chunking,
+            // so the body is everything after the head.
+            let answer = (|| -> std::io::Result<String> {
+                let mut stream = TcpStream::connect(addr)?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                write!(
+                    stream,
+                    "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )?;
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut stream, &mut text)?;
+                Ok(text)
+            })()
+            .unwrap_or_else(|e| panic!("etcd {path}: {e}"));
+            let (head, json) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
             assert!(
-                out.status.success(),
-                "etcd {path}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+                "etcd {path}: {head}"
             );
-            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("etcd {path}: {e}"))
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("etcd {path}: {e}: {json}"))
         };
         // The current revision is in every answer's header.
         let head = post("/v3/kv/range", r#"{"key": "AA==", "count_only": true}"#);
@@ -452,309 +465,6 @@ fn stop(mut child: Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// An HTTP answer.
-#[derive(Debug, Clone)]
-pub struct Response {
-    pub status: u16,
-    pub body: String,
-}
-
-impl Response {
-    pub fn ok(&self) -> bool {
-        (200..300).contains(&self.status)
-    }
-
-    pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-
-    /// Panics with `what`, the status and the body unless 2xx; returns the JSON.
-    #[track_caller]
-    pub fn expect_ok(&self, what: &str) -> Value {
-        assert!(self.ok(), "{what}: HTTP {}: {}", self.status, self.body);
-        self.json()
-    }
-}
-
-/// How to send an object with `Client::apply`.
-#[derive(Debug, Clone, Copy)]
-pub struct Apply {
-    /// `dryRun=All`: validated and admitted, not stored.
-    pub dry_run: bool,
-    /// `fieldValidation=Strict`: unknown or duplicate fields are errors.
-    pub strict: bool,
-}
-
-impl Apply {
-    pub const DRY_RUN: Apply = Apply {
-        dry_run: true,
-        strict: true,
-    };
-    pub const FOR_REAL: Apply = Apply {
-        dry_run: false,
-        strict: true,
-    };
-}
-
-/// Talks to the API server as one identity.
-#[derive(Debug, Clone)]
-pub struct Client {
-    pub url: String,
-    pub ca_file: PathBuf,
-    pub token: Option<String>,
-}
-
-/// Field manager of everything the tests apply.
-pub const FIELD_MANAGER: &str = "kwp-tests";
-
-impl Client {
-    /// One request; `body` is (content type, bytes). Panics if curl fails.
-    pub fn request(&self, method: &str, path: &str, body: Option<(&str, &str)>) -> Response {
-        self.try_request(method, path, body)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-    }
-
-    /// One request; Err only when no HTTP answer came (curl's error).
-    pub fn try_request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<(&str, &str)>,
-    ) -> Result<Response, String> {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "60", "-X", method, "--cacert"])
-            .arg(&self.ca_file);
-        cmd.args(["-H", "Accept: application/json", "-w", "\n%{http_code}"]);
-        if let Some(token) = &self.token {
-            cmd.args(["-H", &format!("Authorization: Bearer {token}")]);
-        }
-        if let Some((content_type, _)) = body {
-            cmd.args([
-                "-H",
-                &format!("Content-Type: {content_type}"),
-                "--data-binary",
-                "@-",
-            ]);
-        }
-        cmd.arg(format!("{}{path}", self.url));
-        cmd.stdin(if body.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("running curl (Debian package curl): {e}"))?;
-        if let Some((_, data)) = body {
-            let mut stdin = child.stdin.take().unwrap();
-            let data = data.to_string();
-            std::thread::spawn(move || {
-                let _ = stdin.write_all(data.as_bytes());
-            });
-        }
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "curl {}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let (body, code) = text.rsplit_once('\n').ok_or("curl printed no status")?;
-        Ok(Response {
-            status: code
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad status {code:?}"))?,
-            body: body.to_string(),
-        })
-    }
-
-    pub fn get(&self, path: &str) -> Response {
-        self.request("GET", path, None)
-    }
-
-    pub fn delete(&self, path: &str) -> Response {
-        self.request("DELETE", path, None)
-    }
-
-    pub fn post(&self, path: &str, body: &Value) -> Response {
-        self.request("POST", path, Some(("application/json", &body.to_string())))
-    }
-
-    pub fn put(&self, path: &str, body: &Value) -> Response {
-        self.request("PUT", path, Some(("application/json", &body.to_string())))
-    }
-
-    /// A JSON merge patch.
-    pub fn merge_patch(&self, path: &str, body: &Value) -> Response {
-        self.request(
-            "PATCH",
-            path,
-            Some(("application/merge-patch+json", &body.to_string())),
-        )
-    }
-
-    /// POST a YAML object (create) to `path`.
-    pub fn post_yaml(&self, path: &str, yaml: &str) -> Response {
-        self.request("POST", path, Some(("application/yaml", yaml)))
-    }
-
-    /// Server-side apply of one YAML (or JSON) object, wherever its
-    /// apiVersion, kind, namespace and name say it lives.
-    pub fn apply(&self, yaml: &str, how: Apply) -> Response {
-        let obj: serde_yaml::Value =
-            serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("not YAML ({e}):\n{yaml}"));
-        let field = |k: &str| {
-            obj.get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or_else(|| panic!("object has no {k}:\n{yaml}"))
-                .to_string()
-        };
-        let meta = |k: &str| {
-            obj.get("metadata")
-                .and_then(|m| m.get(k))
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-        };
-        let name = meta("name").unwrap_or_else(|| panic!("object has no metadata.name:\n{yaml}"));
-        let path = self.object_path(
-            &field("apiVersion"),
-            &field("kind"),
-            meta("namespace").as_deref(),
-            Some(&name),
-        );
-        let mut query = format!("fieldManager={FIELD_MANAGER}&force=true");
-        if how.dry_run {
-            query.push_str("&dryRun=All");
-        }
-        if how.strict {
-            query.push_str("&fieldValidation=Strict");
-        }
-        self.request(
-            "PATCH",
-            &format!("{path}?{query}"),
-            Some(("application/apply-patch+yaml", yaml)),
-        )
-    }
-
-    /// The REST path of a kind's collection or of one object, found with
-    /// discovery. A namespaced kind without a namespace is in `default`.
-    pub fn object_path(
-        &self,
-        api_version: &str,
-        kind: &str,
-        namespace: Option<&str>,
-        name: Option<&str>,
-    ) -> String {
-        let base = if api_version.contains('/') {
-            format!("/apis/{api_version}")
-        } else {
-            format!("/api/{api_version}")
-        };
-        let list = self
-            .get(&base)
-            .expect_ok(&format!("discovery of {api_version}"));
-        let resource = list["resources"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r["kind"] == kind && !r["name"].as_str().unwrap_or("/").contains('/'))
-            .unwrap_or_else(|| panic!("the API server serves no kind {kind} in {api_version}"));
-        let mut path = base;
-        if resource["namespaced"].as_bool() == Some(true) {
-            path.push_str(&format!("/namespaces/{}", namespace.unwrap_or("default")));
-        }
-        path.push('/');
-        path.push_str(resource["name"].as_str().unwrap());
-        if let Some(name) = name {
-            path.push('/');
-            path.push_str(name);
-        }
-        path
-    }
-
-    /// Creates the namespace unless it exists, and waits until it is there.
-    pub fn ensure_namespace(&self, name: &str) {
-        let r = self.post(
-            "/api/v1/namespaces",
-            &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
-        );
-        assert!(
-            r.ok() || r.status == 409,
-            "creating namespace {name}: HTTP {}: {}",
-            r.status,
-            r.body
-        );
-        super::poll::eventually_within(
-            &format!("namespace {name} to appear"),
-            Duration::from_secs(20),
-            || self.get(&format!("/api/v1/namespaces/{name}")).status == 200,
-        );
-    }
-
-    /// A token for a ServiceAccount (TokenRequest API), valid for an hour.
-    pub fn service_account_token(&self, namespace: &str, name: &str) -> String {
-        let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}});
-        let r = self.post(
-            &format!("/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"),
-            &body,
-        );
-        r.expect_ok(&format!("token for {namespace}/{name}"))["status"]["token"]
-            .as_str()
-            .expect("status.token")
-            .to_string()
-    }
-
-    /// Whether this identity may `verb` `resource` (`services`, or with a
-    /// subresource `nodes/status`), by SelfSubjectAccessReview. `namespace`
-    /// None asks cluster-wide.
-    pub fn can(&self, verb: &str, group: &str, resource: &str, namespace: Option<&str>) -> bool {
-        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
-        let mut attrs =
-            json!({"verb": verb, "group": group, "resource": resource, "subresource": subresource});
-        if let Some(ns) = namespace {
-            attrs["namespace"] = json!(ns);
-        }
-        let body = json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": {"resourceAttributes": attrs}});
-        let r = self.post(
-            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
-            &body,
-        );
-        r.expect_ok("SelfSubjectAccessReview")["status"]["allowed"]
-            .as_bool()
-            .unwrap_or(false)
-    }
-
-    /// Who the API server takes this client for (SelfSubjectReview).
-    pub fn whoami(&self) -> Value {
-        let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"});
-        self.post("/apis/authentication.k8s.io/v1/selfsubjectreviews", &body)
-            .expect_ok("SelfSubjectReview")["status"]["userInfo"]
-            .clone()
-    }
-}
-
-/// The documents of a multi-document YAML text (`---` lines), without the
-/// empty or comment-only ones.
-pub fn yaml_documents(text: &str) -> Vec<String> {
-    let mut docs = vec![String::new()];
-    for line in text.lines() {
-        if line.trim_end() == "---" || line.starts_with("--- ") {
-            docs.push(String::new());
-        } else {
-            let doc = docs.last_mut().unwrap();
-            doc.push_str(line);
-            doc.push('\n');
-        }
-    }
-    docs.retain(|d| serde_yaml::from_str::<serde_yaml::Value>(d).is_ok_and(|v| !v.is_null()));
-    docs
 }
 
 fn kubeconfig(url: &str, ca: &Path, user: &str) -> String {

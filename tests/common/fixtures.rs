@@ -197,8 +197,8 @@ impl<'c> TestService<'c> {
 
     /// The Service and its slice as YAML documents, each ended by `---`.
     pub fn yaml(&self) -> String {
-        let service = serde_yaml::to_string(&self.service).expect("a Service serialises");
-        let slice = serde_yaml::to_string(&self.slice).expect("a slice serialises");
+        let service = serde_yaml_ng::to_string(&self.service).expect("a Service serialises");
+        let slice = serde_yaml_ng::to_string(&self.slice).expect("a slice serialises");
         format!("{service}---\n{slice}---\n")
     }
 }

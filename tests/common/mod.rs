@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod api_client;
 pub mod apiserver;
 pub mod fixtures;
 pub mod netns;

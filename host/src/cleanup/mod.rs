@@ -419,6 +419,15 @@ impl IptablesKernel for LegacyIfLoaded {
         }
         self.0.save(ipv6, table)
     }
+    fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>> {
+        if !Self::loaded(ipv6, table) {
+            return Ok(None);
+        }
+        self.0.chain_rules(ipv6, table, chain)
+    }
+    fn enable_route_localnet(&mut self) -> Result<()> {
+        anyhow::bail!("cleanup removes rules; it never turns route_localnet on")
+    }
 }
 
 /// Whether `program` is on PATH.

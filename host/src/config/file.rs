@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::ValueEnum;
-use serde_yaml::{Mapping, Value};
+use serde_yaml_ng::{Mapping, Value};
 
 use super::ProxyMode;
 use super::values::{self, Named};
@@ -83,7 +83,7 @@ pub struct FileConfig {
 
 impl FileConfig {
     pub fn parse(text: &str) -> Result<Self> {
-        let value: Value = serde_yaml::from_str(text).context("not YAML")?;
+        let value: Value = serde_yaml_ng::from_str(text).context("not YAML")?;
         let Value::Mapping(top) = value else {
             bail!("not a mapping")
         };

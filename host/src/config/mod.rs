@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use crate::model::Cidr;
 pub(crate) use file::FileConfig;

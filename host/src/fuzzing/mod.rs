@@ -21,6 +21,8 @@ use crate::config::{Cli, FileConfig, Settings};
 use crate::dataplane::Dataplane;
 use crate::dataplane::iptables::IptablesDataplane;
 use crate::dataplane::iptables::kernel::IptablesKernel;
+use crate::dataplane::ipvs::fake::FakeIpvs;
+use crate::dataplane::ipvs::{IpvsDataplane, RealServer, VirtualKey, VirtualServer};
 use crate::dataplane::nftables::NftDataplane;
 use crate::dataplane::nftables::kernel::{Listing, NftKernel};
 use crate::plan::{Fragment, Rules};
@@ -102,7 +104,9 @@ fn take_everything(state: &mut ClusterState) {
 /// A fragment a hostile proxy-mode plugin could return. If the validator
 /// accepts it, whatever the host then writes to nft and iptables-restore
 /// must address only kwp's own objects, one command per line the host
-/// meant to write (checked by an independent reading of that text).
+/// meant to write (checked by an independent reading of that text); and
+/// IPVS must leave another program's virtual server and the node's own
+/// addresses alone.
 pub fn hostile_plan(data: &[u8]) {
     let Ok(items) = hostile::items(&mut arbitrary::Unstructured::new(data)) else {
         return;
@@ -127,6 +131,72 @@ pub fn hostile_plan(data: &[u8]) {
         for script in written.lock().expect("recorder").drain(..) {
             confinement::iptables_restore(&script, &rules.iptables_prefix)
                 .unwrap_or_else(|e| panic!("{e}\nin the iptables-restore input:\n{script}"));
+        }
+    }
+    ipvs_confined(&fragment);
+}
+
+/// Another program's virtual server on a node address, with one real
+/// server, and the node's address: present before the hostile plan.
+fn foreign_ipvs() -> (FakeIpvs, VirtualServer, RealServer) {
+    let node = std::net::Ipv4Addr::new(192, 0, 2, 10);
+    let foreign = VirtualServer {
+        key: VirtualKey {
+            address: (node, 8443).into(),
+            protocol: crate::model::Protocol::Tcp,
+        },
+        scheduler: "wlc".into(),
+        persistence_timeout: 0,
+    };
+    let real = RealServer {
+        address: (std::net::Ipv4Addr::new(192, 0, 2, 20), 443).into(),
+        weight: 7,
+    };
+    let fake = FakeIpvs::new();
+    {
+        let mut s = fake.state();
+        s.node_addresses.insert(node.into());
+        s.services.insert(
+            foreign.key,
+            (foreign.clone(), [(real.address, real.weight)].into()),
+        );
+    }
+    (fake, foreign, real)
+}
+
+fn hostile_service() -> crate::model::ServicePortName {
+    crate::model::ServicePortName {
+        namespace: "hostile".into(),
+        name: "plan".into(),
+        port: "p".into(),
+        protocol: crate::model::Protocol::Tcp,
+    }
+}
+
+fn ipvs_confined(fragment: &Fragment) {
+    let (fake, foreign, real) = foreign_ipvs();
+    let mut ipvs = IpvsDataplane::with_kernel(Box::new(fake.clone()), None);
+    for change in [
+        ipvs.apply(Some(fragment), &[]),
+        ipvs.apply(None, &[(hostile_service(), Some(fragment))]),
+    ] {
+        let _ = change;
+        let s = fake.state();
+        let (vs, reals) = s
+            .services
+            .get(&foreign.key)
+            .unwrap_or_else(|| panic!("the foreign virtual server {} was deleted", foreign.key));
+        assert_eq!(vs, &foreign, "the foreign virtual server was changed");
+        assert_eq!(
+            reals,
+            &[(real.address, real.weight)].into(),
+            "the foreign virtual server's real servers were changed"
+        );
+        for ip in s.link.iter().flatten() {
+            assert!(
+                !s.node_addresses.contains(ip),
+                "the node's address {ip} was bound to kube-ipvs0"
+            );
         }
     }
 }
@@ -165,5 +235,8 @@ impl IptablesKernel for Recorder {
     }
     fn chain_rules(&mut self, _: bool, _: &str, _: &str) -> Result<Option<Vec<String>>> {
         Ok(None)
+    }
+    fn enable_route_localnet(&mut self) -> Result<()> {
+        Ok(())
     }
 }

@@ -219,6 +219,12 @@ impl Collector for Scrape {
             "Errors reading cluster state (API watch failures, unreadable source files and directories)",
             &counter(&m.source_errors),
         )?;
+        put(
+            e,
+            "kwp_source_files_read",
+            "Files the file source has read (a file is read when it changed and settled)",
+            &counter(&m.source_files_read),
+        )?;
         if let Some(runtime) = &m.runtime {
             let reloads = &runtime.reloads;
             put(
@@ -408,6 +414,11 @@ mod tests {
                 "kwp_source_errors_total",
                 "counter",
                 "Errors reading cluster state (API watch failures, unreadable source files and directories)",
+            ),
+            (
+                "kwp_source_files_read_total",
+                "counter",
+                "Files the file source has read (a file is read when it changed and settled)",
             ),
             ("kwp_plugin_calls_total", "counter", "Calls into the plugin"),
             (

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub frontend_conflicts: AtomicU64,
     /// Source errors (API watch failures, files the file source refused).
     pub source_errors: Arc<AtomicU64>,
+    /// Files the file source has read (its idle scans read none).
+    pub source_files_read: Arc<AtomicU64>,
     pub node_deleting: AtomicBool,
     health_timeout: Duration,
     healthz: ByStatus,
@@ -87,6 +89,7 @@ impl Metrics {
             service_errors: AtomicU64::new(0),
             frontend_conflicts: AtomicU64::new(0),
             source_errors: Arc::default(),
+            source_files_read: Arc::default(),
             node_deleting: AtomicBool::new(false),
             health_timeout: sync_period * 2,
             healthz: ByStatus::default(),

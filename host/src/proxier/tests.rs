@@ -48,7 +48,7 @@ fn set_services(state: &mut ClusterState, services: &[&str]) {
         .enumerate()
         .map(|(i, key)| {
             let (ns, name) = key.split_once('/').unwrap();
-            serde_yaml::from_str(&format!(
+            serde_yaml_ng::from_str(&format!(
                 "metadata: {{name: {name}, namespace: {ns}}}\nspec: {{clusterIP: 10.0.0.{}, ports: [{{port: 80}}]}}\n",
                 i + 1
             ))
@@ -233,7 +233,7 @@ fn nftables_over_fake() -> (Proxier, crate::dataplane::nftables::fake::FakeNft) 
 
 /// An EndpointSlice giving Service `t/name` one endpoint at `ip`:8080.
 fn slice(name: &str, ip: &str) -> k8s_openapi::api::discovery::v1::EndpointSlice {
-    serde_yaml::from_str(&format!(
+    serde_yaml_ng::from_str(&format!(
         "metadata: {{name: {name}-1, namespace: t, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: ['{ip}']}}]\n"
     ))
     .unwrap()
@@ -241,7 +241,7 @@ fn slice(name: &str, ip: &str) -> k8s_openapi::api::discovery::v1::EndpointSlice
 
 /// A Service `t/name` on `ip`:80 created at `created`.
 fn service_at(name: &str, ip: &str, created: &str) -> k8s_openapi::api::core::v1::Service {
-    serde_yaml::from_str(&format!(
+    serde_yaml_ng::from_str(&format!(
         "metadata: {{name: {name}, namespace: t, creationTimestamp: '{created}'}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n"
     ))
     .unwrap()
@@ -336,7 +336,7 @@ fn policy_instances_nobody_uses_are_dropped() {
     let (mut proxier, _) = nftables_over_fake();
     let mut state = ClusterState::new("n");
     let annotated = |i: usize| -> k8s_openapi::api::core::v1::Service {
-        serde_yaml::from_str(&format!(
+        serde_yaml_ng::from_str(&format!(
             "metadata: {{name: s{i}, namespace: t, annotations: {{kube-wasm-proxy.io/lb-policy: weighted, kube-wasm-proxy.io/lb-policy-config: '10.9.0.{i}=2'}}}}\nspec: {{clusterIP: 10.0.1.{i}, ports: [{{port: 80}}]}}\n"
         ))
         .unwrap()

@@ -8,11 +8,11 @@ use super::*;
 use crate::model::TrafficPolicy;
 
 fn svc(yaml: &str) -> Service {
-    serde_yaml::from_str(yaml).expect("test Service parses")
+    serde_yaml_ng::from_str(yaml).expect("test Service parses")
 }
 
 fn slice(yaml: &str) -> EndpointSlice {
-    serde_yaml::from_str(yaml).expect("test EndpointSlice parses")
+    serde_yaml_ng::from_str(yaml).expect("test EndpointSlice parses")
 }
 
 const WEB: &str = "metadata: {name: web, namespace: ns}\nspec:\n  type: ClusterIP\n  clusterIP: 10.96.0.10\n  clusterIPs: [10.96.0.10, 'fd00::10']\n  ports:\n  - {name: http, port: 80, protocol: TCP}\n  - {name: dns, port: 53, protocol: UDP}\n";

@@ -71,8 +71,9 @@ pub struct FileSource {
     dirs: Vec<PathBuf>,
     /// Errors reported so far (`kwp_source_errors_total`).
     pub errors: Arc<AtomicU64>,
-    /// Files read so far: a scan's cost is in what it reads.
-    pub files_read: u64,
+    /// Files read so far (`kwp_source_files_read_total`): a scan's cost
+    /// is in what it reads, so an idle scan reads none.
+    pub files_read: Arc<AtomicU64>,
 }
 
 impl FileSource {
@@ -89,7 +90,7 @@ impl FileSource {
             settle: SETTLE,
             dirs: Vec::new(),
             errors: Arc::default(),
-            files_read: 0,
+            files_read: Arc::default(),
         }
     }
 
@@ -133,7 +134,7 @@ impl FileSource {
             if !self.settled(path, fingerprint) {
                 continue;
             }
-            self.files_read += 1;
+            self.files_read.fetch_add(1, Ordering::Relaxed);
             match disk::read(path, fingerprint) {
                 Ok(None) => {
                     // Changed while read: wait for it to settle again.
@@ -251,8 +252,10 @@ impl FileSource {
         mut self,
         tx: mpsc::Sender<SourceEvent>,
         errors: Arc<AtomicU64>,
+        files_read: Arc<AtomicU64>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         self.errors = errors;
+        self.files_read = files_read;
         std::thread::Builder::new()
             .name("kwp-file-source".into())
             .spawn(move || {

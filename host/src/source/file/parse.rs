@@ -4,7 +4,7 @@
 //! nesting depth and node count, stopping at the first event past a limit;
 //! only text within the limits is deserialised. libyaml's scanner costs
 //! O(depth) per token, so a deeply nested document would otherwise take
-//! minutes (quadratic) before serde_yaml's own recursion limit applies.
+//! minutes (quadratic) before serde_yaml_ng's own recursion limit applies.
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -16,7 +16,7 @@ use serde::Deserialize;
 pub const MAX_DEPTH: usize = 64;
 /// Most YAML nodes (scalars, sequences, mappings, aliases) in one file: an
 /// 8 MiB file of real objects (about 20 bytes a node) stays well below it,
-/// and it bounds the memory serde_yaml needs for one file.
+/// and it bounds the memory serde_yaml_ng needs for one file.
 pub const MAX_NODES: usize = 1_000_000;
 
 /// The objects found in one file.
@@ -33,9 +33,9 @@ pub struct Objects {
 pub fn parse_objects(text: &str) -> Result<Objects> {
     check_limits(text)?;
     let mut out = Objects::default();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value =
-            serde_yaml::Value::deserialize(doc).with_context(|| format!("document {}", i + 1))?;
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = serde_yaml_ng::Value::deserialize(doc)
+            .with_context(|| format!("document {}", i + 1))?;
         if value.is_null() {
             continue;
         }
@@ -45,7 +45,7 @@ pub fn parse_objects(text: &str) -> Result<Objects> {
 }
 
 /// `kind namespace/name` of an object, for errors.
-fn describe(kind: &str, value: &serde_yaml::Value) -> String {
+fn describe(kind: &str, value: &serde_yaml_ng::Value) -> String {
     let meta = value.get("metadata");
     let field = |f: &str| {
         meta.and_then(|m| m.get(f))
@@ -61,7 +61,7 @@ fn describe(kind: &str, value: &serde_yaml::Value) -> String {
     }
 }
 
-fn add_object(value: serde_yaml::Value, out: &mut Objects) -> Result<()> {
+fn add_object(value: serde_yaml_ng::Value, out: &mut Objects) -> Result<()> {
     let kind = value
         .get("kind")
         .and_then(|k| k.as_str())
@@ -72,24 +72,24 @@ fn add_object(value: serde_yaml::Value, out: &mut Objects) -> Result<()> {
     match kind.as_str() {
         "Service" => out
             .services
-            .push(serde_yaml::from_value(value).with_context(invalid)?),
+            .push(serde_yaml_ng::from_value(value).with_context(invalid)?),
         "EndpointSlice" => out
             .slices
-            .push(serde_yaml::from_value(value).with_context(invalid)?),
+            .push(serde_yaml_ng::from_value(value).with_context(invalid)?),
         "Node" => out
             .nodes
-            .push(serde_yaml::from_value(value).with_context(invalid)?),
+            .push(serde_yaml_ng::from_value(value).with_context(invalid)?),
         "List" | "ServiceList" | "EndpointSliceList" | "NodeList" => {
-            let serde_yaml::Value::Mapping(mut map) = value else {
+            let serde_yaml_ng::Value::Mapping(mut map) = value else {
                 bail!("invalid {kind}")
             };
             let items = map.remove("items").unwrap_or_default();
-            let serde_yaml::Value::Sequence(items) = items else {
+            let serde_yaml_ng::Value::Sequence(items) = items else {
                 bail!("{kind} without items")
             };
             for (i, mut item) in items.into_iter().enumerate() {
                 // Typed lists may leave out each item's kind.
-                if let (Some(kind), serde_yaml::Value::Mapping(m)) = (
+                if let (Some(kind), serde_yaml_ng::Value::Mapping(m)) = (
                     kind.strip_suffix("List").filter(|k| !k.is_empty()),
                     &mut item,
                 ) {
