@@ -16,9 +16,19 @@
 //!     cargo bench -p kube-wasm-proxy --bench vs_kube_proxy
 //!     KWP_BENCH_SIZES=1000,10000 cargo bench -p kube-wasm-proxy --bench vs_kube_proxy
 
+// The suite's real control plane and the helpers it leans on.
+#[path = "../../tests/common/api_client.rs"]
+#[allow(dead_code)]
+mod api_client;
 #[path = "../../tests/common/apiserver.rs"]
 #[allow(dead_code)]
 mod apiserver;
+#[path = "../../tests/common/poll.rs"]
+#[allow(dead_code)]
+mod poll;
+#[path = "../../tests/common/slots.rs"]
+#[allow(dead_code)]
+mod slots;
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
