@@ -9,6 +9,20 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+/// Runs `future` on the client's runtime and waits for it. Spawned rather
+/// than `block_on`, so that a test may call the client from inside a runtime
+/// of its own (blocking that thread, never nesting runtimes).
+fn on_runtime<T: Send + 'static>(
+    future: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime().spawn(async move {
+        let _ = tx.send(future.await);
+    });
+    rx.recv()
+        .expect("the API client's runtime dropped a request")
+}
+
 /// The runtime every blocking call runs its request on.
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -107,7 +121,7 @@ impl Client {
         let request = request
             .body(kube::client::Body::from(bytes))
             .map_err(|e| format!("building the request: {e}"))?;
-        runtime().block_on(async {
+        on_runtime(async move {
             let answer = async {
                 let response = client.send(request).await.map_err(|e| e.to_string())?;
                 let status = response.status().as_u16();
@@ -151,8 +165,7 @@ impl Client {
             config.headers.push((http::header::AUTHORIZATION, value));
         }
         // The client's tower stack spawns onto the runtime it is built in.
-        let client = runtime()
-            .block_on(async { kube::Client::try_from(config) })
+        let client = on_runtime(async move { kube::Client::try_from(config) })
             .map_err(|e| format!("kube client for {}: {e}", self.url))?;
         clients.insert(key, client.clone());
         Ok(client)
