@@ -126,12 +126,10 @@ fn a_flushed_nat_table_comes_back_long_before_the_sync_period() {
     c.node.sh("iptables -t nat -F && iptables -t nat -X");
     let deleted = until_answered(&c, "10.96.0.41");
     eprintln!("service back after nat -F in {flushed:?}, after -F -X in {deleted:?}");
-    for took in [flushed, deleted] {
-        assert!(
-            took < Duration::from_secs(5),
-            "{took:?}: not the canary (syncPeriod is 120 s)"
-        );
-    }
+    // The canary repaired it, not the resync (syncPeriod is 120 s and
+    // `until_answered` gives up at 30 s): counted, not timed, as the
+    // machine's load decides the seconds.
+    assert_eq!(sample(&c, "kwp_iptables_canary_resyncs_total"), 2.0);
     assert!(save(&c, "nat").contains(canary));
     assert_eq!(
         save(&c, "nat")
@@ -428,6 +426,5 @@ fn on_iptables_legacy_the_backend_is_exported_and_the_canary_watches_legacy() {
         .sh("iptables-legacy -t nat -F && iptables-legacy -t nat -X");
     let back = until_answered(&c, "10.96.0.45");
     eprintln!("legacy: service back after nat -F -X in {back:?}");
-    assert!(back < Duration::from_secs(5), "{back:?}");
     assert_eq!(sample(&c, "kwp_iptables_canary_resyncs_total"), 1.0);
 }
