@@ -175,6 +175,17 @@ pub struct ServicePort {
     pub lb_policy_config: String,
 }
 
+impl ServicePort {
+    /// Whether traffic can arrive from outside the cluster network (a node
+    /// port, an external IP or a load-balancer IP), as upstream's
+    /// ExternallyAccessible: only then does the external policy matter.
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ingress.is_empty()
+    }
+}
+
 /// One endpoint of a service port, merged from the Service's EndpointSlices.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
@@ -286,6 +297,35 @@ mod tests {
 pub enum BackendPlan {
     Weights(Vec<u32>),
     Slots(Vec<u32>),
+}
+
+/// The endpoints one kind of traffic may reach and the policy's plan over
+/// them (WIT `endpoint-set`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSet {
+    pub endpoints: Vec<Endpoint>,
+    pub backends: BackendPlan,
+}
+
+impl EndpointSet {
+    /// No endpoint, an empty plan.
+    pub fn empty() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            backends: BackendPlan::Weights(Vec::new()),
+        }
+    }
+}
+
+/// What a proxy mode renders a service port from (WIT `service-endpoints`):
+/// the set for cluster-IP traffic, the set for node-port, external-IP and
+/// load-balancer traffic, and whether any endpoint exists on any node
+/// (drop rather than reject when a set is empty).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEndpoints {
+    pub internal: EndpointSet,
+    pub external: EndpointSet,
+    pub has_any: bool,
 }
 
 /// detectLocalMode, as upstream: which sources count as this node's pods.

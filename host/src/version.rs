@@ -12,7 +12,7 @@ const WIT: &[&str] = &[
     include_str!("../../wit/mode.wit"),
 ];
 
-/// `kwp:proxy@0.1.0`, one per WIT package.
+/// `kwp:proxy@0.2.0`, one per WIT package.
 pub fn wit_packages() -> BTreeSet<String> {
     WIT.iter()
         .flat_map(|text| text.lines())

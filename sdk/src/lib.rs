@@ -19,6 +19,7 @@
 //! unit-tested with `cargo test` and no Wasm toolchain.
 
 pub mod hash;
+pub mod sets;
 pub mod slots;
 pub mod testing;
 

@@ -181,6 +181,21 @@ impl<'c> TestService<'c> {
         self
     }
 
+    /// Serving but terminating endpoints (not ready) on the named pods: a
+    /// pod being deleted that still answers.
+    pub fn draining_pods(mut self, names: &[&str]) -> Self {
+        for name in names {
+            let mut endpoint = self.endpoint_of(name);
+            endpoint.conditions = Some(EndpointConditions {
+                ready: Some(false),
+                serving: Some(true),
+                terminating: Some(true),
+            });
+            self.slice.endpoints.push(endpoint);
+        }
+        self
+    }
+
     /// A ready endpoint on pod `name` (its node set), for a caller to adjust.
     pub fn endpoint_of(&self, name: &str) -> Endpoint {
         let pod = self.cluster.pod(name);

@@ -112,6 +112,9 @@ scenarios! {
     one_backend:
     traffic::client_ip_affinity_expires_after_its_timeout,
     traffic::internal_traffic_policy_local_and_traffic_from_the_node,
+    traffic::internal_local_leaves_node_ports_to_every_endpoint,
+    traffic::external_local_falls_back_to_a_local_terminating_pod,
+    traffic::internal_local_without_local_pods_drops_and_node_ports_serve,
     lifecycle::stale_udp_conntrack_entries_are_flushed_when_an_endpoint_goes,
     lifecycle::topology_hints_keep_traffic_in_the_zone_when_every_endpoint_has_them,
     lifecycle::terminating_endpoints_serve_only_when_nothing_is_ready,

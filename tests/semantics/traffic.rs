@@ -204,3 +204,73 @@ pub fn dual_stack_services_answer_on_both_families(mode: &Mode) {
         "{np:?}"
     );
 }
+
+/// internalTrafficPolicy Local narrows only cluster-IP traffic: a node port
+/// under externalTrafficPolicy Cluster reaches every pod, remote ones too.
+pub fn internal_local_leaves_node_ports_to_every_endpoint(mode: &Mode) {
+    let c = mode.cluster("itpnp");
+    let web = TestService::new(&c, "web", "10.96.0.22")
+        .node_port(30084)
+        .internal_traffic_local()
+        .pods(&["pod-a", "pod-c", "pod-d"]);
+    let _p = mode.start(&c, &web.yaml());
+    let outcomes = many(20, || tcp_from(&c.client, addr(NODE_IP, 30084)));
+    assert_eq!(
+        answered_by(&outcomes),
+        pods(&["pod-a", "pod-c", "pod-d"]),
+        "the node port serves the cluster-wide set"
+    );
+    let outcomes = many(10, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.22", 80)));
+    assert_eq!(
+        answered_by(&outcomes),
+        pods(&["pod-a"]),
+        "the cluster IP only the local pod"
+    );
+}
+
+/// externalTrafficPolicy Local with ready pods elsewhere and only a
+/// terminating (still serving) pod here: outside traffic goes to that pod,
+/// with the client's address (upstream's local terminating fallback).
+pub fn external_local_falls_back_to_a_local_terminating_pod(mode: &Mode) {
+    let c = mode.cluster("etpterm");
+    let web = TestService::new(&c, "web", "10.96.0.23")
+        .node_port(30085)
+        .external_traffic_local()
+        .pods(&["pod-c"])
+        .draining_pods(&["pod-a"]);
+    let _p = mode.start(&c, &web.yaml());
+    let outcomes = many(10, || tcp_from(&c.client, addr(NODE_IP, 30085)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-a"]), "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src == CLIENT_IP)),
+        "{outcomes:?}"
+    );
+    let outcomes = many(10, || tcp_from(&c.pod("pod-b").ns, addr("10.96.0.23", 80)));
+    assert_eq!(
+        answered_by(&outcomes),
+        pods(&["pod-c"]),
+        "the cluster IP the ready pod"
+    );
+}
+
+/// A Local policy with endpoints only on other nodes drops (the client
+/// retries elsewhere); the other kind of traffic is still served.
+pub fn internal_local_without_local_pods_drops_and_node_ports_serve(mode: &Mode) {
+    let c = mode.cluster("itpdrop");
+    let web = TestService::new(&c, "web", "10.96.0.24")
+        .node_port(30086)
+        .internal_traffic_local()
+        .pods(&["pod-c"]);
+    let _p = mode.start(&c, &web.yaml());
+    eventually(
+        "the node port serves the remote pod",
+        || matches!(tcp_from(&c.client, addr(NODE_IP, 30086)), Outcome::Answered(p, _) if p == "pod-c"),
+    );
+    assert_eq!(
+        tcp_from(&c.pod("pod-a").ns, addr("10.96.0.24", 80)),
+        Outcome::TimedOut,
+        "cluster IP with no local endpoint: dropped, not rejected"
+    );
+}

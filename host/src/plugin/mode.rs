@@ -13,7 +13,7 @@ use super::convert::{
 use super::probation::Probation;
 use super::sandbox::{PluginError, Sandbox};
 use super::{PluginStats, Runtime};
-use crate::model::BackendPlan;
+use crate::model::{BackendPlan, EndpointSet, ServiceEndpoints};
 use crate::model::{Endpoint, NodeInfo, ServicePort};
 use crate::plan::{Fragment, Item, Listener, NftFamily};
 
@@ -84,7 +84,7 @@ impl Mode {
             .and_then(bindings::ProxyModePre::new)
             .map_err(anyhow::Error::from)
             .with_context(|| {
-                format!("plugin {name} does not implement the kwp:proxy/proxy-mode@0.1.0 world")
+                format!("plugin {name} does not implement the kwp:proxy/proxy-mode@0.2.0 world")
             })?;
         Ok(Sandbox::new(
             name,
@@ -186,15 +186,18 @@ impl Mode {
         let eps: Vec<Endpoint> = (1..=2u8)
             .map(|i| Endpoint::sample([10, 255, 254, i].into(), 8080))
             .collect();
-        self.render_service(
-            u32::MAX,
-            &svc,
-            "round-robin",
-            &eps,
-            &BackendPlan::Weights(vec![1, 1]),
-        )?
-        .validate(rules)
-        .context("probe: service fragment")?;
+        let set = EndpointSet {
+            endpoints: eps,
+            backends: BackendPlan::Weights(vec![1, 1]),
+        };
+        let endpoints = ServiceEndpoints {
+            internal: set.clone(),
+            external: set,
+            has_any: true,
+        };
+        self.render_service(u32::MAX, &svc, "round-robin", &endpoints)?
+            .validate(rules)
+            .context("probe: service fragment")?;
         Ok(())
     }
 
@@ -259,16 +262,22 @@ impl Mode {
         id: u32,
         svc: &ServicePort,
         lb_policy: &str,
-        endpoints: &[Endpoint],
-        backends: &BackendPlan,
+        endpoints: &ServiceEndpoints,
     ) -> Result<Fragment, PluginError> {
         self.ensure()?;
         let svc = service_to_wit(id, svc, lb_policy);
-        let eps: Vec<_> = endpoints.iter().map(endpoint_to_wit).collect();
-        let backends = plan_to_wit(backends);
-        let result = self.sandbox.call("render-service", eps.len(), |st, b| {
-            b.kwp_proxy_mode()
-                .call_render_service(st, &svc, &eps, &backends)
+        let set = |s: &EndpointSet| wit_mode::EndpointSet {
+            endpoints: s.endpoints.iter().map(endpoint_to_wit).collect(),
+            backends: plan_to_wit(&s.backends),
+        };
+        let handed = wit_mode::ServiceEndpoints {
+            internal: set(&endpoints.internal),
+            external: set(&endpoints.external),
+            has_any_endpoints: endpoints.has_any,
+        };
+        let elements = handed.internal.endpoints.len() + handed.external.endpoints.len();
+        let result = self.sandbox.call("render-service", elements, |st, b| {
+            b.kwp_proxy_mode().call_render_service(st, &svc, &handed)
         })?;
         self.fragment("render-service", result)
     }

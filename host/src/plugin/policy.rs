@@ -72,7 +72,7 @@ impl Policy {
             .and_then(bindings::PolicyPluginPre::new)
             .map_err(anyhow::Error::from)
             .with_context(|| {
-                format!("plugin {name} does not implement the kwp:proxy/policy@0.1.0 world")
+                format!("plugin {name} does not implement the kwp:proxy/policy@0.2.0 world")
             })?;
         Ok(Sandbox::new(
             name,
@@ -204,6 +204,12 @@ impl Policy {
         self.in_instance.remove(&service);
         let result = self.ensure_service(service);
         self.observe(result)
+    }
+
+    /// The service ids it holds an endpoint set for.
+    #[cfg(test)]
+    pub fn services(&self) -> Vec<u32> {
+        self.pushed.keys().copied().collect()
     }
 
     pub fn remove_service(&mut self, service: u32) -> Result<(), PluginError> {

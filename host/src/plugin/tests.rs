@@ -172,7 +172,7 @@ fn mode_plugins_load_and_the_wrong_world_is_refused() {
     .err()
     .unwrap();
     assert!(
-        format!("{err:#}").contains("kwp:proxy/proxy-mode@0.1.0 world"),
+        format!("{err:#}").contains("kwp:proxy/proxy-mode@0.2.0 world"),
         "{err:#}"
     );
     assert!(catalog.load("no-such-plugin").is_err());
@@ -203,7 +203,7 @@ fn a_component_of_another_wit_version_is_refused_clearly() {
         .err()
         .expect("must be refused");
     let msg = format!("{err:#}");
-    assert!(msg.contains("kwp:proxy/policy@0.1.0"), "{msg}");
+    assert!(msg.contains("kwp:proxy/policy@0.2.0"), "{msg}");
 }
 
 #[test]

@@ -14,11 +14,13 @@ use anyhow::{Context, Result};
 
 use crate::dataplane::userspace::backends::{Affinity, Backends, ServiceBackends};
 use crate::dataplane::{Applied, Dataplane, conntrack};
-use crate::model::{NodeInfo, ObjectKey, ServicePortName};
+use crate::model::{
+    Endpoint, EndpointSet, NodeInfo, ObjectKey, ServiceEndpoints, ServicePortName, TrafficPolicy,
+};
 use crate::plan::{Fragment, Plan, Rules};
 use crate::plugin::mode::{Mode, ModeSettings};
 use crate::plugin::{Catalog, Runtime};
-use crate::state::topology::categorize;
+use crate::state::topology::{Categorized, categorize};
 use crate::state::{Changes, ClusterState, ServiceState};
 pub use policies::{Policies, PolicyKey};
 
@@ -55,8 +57,8 @@ pub struct Proxier {
     health: Option<crate::healthcheck::HealthServers>,
     /// Kernel modes: flush stale UDP conntrack entries after changes.
     conntrack: Option<conntrack::ConntrackCleaner>,
-    /// Endpoints rendered per service port in this sync, for the cleaner.
-    rendered: Vec<(crate::model::ServicePort, Vec<crate::model::Endpoint>)>,
+    /// Endpoints rendered per service port in this sync (both sets), for the cleaner.
+    rendered: Vec<(crate::model::ServicePort, Vec<Endpoint>)>,
     /// Failures in this sync that are the proxy mode's (judged after a reload).
     mode_failures: u32,
     pub stats: SyncStats,
@@ -409,56 +411,65 @@ impl Proxier {
 
     fn render_service(&mut self, svc: &ServiceState) -> Result<Fragment> {
         let name = &svc.port.name;
-        let id = *self.ids.entry(name.clone()).or_insert_with(|| {
-            self.next_id += 1;
-            self.next_id - 1
-        });
+        let id = match self.ids.get(name) {
+            Some(id) => *id,
+            None => {
+                let id = self.next_id;
+                anyhow::ensure!(policies::valid_id(id), "no service port id left for {name}");
+                self.next_id += 1;
+                self.ids.insert(name.clone(), id);
+                id
+            }
+        };
         let (policy_key, policy) = self.policies.for_service(&svc.port, id);
         let policy_label = policy_key.to_string();
         let policy_name = policy_key.name;
-        let endpoints = categorize(&svc.port, &svc.endpoints, &self.node);
-        let no_local = endpoints.local.is_empty();
-        self.no_local.insert(
-            name.clone(),
-            (
-                svc.port.internal_policy == crate::model::TrafficPolicy::Local && no_local,
-                svc.port.external_policy == crate::model::TrafficPolicy::Local && no_local,
-            ),
-        );
-        let svc_key = name.service();
-        match svc.port.health_check_node_port {
-            Some(port) => {
-                self.health_wanted
-                    .insert(svc_key, (port, endpoints.local.len()));
-            }
-            None => {
-                self.health_wanted.remove(&svc_key);
-            }
-        }
-        let eps = endpoints.internal(&svc.port).to_vec();
-        let backends = {
+        let categorized = categorize(&svc.port, &svc.endpoints, &self.node);
+        self.note_local_endpoints(svc, &categorized);
+        let internal = categorized.internal(&svc.port).to_vec();
+        let external = categorized.external(&svc.port).to_vec();
+        // The external set has its own id in the policy only when it
+        // differs: most Services have one set, and one plan to ask for.
+        let separate = !external.is_empty() && external != internal;
+        let endpoints = {
             let mut p = policy.lock().expect("policy lock");
-            p.set_endpoints(id, &eps)?;
-            p.plan(id)?
+            p.set_endpoints(id, &internal)?;
+            let internal = EndpointSet {
+                backends: p.plan(id)?,
+                endpoints: internal,
+            };
+            let external = if separate {
+                let ext = policies::external_id(id);
+                p.set_endpoints(ext, &external)?;
+                EndpointSet {
+                    backends: p.plan(ext)?,
+                    endpoints: external,
+                }
+            } else if external.is_empty() {
+                EndpointSet::empty()
+            } else {
+                internal.clone()
+            };
+            ServiceEndpoints {
+                internal,
+                external,
+                has_any: categorized.has_any,
+            }
         };
+        self.policies.use_external(name, separate);
         let fragment = self
             .mode
-            .render_service(id, &svc.port, &policy_name, &eps, &backends)
+            .render_service(id, &svc.port, &policy_name, &endpoints)
             .map_err(anyhow::Error::from)
             .and_then(|f| {
                 f.validate(&self.rules)?;
                 Ok(f)
             })
             .inspect_err(|_| self.mode_failures += 1)?;
-        if self.conntrack.is_some() {
-            self.rendered.push((svc.port.clone(), eps.clone()));
-        }
-        let addrs: Vec<String> = eps.iter().map(|e| e.socket_addr().to_string()).collect();
-        let context = format!(
-            "policy {policy_name}, endpoints [{}], backends {backends:?}",
-            addrs.join(", ")
-        );
-        self.plan.context.insert(name.clone(), context);
+        let reachable = reachable(&endpoints);
+        self.plan
+            .context
+            .insert(name.clone(), render_context(&policy_name, &endpoints));
         let (plugin, digest) = self.policies.origin(&policy_name).unwrap_or_default();
         self.inspect.synced(
             name,
@@ -467,18 +478,28 @@ impl Proxier {
                 policy: policy_label,
                 plugin,
                 digest,
-                endpoints: eps.len(),
+                endpoints: reachable.len(),
                 last_sync: "ok".into(),
                 rules: crate::inspect::rule_count(&fragment),
             },
         );
+        if self.conntrack.is_some() {
+            self.rendered.push((svc.port.clone(), reachable));
+        }
         let Some(table) = &self.backends else {
             return Ok(fragment);
         };
+        // Per-connection picks come from the internal set: the userspace
+        // listener cannot tell a node-port client from a cluster-IP one.
         table.set(ServiceBackends {
             id,
             name: name.clone(),
-            endpoints: eps.iter().map(|e| e.socket_addr()).collect(),
+            endpoints: endpoints
+                .internal
+                .endpoints
+                .iter()
+                .map(|e| e.socket_addr())
+                .collect(),
             policy,
             affinity: svc
                 .port
@@ -487,9 +508,85 @@ impl Proxier {
         });
         Ok(fragment)
     }
+
+    /// Health-check node ports and the no-local-endpoints counters, as
+    /// upstream: a Local policy with no endpoint here counts only while the
+    /// Service has endpoints elsewhere (with none at all it rejects).
+    fn note_local_endpoints(&mut self, svc: &ServiceState, categorized: &Categorized) {
+        let name = &svc.port.name;
+        let no_local = categorized.has_any && categorized.local.is_empty();
+        let accessible = svc.port.externally_accessible();
+        self.no_local.insert(
+            name.clone(),
+            (
+                svc.port.internal_policy == TrafficPolicy::Local && no_local,
+                accessible && svc.port.external_policy == TrafficPolicy::Local && no_local,
+            ),
+        );
+        let svc_key = name.service();
+        match svc.port.health_check_node_port {
+            Some(port) => {
+                // Upstream's health check counts ready local endpoints: a
+                // node whose local endpoints are all terminating still
+                // forwards to them but asks the load balancer to go elsewhere.
+                let ready = categorized.local.iter().filter(|e| e.ready).count();
+                self.health_wanted.insert(svc_key, (port, ready));
+            }
+            None => {
+                self.health_wanted.remove(&svc_key);
+            }
+        }
+    }
+}
+
+/// Every endpoint either set may reach, once each (upstream's
+/// allLocallyReachableEndpoints): what inspect counts and what stale UDP
+/// flows are judged against.
+fn reachable(endpoints: &ServiceEndpoints) -> Vec<Endpoint> {
+    let mut all = endpoints.internal.endpoints.clone();
+    if endpoints.external == endpoints.internal {
+        return all;
+    }
+    // Hashed: a Service may have tens of thousands of endpoints.
+    let mut seen: std::collections::HashSet<(std::net::IpAddr, u16)> =
+        all.iter().map(|e| (e.ip, e.port)).collect();
+    for ep in &endpoints.external.endpoints {
+        if seen.insert((ep.ip, ep.port)) {
+            all.push(ep.clone());
+        }
+    }
+    all
+}
+
+/// `--dry-run`'s note on a service's fragment: its policy and both sets.
+fn render_context(policy: &str, endpoints: &ServiceEndpoints) -> String {
+    let addrs = |s: &EndpointSet| {
+        s.endpoints
+            .iter()
+            .map(|e| e.socket_addr().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let internal = &endpoints.internal;
+    let mut context = format!(
+        "policy {policy}, endpoints [{}], backends {:?}",
+        addrs(internal),
+        internal.backends
+    );
+    if endpoints.external != *internal && !endpoints.external.endpoints.is_empty() {
+        let external = &endpoints.external;
+        context.push_str(&format!(
+            "; external endpoints [{}], backends {:?}",
+            addrs(external),
+            external.backends
+        ));
+    }
+    context
 }
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_large;
+#[cfg(test)]
+mod tests_sets;

@@ -31,13 +31,39 @@ impl std::fmt::Display for PolicyKey {
     }
 }
 
+/// A service port's place in a policy instance: its id for the internal
+/// set and whether its external set is pushed under `external_id(id)`.
+#[derive(Clone, Debug, PartialEq)]
+struct Use {
+    key: PolicyKey,
+    id: u32,
+    external: bool,
+}
+
+/// Ids the proxier hands out stay below this bit; the same id with the bit
+/// set names the service port's external endpoint set in its policy, so the
+/// two sets keep separate state (least-connections counts, rotation) and
+/// neither overwrites the other at every sync.
+const EXTERNAL_ID_BIT: u32 = 1 << 31;
+
+/// The policy id of `id`'s external endpoint set.
+pub fn external_id(id: u32) -> u32 {
+    id | EXTERNAL_ID_BIT
+}
+
+/// Whether the proxier may hand out `id` (its external twin must not
+/// collide with another service port's id).
+pub fn valid_id(id: u32) -> bool {
+    id & EXTERNAL_ID_BIT == 0
+}
+
 pub struct Policies {
     runtime: Arc<Runtime>,
     catalog: Catalog,
     default: PolicyKey,
     instances: HashMap<PolicyKey, SharedPolicy>,
-    /// Which instance each service port uses, and its policy id there.
-    used_by: HashMap<ServicePortName, (PolicyKey, u32)>,
+    /// Which instance each service port uses, and its policy ids there.
+    used_by: HashMap<ServicePortName, Use>,
     /// Each policy plugin's source and digest, as loaded or last reloaded.
     origins: HashMap<String, (String, crate::plugin::PluginDigest)>,
 }
@@ -71,14 +97,39 @@ impl Policies {
     /// none or it fails to load, logged), recorded as used by it under `id`.
     pub fn for_service(&mut self, port: &ServicePort, id: u32) -> (PolicyKey, SharedPolicy) {
         let (key, policy) = self.resolve(port);
-        let previous = self.used_by.insert(port.name.clone(), (key.clone(), id));
-        if let Some((old, old_id)) = previous
-            && old != key
-        {
-            // The service port moved to another instance.
-            self.forget(&old, old_id);
-        }
+        let external = match self.used_by.get(&port.name) {
+            Some(old) if old.key != key => {
+                // The service port moved to another instance.
+                let old = old.clone();
+                self.forget(&old);
+                false
+            }
+            Some(old) => old.external,
+            None => false,
+        };
+        self.used_by.insert(
+            port.name.clone(),
+            Use {
+                key: key.clone(),
+                id,
+                external,
+            },
+        );
         (key, policy)
+    }
+
+    /// Records whether `name`'s external endpoint set is pushed to its
+    /// policy under `external_id`; when it stops being, the instance
+    /// forgets that set. Call after `for_service`.
+    pub fn use_external(&mut self, name: &ServicePortName, external: bool) {
+        let Some(using) = self.used_by.get_mut(name) else {
+            return;
+        };
+        let was = std::mem::replace(&mut using.external, external);
+        if was && !external {
+            let (key, id) = (using.key.clone(), external_id(using.id));
+            self.forget_id(&key, id);
+        }
     }
 
     fn resolve(&mut self, port: &ServicePort) -> (PolicyKey, SharedPolicy) {
@@ -101,12 +152,20 @@ impl Policies {
 
     /// `name` is gone: its instance forgets it.
     pub fn release(&mut self, name: &ServicePortName) {
-        if let Some((key, id)) = self.used_by.remove(name) {
-            self.forget(&key, id);
+        if let Some(using) = self.used_by.remove(name) {
+            self.forget(&using);
         }
     }
 
-    fn forget(&self, key: &PolicyKey, id: u32) {
+    /// Both of a service port's sets leave its instance.
+    fn forget(&self, using: &Use) {
+        self.forget_id(&using.key, using.id);
+        if using.external {
+            self.forget_id(&using.key, external_id(using.id));
+        }
+    }
+
+    fn forget_id(&self, key: &PolicyKey, id: u32) {
         if let Some(p) = self.instances.get(key) {
             // An instance that cannot forget is re-created on its next trap.
             let _ = p.lock().expect("policy lock").remove_service(id);
@@ -116,7 +175,7 @@ impl Policies {
     /// Instances no service port uses (a configuration that is gone) are
     /// dropped with their metric series; the default stays.
     pub fn drop_unused(&mut self) {
-        let used: HashSet<&PolicyKey> = self.used_by.values().map(|(k, _)| k).collect();
+        let used: HashSet<&PolicyKey> = self.used_by.values().map(|u| &u.key).collect();
         let default = &self.default;
         self.instances
             .retain(|key, _| key == default || used.contains(key));
@@ -155,7 +214,7 @@ impl Policies {
         }
         self.used_by
             .iter()
-            .filter(|(_, (key, _))| key.name == candidate.name)
+            .filter(|(_, using)| using.key.name == candidate.name)
             .map(|(name, _)| name.clone())
             .collect()
     }
@@ -173,6 +232,18 @@ impl Policies {
             .iter()
             .map(|(key, p)| (key.to_string(), p.lock().expect("policy lock").stats()))
             .collect()
+    }
+
+    /// Every service id some instance holds an endpoint set for.
+    #[cfg(test)]
+    pub fn held_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .instances
+            .values()
+            .flat_map(|p| p.lock().expect("policy lock").services())
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     pub fn len(&self) -> usize {

@@ -220,7 +220,7 @@ fn a_base_that_fails_to_render_keeps_the_old_base_and_is_retried_while_services_
 }
 
 /// The bundled nftables mode applying to an in-memory kernel.
-fn nftables_over_fake() -> (Proxier, crate::dataplane::nftables::fake::FakeNft) {
+pub(super) fn nftables_over_fake() -> (Proxier, crate::dataplane::nftables::fake::FakeNft) {
     use crate::dataplane::nftables::{NftDataplane, fake::FakeNft};
     let (_, bytes) = Catalog::new(None).load("nftables").unwrap();
     let fake = FakeNft::default();

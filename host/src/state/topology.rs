@@ -26,9 +26,12 @@ impl Categorized {
             &self.cluster
         }
     }
-    /// Endpoints for traffic to node ports, external and load-balancer IPs.
+    /// Endpoints for traffic to node ports, external and load-balancer IPs
+    /// (none when the service port has none of those).
     pub fn external<'a>(&'a self, svc: &ServicePort) -> &'a [Endpoint] {
-        if svc.external_policy == TrafficPolicy::Local {
+        if !svc.externally_accessible() {
+            &[]
+        } else if svc.external_policy == TrafficPolicy::Local {
             &self.local
         } else {
             &self.cluster
@@ -38,10 +41,13 @@ impl Categorized {
 
 pub fn categorize(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> Categorized {
     let mut out = Categorized::default();
+    // Each set only when some traffic uses it: the external policy matters
+    // only for a service port reachable from outside.
+    let external = svc.externally_accessible();
     let needs_cluster = svc.internal_policy == TrafficPolicy::Cluster
-        || svc.external_policy == TrafficPolicy::Cluster;
-    let needs_local =
-        svc.internal_policy == TrafficPolicy::Local || svc.external_policy == TrafficPolicy::Local;
+        || (external && svc.external_policy == TrafficPolicy::Cluster);
+    let needs_local = svc.internal_policy == TrafficPolicy::Local
+        || (external && svc.external_policy == TrafficPolicy::Local);
     if needs_cluster {
         let topology = topology_filter(endpoints, node);
         out.cluster = with_fallback(endpoints, |ep| {

@@ -5,9 +5,9 @@
 //! a reloaded iptables mode is rolled back with nothing of it applied.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
     use kwp_sdk::mode::kwp::proxy::plan::{Fragment, IptablesChain, Item};
-    use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, ServicePort};
+    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
 
     fn chain(name: String, rule: &str) -> Fragment {
         Fragment {
@@ -28,11 +28,7 @@ mod component {
         fn render_base() -> Result<Fragment, String> {
             Ok(chain("KWP-SERVICES".into(), "-j RETURN"))
         }
-        fn render_service(
-            svc: ServicePort,
-            _: Vec<Endpoint>,
-            _: BackendPlan,
-        ) -> Result<Fragment, String> {
+        fn render_service(svc: ServicePort, _: ServiceEndpoints) -> Result<Fragment, String> {
             let name = format!("KWP-SVC-BROKEN{}", svc.id);
             match svc.namespace.as_str() {
                 "kwp-probe" => Ok(chain(name, "-j RETURN")),

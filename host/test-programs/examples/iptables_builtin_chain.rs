@@ -3,9 +3,9 @@
 //! the reload probe already.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
     use kwp_sdk::mode::kwp::proxy::plan::{Fragment, IptablesChain, Item};
-    use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, ServicePort};
+    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
 
     struct Builtin;
     impl Guest for Builtin {
@@ -15,11 +15,7 @@ mod component {
         fn render_base() -> Result<Fragment, String> {
             Ok(Fragment { items: Vec::new() })
         }
-        fn render_service(
-            _: ServicePort,
-            _: Vec<Endpoint>,
-            _: BackendPlan,
-        ) -> Result<Fragment, String> {
+        fn render_service(_: ServicePort, _: ServiceEndpoints) -> Result<Fragment, String> {
             Ok(Fragment {
                 items: vec![Item::IptablesChain(IptablesChain {
                     ipv6: false,

@@ -7,9 +7,9 @@
 mod component {
     use std::cell::RefCell;
 
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
     use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftChain, NftFamily};
-    use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, ServicePort};
+    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
 
     thread_local! {
         static TABLE: RefCell<String> = RefCell::default();
@@ -41,11 +41,7 @@ mod component {
             }
             Ok(Fragment { items: Vec::new() })
         }
-        fn render_service(
-            svc: ServicePort,
-            _: Vec<Endpoint>,
-            _: BackendPlan,
-        ) -> Result<Fragment, String> {
+        fn render_service(svc: ServicePort, _: ServiceEndpoints) -> Result<Fragment, String> {
             let name = format!("svc-{}", svc.id);
             match svc.namespace.as_str() {
                 "kwp-probe" | "ok" => Ok(chain(name, "accept")),

@@ -2,9 +2,9 @@
 //! refuse the fragment as too large.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
     use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftElement, NftFamily};
-    use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, ServicePort};
+    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
 
     struct Huge;
     impl Guest for Huge {
@@ -14,11 +14,7 @@ mod component {
         fn render_base() -> Result<Fragment, String> {
             Ok(Fragment { items: Vec::new() })
         }
-        fn render_service(
-            _: ServicePort,
-            _: Vec<Endpoint>,
-            _: BackendPlan,
-        ) -> Result<Fragment, String> {
+        fn render_service(_: ServicePort, _: ServiceEndpoints) -> Result<Fragment, String> {
             let item = |i: u32| {
                 Item::NftElement(NftElement {
                     family: NftFamily::Ip,

@@ -2,9 +2,9 @@
 //! stop it and the Service keeps its last good rules.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
     use kwp_sdk::mode::kwp::proxy::plan::Fragment;
-    use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, ServicePort};
+    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
 
     struct Loops;
     impl Guest for Loops {
@@ -14,11 +14,7 @@ mod component {
         fn render_base() -> Result<Fragment, String> {
             Ok(Fragment { items: Vec::new() })
         }
-        fn render_service(
-            _: ServicePort,
-            _: Vec<Endpoint>,
-            _: BackendPlan,
-        ) -> Result<Fragment, String> {
+        fn render_service(_: ServicePort, _: ServiceEndpoints) -> Result<Fragment, String> {
             let mut x = 0u64;
             loop {
                 x = std::hint::black_box(x.wrapping_add(1));

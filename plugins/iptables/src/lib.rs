@@ -22,12 +22,14 @@ mod base;
 mod family;
 mod service;
 mod settings;
+#[cfg(test)]
+mod tests;
 
 use std::cell::RefCell;
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
 use kwp_sdk::mode::kwp::proxy::plan::Fragment;
-use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, ServicePort};
+use kwp_sdk::mode::kwp::proxy::types::ServicePort;
 
 pub use settings::Settings;
 
@@ -50,10 +52,9 @@ impl Guest for Iptables {
 
     fn render_service(
         service: ServicePort,
-        endpoints: Vec<Endpoint>,
-        backends: BackendPlan,
+        endpoints: ServiceEndpoints,
     ) -> Result<Fragment, String> {
-        with_config(|cfg, s| service::render(cfg, s, &service, &endpoints, &backends))
+        with_config(|cfg, s| service::render(cfg, s, &service, &endpoints))
     }
 }
 

@@ -1,11 +1,12 @@
 //! One service port's chains and its rules in the shared dispatch chains.
 
 use kwp_sdk::hash::stable_hash;
-use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
+use kwp_sdk::mode::exports::kwp::proxy::mode::{ModeConfig, ServiceEndpoints};
 use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item};
 use kwp_sdk::mode::kwp::proxy::types::{
-    BackendPlan, Endpoint, IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy,
+    IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy,
 };
+use kwp_sdk::sets::MergedSets;
 
 use crate::Settings;
 use crate::family::{Fam, V4, V6};
@@ -47,33 +48,22 @@ pub fn render(
     cfg: &ModeConfig,
     s: &Settings,
     svc: &ServicePort,
-    endpoints: &[Endpoint],
-    backends: &BackendPlan,
+    endpoints: &ServiceEndpoints,
 ) -> Result<Fragment, String> {
-    let weights = match backends {
-        BackendPlan::Weights(w) if w.len() == endpoints.len() => w.clone(),
-        BackendPlan::Weights(w) => {
-            return Err(format!(
-                "Service {}: policy gave {} weights for {} endpoints",
-                display(svc),
-                w.len(),
-                endpoints.len()
-            ));
-        }
-        // `-m statistic` draws independently per connection: it cannot hash a
-        // client flow into a slot table, so the plan's meaning would be lost.
-        BackendPlan::Slots(_) => {
-            return Err(format!(
-                "Service {}: policy {:?} plans a consistent-hash slot table, which iptables mode cannot express (use nftables mode, or a weighted policy)",
-                display(svc),
-                svc.lb_policy
-            ));
-        }
-    };
+    let sets = MergedSets::new(endpoints).map_err(|e| format!("Service {}: {e}", display(svc)))?;
+    // `-m statistic` draws independently per connection: it cannot hash a
+    // client flow into a slot table, so the plan's meaning would be lost.
+    if sets.internal.slots.is_some() || sets.external.slots.is_some() {
+        return Err(format!(
+            "Service {}: policy {:?} plans a consistent-hash slot table, which iptables mode cannot express (use nftables mode, or a weighted policy)",
+            display(svc),
+            svc.lb_policy
+        ));
+    }
     let mut items = Vec::new();
     for f in [V4, V6] {
         if svc.cluster_ips.iter().any(|ip| f.ip(ip).is_some()) {
-            items.extend(render_family(cfg, s, f, svc, endpoints, &weights));
+            items.extend(render_family(cfg, s, f, svc, &sets));
         }
     }
     Ok(Fragment { items })
@@ -96,9 +86,9 @@ fn render_family(
     _settings: &Settings,
     f: Fam,
     svc: &ServicePort,
-    endpoints: &[Endpoint],
-    weights: &[u32],
+    sets: &MergedSets,
 ) -> Vec<Item> {
+    let endpoints = &sets.endpoints;
     let p = proto(svc.protocol);
     let key = format!("{}{}/{p}", display(svc), if f.ipv6 { "/6" } else { "" });
     let comment = format!("-m comment --comment {}", display(svc));
@@ -152,6 +142,7 @@ fn render_family(
 
     // Internal traffic: the endpoints the host chose for this service's
     // internal traffic policy (weight > 0), spread by the policy's weights.
+    let weights = &sets.internal.weights;
     let internal: Vec<usize> = usable.iter().copied().filter(|i| weights[*i] > 0).collect();
     let cluster_ips: Vec<String> = svc.cluster_ips.iter().filter_map(|ip| f.ip(ip)).collect();
     if !internal.is_empty() {
@@ -169,20 +160,23 @@ fn render_family(
     }
 
     // External traffic (node ports, external IPs, load-balancer IPs).
+    // The set the host chose for the external traffic policy, with its own
+    // plan.
     let local_only = svc.external_traffic_policy == TrafficPolicy::Local;
-    let external: Vec<usize> = if local_only {
-        internal
-            .iter()
-            .copied()
-            .filter(|i| endpoints[*i].is_local)
-            .collect()
-    } else {
-        internal.clone()
-    };
+    let ext_weights = &sets.external.weights;
     let has_external = !svc.external_ips.is_empty()
         || !svc.load_balancer_ingress.is_empty()
         || svc.node_port.is_some();
-    if has_external && !external.is_empty() {
+    let external: Vec<usize> = if has_external {
+        usable
+            .iter()
+            .copied()
+            .filter(|i| ext_weights[*i] > 0)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if !external.is_empty() {
         let mut rules = Vec::new();
         if local_only {
             // Pods and the node itself behave as internal traffic; clients
@@ -200,22 +194,21 @@ fn render_family(
                     "{comment} -m addrtype --src-type LOCAL -j {svc_chain}"
                 ));
             }
-            rules.extend(pick(&comment, &external, weights, affinity, &sep));
         } else {
             rules.push(format!("{comment} -j KWP-MARK-MASQ"));
+        }
+        if sets.external_is_internal && !internal.is_empty() {
             rules.push(format!("{comment} -j {svc_chain}"));
+        } else {
+            rules.extend(pick(&comment, &external, ext_weights, affinity, &sep));
         }
         out.nat(&ext_chain, rules);
     }
 
-    // Dispatch: nat for served frontends, filter for those without endpoints.
-    let no_endpoints = |local_policy: bool| {
-        if local_policy && !usable.is_empty() {
-            "DROP"
-        } else {
-            "REJECT"
-        }
-    };
+    // Dispatch: nat for served frontends, filter for those without
+    // endpoints: as upstream, they drop while the Service has endpoints on
+    // other nodes (a Local policy) and reject when it has none at all.
+    let no_endpoints = if sets.has_any { "DROP" } else { "REJECT" };
     let mut service_ips = Vec::new();
     let mut filter_services = Vec::new();
     let mut filter_external = Vec::new();
@@ -223,7 +216,7 @@ fn render_family(
     for ip in &cluster_ips {
         let to = format!("{comment} -d {} {}", f.host(ip), dport(svc.port));
         if internal.is_empty() {
-            let verdict = no_endpoints(svc.internal_traffic_policy == TrafficPolicy::Local);
+            let verdict = no_endpoints;
             filter_services.push(format!("{to} -j {verdict}"));
         } else {
             service_ips.push(format!("{to} -j {svc_chain}"));
@@ -254,7 +247,7 @@ fn render_family(
         let to = format!("{comment} -d {} {}", f.host(ip), dport(svc.port));
         let lb = lb_ips.contains(ip) && !external_ips.contains(ip);
         if external.is_empty() {
-            filter_external.push(format!("{to} -j {}", no_endpoints(local_only)));
+            filter_external.push(format!("{to} -j {}", no_endpoints));
         } else if lb && firewalled {
             service_ips.push(format!("{to} -j {fw_chain}"));
             firewall.push(format!("{to} -j DROP"));
@@ -268,7 +261,7 @@ fn render_family(
             filter_external.push(format!(
                 "{comment} -m addrtype --dst-type LOCAL {} -j {}",
                 dport(np),
-                no_endpoints(local_only)
+                no_endpoints
             ));
         } else {
             node_ports.push(format!("{comment} {} -j {ext_chain}", dport(np)));

@@ -15,6 +15,8 @@ use crate::family::{Fam, V4, V6};
 pub struct Usable {
     pub internal: bool,
     pub external: bool,
+    /// The Service has a usable endpoint on some node.
+    pub has_any: bool,
 }
 
 fn proto(p: Protocol) -> &'static str {
@@ -57,24 +59,20 @@ fn render_family(
     };
     let node_ips = ips(&mut cfg.node.addresses.iter());
     let local_policy = svc.external_traffic_policy == TrafficPolicy::Local;
-    // No endpoint: reject; a Local policy with endpoints elsewhere only:
-    // drop (as kube-proxy's other modes).
-    let any = endpoints.iter().any(|e| f.ip(&e.address).is_some());
-    let verdict = |local: bool| {
-        if local && any {
-            "drop"
-        } else {
-            "goto reject-chain"
-        }
+    // No endpoint anywhere: reject; endpoints only elsewhere (a Local
+    // policy): drop, as upstream's other modes.
+    let verdict = if usable.has_any {
+        "drop"
+    } else {
+        "goto reject-chain"
     };
     for ip in ips(&mut svc.cluster_ips.iter()) {
         add("cluster-ips", format!("{ip} . {p} . {port}"));
         add("ipvs-ips", ip.clone());
         if !usable.internal {
-            let local = svc.internal_traffic_policy == TrafficPolicy::Local;
             add(
                 "no-endpoint-services",
-                format!("{ip} . {p} . {port} : {}", verdict(local)),
+                format!("{ip} . {p} . {port} : {verdict}"),
             );
         }
     }
@@ -86,7 +84,7 @@ fn render_family(
         if !usable.external {
             add(
                 "no-endpoint-services",
-                format!("{ip} . {p} . {port} : {}", verdict(local_policy)),
+                format!("{ip} . {p} . {port} : {}", verdict),
             );
         }
     };
@@ -140,10 +138,7 @@ fn render_family(
             add("node-ports-local", format!("{p} . {np}"));
         }
         if !usable.external {
-            add(
-                "no-endpoint-nodeports",
-                format!("{p} . {np} : {}", verdict(local_policy)),
-            );
+            add("no-endpoint-nodeports", format!("{p} . {np} : {}", verdict));
         }
     }
     if let Some(hc) = svc.health_check_node_port {

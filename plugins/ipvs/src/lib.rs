@@ -9,8 +9,9 @@
 //!   serving terminating ones, as upstream), weighted by the policy's plan;
 //!   other terminating endpoints stay at weight 0 so their connections
 //!   drain (upstream's graceful termination) until they leave the slice.
-//!   Traffic to external addresses under externalTrafficPolicy Local goes
-//!   to local endpoints only.
+//!   Cluster IPs get the host's internal endpoint set, external addresses
+//!   and node ports its external set (local endpoints only under
+//!   externalTrafficPolicy Local, with their own terminating fallback).
 //! - The scheduler follows the Service's policy (weighted -> wrr, maglev ->
 //!   mh, least-connections -> lc, round-robin -> the configured scheduler,
 //!   rr by default); ClientIP affinity is persistence with its timeout.
@@ -29,11 +30,9 @@ mod family;
 
 use std::cell::RefCell;
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+use kwp_sdk::mode::exports::kwp::proxy::mode::{EndpointSet, Guest, ModeConfig, ServiceEndpoints};
 use kwp_sdk::mode::kwp::proxy::plan::{Fragment, IpvsRealServer, IpvsVirtualServer, Item};
-use kwp_sdk::mode::kwp::proxy::types::{
-    BackendPlan, Endpoint, IpAddress, IpMode, ServicePort, SessionAffinity, TrafficPolicy,
-};
+use kwp_sdk::mode::kwp::proxy::types::{Endpoint, IpAddress, IpMode, ServicePort, SessionAffinity};
 
 pub use config::{IpvsConfig, SCHEDULERS};
 
@@ -59,11 +58,10 @@ impl Guest for Ipvs {
 
     fn render_service(
         service: ServicePort,
-        endpoints: Vec<Endpoint>,
-        backends: BackendPlan,
+        endpoints: ServiceEndpoints,
     ) -> Result<Fragment, String> {
         CONFIG.with(|c| match c.borrow().as_ref() {
-            Some((mode, ipvs)) => render(mode, ipvs, &service, &endpoints, &backends),
+            Some((mode, ipvs)) => render(mode, ipvs, &service, &endpoints),
             None => Err("ipvs: not configured".into()),
         })
     }
@@ -87,42 +85,22 @@ fn same_family(a: &IpAddress, b: &IpAddress) -> bool {
     )
 }
 
+/// Cluster IPs take the internal set; external IPs, load-balancer IPs and
+/// node ports the external set (upstream's syncEndpoint with its
+/// node-local flag per frontend).
 pub fn render(
     mode: &ModeConfig,
     ipvs: &IpvsConfig,
     svc: &ServicePort,
-    endpoints: &[Endpoint],
-    backends: &BackendPlan,
+    sets: &ServiceEndpoints,
 ) -> Result<Fragment, String> {
     let named = |e: String| format!("{}/{}:{}: {e}", svc.namespace, svc.name, svc.port_name);
-    let plan = kwp_sdk::mode_weights(backends, endpoints.len()).map_err(named)?;
+    let internal = Reals::of(&sets.internal).map_err(|e| named(format!("internal set: {e}")))?;
+    let external = Reals::of(&sets.external).map_err(|e| named(format!("external set: {e}")))?;
     let sched = scheduler(&svc.lb_policy, &ipvs.scheduler);
     let persistence = match svc.session_affinity {
         SessionAffinity::ClientIp(t) => t.max(1),
         SessionAffinity::None => 0,
-    };
-    let any_ready = endpoints.iter().any(|e| e.ready);
-    // (endpoint index, weight) for every real server, all addresses.
-    let reals = |local_only: bool| -> Vec<(usize, u32)> {
-        endpoints
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| !local_only || e.is_local)
-            .filter_map(|(i, e)| {
-                let usable = if any_ready {
-                    e.ready
-                } else {
-                    e.serving && e.terminating
-                };
-                if usable {
-                    Some((i, plan[i].max(u32::from(plan.iter().all(|w| *w == 0)))))
-                } else if e.terminating {
-                    Some((i, 0))
-                } else {
-                    None
-                }
-            })
-            .collect()
     };
     let mut frontends: Vec<(IpAddress, u16, bool)> = Vec::new();
     for ip in &svc.cluster_ips {
@@ -143,14 +121,15 @@ pub fn render(
             }
         }
     }
-    let local = svc.external_traffic_policy == TrafficPolicy::Local;
-    let takes_new = |local_only: bool| reals(local_only).iter().any(|(_, w)| *w > 0);
     let usable = filter::Usable {
-        internal: takes_new(false),
-        external: takes_new(local),
+        internal: internal.takes_new(),
+        external: external.takes_new(),
+        has_any: sets.has_any_endpoints,
     };
-    let mut items = filter::render(mode, svc, endpoints, &usable);
-    for (address, port, external) in frontends {
+    // Hairpin entries for every endpoint either set reaches, once.
+    let merged = kwp_sdk::sets::MergedSets::new(sets).map_err(named)?;
+    let mut items = filter::render(mode, svc, &merged.endpoints, &usable);
+    for (address, port, is_external) in frontends {
         items.push(Item::IpvsVirtualServer(IpvsVirtualServer {
             address,
             port,
@@ -158,8 +137,8 @@ pub fn render(
             scheduler: sched.clone(),
             persistence_timeout: persistence,
         }));
-        for (i, weight) in reals(external && local) {
-            let ep = &endpoints[i];
+        let reals = if is_external { &external } else { &internal };
+        for (ep, weight) in &reals.servers {
             if same_family(&ep.address, &address) {
                 items.push(Item::IpvsRealServer(IpvsRealServer {
                     virtual_address: address,
@@ -167,12 +146,52 @@ pub fn render(
                     protocol: svc.protocol,
                     address: ep.address,
                     port: ep.port,
-                    weight,
+                    weight: *weight,
                 }));
             }
         }
     }
     Ok(Fragment { items })
+}
+
+/// One set's real servers with their weights.
+struct Reals<'a> {
+    servers: Vec<(&'a Endpoint, u32)>,
+}
+
+impl<'a> Reals<'a> {
+    /// The ready endpoints (or, when none is ready, the serving terminating
+    /// ones, as upstream), weighted by the plan; other terminating
+    /// endpoints at weight 0 so their connections drain.
+    fn of(set: &'a EndpointSet) -> Result<Self, String> {
+        let endpoints = &set.endpoints;
+        let plan = kwp_sdk::mode_weights(&set.backends, endpoints.len())?;
+        let any_ready = endpoints.iter().any(|e| e.ready);
+        let all_zero = plan.iter().all(|w| *w == 0);
+        let servers = endpoints
+            .iter()
+            .zip(&plan)
+            .filter_map(|(e, w)| {
+                let usable = if any_ready {
+                    e.ready
+                } else {
+                    e.serving && e.terminating
+                };
+                if usable {
+                    Some((e, (*w).max(u32::from(all_zero))))
+                } else if e.terminating {
+                    Some((e, 0))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        Ok(Self { servers })
+    }
+
+    fn takes_new(&self) -> bool {
+        self.servers.iter().any(|(_, w)| *w > 0)
+    }
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -182,3 +201,5 @@ kwp_sdk::mode::export_mode_world!(Ipvs with_types_in kwp_sdk::mode);
 mod tests;
 #[cfg(test)]
 mod tests_filter;
+#[cfg(test)]
+mod tests_sets;

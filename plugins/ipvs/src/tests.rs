@@ -4,6 +4,7 @@ use kwp_sdk::mode::exports::kwp::proxy::mode::DetectLocal;
 use kwp_sdk::mode::kwp::proxy::types::{LoadBalancerIngress, NodeInfo, Protocol};
 
 use super::*;
+use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, TrafficPolicy};
 
 pub(super) fn v4(a: [u8; 4]) -> IpAddress {
     IpAddress::V4(u32::from_be_bytes(a))
@@ -70,7 +71,44 @@ pub(super) fn ep(last: u8, ready: bool, terminating: bool, local: bool) -> Endpo
     }
 }
 
-fn virtuals(f: &Fragment) -> Vec<(IpAddress, u16, String, u32)> {
+/// The crate's `render` given the sets the host would hand over for `eps`
+/// (all of them inside; only local ones outside under
+/// externalTrafficPolicy Local).
+pub(super) fn render(
+    mode: &ModeConfig,
+    ipvs: &IpvsConfig,
+    svc: &ServicePort,
+    eps: &[Endpoint],
+    plan: &BackendPlan,
+) -> Result<Fragment, String> {
+    let internal = EndpointSet {
+        endpoints: eps.to_vec(),
+        backends: plan.clone(),
+    };
+    let external = match (svc.external_traffic_policy, plan) {
+        (TrafficPolicy::Local, BackendPlan::Weights(w)) => {
+            let (endpoints, weights) = eps
+                .iter()
+                .zip(w)
+                .filter(|(e, _)| e.is_local)
+                .map(|(e, w)| (e.clone(), *w))
+                .unzip();
+            EndpointSet {
+                endpoints,
+                backends: BackendPlan::Weights(weights),
+            }
+        }
+        _ => internal.clone(),
+    };
+    let sets = ServiceEndpoints {
+        internal,
+        external,
+        has_any_endpoints: eps.iter().any(|e| e.ready || (e.serving && e.terminating)),
+    };
+    crate::render(mode, ipvs, svc, &sets)
+}
+
+pub(super) fn virtuals(f: &Fragment) -> Vec<(IpAddress, u16, String, u32)> {
     f.items
         .iter()
         .filter_map(|i| match i {
@@ -86,7 +124,7 @@ fn virtuals(f: &Fragment) -> Vec<(IpAddress, u16, String, u32)> {
 }
 
 /// (virtual address, real server last octet, weight).
-fn reals(f: &Fragment) -> Vec<(IpAddress, u8, u32)> {
+pub(super) fn reals(f: &Fragment) -> Vec<(IpAddress, u8, u32)> {
     f.items
         .iter()
         .filter_map(|i| match i {

@@ -5,8 +5,9 @@ use kwp_sdk::mode::exports::kwp::proxy::mode::DetectLocal;
 use kwp_sdk::mode::kwp::proxy::plan::NftFamily;
 use kwp_sdk::mode::kwp::proxy::types::Cidr;
 
-use super::tests::{ep, mode, svc, v4};
+use super::tests::{ep, mode, render, svc, v4};
 use super::*;
+use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, TrafficPolicy};
 
 /// `set: element` for every element of `family` in `f`.
 fn elements(f: &Fragment, family: NftFamily) -> Vec<String> {

@@ -20,12 +20,14 @@
 mod base;
 mod family;
 mod service;
+#[cfg(test)]
+mod tests;
 
 use std::cell::RefCell;
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
 use kwp_sdk::mode::kwp::proxy::plan::Fragment;
-use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, Endpoint, ServicePort};
+use kwp_sdk::mode::kwp::proxy::types::ServicePort;
 
 thread_local! {
     static CONFIG: RefCell<Option<ModeConfig>> = const { RefCell::new(None) };
@@ -53,10 +55,9 @@ impl Guest for Nftables {
 
     fn render_service(
         service: ServicePort,
-        endpoints: Vec<Endpoint>,
-        backends: BackendPlan,
+        endpoints: ServiceEndpoints,
     ) -> Result<Fragment, String> {
-        with_config(|cfg| service::render(cfg, &service, &endpoints, &backends))
+        with_config(|cfg| service::render(cfg, &service, &endpoints))
     }
 }
 

@@ -1,10 +1,11 @@
 //! One service port's chains and map elements.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
+use kwp_sdk::mode::exports::kwp::proxy::mode::{ModeConfig, ServiceEndpoints};
 use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftSet};
 use kwp_sdk::mode::kwp::proxy::types::{
     BackendPlan, Endpoint, IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy,
 };
+use kwp_sdk::sets::MergedSets;
 
 use crate::family::{Fam, V4, V6};
 
@@ -37,32 +38,38 @@ fn key(svc: &ServicePort) -> String {
 pub fn render(
     cfg: &ModeConfig,
     svc: &ServicePort,
-    endpoints: &[Endpoint],
-    backends: &BackendPlan,
+    endpoints: &ServiceEndpoints,
 ) -> Result<Fragment, String> {
+    let sets = MergedSets::new(endpoints).map_err(|e| format!("Service {}: {e}", key(svc)))?;
     let mut items = Vec::new();
     for f in [V4, V6] {
         if svc.cluster_ips.iter().any(|ip| f.ip(ip).is_some()) {
-            items.extend(render_family(cfg, f, svc, endpoints, backends)?.items);
+            items.extend(render_family(cfg, f, svc, &sets)?.items);
         }
     }
     Ok(Fragment { items })
+}
+
+/// Whether traffic can arrive from outside (node port, external or LB IP).
+fn externally_accessible(svc: &ServicePort) -> bool {
+    !svc.external_ips.is_empty() || !svc.load_balancer_ingress.is_empty() || svc.node_port.is_some()
 }
 
 fn render_family(
     cfg: &ModeConfig,
     f: Fam,
     svc: &ServicePort,
-    endpoints: &[Endpoint],
-    backends: &BackendPlan,
+    sets: &MergedSets,
 ) -> Result<Fragment, String> {
-    if fast_path(svc, backends) {
+    let endpoints = &sets.endpoints;
+    if fast_path(svc, sets) {
         return Ok(render_fast(
             cfg,
             f,
             svc,
             endpoints,
-            &kwp_sdk::mode_weights(backends, endpoints.len())?,
+            &sets.internal.weights,
+            sets.has_any,
         ));
     }
     let l3 = f.l3;
@@ -76,7 +83,6 @@ fn render_family(
     let usable: Vec<usize> = (0..endpoints.len())
         .filter(|i| f.ip(&endpoints[*i].address).is_some())
         .collect();
-    let weights = kwp_sdk::mode_weights(backends, endpoints.len())?;
 
     // Per-endpoint chains.
     let affinity = match svc.session_affinity {
@@ -109,6 +115,7 @@ fn render_family(
 
     // Internal traffic: the endpoints the host chose for this service's
     // internal traffic policy, spread by the policy's plan.
+    let weights = &sets.internal.weights;
     let internal: Vec<usize> = usable.iter().copied().filter(|i| weights[*i] > 0).collect();
     if !internal.is_empty() {
         let mut rules = Vec::new();
@@ -118,58 +125,59 @@ fn render_family(
             rules.push(format!("{not_local} jump mark-for-masquerade"));
         }
         rules.extend(affinity_rules(l3, &key, &internal, affinity));
-        rules.push(selection(l3, &key, &internal, &weights, backends));
+        rules.push(selection(
+            l3,
+            &key,
+            &internal,
+            weights,
+            &sets.internal.plan(),
+        ));
         items.push(f.chain(cfg, &svc_chain, None, rules));
     }
 
-    // External traffic (node ports, external IPs, load-balancer IPs).
+    // External traffic (node ports, external IPs, load-balancer IPs): the
+    // set the host chose for the external traffic policy, with its own plan.
     let local_only = svc.external_traffic_policy == TrafficPolicy::Local;
-    let external: Vec<usize> = if local_only {
-        internal
+    let ext_weights = &sets.external.weights;
+    let external: Vec<usize> = if externally_accessible(svc) {
+        usable
             .iter()
             .copied()
-            .filter(|i| endpoints[*i].is_local)
+            .filter(|i| ext_weights[*i] > 0)
             .collect()
     } else {
-        internal.clone()
+        Vec::new()
     };
-    let has_external = !svc.external_ips.is_empty()
-        || !svc.load_balancer_ingress.is_empty()
-        || svc.node_port.is_some();
-    if has_external && !external.is_empty() {
-        let rules = if local_only {
+    if !external.is_empty() {
+        let mut rules = Vec::new();
+        if local_only {
             // From the node itself, behave as internal traffic; from outside,
             // keep the client address and use local endpoints only.
-            let mut r = vec!["fib saddr type local jump mark-for-masquerade".to_string()];
+            rules.push("fib saddr type local jump mark-for-masquerade".to_string());
             if !internal.is_empty() {
-                r.push(format!("fib saddr type local goto {svc_chain}"));
+                rules.push(format!("fib saddr type local goto {svc_chain}"));
             }
-            r.extend(affinity_rules(l3, &key, &external, affinity));
-            r.push(selection(
+        } else {
+            rules.push("jump mark-for-masquerade".to_string());
+        }
+        if sets.external_is_internal && !internal.is_empty() {
+            rules.push(format!("goto {svc_chain}"));
+        } else {
+            rules.extend(affinity_rules(l3, &key, &external, affinity));
+            rules.push(selection(
                 l3,
                 &key,
                 &external,
-                &weights,
-                &BackendPlan::Weights(weights.clone()),
+                ext_weights,
+                &sets.external.plan(),
             ));
-            r
-        } else {
-            vec![
-                "jump mark-for-masquerade".to_string(),
-                format!("goto {svc_chain}"),
-            ]
-        };
+        }
         items.push(f.chain(cfg, &ext_chain, None, rules));
     }
 
-    // Map elements.
-    let no_endpoints = |local_policy: bool| {
-        if local_policy && !usable.is_empty() {
-            "drop".to_string()
-        } else {
-            "goto reject-chain".to_string()
-        }
-    };
+    // Map elements. A frontend with no endpoint drops while the Service has
+    // endpoints on other nodes (a Local policy) and rejects when it has none.
+    let no_endpoints = no_endpoint_verdict(sets.has_any);
     let internal_verdict = if internal.is_empty() {
         None
     } else {
@@ -185,11 +193,7 @@ fn render_family(
             None => items.push(f.element(
                 cfg,
                 "no-endpoint-services",
-                format!(
-                    "{ip} . {p} . {} : {}",
-                    svc.port,
-                    no_endpoints(svc.internal_traffic_policy == TrafficPolicy::Local)
-                ),
+                format!("{ip} . {p} . {} : {}", svc.port, no_endpoints),
             )),
         }
     }
@@ -237,7 +241,7 @@ fn render_family(
             None => items.push(f.element(
                 cfg,
                 "no-endpoint-services",
-                format!("{ip} . {p} . {} : {}", svc.port, no_endpoints(local_only)),
+                format!("{ip} . {p} . {} : {}", svc.port, no_endpoints),
             )),
         }
     }
@@ -249,24 +253,37 @@ fn render_family(
             None => items.push(f.element(
                 cfg,
                 "no-endpoint-nodeports",
-                format!("{p} . {node_port} : {}", no_endpoints(local_only)),
+                format!("{p} . {node_port} : {}", no_endpoints),
             )),
         }
     }
     Ok(Fragment { items })
 }
 
+/// What a frontend without endpoints does, as upstream: drop when the
+/// Service has endpoints elsewhere, reject when it has none at all.
+fn no_endpoint_verdict(has_any: bool) -> String {
+    if has_any {
+        "drop".to_string()
+    } else {
+        "goto reject-chain".to_string()
+    }
+}
+
 /// Most Services need no chain of their own: no affinity, no source ranges
 /// on LB IPs, externalTrafficPolicy Cluster, a weighted (not hashed)
-/// plan. They are pure map elements, which keeps the kernel's per-
-/// transaction validation (linear in the number of chains) small.
-fn fast_path(svc: &ServicePort, backends: &BackendPlan) -> bool {
+/// plan, one set for every frontend. They are pure map elements, which
+/// keeps the kernel's per-transaction validation (linear in the number of
+/// chains) small.
+fn fast_path(svc: &ServicePort, sets: &MergedSets) -> bool {
     let firewall = !svc.source_ranges.is_empty()
         && svc
             .load_balancer_ingress
             .iter()
             .any(|lb| lb.ip_mode == IpMode::Vip);
-    matches!(backends, BackendPlan::Weights(_))
+    let one_set = sets.external_is_internal || !externally_accessible(svc);
+    sets.internal.slots.is_none()
+        && one_set
         && svc.session_affinity == SessionAffinity::None
         && svc.external_traffic_policy == TrafficPolicy::Cluster
         && !firewall
@@ -281,6 +298,7 @@ fn render_fast(
     svc: &ServicePort,
     endpoints: &[Endpoint],
     weights: &[u32],
+    has_any: bool,
 ) -> Fragment {
     let p = proto(svc.protocol);
     let l3 = f.l3;
@@ -308,18 +326,19 @@ fn render_fast(
         )
         .collect();
     if w == 0 {
+        let verdict = no_endpoint_verdict(has_any);
         for ip in cluster.iter().chain(&external) {
             items.push(f.element(
                 cfg,
                 "no-endpoint-services",
-                format!("{ip} . {p} . {} : goto reject-chain", svc.port),
+                format!("{ip} . {p} . {} : {verdict}", svc.port),
             ));
         }
         if let Some(np) = svc.node_port {
             items.push(f.element(
                 cfg,
                 "no-endpoint-nodeports",
-                format!("{p} . {np} : goto reject-chain"),
+                format!("{p} . {np} : {verdict}"),
             ));
         }
         return Fragment { items };

@@ -6,11 +6,9 @@
 
 use std::cell::RefCell;
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig};
+use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
 use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, Listener};
-use kwp_sdk::mode::kwp::proxy::types::{
-    BackendPlan, Endpoint, IpAddress, IpMode, Protocol, ServicePort,
-};
+use kwp_sdk::mode::kwp::proxy::types::{IpAddress, IpMode, Protocol, ServicePort};
 
 /// UDP flows idle this long are closed (upstream userspace mode: 250 ms was
 /// its default for short-lived DNS-style flows; we favour longer flows).
@@ -32,11 +30,8 @@ impl Guest for Userspace {
         Ok(Fragment { items: Vec::new() })
     }
 
-    fn render_service(
-        service: ServicePort,
-        _endpoints: Vec<Endpoint>,
-        _backends: BackendPlan,
-    ) -> Result<Fragment, String> {
+    /// The host picks each connection's endpoint from the internal set.
+    fn render_service(service: ServicePort, _: ServiceEndpoints) -> Result<Fragment, String> {
         Ok(Fragment {
             items: vec![Item::Listener(listener(&service))],
         })

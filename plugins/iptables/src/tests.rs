@@ -1,0 +1,206 @@
+//! Rendering, natively: which set each frontend reaches, and drop vs reject.
+
+use kwp_sdk::mode::exports::kwp::proxy::mode::{
+    DetectLocal, EndpointSet, ModeConfig, ServiceEndpoints,
+};
+use kwp_sdk::mode::kwp::proxy::plan::Item;
+use kwp_sdk::mode::kwp::proxy::types::{
+    BackendPlan, Endpoint, IpAddress, NodeInfo, Protocol, ServicePort, SessionAffinity,
+    TrafficPolicy,
+};
+
+use crate::Settings;
+use crate::service::render;
+
+fn v4(a: [u8; 4]) -> IpAddress {
+    IpAddress::V4(u32::from_be_bytes(a))
+}
+
+fn cfg() -> ModeConfig {
+    ModeConfig {
+        node: NodeInfo {
+            name: "n1".into(),
+            addresses: vec![v4([192, 168, 1, 5])],
+            zone: None,
+            labels: vec![],
+        },
+        table: "kube-wasm-proxy".into(),
+        masquerade_all: false,
+        detect_local: DetectLocal::None,
+        extra: String::new(),
+    }
+}
+
+fn svc(internal: TrafficPolicy, external: TrafficPolicy) -> ServicePort {
+    ServicePort {
+        id: 1,
+        namespace: "ns".into(),
+        name: "web".into(),
+        port_name: String::new(),
+        protocol: Protocol::Tcp,
+        cluster_ips: vec![v4([10, 96, 0, 10])],
+        port: 80,
+        node_port: Some(30080),
+        external_ips: vec![],
+        load_balancer_ingress: vec![],
+        source_ranges: vec![],
+        session_affinity: SessionAffinity::None,
+        external_traffic_policy: external,
+        internal_traffic_policy: internal,
+        health_check_node_port: None,
+        lb_policy: "round-robin".into(),
+        lb_policy_config: String::new(),
+    }
+}
+
+/// 10.1.0.`last`:8080; `ready` false means serving and terminating.
+fn ep(last: u8, ready: bool, local: bool) -> Endpoint {
+    Endpoint {
+        address: v4([10, 1, 0, last]),
+        port: 8080,
+        ready,
+        serving: true,
+        terminating: !ready,
+        node_name: None,
+        zone: None,
+        zone_hints: vec![],
+        node_hints: vec![],
+        is_local: local,
+    }
+}
+
+fn set(eps: &[Endpoint]) -> EndpointSet {
+    EndpointSet {
+        endpoints: eps.to_vec(),
+        backends: BackendPlan::Weights(vec![1; eps.len()]),
+    }
+}
+
+fn sets(internal: &[Endpoint], external: &[Endpoint], has_any: bool) -> ServiceEndpoints {
+    ServiceEndpoints {
+        internal: set(internal),
+        external: set(external),
+        has_any_endpoints: has_any,
+    }
+}
+
+/// Chains (IPv4) as (table, name, rules).
+fn rendered(svc: &ServicePort, eps: &ServiceEndpoints) -> Vec<(String, String, Vec<String>)> {
+    let fragment = render(&cfg(), &Settings::default(), svc, eps).unwrap();
+    fragment
+        .items
+        .into_iter()
+        .filter_map(|item| match item {
+            Item::IptablesChain(c) if !c.ipv6 => Some((c.table, c.name, c.rules)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The rules of the one chain whose name starts with `prefix`, joined.
+fn chain(chains: &[(String, String, Vec<String>)], table: &str, prefix: &str) -> String {
+    let found: Vec<_> = chains
+        .iter()
+        .filter(|(t, n, _)| t == table && n.starts_with(prefix))
+        .collect();
+    assert_eq!(found.len(), 1, "one {table} {prefix}* in {chains:?}");
+    found[0].2.join("\n")
+}
+
+/// DNAT destinations, one per endpoint chain.
+fn dnats(chains: &[(String, String, Vec<String>)]) -> Vec<String> {
+    chains
+        .iter()
+        .flat_map(|(_, _, r)| r)
+        .filter_map(|r| r.split("--to-destination ").nth(1).map(str::to_string))
+        .collect()
+}
+
+/// The endpoint chain a rule list jumps to for `last`.
+fn sep_of(chains: &[(String, String, Vec<String>)], last: u8) -> String {
+    chains
+        .iter()
+        .find(|(_, n, r)| {
+            n.starts_with("KWP-SEP-")
+                && r.iter()
+                    .any(|r| r.ends_with(&format!("10.1.0.{last}:8080")))
+        })
+        .map(|(_, n, _)| n.clone())
+        .unwrap_or_else(|| panic!("no endpoint chain for 10.1.0.{last}"))
+}
+
+#[test]
+fn internal_local_external_cluster_sends_node_ports_to_every_endpoint() {
+    let local = ep(1, true, true);
+    let remote = ep(2, true, false);
+    let eps = sets(&[local.clone()], &[local, remote], true);
+    let chains = rendered(&svc(TrafficPolicy::Local, TrafficPolicy::Cluster), &eps);
+    assert_eq!(dnats(&chains), ["10.1.0.1:8080", "10.1.0.2:8080"]);
+    let (a, b) = (sep_of(&chains, 1), sep_of(&chains, 2));
+    let internal = chain(&chains, "nat", "KWP-SVC-");
+    assert!(
+        internal.contains(&a) && !internal.contains(&b),
+        "{internal}"
+    );
+    let external = chain(&chains, "nat", "KWP-EXT-");
+    assert!(external.contains(&a) && external.contains(&b), "{external}");
+    assert!(external.contains("-j KWP-MARK-MASQ"), "{external}");
+    assert!(chain(&chains, "nat", "KWP-NODEPORTS").contains("--dport 30080 -j KWP-EXT-"));
+}
+
+#[test]
+fn external_local_uses_a_local_terminating_endpoint() {
+    let remote = ep(2, true, false);
+    let draining = ep(3, false, true);
+    let chains = rendered(
+        &svc(TrafficPolicy::Cluster, TrafficPolicy::Local),
+        &sets(&[remote], &[draining], true),
+    );
+    let (remote, draining) = (sep_of(&chains, 2), sep_of(&chains, 3));
+    let external = chain(&chains, "nat", "KWP-EXT-");
+    assert!(
+        external.contains(&draining) && !external.contains(&remote),
+        "{external}"
+    );
+    assert!(chain(&chains, "nat", "KWP-NODEPORTS").contains("-j KWP-EXT-"));
+    assert!(!chains.iter().any(|(t, _, _)| t == "filter"), "{chains:?}");
+}
+
+#[test]
+fn a_local_policy_drops_with_endpoints_elsewhere_and_rejects_without_any() {
+    let both_local = svc(TrafficPolicy::Local, TrafficPolicy::Local);
+    let chains = rendered(&both_local, &sets(&[], &[], true));
+    assert!(chain(&chains, "filter", "KWP-EXTERNAL-SERVICES").contains("--dport 30080 -j DROP"));
+    assert!(chain(&chains, "filter", "KWP-SERVICES").ends_with("--dport 80 -j DROP"));
+    let chains = rendered(&both_local, &sets(&[], &[], false));
+    assert!(chain(&chains, "filter", "KWP-EXTERNAL-SERVICES").contains("--dport 30080 -j REJECT"));
+    assert!(chain(&chains, "filter", "KWP-SERVICES").ends_with("--dport 80 -j REJECT"));
+    // externalTrafficPolicy Local alone: the cluster IP serves, the node
+    // port drops.
+    let chains = rendered(
+        &svc(TrafficPolicy::Cluster, TrafficPolicy::Local),
+        &sets(&[ep(2, true, false)], &[], true),
+    );
+    assert!(chain(&chains, "filter", "KWP-EXTERNAL-SERVICES").contains("--dport 30080 -j DROP"));
+    assert!(chain(&chains, "nat", "KWP-SERVICE-IPS").contains("-j KWP-SVC-"));
+}
+
+#[test]
+fn external_ips_under_external_local_reach_local_endpoints_only() {
+    let local = ep(1, true, true);
+    let remote = ep(2, true, false);
+    let mut port = svc(TrafficPolicy::Cluster, TrafficPolicy::Local);
+    port.external_ips = vec![v4([203, 0, 113, 7])];
+    let chains = rendered(&port, &sets(&[local.clone(), remote], &[local], true));
+    let (a, b) = (sep_of(&chains, 1), sep_of(&chains, 2));
+    let external = chain(&chains, "nat", "KWP-EXT-");
+    assert!(
+        external.contains(&a) && !external.contains(&b),
+        "{external}"
+    );
+    assert!(
+        external.contains("--src-type LOCAL -j KWP-SVC-"),
+        "{external}"
+    );
+    assert!(chain(&chains, "nat", "KWP-SERVICE-IPS").contains("-d 203.0.113.7/32"));
+}
