@@ -36,5 +36,6 @@ mod reliability;
 mod reload;
 mod semantics;
 mod slice_selector;
+mod soak;
 mod userspace;
 mod userspace_redirect;

@@ -205,3 +205,8 @@ pub fn check(api: &Api, view: &Viewpoint, kernel: &Kernel) -> anyhow::Result<Rep
     }
     Ok(report)
 }
+
+/// Every frontend of `api` with what it should reach (for probing).
+pub fn expected_frontends(api: &Api, view: &Viewpoint) -> Vec<(Frontend, Reach)> {
+    expected::frontends(api, view)
+}
