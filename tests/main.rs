@@ -28,6 +28,7 @@ mod iptables_ops;
 mod ipvs;
 mod ipvs_filter;
 mod ipvs_vm;
+mod kernel_faults;
 mod kubernetes;
 mod nft_resync;
 mod nftables;
