@@ -208,3 +208,94 @@ fn a_hung_nft_is_killed_and_the_sync_retried() {
         "{logs}"
     );
 }
+
+/// SIGKILL at random points of syncs (the objects change just before
+/// each kill, so a sync is under way or about to be), restarted at once,
+/// under a client connecting back to back through a node port. Kernel
+/// modes keep the rules in force across the restart, so the client should
+/// see no failure; the kernel ends where the model says.
+#[test]
+fn sigkill_during_syncs_under_a_continuous_client_loses_nothing() {
+    let c = Cluster::new("killloop");
+    let wrap = tempfile::tempdir().unwrap();
+    wrapper(wrap.path(), ":");
+    let yaml = |round| {
+        services(&c, round)
+            .iter()
+            .map(|s| s.yaml())
+            .collect::<String>()
+    };
+    let mut p = start(&c, wrap.path(), &yaml(0));
+    let objects = p.dir.clone();
+    let keep = tempfile::tempdir().unwrap();
+    // The objects outlive each proxy: move them out of its temporary dir.
+    let kept = keep.path().join("objects");
+    std::fs::rename(&objects, &kept).unwrap();
+    drop(p);
+    p = restart(&c, wrap.path(), &kept);
+    converges(&c, &services(&c, 0), Duration::from_secs(30));
+    let client = common::topology::ContinuousClient::start_every(
+        &c.client,
+        common::node_proxy::addr(NODE_IP, 30200),
+        Duration::from_millis(2),
+    );
+    let kills = 10;
+    let mut seed = u64::from(std::process::id()) | 1;
+    for round in 1..=kills {
+        write(&kept, "objects.yaml", &yaml(round));
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(seed % 300));
+        drop(p); // SIGKILL
+        p = restart(&c, wrap.path(), &kept);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    converges(&c, &services(&c, kills), Duration::from_secs(30));
+    let (ok, failed) = client.stop();
+    eprintln!(
+        "{kills} kills: {ok} connections answered, {} failed",
+        failed.len()
+    );
+    assert!(ok > 100, "the client barely ran: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+fn restart(c: &Cluster, wrap: &Path, objects: &Path) -> Proxy {
+    let config = objects.parent().unwrap().join("config.conf");
+    std::fs::write(&config, CONFIG).unwrap();
+    let source = format!("file:{}", objects.display());
+    let path = format!(
+        "PATH={}:{}",
+        wrap.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    launch_in_env(
+        c,
+        tempfile::tempdir().unwrap(),
+        &[path],
+        &[
+            "--proxy-mode",
+            "nftables",
+            "--source",
+            &source,
+            "--config",
+            config.to_str().unwrap(),
+            "--hostname-override",
+            "node-1",
+            "--min-sync-period",
+            "50ms",
+            "--sync-period",
+            "2s",
+            "--metrics-bind-address",
+            "",
+            "--healthz-bind-address",
+            "",
+        ],
+    )
+}
