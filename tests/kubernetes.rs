@@ -26,15 +26,15 @@ const SERVICE_ACCOUNT: &str = "kube-wasm-proxy";
 const CLUSTER_IP: &str = "10.96.0.50";
 const NODE_PORT: u16 = 30080;
 const HEALTHZ: &str = "127.0.0.1:10256";
-const METRICS: &str = "127.0.0.1:10249";
+pub(crate) const METRICS: &str = "127.0.0.1:10249";
 
 /// A control plane, a namespace cluster and the proxy between them.
-struct Setup {
-    cp: ControlPlane,
-    admin: Client,
-    cluster: Cluster,
-    proxy: Child,
-    logs: Logs,
+pub(crate) struct Setup {
+    pub(crate) cp: ControlPlane,
+    pub(crate) admin: Client,
+    pub(crate) cluster: Cluster,
+    pub(crate) proxy: Child,
+    pub(crate) logs: Logs,
     mode: &'static str,
     /// The node's path to the API server.
     forward: Forward,
@@ -51,7 +51,7 @@ impl Drop for Setup {
 impl Setup {
     /// Starts everything; the proxy runs as the DaemonSet's ServiceAccount
     /// with `rbac` (deploy/rbac.yaml's documents) applied.
-    fn start(tag: &str, mode: &'static str, rbac: &[String]) -> Self {
+    pub(crate) fn start(tag: &str, mode: &'static str, rbac: &[String]) -> Self {
         Self::start_with(tag, mode, rbac, &[])
     }
 
@@ -129,7 +129,7 @@ impl Setup {
     }
 
     /// (status, body) of an HTTP GET inside the node namespace.
-    fn http(&self, addr: &str, path: &str) -> (u16, String) {
+    pub(crate) fn http(&self, addr: &str, path: &str) -> (u16, String) {
         let out = self.cluster.node.sh(&format!(
             "curl -s --max-time 3 -w '\\n%{{http_code}}' http://{addr}{path} || true"
         ));
@@ -229,7 +229,7 @@ fn create_node(admin: &Client) {
         .expect_ok("setting Node node-1's addresses");
 }
 
-fn rbac() -> Vec<String> {
+pub(crate) fn rbac() -> Vec<String> {
     let text = std::fs::read_to_string(repo_root().join("deploy/rbac.yaml")).unwrap();
     yaml_documents(&text)
 }
@@ -258,7 +258,7 @@ fn eventually(what: &str, seconds: u64, check: impl FnMut() -> bool) {
 
 /// The value of one sample (`name` with its labels, if any) in Prometheus
 /// text; 0 when absent.
-fn metric(text: &str, name: &str) -> f64 {
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))

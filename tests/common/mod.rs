@@ -7,6 +7,7 @@
 pub mod api_client;
 pub mod apiserver;
 pub mod fixtures;
+pub mod model;
 pub mod netns;
 pub mod node_proxy;
 pub mod poll;

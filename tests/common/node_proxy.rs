@@ -99,10 +99,22 @@ pub fn start_full(
 /// Starts the proxy with `args` in the node namespace, owning `dir`; does
 /// not wait for anything.
 pub fn launch_in(cluster: &Cluster, dir: tempfile::TempDir, args: &[&str]) -> Proxy {
+    launch_in_env(cluster, dir, &[], args)
+}
+
+/// Like `launch_in`, with `NAME=VALUE` settings in the proxy's environment
+/// only (`env` execs the proxy: the child's pid is the proxy's).
+pub fn launch_in_env(
+    cluster: &Cluster,
+    dir: tempfile::TempDir,
+    env: &[String],
+    args: &[&str],
+) -> Proxy {
     let path = dir.path().to_path_buf();
-    let mut child = cluster
-        .node
-        .spawn(env!("CARGO_BIN_EXE_kube-wasm-proxy"), args);
+    let mut full: Vec<&str> = env.iter().map(String::as_str).collect();
+    full.push(env!("CARGO_BIN_EXE_kube-wasm-proxy"));
+    full.extend_from_slice(args);
+    let mut child = cluster.node.spawn("env", &full);
     let logs = super::Logs::capture(&mut child);
     Proxy {
         child,

@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use crate::model::{Endpoint, Protocol, ServicePort, ServicePortName};
 
@@ -115,12 +114,11 @@ impl ConntrackCleaner {
         } else {
             "ipv4"
         };
-        let status = Command::new("conntrack")
-            .args(["-D", "-f", family])
-            .args(filter)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let mut args = vec!["-D", "-f", family];
+        args.extend_from_slice(filter);
+        let status =
+            crate::dataplane::tool::run("conntrack", &args, None, crate::dataplane::tool::DEADLINE)
+                .map(|f| f.status);
         match status {
             // Exit code 1 means nothing matched, which is fine.
             Ok(s) if s.success() || s.code() == Some(1) => {}

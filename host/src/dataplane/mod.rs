@@ -10,6 +10,7 @@ mod contract;
 pub mod iptables;
 pub mod ipvs;
 pub mod nftables;
+pub mod tool;
 pub mod userspace;
 
 pub use contract::*;

@@ -205,8 +205,7 @@ fn render_family(
         .filter(|lb| lb.ip_mode == IpMode::Vip)
         .filter_map(|lb| f.ip(&lb.ip))
         .collect();
-    let firewall =
-        !svc.source_ranges.is_empty() && !lb_ips.is_empty() && external_verdict.is_some();
+    let firewall = !svc.source_ranges.is_empty() && !lb_ips.is_empty();
     if firewall {
         let ranges: Vec<String> = svc
             .source_ranges
@@ -217,14 +216,26 @@ fn render_family(
         if !ranges.is_empty() {
             rules.push(format!("{l3} saddr != {{ {} }} drop", ranges.join(", ")));
         }
-        rules.push(format!("goto {ext_chain}"));
+        // Sources outside the ranges are dropped whether or not the
+        // Service has endpoints (upstream checks the firewall first);
+        // without endpoints the chain is entered from the filter hooks'
+        // no-endpoint map and ends as that map would.
+        rules.push(match &external_verdict {
+            Some(_) => format!("goto {ext_chain}"),
+            None => no_endpoints.clone(),
+        });
         items.push(f.chain(cfg, &fw_chain, None, rules));
     }
     for ip in &lb_ips {
         if firewall {
+            let map = if external_verdict.is_some() {
+                "service-ips"
+            } else {
+                "no-endpoint-services"
+            };
             items.push(f.element(
                 cfg,
-                "service-ips",
+                map,
                 format!("{ip} . {p} . {} : goto {fw_chain}", svc.port),
             ));
         } else {

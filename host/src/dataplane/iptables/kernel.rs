@@ -4,8 +4,7 @@
 //! the xtables lock (`-w`) as upstream does.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
@@ -107,10 +106,13 @@ impl IptablesKernel for IptablesProcess {
 
     fn save(&mut self, ipv6: bool, table: &str) -> Result<String> {
         let tool = self.backend.binary(ipv6, "save");
-        let out = Command::new(&tool)
-            .args(["-t", table])
-            .output()
-            .with_context(|| format!("running {tool} (is the iptables package installed?)"))?;
+        let out = crate::dataplane::tool::run(
+            &tool,
+            &["-t", table],
+            None,
+            crate::dataplane::tool::DEADLINE,
+        )
+        .with_context(|| format!("running {tool} (is the iptables package installed?)"))?;
         if !out.status.success() {
             bail!(
                 "{tool} -t {table} failed: {}",
@@ -135,10 +137,13 @@ impl IptablesKernel for IptablesProcess {
 
     fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>> {
         let tool = self.backend.command(ipv6);
-        let out = Command::new(&tool)
-            .args(["-w", "5", "-t", table, "-S", chain])
-            .output()
-            .with_context(|| format!("running {tool} (is the iptables package installed?)"))?;
+        let out = crate::dataplane::tool::run(
+            &tool,
+            &["-w", "5", "-t", table, "-S", chain],
+            None,
+            crate::dataplane::tool::DEADLINE,
+        )
+        .with_context(|| format!("running {tool} (is the iptables package installed?)"))?;
         // Exit status 1: no such chain (or table); others (4: the lock
         // was not free in time) say nothing about the chain.
         match out.status.code() {
@@ -162,20 +167,13 @@ impl IptablesKernel for IptablesProcess {
 const ROUTE_LOCALNET: &str = "/proc/sys/net/ipv4/conf/all/route_localnet";
 
 fn restore(tool: &str, args: &[&str], text: &str) -> Result<()> {
-    let mut child = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {tool} (is the iptables package installed?)"))?;
-    child
-        .stdin
-        .take()
-        .context("restore stdin")?
-        .write_all(text.as_bytes())
-        .with_context(|| format!("writing to {tool}"))?;
-    let out = child.wait_with_output().context("waiting for restore")?;
+    let out = crate::dataplane::tool::run(
+        tool,
+        args,
+        Some(text.as_bytes()),
+        crate::dataplane::tool::DEADLINE,
+    )
+    .with_context(|| format!("running {tool} (is the iptables package installed?)"))?;
     if !out.status.success() {
         bail!(
             "{tool} refused the transaction: {}",

@@ -7,8 +7,6 @@
 //! transaction (docs/nftables.md has the measurements).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
-use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
@@ -118,22 +116,21 @@ impl NftKernel for NftProcess {
     }
 }
 
-/// Runs `nft ARGS` with `script` on its standard input.
+/// Runs `nft ARGS` with `script` on its standard input, killed if it
+/// takes longer than [`crate::dataplane::tool::DEADLINE`].
 pub fn nft(args: &[&str], script: &str) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
+    nft_program("nft", args, script, crate::dataplane::tool::DEADLINE)
+}
+
+/// [`nft`] with the program and deadline given (tests use a wrapper).
+pub fn nft_program(
+    program: &str,
+    args: &[&str],
+    script: &str,
+    deadline: std::time::Duration,
+) -> Result<()> {
+    let out = crate::dataplane::tool::run(program, args, Some(script.as_bytes()), deadline)
         .context("running nft (is the nftables package installed?)")?;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(script.as_bytes())
-        .context("writing to nft")?;
-    let out = child.wait_with_output().context("waiting for nft")?;
     if !out.status.success() {
         bail!(
             "nft refused the transaction: {}",

@@ -164,7 +164,14 @@ impl FileSource {
         self.handled.retain(|p, _| keep(p));
         self.settling.retain(|p, _| keep(p));
         self.refused.retain(|p, _| keep(p));
-        changed |= !self.sent && self.settling.is_empty();
+        // The first set must be complete: the first sync is a full
+        // reconcile, and a set missing a file still settling (one renamed
+        // into place just before a restart) would delete that file's
+        // Services' rules from the kernel until the next scan.
+        if !self.sent && !self.settling.is_empty() {
+            return None;
+        }
+        changed |= !self.sent;
         self.sent |= changed;
         changed.then(|| self.event())
     }

@@ -155,3 +155,21 @@ fn five_thousand_files_are_read_once_and_idle_scans_read_nothing() {
         "a new file costs one read, not a rescan"
     );
 }
+
+#[test]
+fn the_first_object_set_waits_for_every_file_to_settle() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("node.yaml"), "").unwrap();
+    let mut src = FileSource::new(dir.path(), "n");
+    // An old file and one renamed into place just now, as before a restart.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(dir.path().join("node.yaml"))
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    std::fs::write(dir.path().join("a.yaml"), svc("a", 80)).unwrap();
+    assert!(src.scan().is_none(), "a first set without a.yaml was sent");
+    assert_eq!(services(scan_settled(&mut src)), ["a"]);
+}

@@ -1,0 +1,478 @@
+//! Churn against the real kube-apiserver in nftables mode, checked by the
+//! independent model (common/model): random changes to Services (created,
+//! deleted, type switched, ports and traffic policies changed, lb-policy
+//! annotations switched among bundled policies and to a missing one) and
+//! EndpointSlices (endpoints added, removed, terminating, not ready).
+//! Every round the churn pauses, the sync settles, and the model compares
+//! every frontend with the kernel; real TCP connections from the client
+//! namespace go to a sample of frontends. RSS, open descriptors and the
+//! sync latency histogram are reported.
+//!
+//! The suite runs a short version (`a_short_churn_soak_matches_the_model`);
+//! scripts/soak.sh runs the long one (`KWP_SOAK_SECONDS`, `KWP_SOAK_RATE`
+//! read by the ignored `soak_long`).
+
+use crate::common;
+use crate::kubernetes::{METRICS, Setup, metric, rbac};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use common::apiserver::Apply;
+use common::model::{self, Api, Kernel, Kind, Outcome, Viewpoint};
+use common::topology::{CLIENT_IP, NODE_IP, Outcome as Probe, tcp_from};
+use serde_json::{Value, json};
+
+const NS: &str = "e2e";
+const SERVICES: usize = 12;
+const POLICIES: &[&str] = &[
+    "round-robin",
+    "random",
+    "maglev",
+    "weighted",
+    "no-such-policy",
+];
+
+/// A small deterministic generator (xorshift): a run is reproducible from
+/// its seed, printed at the start.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+}
+
+fn cluster_ip(i: usize) -> String {
+    format!("10.96.10.{}", i + 1)
+}
+
+/// One random change; returns what it was.
+fn change(s: &Setup, rng: &mut Rng) -> &'static str {
+    let i = rng.below(SERVICES);
+    let name = format!("s{i}");
+    match rng.below(10) {
+        0..=3 => {
+            apply_service(s, rng, i);
+            "service"
+        }
+        4 => {
+            s.admin
+                .delete(&format!("/api/v1/namespaces/{NS}/services/{name}"));
+            "service deleted"
+        }
+        5..=8 => {
+            apply_slice(s, rng, &name);
+            "endpoints"
+        }
+        _ => {
+            s.admin.delete(&format!(
+                "/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices/{name}-1"
+            ));
+            "slice deleted"
+        }
+    }
+}
+
+fn apply_service(s: &Setup, rng: &mut Rng, i: usize) {
+    let name = format!("s{i}");
+    let kind = ["ClusterIP", "NodePort", "LoadBalancer"][rng.below(3)];
+    let port = [80, 81][rng.below(2)];
+    let mut spec = json!({"type": kind, "clusterIP": cluster_ip(i),
+        "ports": [{"name": "p", "port": port, "protocol": "TCP", "targetPort": 8080}]});
+    if kind != "ClusterIP" {
+        spec["ports"][0]["nodePort"] = json!(30100 + i);
+        spec["externalTrafficPolicy"] = json!(["Cluster", "Local"][rng.below(2)]);
+    }
+    spec["internalTrafficPolicy"] = json!(["Cluster", "Local"][rng.below(2)]);
+    if rng.chance(30) {
+        spec["externalIPs"] = json!([format!("198.51.100.{}", 100 + i)]);
+    }
+    if kind == "LoadBalancer" && rng.chance(30) {
+        spec["loadBalancerSourceRanges"] = json!(["192.0.2.0/24"]);
+    }
+    let policy = POLICIES[rng.below(POLICIES.len())];
+    let svc = json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": NS,
+                     "annotations": {"kube-wasm-proxy.io/lb-policy": policy}},
+        "spec": spec});
+    // A type switch that the API server refuses as an update (a node port
+    // dropped by apply, say) is a delete and create, as a user would do.
+    if !s.admin.apply(&svc.to_string(), Apply::FOR_REAL).ok() {
+        s.admin
+            .delete(&format!("/api/v1/namespaces/{NS}/services/{name}"));
+        // The API server frees a deleted Service's node port a moment
+        // later: a refused create is a change that did not happen.
+        let created = s.admin.apply(&svc.to_string(), Apply::FOR_REAL);
+        if !created.ok() {
+            eprintln!("soak: creating Service {NS}/{name} refused: HTTP {}", created.status);
+            return;
+        }
+    }
+    if kind == "LoadBalancer" {
+        s.admin.merge_patch(
+            &format!("/api/v1/namespaces/{NS}/services/{name}/status"),
+            &json!({"status": {"loadBalancer": {"ingress": [{"ip": format!("198.51.100.{}", i + 1)}]}}}),
+        );
+    }
+}
+
+fn apply_slice(s: &Setup, rng: &mut Rng, service: &str) {
+    let endpoints: Vec<Value> = s
+        .cluster
+        .pods
+        .iter()
+        .filter_map(|pod| rng.chance(60).then_some(pod))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|pod| {
+            // ready; not ready; terminating and serving; terminating only.
+            let (ready, serving, terminating) = [
+                (true, true, false),
+                (false, false, false),
+                (false, true, true),
+                (false, false, true),
+            ][if rng.chance(60) { 0 } else { 1 + rng.below(3) }];
+            json!({"addresses": [pod.ip], "nodeName": if pod.local { "node-1" } else { "node-2" },
+                   "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+        })
+        .collect();
+    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-1"), "namespace": NS,
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints});
+    s.admin
+        .apply(&slice.to_string(), Apply::FOR_REAL)
+        .expect_ok(&format!("applying EndpointSlice {NS}/{service}-1"));
+}
+
+fn api(s: &Setup) -> Api {
+    let items = |path: &str| -> Vec<Value> {
+        s.admin.get(path).expect_ok(path)["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    Api {
+        services: typed(&items(&format!("/api/v1/namespaces/{NS}/services"))),
+        slices: typed(&items(&format!(
+            "/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
+        ))),
+        node: serde_json::from_value(s.admin.get("/api/v1/nodes/node-1").json()).ok(),
+    }
+}
+
+fn view() -> Viewpoint {
+    Viewpoint {
+        node_name: "node-1".into(),
+        client_v4: CLIENT_IP.parse().unwrap(),
+        client_v6: "2001:db8:1::2".parse().unwrap(),
+        in_interface: "eth-cli".into(),
+    }
+}
+
+fn kernel(s: &Setup) -> Kernel {
+    let mut k = Kernel::default();
+    k.local_addresses = vec![NODE_IP.parse().unwrap()];
+    let json = s
+        .cluster
+        .node
+        .sh("nft -j list table ip kube-wasm-proxy 2>/dev/null || true");
+    if !json.trim().is_empty() {
+        k.add_json(&json).expect("kwp's table as JSON");
+    }
+    k
+}
+
+/// One comparison: the report, plus frontends of Services that are gone
+/// but still handled by the kernel.
+fn compare(s: &Setup) -> (model::Report, Vec<String>) {
+    let api = api(s);
+    let k = kernel(s);
+    let report = model::check(&api, &view(), &k).expect("the checker reads the kernel");
+    let present: BTreeSet<String> = api
+        .services
+        .iter()
+        .filter_map(|x| x.metadata.name.clone())
+        .collect();
+    let mut stale = Vec::new();
+    for i in (0..SERVICES).filter(|i| !present.contains(&format!("s{i}"))) {
+        for port in [80, 81] {
+            let f = model::Frontend {
+                service: format!("{NS}/s{i}:p (deleted)"),
+                kind: Kind::ClusterIp,
+                ip: cluster_ip(i).parse().unwrap(),
+                proto: model::Proto::Tcp,
+                port,
+                source: view().client_v4,
+            };
+            let reach = k.reach(&f, &view()).expect("walk");
+            if reach != BTreeSet::from([Outcome::NotCaptured]) {
+                stale.push(format!("{f}: {}", model::show(&reach)));
+            }
+        }
+    }
+    (report, stale)
+}
+
+/// Real connections to the frontends the model says reach endpoints (or
+/// reject): (tried, failures).
+fn probe(s: &Setup, rng: &mut Rng, sample: usize) -> (usize, Vec<String>) {
+    let api = api(s);
+    let pods: BTreeMap<IpAddr, &str> = s
+        .cluster
+        .pods
+        .iter()
+        .map(|p| (p.ip.parse().unwrap(), p.name))
+        .collect();
+    let mut candidates = Vec::new();
+    let k = kernel(s);
+    let report = model::check(&api, &view(), &k).expect("checker");
+    let bad: BTreeSet<String> = report
+        .known
+        .iter()
+        .map(|(m, _)| m.frontend.to_string())
+        .collect();
+    for port in common::model::expected_frontends(&api, &view()) {
+        if port.0.source.to_string() == CLIENT_IP && !bad.contains(&port.0.to_string()) {
+            candidates.push(port);
+        }
+    }
+    let mut failures = Vec::new();
+    let mut tried = 0;
+    for _ in 0..sample.min(candidates.len()) {
+        let (f, reach) = candidates.swap_remove(rng.below(candidates.len()));
+        let target = SocketAddr::new(f.ip, f.port);
+        let got = tcp_from(&s.cluster.client, target);
+        let ok = match (&got, reach.iter().next()) {
+            (Probe::Answered(pod, _), Some(Outcome::Endpoint(_))) => reach.iter().any(
+                |o| matches!(o, Outcome::Endpoint(a) if pods.get(&a.ip()) == Some(&pod.as_str())),
+            ),
+            (Probe::Refused, Some(Outcome::Reject)) => true,
+            (Probe::TimedOut, Some(Outcome::Drop)) => true,
+            _ => false,
+        };
+        tried += 1;
+        if !ok {
+            failures.push(format!(
+                "{f}: expected {}, got {got:?}",
+                model::show(&reach)
+            ));
+        }
+    }
+    (tried, failures)
+}
+
+fn proc_status(s: &Setup, key: &str) -> u64 {
+    let text =
+        std::fs::read_to_string(format!("/proc/{}/status", s.proxy.id())).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn open_fds(s: &Setup) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", s.proxy.id()))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The sync latency histogram: (le, cumulative count).
+fn sync_histogram(s: &Setup) -> Vec<(String, f64)> {
+    let (_, text) = s.http(METRICS, "/metrics");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once("\"}")?;
+            Some((le.to_string(), rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+pub struct Totals {
+    pub changes: usize,
+    pub rounds: usize,
+    pub mismatches: usize,
+    pub known: usize,
+    pub probes: usize,
+    pub probe_failures: Vec<String>,
+    pub rss_kib: Vec<u64>,
+}
+
+/// `seconds` of churn at `rate` changes a second, a check every `round`.
+pub fn soak(tag: &str, seconds: u64, rate: u64, round: Duration, sample: usize) -> Totals {
+    let seed = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+    eprintln!("soak: seed {seed:#x}, {seconds} s at {rate} changes/s");
+    let mut rng = Rng(seed);
+    let s = Setup::start(tag, "nftables", &rbac());
+    let mut t = Totals {
+        changes: 0,
+        rounds: 0,
+        mismatches: 0,
+        known: 0,
+        probes: 0,
+        probe_failures: Vec::new(),
+        rss_kib: Vec::new(),
+    };
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let gap = Duration::from_micros(1_000_000 / rate.max(1));
+    while Instant::now() < end {
+        let round_end = (Instant::now() + round).min(end);
+        let mut next = Instant::now();
+        while Instant::now() < round_end {
+            change(&s, &mut rng);
+            t.changes += 1;
+            next += gap;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        // Settled: the model agrees within 10 s of the last change, or
+        // what still differs then is a mismatch.
+        let mut last = None;
+        common::poll::until(Duration::from_secs(10), || {
+            let (report, stale) = compare(&s);
+            let clean = report.mismatches.is_empty() && stale.is_empty();
+            last = Some((report, stale));
+            clean
+        });
+        let (report, stale) = last.expect("compared once");
+        t.rounds += 1;
+        t.mismatches += report.mismatches.len() + stale.len();
+        t.known += report.known.len();
+        if !report.mismatches.is_empty() || !stale.is_empty() {
+            eprintln!(
+                "soak round {}: {}\n  stale: {stale:?}",
+                t.rounds,
+                report.summary(10)
+            );
+        }
+        let (tried, failed) = probe(&s, &mut rng, sample);
+        t.probes += tried;
+        t.probe_failures.extend(failed);
+        t.rss_kib.push(proc_status(&s, "VmRSS:"));
+        eprintln!(
+            "soak round {}: {} changes, {} frontends, {} mismatches, {} known, RSS {} KiB, {} fds",
+            t.rounds,
+            t.changes,
+            report.frontends,
+            report.mismatches.len() + stale.len(),
+            report.known.len(),
+            t.rss_kib.last().unwrap(),
+            open_fds(&s)
+        );
+    }
+    eprintln!("soak: sync latency histogram {:?}", sync_histogram(&s));
+    eprintln!(
+        "soak: sync errors {}",
+        metric(
+            &s.http(METRICS, "/metrics").1,
+            "kwp_sync_proxy_rules_errors_total"
+        )
+    );
+    t
+}
+
+fn report(t: &Totals) {
+    eprintln!(
+        "soak totals: {} changes, {} rounds, {} mismatches, {} known divergences, {}/{} probes failed, RSS KiB {:?}",
+        t.changes,
+        t.rounds,
+        t.mismatches,
+        t.known,
+        t.probe_failures.len(),
+        t.probes,
+        t.rss_kib
+    );
+    for f in &t.probe_failures {
+        eprintln!("  probe failed: {f}");
+    }
+}
+
+#[test]
+fn a_short_churn_soak_matches_the_model() {
+    let t = soak("soak", 40, 10, Duration::from_secs(10), 10);
+    report(&t);
+    assert!(t.changes >= 300, "{} changes", t.changes);
+    assert_eq!(t.mismatches, 0, "mismatches after the syncs settled");
+    assert!(t.probe_failures.is_empty(), "{:?}", t.probe_failures);
+}
+
+#[test]
+#[ignore = "minutes long: scripts/soak.sh"]
+fn soak_long() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let t = soak(
+        "soaklong",
+        env("KWP_SOAK_SECONDS", 600),
+        env("KWP_SOAK_RATE", 100),
+        Duration::from_secs(10),
+        10,
+    );
+    report(&t);
+    let first_minute = t.rss_kib.get(5).copied().unwrap_or(0) as f64;
+    let last = t.rss_kib.last().copied().unwrap_or(0) as f64;
+    eprintln!(
+        "soak: RSS growth after the first minute {:.1} %",
+        (last / first_minute - 1.0) * 100.0
+    );
+    assert_eq!(t.mismatches, 0);
+    assert!(t.probe_failures.is_empty(), "{:?}", t.probe_failures);
+}
+
+fn typed<T: serde::de::DeserializeOwned>(items: &[Value]) -> Vec<T> {
+    items
+        .iter()
+        .filter_map(|x| serde_json::from_value(x.clone()).ok())
+        .collect()
+}
+
+/// Found by the soak: a load-balancer VIP with source ranges and no
+/// endpoint rejected outside sources instead of dropping them (upstream
+/// checks the firewall before endpoints). The model over a file source.
+#[test]
+fn source_ranges_drop_outsiders_even_without_endpoints() {
+    use common::fixtures::TestService;
+    use common::topology::Cluster;
+    let c = Cluster::new("fwnone");
+    let empty = TestService::new(&c, "empty", "10.96.20.1")
+        .load_balancer(30090)
+        .source_ranges(&["192.0.2.0/24"])
+        .ingress("198.51.100.20", None);
+    let full = TestService::new(&c, "full", "10.96.20.2")
+        .load_balancer(30091)
+        .source_ranges(&["192.0.2.0/24"])
+        .ingress("198.51.100.21", None)
+        .pods(&["pod-c"]);
+    let api = Api {
+        services: vec![empty.service.clone(), full.service.clone()],
+        slices: vec![empty.slice.clone(), full.slice.clone()],
+        node: serde_yaml_ng::from_str(&Cluster::node_yaml()).ok(),
+    };
+    let objects = [empty.yaml(), full.yaml()].concat();
+    let _p = common::node_proxy::start(&c, &objects);
+    let mut last = None;
+    let clean = common::poll::until(common::poll::PATIENCE, || {
+        let mut k = Kernel::default();
+        k.local_addresses = vec![NODE_IP.parse().unwrap()];
+        k.add_json(&c.node.sh("nft -j list table ip kube-wasm-proxy"))
+            .expect("kwp's table");
+        let r = model::check(&api, &view(), &k).expect("checker");
+        let ok = r.mismatches.is_empty() && r.known.is_empty() && r.frontends == 8;
+        last = Some(r.summary(10));
+        ok
+    });
+    assert!(clean, "{}", last.unwrap_or_default());
+}
