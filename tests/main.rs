@@ -31,6 +31,7 @@ mod ipvs_vm;
 mod kubernetes;
 mod nft_resync;
 mod nftables;
+mod oci_image;
 mod operate;
 mod reliability;
 mod reload;
