@@ -22,6 +22,7 @@ mod cleanup;
 mod cli;
 mod file_source;
 mod health;
+mod helm;
 mod image;
 mod iptables;
 mod iptables_ops;
