@@ -22,6 +22,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 module="$here/control-plane"
 cache_root="${KWP_K8S_CACHE:-/var/cache/kwp}"
 cache="$cache_root/k8s-$KUBE_VERSION"
+# go_bin, shared with scripts/helm.sh
+source "$here/lib.sh"
 
 log() { echo "control-plane: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -41,16 +43,6 @@ ensure_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
-go_bin() {
-    if command -v go >/dev/null 2>&1; then
-        command -v go
-    elif [ -x /usr/local/go/bin/go ]; then
-        echo /usr/local/go/bin/go
-    else
-        die "Go is not installed (looked in PATH and /usr/local/go/bin)"
-    fi
-}
-
 # True when both binaries are cached and report the pinned version.
 cached() {
     [ -x "$cache/kube-apiserver" ] && [ -x "$cache/kube-proxy" ] || return 1
@@ -60,7 +52,7 @@ cached() {
 
 build() {
     local go
-    go="$(go_bin)"
+    go="$(go_bin)" || die "cannot build without Go"
     grep -q "k8s.io/kubernetes $KUBE_VERSION" "$module/go.mod" \
         || die "$module/go.mod does not pin k8s.io/kubernetes $KUBE_VERSION"
     local minor="${KUBE_VERSION#v1.}"

@@ -30,3 +30,17 @@ ensure_packages() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
+
+# go_bin: prints the Go toolchain's path (PATH, else /usr/local/go/bin),
+# for the tools built from the Go module proxy (scripts/control-plane.sh,
+# scripts/helm.sh).
+go_bin() {
+    if command -v go >/dev/null 2>&1; then
+        command -v go
+    elif [ -x /usr/local/go/bin/go ]; then
+        echo /usr/local/go/bin/go
+    else
+        echo "Go is not installed (looked in PATH and /usr/local/go/bin)" >&2
+        return 1
+    fi
+}

@@ -8,51 +8,14 @@
 use crate::common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::Duration;
+use std::process::Command;
 
 use common::Logs;
-use common::apiserver::{Apply, repo_root, yaml_documents};
+use common::apiserver::repo_root;
+use common::daemonset::{
+    self, PLACEHOLDER_SERVER, Pod, SERVICE_ACCOUNT_DIR, deploy_file, image_path, wait_for,
+};
 use common::netns::Netns;
-use serde_json::json;
-use serde_yaml_ng::Value;
-
-/// Where a pod finds its service-account token and CA.
-const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-
-fn deploy(file: &str) -> String {
-    std::fs::read_to_string(repo_root().join("deploy").join(file))
-        .unwrap_or_else(|e| panic!("deploy/{file}: {e}"))
-}
-
-fn document(file: &str, kind: &str) -> Value {
-    yaml_documents(&deploy(file))
-        .iter()
-        .map(|d| serde_yaml_ng::from_str::<Value>(d).unwrap())
-        .find(|v| v["kind"] == kind)
-        .unwrap_or_else(|| panic!("no {kind} in deploy/{file}"))
-}
-
-fn strings(v: &Value) -> Vec<String> {
-    v.as_sequence()
-        .into_iter()
-        .flatten()
-        .map(|s| s.as_str().expect("a string").to_string())
-        .collect()
-}
-
-/// The image path the Dockerfile copies `from` (a path under /out) to.
-fn image_path(dockerfile: &str, from: &str) -> String {
-    dockerfile
-        .lines()
-        .find_map(|l| {
-            let rest = l.strip_prefix("COPY --from=build ")?;
-            let (src, dest) = rest.split_once(' ')?;
-            (src.trim_end_matches('/') == from)
-                .then(|| dest.trim().trim_end_matches('/').to_string())
-        })
-        .unwrap_or_else(|| panic!("the Dockerfile does not copy {from} into the image"))
-}
 
 /// Lays out the image's files from this build with deploy/stage.sh.
 fn stage(out: &Path) {
@@ -98,54 +61,20 @@ fn the_staged_image_runs_as_the_daemonset_says_and_gets_ready() {
     assert_eq!(staged, want, "plugins in the image");
 
     // Image paths, from the Dockerfile; pod paths, from the DaemonSet.
-    let dockerfile = deploy("Dockerfile");
+    let dockerfile = deploy_file("Dockerfile");
     let image_binary = image_path(&dockerfile, "/out/bin/kube-wasm-proxy");
     let image_plugins = image_path(&dockerfile, "/out/plugins");
-    let ds = document("daemonset.yaml", "DaemonSet");
-    let pod = &ds["spec"]["template"]["spec"];
-    let container = &pod["containers"][0];
-    let config_volume = pod["volumes"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|v| v["configMap"]["name"] == "kube-wasm-proxy")
-        .expect("a volume of the ConfigMap")["name"]
-        .clone();
-    let config_mount = container["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == config_volume)
-        .expect("the ConfigMap mounted")["mountPath"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let pod = Pod::load();
+    let config_mount = pod.config_mount();
 
     // The control plane, the RBAC, this node.
     let cp = common::apiserver::ControlPlane::start();
     let admin = cp.admin();
-    for doc in yaml_documents(&deploy("rbac.yaml")) {
-        admin
-            .apply(&doc, Apply::FOR_REAL)
-            .expect_ok("applying RBAC");
-    }
-    admin
-        .post(
-            "/api/v1/nodes",
-            &json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}}),
-        )
-        .expect_ok("creating the Node");
+    daemonset::install_rbac_and_node(&admin, "node-1");
 
     // The pod's files: the ConfigMap's keys and a projected token.
     let (config_dir, sa_dir) = (root.join("config"), root.join("serviceaccount"));
-    std::fs::create_dir_all(&config_dir).unwrap();
-    std::fs::create_dir_all(&sa_dir).unwrap();
-    std::fs::copy(&cp.ca_file, sa_dir.join("ca.crt")).unwrap();
-    std::fs::write(
-        sa_dir.join("token"),
-        admin.service_account_token("kube-system", "kube-wasm-proxy"),
-    )
-    .unwrap();
+    daemonset::write_service_account(&sa_dir, &cp, &admin);
     let s = |p: &Path| p.display().to_string();
     let rewrite = |text: &str| -> String {
         text.replace(&image_binary, &s(&out.join("bin/kube-wasm-proxy")))
@@ -153,32 +82,17 @@ fn the_staged_image_runs_as_the_daemonset_says_and_gets_ready() {
             .replace(&config_mount, &s(&config_dir))
             .replace(SERVICE_ACCOUNT_DIR, &s(&sa_dir))
             // docs/deploy.md: set `server` to the API server's address.
-            .replace("https://control-plane.invalid:6443", &cp.url)
+            .replace(PLACEHOLDER_SERVER, &cp.url)
     };
-    let configmap = document("configmap.yaml", "ConfigMap");
-    for (key, text) in configmap["data"].as_mapping().unwrap() {
-        std::fs::write(
-            config_dir.join(key.as_str().unwrap()),
-            rewrite(text.as_str().unwrap()),
-        )
-        .unwrap();
-    }
+    daemonset::write_configmap(&config_dir, rewrite);
 
     // The container's command line, with $(VAR) expanded as the kubelet does.
-    let mut command = strings(&container["command"]);
-    command.extend(strings(&container["args"]));
+    let command = pod.command_line("node-1");
     assert_eq!(
         command[0], image_binary,
         "the DaemonSet runs the binary the image has"
     );
-    let node_name_from_field = container["env"].as_sequence().unwrap().iter().any(|e| {
-        e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
-    });
-    assert!(node_name_from_field, "NODE_NAME from spec.nodeName");
-    let command: Vec<String> = command
-        .iter()
-        .map(|a| rewrite(a).replace("$(NODE_NAME)", "node-1"))
-        .collect();
+    let command: Vec<String> = command.iter().map(|a| rewrite(a)).collect();
     for arg in &command[1..] {
         assert!(
             !arg.contains("/usr/") && !arg.contains("/var/"),
@@ -187,11 +101,7 @@ fn the_staged_image_runs_as_the_daemonset_says_and_gets_ready() {
     }
 
     // Only the capabilities the DaemonSet adds, and no new privileges.
-    let caps = strings(&container["securityContext"]["capabilities"]["add"]);
-    assert_eq!(
-        strings(&container["securityContext"]["capabilities"]["drop"]),
-        ["ALL"]
-    );
+    let caps = pod.capabilities();
     let bounding = caps
         .iter()
         .map(|c| format!(",+{}", c.to_lowercase()))
@@ -209,13 +119,7 @@ fn the_staged_image_runs_as_the_daemonset_says_and_gets_ready() {
 
     // The readiness and liveness probes, as the kubelet sends them.
     let probe = |name: &str| -> u16 {
-        let p = &container[name]["httpGet"];
-        let url = format!(
-            "http://{}:{}{}",
-            p["host"].as_str().unwrap_or("127.0.0.1"),
-            p["port"].as_u64().expect("numeric probe port"),
-            p["path"].as_str().unwrap()
-        );
+        let url = pod.probe_url(name);
         ns.sh(&format!(
             "curl -s -o /dev/null --max-time 2 -w '%{{http_code}}' {url} || true"
         ))
@@ -242,23 +146,7 @@ fn the_staged_image_runs_as_the_daemonset_says_and_gets_ready() {
     assert_eq!(cap("CapEff:") & !NET_ADMIN_AND_NET_RAW, 0, "{status}");
 
     // It programs the kernel from the API, with the image's plugin files.
-    admin.ensure_namespace("e2e");
-    admin
-        .post(
-            "/api/v1/namespaces/e2e/services",
-            &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
-                    "spec": {"clusterIP": "10.96.0.77", "ports": [{"port": 80, "targetPort": 8080}]}}),
-        )
-        .expect_ok("creating a Service");
-    admin
-        .post(
-            "/apis/discovery.k8s.io/v1/namespaces/e2e/endpointslices",
-            &json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                    "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
-                    "addressType": "IPv4", "ports": [{"port": 8080, "protocol": "TCP"}],
-                    "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true}}]}),
-        )
-        .expect_ok("creating an EndpointSlice");
+    daemonset::create_web_service(&admin, "10.96.0.77", "10.244.1.5");
     wait_for(&mut proxy, &logs, "the Service in the kernel", || {
         ns.sh("nft list table ip kube-wasm-proxy 2>/dev/null || true")
             .contains("10.96.0.77")
@@ -275,22 +163,4 @@ fn the_staged_image_runs_as_the_daemonset_says_and_gets_ready() {
     let _ = proxy.kill();
     let _ = proxy.wait();
     drop(forward);
-}
-
-/// Waits up to 30 s for `check`, failing at once if the proxy exits.
-fn wait_for(proxy: &mut Child, logs: &Logs, what: &str, check: impl Fn() -> bool) {
-    let done = common::poll::until(Duration::from_secs(30), || {
-        if let Ok(Some(status)) = proxy.try_wait() {
-            panic!(
-                "the proxy exited ({status}) while waiting for {what}:\n{}",
-                logs.text()
-            );
-        }
-        check()
-    });
-    assert!(
-        done,
-        "timed out waiting for {what}; the proxy logged:\n{}",
-        logs.text()
-    );
 }
