@@ -29,6 +29,7 @@ mod ipvs;
 mod ipvs_filter;
 mod ipvs_vm;
 mod kubernetes;
+mod nft_elements;
 mod nft_resync;
 mod nftables;
 mod operate;

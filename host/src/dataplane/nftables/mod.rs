@@ -30,6 +30,8 @@ mod script;
 mod tests;
 #[cfg(test)]
 mod tests_drift;
+#[cfg(test)]
+mod tests_elements;
 
 use std::collections::BTreeMap;
 
