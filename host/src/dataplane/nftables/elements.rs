@@ -187,7 +187,7 @@ fn concat(fields: &[Field], text: &str) -> Option<Vec<u8>> {
                 let [hi, lo] = value.parse::<u16>().ok()?.to_be_bytes();
                 out.extend([hi, lo, 0, 0]);
             }
-            Field::HostU32 => out.extend(value.parse::<u32>().ok()?.to_be_bytes()),
+            Field::HostU32 => out.extend(value.parse::<u32>().ok()?.to_ne_bytes()),
         }
     }
     Some(out)
