@@ -31,6 +31,7 @@ mod ipvs_filter;
 mod ipvs_vm;
 mod kernel_faults;
 mod kubernetes;
+mod nft_elements;
 mod nft_resync;
 mod nftables;
 mod oci_image;

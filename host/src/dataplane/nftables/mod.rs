@@ -14,8 +14,14 @@
 //!   is retried change by change, and a refused full reconcile finds, by
 //!   checking (not committing) halves, the largest set of changes the
 //!   kernel takes, applies those and reports the rest by name.
+//! - A delta that only adds and deletes elements of existing sets (most
+//!   changes of a plain Service) goes to the kernel as one nf_tables
+//!   netlink batch instead of through `nft` (`elements`), unless
+//!   `KWP_NFT_ELEMENTS_VIA_NFT=1`; what the encoder does not understand
+//!   goes through nft text.
 
 mod diff;
+mod elements;
 pub mod fake;
 pub mod kernel;
 mod netlink;
@@ -24,15 +30,18 @@ mod script;
 mod tests;
 #[cfg(test)]
 mod tests_drift;
+#[cfg(test)]
+mod tests_elements;
 
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 
 pub use diff::diff_against_kernel;
+use elements::{ElementBatch, Layout};
 use kernel::{Listing, NftKernel, NftProcess, Summary};
 pub use netlink::element_count;
-use script::{Obj, Objects, Script};
+use script::{Counts, Obj, Objects, Qualified, Script};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
 use crate::model::ServicePortName;
@@ -55,7 +64,20 @@ pub struct NftDataplane {
     /// Transactions applied and failed, for metrics.
     pub transactions: u64,
     pub failures: u64,
+    /// Of `transactions`, the element-only deltas sent as netlink batches.
+    pub element_batches: u64,
+    /// Every set's declaration, for encoding its elements: a changed
+    /// fragment's elements are mostly in sets other fragments declare.
+    declarations: BTreeMap<Qualified, String>,
+    /// Element deltas through nft text too (`KWP_NFT_ELEMENTS_VIA_NFT=1`):
+    /// the path before netlink, for comparison.
+    elements_via_nft: bool,
 }
+
+/// A bigger element batch goes through nft: one netlink send must fit
+/// the socket's send buffer (~208 KiB by default), and a transaction
+/// cannot be split.
+const MAX_ELEMENT_BATCH: usize = 128 << 10;
 
 impl NftDataplane {
     /// Through the `nft` process.
@@ -74,7 +96,17 @@ impl NftDataplane {
             repairs: 0,
             transactions: 0,
             failures: 0,
+            element_batches: 0,
+            declarations: BTreeMap::new(),
+            elements_via_nft: std::env::var("KWP_NFT_ELEMENTS_VIA_NFT").is_ok_and(|v| v == "1"),
         }
+    }
+
+    /// Sends element-only deltas through nft text (`true`) or netlink
+    /// (`false`), whatever the environment says.
+    pub fn elements_via_nft(mut self, via_nft: bool) -> Self {
+        self.elements_via_nft = via_nft;
+        self
     }
 
     /// Compares the kernel with everything in force and repairs only
@@ -134,6 +166,38 @@ impl NftDataplane {
             .run(script)
             .inspect_err(|_| self.failures += 1)
             .context("nftables transaction")
+    }
+
+    /// An element-only delta as netlink batch, or `None` when the delta
+    /// changes more than elements, an element's set layout is not one
+    /// the encoder knows, or the batch is too big for one send.
+    fn element_batch(
+        &self,
+        old: &Objects,
+        new: &Objects,
+        counts: &Counts<'_>,
+    ) -> Option<ElementBatch> {
+        if self.elements_via_nft {
+            return None;
+        }
+        let (deleted, added) = elements::element_only_delta(old, new, counts)?;
+        let layout_of = |q: &Qualified| {
+            let declaration = (new.sets.get(q))
+                .or_else(|| old.sets.get(q))
+                .or_else(|| self.declarations.get(q));
+            declaration.and_then(|d| Layout::of(d))
+        };
+        let batch = ElementBatch::encode(&self.table, &deleted, &added, layout_of)?;
+        (!batch.is_empty() && batch.size() <= MAX_ELEMENT_BATCH).then_some(batch)
+    }
+
+    fn run_elements(&mut self, script: &str, batch: &ElementBatch) -> Result<()> {
+        self.transactions += 1;
+        self.element_batches += 1;
+        self.kernel
+            .run_elements(script, batch)
+            .inspect_err(|_| self.failures += 1)
+            .context("nftables element batch")
     }
 
     /// Applies `changes`: see the module comment. `one_by_one` false makes
@@ -246,11 +310,16 @@ impl NftDataplane {
         self.needs_full = false;
         self.known.clear();
         self.refs.clear();
+        self.declarations.clear();
         for f in self.applied.values() {
             // Every applied fragment passed `Objects::of` in the script.
-            for o in Objects::of([f]).iter().flat_map(Objects::keys) {
+            let Ok(objects) = Objects::of([f]) else {
+                continue;
+            };
+            for o in objects.keys() {
                 *self.refs.entry(o).or_default() += 1;
             }
+            self.declarations.extend(objects.sets);
         }
     }
 
@@ -275,7 +344,14 @@ impl NftDataplane {
         diff.retain(|_, d| *d != 0);
         let script = Script::new(&self.table).delta(&old, &new, &self.refs, &diff);
         if !script.is_empty() {
-            self.run(&script)?;
+            let counts = Counts {
+                refs: &self.refs,
+                diff: &diff,
+            };
+            match self.element_batch(&old, &new, &counts) {
+                Some(batch) => self.run_elements(&script, &batch)?,
+                None => self.run(&script)?,
+            }
         }
         // What the delta touched has a new summary: the next check
         // compares only its counts, then records it.
@@ -292,8 +368,12 @@ impl NftDataplane {
             *r = (*r as i64 + d).max(0) as usize;
             if *r == 0 {
                 self.refs.remove(&o);
+                if let Obj::Set(f, name) = o {
+                    self.declarations.remove(&(f, name));
+                }
             }
         }
+        self.declarations.extend(new.sets.clone());
         for (key, fragment) in changes {
             match fragment {
                 Some(f) => self.applied.insert(key.clone(), (*f).clone()),

@@ -1,6 +1,7 @@
-//! A read-only nf_tables netlink dump: what our table holds, summarised
-//! per chain (rule count and digest) and per set (element count and
-//! digest), for the periodic drift check.
+//! nf_tables over netlink: a read-only dump of what our table holds,
+//! summarised per chain (rule count and digest) and per set (element count
+//! and digest), for the periodic drift check; and the one write the host
+//! makes without `nft`, a batch of set-element changes (`elements.rs`).
 //!
 //! Why not `nft list table`: at 10k Services (~170k elements) nft takes
 //! 2–7 s to fetch, decode and print the table, and the resync would block
@@ -12,6 +13,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context, Result, bail};
 
+use super::elements::{ElementBatch, NFPROTO_IPV4, NFPROTO_IPV6};
 use super::kernel::{Inventory, SetKind, Summary};
 use crate::plan::NftFamily;
 
@@ -27,8 +29,10 @@ const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLA_TYPE_MASK: u16 = 0x3fff;
-const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_IPV6: u8 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+const NFNL_MSG_BATCH_END: u16 = 17;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_CREATE: u16 = 0x400;
 // Attribute numbers of linux/netfilter/nf_tables.h.
 const TABLE: u16 = 1; // NFTA_{CHAIN,RULE,SET,SET_ELEM_LIST}_TABLE
 const CHAIN_NAME: u16 = 3;
@@ -76,6 +80,13 @@ pub fn element_count(table: &str, set: &str) -> Result<usize> {
         }
     }
     Ok(count)
+}
+
+/// Sends `batch` as one nf_tables transaction: all of it or nothing. An
+/// error names the set and elements of the message the kernel refused.
+pub fn apply_elements(batch: &ElementBatch) -> Result<()> {
+    let socket = Socket::open()?;
+    socket.transact(batch)
 }
 
 fn family_inventory(
@@ -200,6 +211,19 @@ impl Fnv {
     }
 }
 
+/// Appends one netlink message: header, nfgenmsg, attributes.
+fn header(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, nfgen: &[u8; 4], attrs: &[u8]) {
+    let len = 16 + 4 + attrs.len();
+    out.extend((len as u32).to_ne_bytes());
+    out.extend(kind.to_ne_bytes());
+    out.extend(flags.to_ne_bytes());
+    out.extend(seq.to_ne_bytes());
+    out.extend(0u32.to_ne_bytes()); // port id: the kernel's
+    out.extend(nfgen);
+    out.extend(attrs);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
 fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
@@ -269,6 +293,105 @@ impl Socket {
         })
     }
 
+    /// One batch: BEGIN, a message per set (each acked), END. The kernel
+    /// answers every message with an ack or an error once the whole batch
+    /// is committed or aborted, or with one error if the commit failed.
+    fn transact(&self, batch: &ElementBatch) -> Result<()> {
+        let mut out = Vec::with_capacity(batch.size() + 64);
+        let subsys = NFNL_SUBSYS_NFTABLES.to_be_bytes();
+        // nfgenmsg of BEGIN/END: family unspecified, res_id the subsystem.
+        let control = [0, 0, subsys[0], subsys[1]];
+        header(
+            &mut out,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            0,
+            &control,
+            &[],
+        );
+        for (i, m) in batch.messages.iter().enumerate() {
+            let kind = (NFNL_SUBSYS_NFTABLES << 8) | m.kind;
+            let flags = NLM_F_REQUEST | NLM_F_ACK | if m.add { NLM_F_CREATE } else { 0 };
+            let nfgen = [m.nfproto(), 0, 0, 0];
+            header(&mut out, kind, flags, i as u32 + 1, &nfgen, &m.attrs);
+        }
+        let end_seq = batch.messages.len() as u32 + 1;
+        header(
+            &mut out,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            end_seq,
+            &control,
+            &[],
+        );
+        let fd = self.fd.as_raw_fd();
+        // The kernel answers at once; a receive that waits for long means
+        // something is wrong, and must not hang the proxier.
+        let timeout = libc::timeval {
+            tv_sec: 10,
+            tv_usec: 0,
+        };
+        // SAFETY: setsockopt(2) with a valid timeval of the size given.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        // SAFETY: send(2) of an initialised buffer on our descriptor.
+        let sent = unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), 0) };
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("netlink send of an element batch");
+        }
+        let mut acked = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while acked < batch.messages.len() {
+            // SAFETY: recv(2) into a buffer we own, within its length.
+            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e).context("netlink recv of an element batch's acks");
+            }
+            let mut rest = &buf[..n as usize];
+            while rest.len() >= 16 {
+                let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                let seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
+                // An error echoes the refused message, which may be cut
+                // off at the buffer's end; its first 4 bytes are enough.
+                let payload = &rest[16.min(rest.len())..len.min(rest.len())];
+                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+                if kind != NLMSG_ERROR {
+                    continue;
+                }
+                let code = payload
+                    .get(..4)
+                    .map_or(-libc::EIO, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                if code == 0 {
+                    acked += 1;
+                    continue;
+                }
+                let what = (seq as usize)
+                    .checked_sub(1)
+                    .and_then(|i| batch.messages.get(i))
+                    .map_or_else(
+                        || format!("the element batch of table {}", batch.table),
+                        |m| m.describe(&batch.table),
+                    );
+                return Err(std::io::Error::from_raw_os_error(-code))
+                    .with_context(|| format!("nf_tables refused {what}; nothing was applied"));
+            }
+        }
+        Ok(())
+    }
+
     /// The payloads (nfgenmsg onwards) of one dump; a dump the kernel
     /// marks interrupted (the ruleset changed meanwhile) is redone.
     fn dump(&self, msg: u16, family: u8, request: &[u8]) -> Result<Vec<Vec<u8>>> {
@@ -283,15 +406,16 @@ impl Socket {
 
     fn dump_once(&self, msg: u16, family: u8, request: &[u8]) -> Result<(Vec<Vec<u8>>, bool)> {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | msg;
-        let len = 16 + 4 + request.len();
-        let mut out = Vec::with_capacity(len);
-        out.extend((len as u32).to_ne_bytes());
-        out.extend(kind.to_ne_bytes());
-        out.extend((NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        out.extend(1u32.to_ne_bytes()); // seq
-        out.extend(0u32.to_ne_bytes()); // port id: the kernel's
-        out.extend([family, 0, 0, 0]); // nfgenmsg: family, version, res_id
-        out.extend(request);
+        let mut out = Vec::with_capacity(16 + 4 + request.len());
+        // nfgenmsg: family, version, res_id
+        header(
+            &mut out,
+            kind,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            1,
+            &[family, 0, 0, 0],
+            request,
+        );
         let fd = self.fd.as_raw_fd();
         // SAFETY: send(2) of an initialised buffer on our descriptor.
         let sent = unsafe { libc::send(fd, out.as_ptr().cast(), out.len(), 0) };

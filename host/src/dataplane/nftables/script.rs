@@ -27,11 +27,11 @@ pub enum Obj {
 #[derive(Default)]
 pub struct Objects {
     /// chain -> (hook, rules)
-    chains: BTreeMap<Qualified, (Option<String>, Vec<String>)>,
+    pub(super) chains: BTreeMap<Qualified, (Option<String>, Vec<String>)>,
     /// set -> declaration
-    sets: BTreeMap<Qualified, String>,
+    pub(super) sets: BTreeMap<Qualified, String>,
     /// (set, element)
-    elements: BTreeSet<(Fam, String, String)>,
+    pub(super) elements: BTreeSet<(Fam, String, String)>,
 }
 
 impl Objects {
@@ -213,6 +213,31 @@ impl Objects {
     }
 }
 
+/// Reference counts before a delta and their change: whether the delta
+/// creates or deletes an object (the first or last reference).
+pub struct Counts<'a> {
+    pub refs: &'a BTreeMap<Obj, usize>,
+    pub diff: &'a BTreeMap<Obj, i64>,
+}
+
+impl Counts<'_> {
+    fn before(&self, o: &Obj) -> i64 {
+        self.refs.get(o).copied().unwrap_or(0) as i64
+    }
+
+    fn after(&self, o: &Obj) -> i64 {
+        self.before(o) + self.diff.get(o).copied().unwrap_or(0)
+    }
+
+    pub fn added(&self, o: &Obj) -> bool {
+        self.before(o) == 0 && self.after(o) > 0
+    }
+
+    pub fn removed(&self, o: &Obj) -> bool {
+        self.before(o) > 0 && self.after(o) == 0
+    }
+}
+
 /// Writes commands addressing objects of one table name.
 pub struct Script<'a> {
     table: &'a str,
@@ -370,10 +395,9 @@ impl<'a> Script<'a> {
         refs: &BTreeMap<Obj, usize>,
         diff: &BTreeMap<Obj, i64>,
     ) -> String {
-        let before = |o: &Obj| refs.get(o).copied().unwrap_or(0) as i64;
-        let after = |o: &Obj| before(o) + diff.get(o).copied().unwrap_or(0);
-        let added = |o: &Obj| before(o) == 0 && after(o) > 0;
-        let removed = |o: &Obj| before(o) > 0 && after(o) == 0;
+        let counts = Counts { refs, diff };
+        let added = |o: &Obj| counts.added(o);
+        let removed = |o: &Obj| counts.removed(o);
         let chain = |(f, n): &Qualified| Obj::Chain(*f, n.clone());
         let set = |(f, n): &Qualified| Obj::Set(*f, n.clone());
         for (f, name, e) in &old.elements {
