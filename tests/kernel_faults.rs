@@ -69,10 +69,13 @@ fn start(c: &Cluster, wrap: &Path, objects: &str) -> Proxy {
         std::env::var("PATH").unwrap_or_default()
     );
     let config = config.to_str().unwrap().to_string();
+    // Element changes go over netlink and would bypass the faulty `nft`:
+    // send every change through it, the path these faults are about.
+    let via_nft = "KWP_NFT_ELEMENTS_VIA_NFT=1".to_string();
     launch_in_env(
         c,
         dir,
-        &[path],
+        &[path, via_nft],
         &[
             "--proxy-mode",
             "nftables",

@@ -86,6 +86,8 @@ fn base() -> Fragment {
             ("cluster-ips", format!("type {frontend}")),
             ("masq-nodeports", "type inet_proto . inet_service".into()),
             ("hairpin", format!("type {addr} . {addr}")),
+            // IPVS mode's filter half: keys of one field are not padded.
+            ("health-check-node-ports", "type inet_service".into()),
         ] {
             items.push(f.set(name, declaration));
         }
@@ -140,6 +142,7 @@ fn service(n: u8, first: u8) -> Fragment {
         items.push(f.element("masq-services", frontend.clone()));
         items.push(f.element("cluster-ips", format!("{} . udp . 53", (f.ip)(96, n))));
         items.push(f.element("masq-nodeports", format!("tcp . {np}")));
+        items.push(f.element("health-check-node-ports", format!("{}", np + 2000)));
         for (j, ep) in eps.iter().enumerate() {
             let port = 8080 + u16::from(first);
             items.push(f.element("backends-3", format!("{frontend} . {j} : {ep} . {port}")));

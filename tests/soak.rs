@@ -112,7 +112,10 @@ fn apply_service(s: &Setup, rng: &mut Rng, i: usize) {
         // later: a refused create is a change that did not happen.
         let created = s.admin.apply(&svc.to_string(), Apply::FOR_REAL);
         if !created.ok() {
-            eprintln!("soak: creating Service {NS}/{name} refused: HTTP {}", created.status);
+            eprintln!(
+                "soak: creating Service {NS}/{name} refused: HTTP {}",
+                created.status
+            );
             return;
         }
     }

@@ -4,7 +4,7 @@
 //!
 //! The nested cargo uses its own target directory beside the outer one, so
 //! it never waits on the outer build's lock, and is shared by every build
-//! script of one clone so each guest is compiled once.
+//! script so each guest is compiled once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -127,20 +127,12 @@ fn workspace_root() -> PathBuf {
         .expect("workspace root with wit/")
 }
 
-/// `<outer target>/wasm-guests/<workspace>`, found from OUT_DIR
-/// (`<target>/<profile>/build/<pkg>-<hash>/out`). One directory per
-/// workspace root: clones sharing a target directory name their artifacts
-/// alike, and a shared directory let one clone's guests (built against its
-/// own WIT) replace another's between its build and its `include_bytes!`.
+/// `<outer target>/wasm-guests`, found from OUT_DIR
+/// (`<target>/<profile>/build/<pkg>-<hash>/out`).
 fn nested_target_dir() -> PathBuf {
-    use std::hash::{Hash, Hasher};
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    workspace_root().hash(&mut hasher);
-    let workspace = format!("{:016x}", hasher.finish());
     out.ancestors()
         .nth(4)
         .map(|t| t.join("wasm-guests"))
         .unwrap_or_else(|| out.join("wasm-guests"))
-        .join(workspace)
 }

@@ -8,7 +8,6 @@
 //! `known_divergences_are_exactly_the_listed_ones` says which cases it
 //! covers).
 
-
 use super::expected::{PortModel, in_prefix, ports};
 use super::{Api, Frontend, Reach, Viewpoint};
 

@@ -62,6 +62,18 @@ pub enum Field {
     HostU32,
 }
 
+impl Field {
+    /// The field's size outside a concatenation.
+    fn natural_len(self) -> usize {
+        match self {
+            Field::Ipv4 | Field::HostU32 => 4,
+            Field::Ipv6 => 16,
+            Field::Proto => 1,
+            Field::Service => 2,
+        }
+    }
+}
+
 /// What a set's elements carry besides their key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Data {
@@ -189,6 +201,12 @@ fn concat(fields: &[Field], text: &str) -> Option<Vec<u8>> {
             }
             Field::HostU32 => out.extend(value.parse::<u32>().ok()?.to_ne_bytes()),
         }
+    }
+    // Only concatenations pad each field to 4 bytes; a key of one field is
+    // its natural length (a lone `inet_service` is 2 bytes, as nft sends it;
+    // padded, the kernel refuses the element with EINVAL).
+    if let [field] = fields {
+        out.truncate(field.natural_len());
     }
     Some(out)
 }

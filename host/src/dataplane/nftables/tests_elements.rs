@@ -87,6 +87,14 @@ fn keys_and_data_in_register_layout() {
     let one: [u8; 16] = "fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
     assert_eq!(e.key, [one, one].concat());
 
+    // A key of one field is not padded: nft 1.0.6 sends a lone port as a
+    // 2-byte attribute (`--debug=mnl`: len 6 = header + 7d 01), and the
+    // kernel refuses 4 bytes with EINVAL (IPVS mode's health-check ports).
+    let ports = Layout::of("type inet_service").unwrap();
+    assert_eq!(encode(&ports, "32001", false).unwrap().key, [0x7d, 0x01]);
+    let protos = Layout::of("type inet_proto").unwrap();
+    assert_eq!(encode(&protos, "tcp", false).unwrap().key, [6]);
+
     // Not understood: no encoding (the delta goes through nft).
     for bad in [
         "10.96.0.1 . tcp . http : goto svc-a",
@@ -223,7 +231,7 @@ fn nft_words(words: &str) -> Vec<u8> {
 }
 
 /// What `nft 1.0.6 --debug=netlink add element ...` printed for one element
-/// of each kind of set and map the plugin declares (plugins/nftables:
+/// of each kind of set and map the plugins declare (plugins/nftables:
 /// base.rs, service.rs), IPv4 and IPv6: the encoder must produce those bytes.
 #[test]
 fn the_same_bytes_nft_sends() {
