@@ -1,87 +1,11 @@
 //! Rendering, natively: which set each frontend reaches, and drop vs reject.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{
-    DetectLocal, EndpointSet, ModeConfig, ServiceEndpoints,
-};
+use kwp_sdk::mode::exports::kwp::proxy::mode::ServiceEndpoints;
 use kwp_sdk::mode::kwp::proxy::plan::Item;
-use kwp_sdk::mode::kwp::proxy::types::{
-    BackendPlan, Endpoint, IpAddress, NodeInfo, Protocol, ServicePort, SessionAffinity,
-    TrafficPolicy,
-};
+use kwp_sdk::mode::kwp::proxy::types::{ServicePort, SessionAffinity, TrafficPolicy};
 
 use crate::service::render;
-
-fn v4(a: [u8; 4]) -> IpAddress {
-    IpAddress::V4(u32::from_be_bytes(a))
-}
-
-fn cfg() -> ModeConfig {
-    ModeConfig {
-        node: NodeInfo {
-            name: "n1".into(),
-            addresses: vec![v4([192, 168, 1, 5])],
-            zone: None,
-            labels: vec![],
-        },
-        table: "kube-wasm-proxy".into(),
-        masquerade_all: false,
-        detect_local: DetectLocal::None,
-        extra: String::new(),
-    }
-}
-
-fn svc(internal: TrafficPolicy, external: TrafficPolicy) -> ServicePort {
-    ServicePort {
-        id: 1,
-        namespace: "ns".into(),
-        name: "web".into(),
-        port_name: String::new(),
-        protocol: Protocol::Tcp,
-        cluster_ips: vec![v4([10, 96, 0, 10])],
-        port: 80,
-        node_port: Some(30080),
-        external_ips: vec![],
-        load_balancer_ingress: vec![],
-        source_ranges: vec![],
-        session_affinity: SessionAffinity::None,
-        external_traffic_policy: external,
-        internal_traffic_policy: internal,
-        health_check_node_port: None,
-        lb_policy: "round-robin".into(),
-        lb_policy_config: String::new(),
-    }
-}
-
-/// 10.1.0.`last`:8080; `ready` false means serving and terminating.
-fn ep(last: u8, ready: bool, local: bool) -> Endpoint {
-    Endpoint {
-        address: v4([10, 1, 0, last]),
-        port: 8080,
-        ready,
-        serving: true,
-        terminating: !ready,
-        node_name: None,
-        zone: None,
-        zone_hints: vec![],
-        node_hints: vec![],
-        is_local: local,
-    }
-}
-
-fn set(eps: &[Endpoint]) -> EndpointSet {
-    EndpointSet {
-        endpoints: eps.to_vec(),
-        backends: BackendPlan::Weights(vec![1; eps.len()]),
-    }
-}
-
-fn sets(internal: &[Endpoint], external: &[Endpoint], has_any: bool) -> ServiceEndpoints {
-    ServiceEndpoints {
-        internal: set(internal),
-        external: set(external),
-        has_any_endpoints: has_any,
-    }
-}
+use kwp_sdk::testing::mode::{config as cfg, endpoint as ep, service as svc, sets, v4};
 
 /// Chains by name, and map elements as `map: element`.
 fn rendered(

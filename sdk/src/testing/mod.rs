@@ -3,6 +3,8 @@
 
 use crate::{Endpoint, IpAddress, Policy};
 
+pub mod mode;
+
 /// An endpoint as the host would push it: ready, serving, local.
 pub fn endpoint(ipv4: [u8; 4], port: u16) -> Endpoint {
     Endpoint {

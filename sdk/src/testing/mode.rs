@@ -1,0 +1,87 @@
+//! Fixtures for unit-testing a proxy mode natively: the values the host
+//! hands `configure` and `render-service`, small and predictable.
+
+use crate::mode::exports::kwp::proxy::mode::{
+    DetectLocal, EndpointSet, ModeConfig, ServiceEndpoints,
+};
+use crate::mode::kwp::proxy::types::{
+    BackendPlan, Endpoint, IpAddress, NodeInfo, Protocol, ServicePort, SessionAffinity,
+    TrafficPolicy,
+};
+
+/// An IPv4 address as the contract carries it.
+pub fn v4(a: [u8; 4]) -> IpAddress {
+    IpAddress::V4(u32::from_be_bytes(a))
+}
+
+/// Node `n1` at 192.168.1.5, table `kube-wasm-proxy`, no detect-local.
+pub fn config() -> ModeConfig {
+    ModeConfig {
+        node: NodeInfo {
+            name: "n1".into(),
+            addresses: vec![v4([192, 168, 1, 5])],
+            zone: None,
+            labels: vec![],
+        },
+        table: "kube-wasm-proxy".into(),
+        masquerade_all: false,
+        detect_local: DetectLocal::None,
+        extra: String::new(),
+    }
+}
+
+/// `ns/web` port 80/TCP at 10.96.0.10, node port 30080, round-robin.
+pub fn service(internal: TrafficPolicy, external: TrafficPolicy) -> ServicePort {
+    ServicePort {
+        id: 1,
+        namespace: "ns".into(),
+        name: "web".into(),
+        port_name: String::new(),
+        protocol: Protocol::Tcp,
+        cluster_ips: vec![v4([10, 96, 0, 10])],
+        port: 80,
+        node_port: Some(30080),
+        external_ips: vec![],
+        load_balancer_ingress: vec![],
+        source_ranges: vec![],
+        session_affinity: SessionAffinity::None,
+        external_traffic_policy: external,
+        internal_traffic_policy: internal,
+        health_check_node_port: None,
+        lb_policy: "round-robin".into(),
+        lb_policy_config: String::new(),
+    }
+}
+
+/// 10.1.0.`last`:8080; `ready` false means serving and terminating.
+pub fn endpoint(last: u8, ready: bool, local: bool) -> Endpoint {
+    Endpoint {
+        address: v4([10, 1, 0, last]),
+        port: 8080,
+        ready,
+        serving: true,
+        terminating: !ready,
+        node_name: None,
+        zone: None,
+        zone_hints: vec![],
+        node_hints: vec![],
+        is_local: local,
+    }
+}
+
+/// A set with equal weights.
+pub fn endpoint_set(eps: &[Endpoint]) -> EndpointSet {
+    EndpointSet {
+        endpoints: eps.to_vec(),
+        backends: BackendPlan::Weights(vec![1; eps.len()]),
+    }
+}
+
+/// What the host hands `render-service`.
+pub fn sets(internal: &[Endpoint], external: &[Endpoint], has_any: bool) -> ServiceEndpoints {
+    ServiceEndpoints {
+        internal: endpoint_set(internal),
+        external: endpoint_set(external),
+        has_any_endpoints: has_any,
+    }
+}
