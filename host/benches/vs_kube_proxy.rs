@@ -4,17 +4,29 @@
 //! N Services, one EndpointSlice each, 3 to 7 endpoints (5 on average: the
 //! Services span several backend slot counts), created through the API.
 //! Then each proxy in turn, from an empty ruleset, same mode and flags:
-//! - cold start: process start until `service-ips` holds all N frontends;
-//!   CPU seconds (its own and its `nft` children's) until then;
+//! - cold start: process start until all N Services are programmed
+//!   (`kernel::programmed`); CPU seconds (its own and its children's:
+//!   `nft`, `iptables-restore`) until then;
 //! - one change: an EndpointSlice patched through the API, from the write
-//!   returning until nf_tables announces a commit carrying the new address
-//!   (the event group `nft monitor` reads); at least 10,
-//!   spaced so that they span several syncPeriods (30 s);
-//! - peak RSS (VmHWM).
+//!   returning until nf_tables announces a committed message carrying the
+//!   new address (`events`); KWP_BENCH_CHANGES of them (12),
+//!   KWP_BENCH_CHANGE_GAP_SECS apart (6), so they span several
+//!   syncPeriods (30 s): p50, p99 and max;
+//! - a Service created (its EndpointSlice first) and deleted, from the
+//!   Service write returning until a message adding / deleting its cluster
+//!   IP (KWP_BENCH_CREATES, 10);
+//! - CPU seconds over KWP_BENCH_LOAD_SECS (60) of one change per second;
+//! - peak RSS (VmHWM);
+//! - API traffic: bytes and connections through a counting relay the
+//!   proxy's kubeconfig points at, reads from the API server's audit log.
+//! Modes (KWP_BENCH_MODE): nftables, iptables (Debian's default
+//! iptables-nft). KWP_BENCH_COLD_DEADLINE_SECS bounds a cold start (900,
+//! iptables 7200: upstream takes minutes). The table is printed after each
+//! size; the plot is written to KWP_BENCH_SVG (docs/vs-kube-proxy-MODE.svg).
 //! Run as root (everything lives in a private network namespace):
 //!
 //!     cargo bench -p kube-wasm-proxy --bench vs_kube_proxy
-//!     KWP_BENCH_SIZES=1000,10000 cargo bench -p kube-wasm-proxy --bench vs_kube_proxy
+//!     KWP_BENCH_SIZES=1000,10000 KWP_BENCH_MODE=iptables cargo bench -p kube-wasm-proxy --bench vs_kube_proxy
 
 // The suite's real control plane and the helpers it leans on.
 #[path = "../../tests/common/api_client.rs"]
@@ -30,18 +42,27 @@ mod poll;
 #[allow(dead_code)]
 mod slots;
 
+#[path = "vs_kube_proxy/cluster.rs"]
+mod cluster;
+#[path = "vs_kube_proxy/events.rs"]
+mod events;
+#[path = "vs_kube_proxy/kernel.rs"]
+mod kernel;
+#[path = "vs_kube_proxy/relay.rs"]
+mod relay;
+#[path = "vs_kube_proxy/report.rs"]
+mod report;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use serde_json::json;
-
-const NAMESPACE: &str = "bench";
-const NODE: &str = "node-1";
+use events::{Events, Kind};
+use kernel::{cpu_seconds, loadavg, peak_rss_kib};
+use report::Row;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -50,42 +71,79 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Audit only what the proxies do: one line per finished request, not
+/// the API server's own loopback calls.
+const AUDIT_POLICY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\n\
+omitStages: [RequestReceived, ResponseStarted]\nrules:\n\
+- level: None\n  users: [\"system:apiserver\"]\n\
+- level: None\n  verbs: [create, update, patch, delete]\n- level: Metadata\n";
+
 fn main() -> Result<()> {
     let sizes: Vec<usize> = std::env::var("KWP_BENCH_SIZES")
         .unwrap_or_else(|_| "1000".into())
         .split(',')
         .map(|s| s.trim().parse())
         .collect::<Result<_, _>>()?;
-    let changes: usize = env_or("KWP_BENCH_CHANGES", 12);
-    let gap = Duration::from_secs(env_or("KWP_BENCH_CHANGE_GAP_SECS", 6));
     let mode: String = env_or("KWP_BENCH_MODE", "nftables".to_string());
+    let cold_default = if mode == "iptables" { 7200 } else { 900 };
+    let settings = Settings {
+        changes: env_or("KWP_BENCH_CHANGES", 12),
+        gap: Duration::from_secs(env_or("KWP_BENCH_CHANGE_GAP_SECS", 6)),
+        creates: env_or("KWP_BENCH_CREATES", 10),
+        load_secs: env_or("KWP_BENCH_LOAD_SECS", 60),
+        cold_deadline: Duration::from_secs(env_or("KWP_BENCH_COLD_DEADLINE_SECS", cold_default)),
+    };
     let proxies: Vec<String> = env_or("KWP_BENCH_PROXIES", "kube-proxy,kwp".to_string())
         .split(',')
         .map(str::to_string)
         .collect();
+    let svg_path = std::env::var("KWP_BENCH_SVG").map_or_else(
+        |_| apiserver::repo_root().join(format!("docs/vs-kube-proxy-{mode}.svg")),
+        PathBuf::from,
+    );
+    // SAFETY: unshare(2) of this process's own network namespace.
     anyhow::ensure!(
         unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0,
         "unshare(CLONE_NEWNET) failed: run as root"
     );
-    sh("ip link set lo up")?;
-    let cp = apiserver::ControlPlane::start();
-    let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
+    kernel::sh("ip link set lo up")?;
+    let dir = std::env::temp_dir().join(format!("kwp-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let policy = dir.join("audit-policy.yaml");
+    std::fs::write(&policy, AUDIT_POLICY)?;
+    let audit = dir.join("audit.log");
+    let cp = apiserver::ControlPlane::start_with(&[
+        &format!("--audit-policy-file={}", policy.display()),
+        &format!("--audit-log-path={}", audit.display()),
+    ]);
+    let kubeconfig = dir.join("kubeconfig");
     cp.write_kubeconfig(&kubeconfig, &cp.admin_token);
+    // The proxies reach the API server through the counting relay.
+    let (relay_addr, counts) = relay::start(([127, 0, 0, 1], cp.port()).into())?;
+    let proxy_kubeconfig = dir.join("kubeconfig-relayed");
+    std::fs::write(
+        &proxy_kubeconfig,
+        std::fs::read_to_string(&kubeconfig)?.replace(&cp.url, &format!("https://{relay_addr}")),
+    )?;
     let rt = tokio::runtime::Runtime::new()?;
-    let client = rt.block_on(client(&kubeconfig))?;
-    rt.block_on(setup(&client))?;
+    let client = rt.block_on(cluster::client(&kubeconfig))?;
+    rt.block_on(cluster::setup(&client))?;
     println!(
-        "machine: {} cores; mode {mode}; {changes} changes {gap:?} apart; load at start: {}",
+        "machine: {} cores, {}, kernel {}; mode {mode}; {settings:?}; logs in {}; load at start: {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model(),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        dir.display(),
         loadavg()
     );
     let mut created = 0;
     let mut round = 0;
-    let mut table = Vec::new();
+    let mut table = report::Table::new();
     for n in sizes {
         let started = Instant::now();
-        rt.block_on(create(&client, created, n))?;
+        rt.block_on(cluster::create(&client, created, n))?;
         created = created.max(n);
         println!(
             "created {n} Services in {:.1} s",
@@ -99,64 +157,40 @@ fn main() -> Result<()> {
                 mode: &mode,
                 n,
                 round,
-                changes,
-                gap,
-                kubeconfig: &kubeconfig,
-                logs: dir.path(),
+                settings: &settings,
+                kubeconfig: &proxy_kubeconfig,
+                logs: &dir,
+                audit: &audit,
+                counts: counts.clone(),
             };
+            let load = loadavg();
             let row = run.measure(&rt, &client)?;
-            println!("{proxy} at {n}: {row:?} (load {})", loadavg());
+            println!(
+                "{proxy} at {n}: {row:?} (load before {load}, after {})",
+                loadavg()
+            );
             rows.push((proxy.clone(), row));
         }
         table.push((n, rows));
+        report::print_table(&table);
+        let title = format!(
+            "kwp vs kube-proxy {}, {mode} mode",
+            apiserver::kube_version()
+        );
+        std::fs::write(&svg_path, report::svg(&table, &title))
+            .with_context(|| format!("writing {}", svg_path.display()))?;
+        println!("plot: {}", svg_path.display());
     }
-    print_table(&table);
     Ok(())
 }
 
-#[derive(Debug, Clone)]
-struct Row {
-    cold_start: f64,
-    cold_cpu: f64,
-    /// One-change latencies, ms, sorted.
-    changes: Vec<f64>,
-    peak_rss_mib: f64,
-}
-
-impl Row {
-    fn pct(&self, p: f64) -> f64 {
-        let i = ((self.changes.len() as f64 - 1.0) * p).round() as usize;
-        self.changes[i]
-    }
-}
-
-fn print_table(table: &[(usize, Vec<(String, Row)>)]) {
-    println!();
-    println!("| Services | metric | kwp | kube-proxy | kwp/kube-proxy |");
-    println!("|---:|---|---:|---:|---:|");
-    for (n, rows) in table {
-        let get = |name: &str| rows.iter().find(|(p, _)| p == name).map(|(_, r)| r);
-        let (Some(k), Some(u)) = (get("kwp"), get("kube-proxy")) else {
-            for (p, r) in rows {
-                println!("| {n} | {p} | {r:?} | | |");
-            }
-            continue;
-        };
-        let metrics: [(&str, fn(&Row) -> f64); 7] = [
-            ("cold start (s)", |r| r.cold_start),
-            ("cold start CPU (s)", |r| r.cold_cpu),
-            ("one change p50 (ms)", |r| r.pct(0.5)),
-            ("one change p99 (ms)", |r| r.pct(0.99)),
-            ("one change max (ms)", |r| r.pct(1.0)),
-            ("changes measured", |r| r.changes.len() as f64),
-            ("peak RSS (MiB)", |r| r.peak_rss_mib),
-        ];
-        for (name, f) in metrics {
-            let (a, b) = (f(k), f(u));
-            let ratio = if b > 0.0 { a / b } else { f64::NAN };
-            println!("| {n} | {name} | {a:.2} | {b:.2} | {ratio:.3} |");
-        }
-    }
+#[derive(Debug)]
+struct Settings {
+    changes: usize,
+    gap: Duration,
+    creates: usize,
+    load_secs: usize,
+    cold_deadline: Duration,
 }
 
 struct Run<'a> {
@@ -164,72 +198,155 @@ struct Run<'a> {
     mode: &'a str,
     n: usize,
     round: usize,
-    changes: usize,
-    gap: Duration,
-    kubeconfig: &'a std::path::Path,
-    logs: &'a std::path::Path,
+    settings: &'a Settings,
+    kubeconfig: &'a Path,
+    logs: &'a Path,
+    audit: &'a Path,
+    counts: Arc<relay::Counts>,
+}
+
+/// The proxy under test, stopped (SIGTERM, then reaped) however the run ends.
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // SAFETY: a signal to the child we started and have not reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
 }
 
 impl Run<'_> {
     fn measure(&self, rt: &tokio::runtime::Runtime, client: &kube::Client) -> Result<Row> {
-        sh("nft flush ruleset")?;
-        let table = match self.proxy {
-            "kwp" => "kube-wasm-proxy",
-            _ => "kube-proxy",
-        };
-        let mut child = self.spawn()?;
+        kernel::reset()?;
+        let audit_from = std::fs::metadata(self.audit).map_or(0, |m| m.len());
+        self.counts.take();
+        let mut child = Proxy(self.spawn()?);
         let started = Instant::now();
-        let pid = child.id();
-        // Cold start: every frontend in the dispatch map.
-        let deadline = started + Duration::from_secs(900);
+        let pid = child.0.id();
+        let mut row = Row {
+            cold_start: self.cold_start(&mut child.0, started)?,
+            cold_cpu: cpu_seconds(pid),
+            ..Row::default()
+        };
+        let events = Events::subscribe()?;
+        std::thread::sleep(Duration::from_secs(2));
+        for k in 0..self.settings.changes {
+            let service = (k * 7919 + self.round * 31) % self.n;
+            let ip = Ipv4Addr::new(
+                10,
+                200 + (self.round % 50) as u8,
+                (k / 250) as u8,
+                (k % 250 + 1) as u8,
+            );
+            events.drain();
+            rt.block_on(cluster::move_endpoint(client, service, &ip.to_string()))?;
+            let ms = self
+                .seen(&events, ip, Kind::New, Instant::now())
+                .with_context(|| format!("change {k}"))?;
+            row.changes.push(ms);
+            std::thread::sleep(self.settings.gap);
+        }
+        for k in 0..self.settings.creates {
+            // Beyond the N Services, a name no other round uses.
+            let s = 1_000_000 + self.round * 1000 + k;
+            events.drain();
+            let ip = rt.block_on(cluster::add_service(client, s))?;
+            let ms = self.seen(&events, ip, Kind::New, Instant::now());
+            row.creates
+                .push(ms.with_context(|| format!("Service s{s} created"))?);
+            std::thread::sleep(Duration::from_secs(1));
+            events.drain();
+            rt.block_on(cluster::delete_service(client, s))?;
+            let ms = self.seen(&events, ip, Kind::Del, Instant::now());
+            row.deletes
+                .push(ms.with_context(|| format!("Service s{s} deleted"))?);
+            rt.block_on(cluster::delete_slice(client, s))?;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if self.settings.load_secs > 0 {
+            let (cpu, secs) = self.steady_load(rt, client, &events, pid)?;
+            (row.load_cpu, row.load_secs) = (cpu, secs);
+        }
+        row.peak_rss_mib = peak_rss_kib(pid) / 1024.0;
+        drop(child);
+        // Watches end with the connection; the API server then logs them.
+        std::thread::sleep(Duration::from_secs(2));
+        let (sent, received, connections) = self.counts.take();
+        row.api_sent_mib = sent as f64 / (1 << 20) as f64;
+        row.api_received_mib = received as f64 / (1 << 20) as f64;
+        row.api_connections = connections as f64;
+        row.api_reads = audit_reads(self.audit, audit_from)? as f64;
+        for v in [&mut row.changes, &mut row.creates, &mut row.deletes] {
+            v.sort_by(f64::total_cmp);
+        }
+        Ok(row)
+    }
+
+    /// Seconds from `started` until all N Services are programmed. Polls
+    /// no more than 1/20 of the time (a dump of 10k rules takes
+    /// milliseconds, but the machine is shared).
+    fn cold_start(&self, child: &mut Child, started: Instant) -> Result<f64> {
+        let deadline = started + self.settings.cold_deadline;
         loop {
             if let Some(status) = child.try_wait()? {
                 bail!("{} exited during cold start: {status}", self.proxy);
             }
-            let have = kwp::dataplane::nftables::element_count(table, "service-ips").unwrap_or(0);
+            let polled = Instant::now();
+            let have = kernel::programmed(self.mode, self.proxy).unwrap_or(0);
             if have >= self.n {
-                break;
+                return Ok(started.elapsed().as_secs_f64());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "{}: only {have} of {} Services after 900 s",
+                    "{}: only {have} of {} Services after {:?}",
                     self.proxy,
-                    self.n
+                    self.n,
+                    self.settings.cold_deadline
                 );
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep((polled.elapsed() * 20).max(Duration::from_millis(50)));
         }
-        let cold_start = started.elapsed().as_secs_f64();
-        let cold_cpu = cpu_seconds(pid);
-        // One change at a time, seen on nf_tables' event group. Not
-        // `nft monitor`: it reloads its cache of the whole table for every
-        // event, seconds per event at 10k Services.
-        let events = Events::subscribe()?;
-        std::thread::sleep(Duration::from_secs(2));
-        let mut latencies = Vec::new();
-        for k in 0..self.changes {
-            events.drain();
-            let service = (k * 7919 + self.round * 31) % self.n;
-            let ip = format!("10.{}.{}.{}", 200 + self.round % 50, k / 250, k % 250 + 1);
-            rt.block_on(move_endpoint(client, service, &ip))?;
-            let written = Instant::now();
-            let seen = events
-                .wait_for(&ip, written + Duration::from_secs(300))
-                .with_context(|| format!("{}: change {k} not seen in 300 s", self.proxy))?;
-            latencies.push(seen.saturating_duration_since(written).as_secs_f64() * 1000.0);
-            std::thread::sleep(self.gap);
+    }
+
+    /// Milliseconds from `written` until a `kind` message naming `ip`.
+    fn seen(&self, events: &Events, ip: Ipv4Addr, kind: Kind, written: Instant) -> Result<f64> {
+        let seen = events
+            .wait_for(ip, kind, written + Duration::from_secs(600))
+            .with_context(|| format!("{}: not seen in 600 s", self.proxy))?;
+        Ok(seen.saturating_duration_since(written).as_secs_f64() * 1000.0)
+    }
+
+    /// One endpoint change per second for `load_secs`, without waiting
+    /// for each; then until the last is in the kernel. The process's CPU
+    /// seconds over that, and how long it took.
+    fn steady_load(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        client: &kube::Client,
+        events: &Events,
+        pid: u32,
+    ) -> Result<(f64, f64)> {
+        let (cpu, started) = (cpu_seconds(pid), Instant::now());
+        let mut last = Ipv4Addr::UNSPECIFIED;
+        for i in 0..self.settings.load_secs {
+            let service = (i * 104_729 + self.round * 17) % self.n;
+            last = Ipv4Addr::new(
+                10,
+                150 + (self.round % 50) as u8,
+                (i / 250) as u8,
+                (i % 250 + 1) as u8,
+            );
+            if i + 1 == self.settings.load_secs {
+                events.drain();
+            }
+            rt.block_on(cluster::move_endpoint(client, service, &last.to_string()))?;
+            let next = started + Duration::from_secs(i as u64 + 1);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-        let peak_rss_mib = peak_rss_kib(pid) / 1024.0;
-        // SAFETY: a signal to the child we started.
-        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        let _ = child.wait();
-        latencies.sort_by(f64::total_cmp);
-        Ok(Row {
-            cold_start,
-            cold_cpu,
-            changes: latencies,
-            peak_rss_mib,
-        })
+        self.seen(events, last, Kind::New, Instant::now())
+            .context("the last change of the steady load")?;
+        Ok((cpu_seconds(pid) - cpu, started.elapsed().as_secs_f64()))
     }
 
     fn spawn(&self) -> Result<Child> {
@@ -255,7 +372,7 @@ impl Run<'_> {
             other => bail!("unknown proxy {other}"),
         };
         cmd.args(["--proxy-mode", self.mode, "--kubeconfig", &kubeconfig])
-            .args(["--hostname-override", NODE])
+            .args(["--hostname-override", cluster::NODE])
             .stdout(log.try_clone()?)
             .stderr(log);
         cmd.spawn()
@@ -263,217 +380,25 @@ impl Run<'_> {
     }
 }
 
-/// nf_tables change notifications (the netlink group `nft monitor`
-/// reads), searched raw: a change is visible once a committed message
-/// carries the new address, as 4 bytes (a rule's or element's data) or as
-/// text (upstream names endpoint chains after the address).
-struct Events {
-    fd: std::os::fd::OwnedFd,
+/// Reads (get, list, watch) the audit log holds after byte `from`: the
+/// bench itself only writes, so these are the proxy's.
+fn audit_reads(audit: &Path, from: u64) -> Result<usize> {
+    let text = std::fs::read(audit).with_context(|| format!("reading {}", audit.display()))?;
+    let text = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| matches!(e["verb"].as_str(), Some("get" | "list" | "watch")))
+        .count())
 }
 
-impl Events {
-    fn subscribe() -> Result<Self> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: socket(2) and setsockopt(2) on a descriptor we own.
-        unsafe {
-            let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 12);
-            anyhow::ensure!(
-                fd >= 0,
-                "netlink socket: {}",
-                std::io::Error::last_os_error()
-            );
-            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
-            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-            let group: libc::c_int = 7; // NFNLGRP_NFTABLES
-            // Without a bind (an address, not a group) no event arrives.
-            let mut addr: libc::sockaddr_nl = std::mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as u16;
-            let len = std::mem::size_of::<libc::sockaddr_nl>() as u32;
-            anyhow::ensure!(
-                libc::bind(raw, (&addr as *const libc::sockaddr_nl).cast(), len) == 0,
-                "netlink bind: {}",
-                std::io::Error::last_os_error()
-            );
-            let size: libc::c_int = 64 << 20;
-            let opt = |level, name, value: &libc::c_int| {
-                libc::setsockopt(raw, level, name, (value as *const libc::c_int).cast(), 4)
-            };
-            opt(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &size);
-            anyhow::ensure!(
-                opt(libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, &group) == 0,
-                "joining NFNLGRP_NFTABLES: {}",
-                std::io::Error::last_os_error()
-            );
-            let timeout = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 200_000,
-            };
-            libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-            Ok(Self { fd })
-        }
-    }
-
-    /// One datagram, or `None` after the receive timeout.
-    fn recv(&self, buf: &mut [u8]) -> Option<usize> {
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&self.fd);
-        // SAFETY: recv(2) into a buffer we own, within its length.
-        let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        (n > 0).then_some(n as usize)
-    }
-
-    fn drain(&self) {
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&self.fd);
-        let mut buf = vec![0u8; 1 << 16];
-        // SAFETY: non-blocking recv(2) into our buffer.
-        while unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) } > 0
-        {
-        }
-    }
-
-    /// When a message naming `ip` arrived.
-    fn wait_for(&self, ip: &str, deadline: Instant) -> Result<Instant> {
-        let bytes: Vec<u8> = ip.split('.').map(|o| o.parse().unwrap_or(0)).collect();
-        let text = format!("__{ip}/");
-        let mut buf = vec![0u8; 1 << 20];
-        while Instant::now() < deadline {
-            let Some(n) = self.recv(&mut buf) else {
-                continue;
-            };
-            let at = Instant::now();
-            let data = &buf[..n];
-            let has = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
-            if has(&bytes) || has(text.as_bytes()) {
-                return Ok(at);
-            }
-        }
-        bail!("not seen")
-    }
-}
-
-async fn client(kubeconfig: &std::path::Path) -> Result<kube::Client> {
-    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
-}
-
-async fn setup(client: &kube::Client) -> Result<()> {
-    let pp = PostParams::default();
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&pp, &ns)
-        .await?;
-    let node: Node = serde_json::from_value(json!({
-        "metadata": {"name": NODE},
-        "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.1"}]},
-    }))?;
-    Api::<Node>::all(client.clone()).create(&pp, &node).await?;
-    Ok(())
-}
-
-/// Endpoints of Service `s`: 3 to 7, so Services span several slot counts.
-fn endpoints(s: usize, first: Option<&str>) -> serde_json::Value {
-    let eps: Vec<serde_json::Value> = (0..3 + s % 5)
-        .map(|e| {
-            let idx = s * 8 + e;
-            let ip = match first {
-                Some(ip) if e == 0 => ip.to_string(),
-                _ => format!(
-                    "172.{}.{}.{}",
-                    16 + (idx >> 16) % 16,
-                    (idx >> 8) % 256,
-                    idx % 256
-                ),
-            };
-            json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": NODE})
-        })
-        .collect();
-    serde_json::Value::Array(eps)
-}
-
-/// Services `from..to`, each with its EndpointSlice, 16 requests at a time.
-async fn create(client: &kube::Client, from: usize, to: usize) -> Result<()> {
-    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
-    let results: Vec<Result<()>> = futures::stream::iter(from..to)
-        .map(|s| {
-            let (services, slices) = (services.clone(), slices.clone());
-            async move {
-                let pp = PostParams::default();
-                let svc: Service = serde_json::from_value(json!({
-                    "metadata": {"name": format!("s{s}")},
-                    "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
-                }))?;
-                services.create(&pp, &svc).await.with_context(|| format!("Service s{s}"))?;
-                let slice: EndpointSlice = serde_json::from_value(json!({
-                    "metadata": {"name": format!("s{s}-1"), "labels": {"kubernetes.io/service-name": format!("s{s}")}},
-                    "addressType": "IPv4",
-                    "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-                    "endpoints": endpoints(s, None),
-                }))?;
-                slices.create(&pp, &slice).await.with_context(|| format!("EndpointSlice s{s}-1"))?;
-                Ok(())
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    results.into_iter().collect()
-}
-
-/// Moves endpoint 0 of Service `s` to `ip`.
-async fn move_endpoint(client: &kube::Client, s: usize, ip: &str) -> Result<()> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NAMESPACE);
-    let patch = json!({"endpoints": endpoints(s, Some(ip))});
-    slices
-        .patch(
-            &format!("s{s}-1"),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-        .with_context(|| format!("patching EndpointSlice s{s}-1"))?;
-    Ok(())
-}
-
-fn sh(script: &str) -> Result<()> {
-    let status = Command::new("sh").args(["-c", script]).status()?;
-    anyhow::ensure!(status.success(), "{script}: {status}");
-    Ok(())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
-}
-
-/// utime + stime of the process and its reaped children (`nft`), seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<f64> = after
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0.0))
-        .collect();
-    // Fields 14..17 of stat(5), counted after the command name.
-    let ticks: f64 = fields.get(11..15).map_or(0.0, |f| f.iter().sum());
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-fn peak_rss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmHWM:")
-                    .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            })
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
         })
-        .unwrap_or(0.0)
+        .unwrap_or_default()
 }
