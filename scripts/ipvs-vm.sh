@@ -110,4 +110,4 @@ chmod +x "$run/root/init"
 timeout "${KWP_IPVS_VM_TIMEOUT:-300}" qemu-system-x86_64 -accel tcg -cpu max \
   -m "${KWP_IPVS_VM_MEM:-1024}" -smp "${KWP_IPVS_VM_SMP:-1}" -nographic -no-reboot \
   -kernel "$cache/$ver/vmlinuz" -initrd "$run/initrd" \
-  -append "console=ttyS0 quiet panic=-1" | tr -d '\r'
+  -append "console=ttyS0 quiet panic=-1" | stdbuf -oL tr -d '\r'

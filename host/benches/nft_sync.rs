@@ -7,14 +7,17 @@
 //!     cargo bench -p kube-wasm-proxy --bench nft_sync
 //!     KWP_BENCH_SIZES=1000,10000 cargo bench -p kube-wasm-proxy --bench nft_sync
 
-use std::fmt::Write as _;
+// The objects, shared with the IPVS VM benchmark (tests/ipvs-probe).
+#[path = "shared/sync_objects.rs"]
+mod sync_objects;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-const ENDPOINTS: usize = 5;
-const PER_FILE: usize = 1000;
+use sync_objects::{ENDPOINTS, PER_FILE, cluster_ip, file_name, files, yaml};
+
 const CHANGES: usize = 7;
 
 fn main() -> anyhow::Result<()> {
@@ -79,12 +82,7 @@ fn main() -> anyhow::Result<()> {
             .output()?;
         let text = String::from_utf8_lossy(&table.stdout);
         anyhow::ensure!(
-            text.contains(&format!(
-                "10.{}.{}.{} . tcp . 80",
-                96 + (n - 1) / 65536,
-                ((n - 1) / 256) % 256,
-                (n - 1) % 256
-            )),
+            text.contains(&format!("{} . tcp . 80", cluster_ip(n - 1))),
             "last service missing from the kernel"
         );
         println!(
@@ -103,48 +101,26 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn generate(dir: &Path, n: usize) -> anyhow::Result<()> {
-    for file in 0..n.div_ceil(PER_FILE) {
+    for file in 0..files(n) {
         write_file(dir, file, n, None)?;
     }
     Ok(())
 }
 
-/// Services `file*PER_FILE..` with their slices; `bump` = (service, k)
-/// shifts that service's first endpoint address by k.
+/// File `file`; `bump` = (service, k) shifts that service's first endpoint
+/// address by k.
 fn write_file(
     dir: &Path,
     file: usize,
     n: usize,
     bump: Option<(usize, usize)>,
 ) -> anyhow::Result<()> {
-    let mut y = String::new();
-    for s in file * PER_FILE..((file + 1) * PER_FILE).min(n) {
-        let ip = format!("10.{}.{}.{}", 96 + s / 65536, (s / 256) % 256, s % 256);
-        write!(
-            y,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{s}, namespace: bench}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n"
-        )?;
-        write!(
-            y,
-            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{s}-1, namespace: bench, labels: {{kubernetes.io/service-name: s{s}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
-        )?;
-        for e in 0..ENDPOINTS {
-            let shift = match bump {
-                Some((b, k)) if b == s && e == 0 => k,
-                _ => 0,
-            };
-            let idx = s * ENDPOINTS + e + shift * 1_000_000;
-            writeln!(
-                y,
-                "- addresses: ['172.{}.{}.{}']",
-                16 + (idx / 65536) % 16,
-                (idx / 256) % 256,
-                idx % 256
-            )?;
-        }
-    }
-    let path = dir.join(format!("services-{file:04}.yaml"));
-    let tmp = dir.join(format!(".services-{file:04}.tmp"));
+    let y = yaml(file, n, |s| match bump {
+        Some((b, k)) if b == s => k,
+        _ => 0,
+    });
+    let path = dir.join(file_name(file));
+    let tmp = dir.join(format!(".{}.tmp", file_name(file)));
     std::fs::write(&tmp, y)?;
     std::fs::rename(tmp, path)?;
     Ok(())

@@ -1,11 +1,14 @@
 //! Drives the host's netlink IPVS code (compiled in from host/src by path)
 //! against a real kernel and checks every step by reading it back; prints
 //! `PROBE-OK` at the end. tests/ipvs.rs also checks /proc/net/ip_vs.
+//! `bench ...` instead runs the IPVS-vs-nftables benchmark (bench/mod.rs,
+//! scripts/ipvs-vm-bench.sh).
 
 #[allow(dead_code)]
 #[path = "../../../host/src/model.rs"]
 mod model;
 
+mod bench;
 mod config;
 #[allow(dead_code)]
 mod dataplane;
@@ -45,6 +48,12 @@ fn step(name: &str, r: Result<()>) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("bench") => return bench::main(&args[1..]),
+        Some("bench-one") => return bench::one(&args[1..]),
+        _ => {}
+    }
     let mut k = NetlinkIpvs::new();
     let web = vs("10.96.0.10:80", Protocol::Tcp, "rr", 0);
     let dns = vs("10.96.0.53:53", Protocol::Udp, "wrr", 10800);
