@@ -41,5 +41,6 @@ mod reload;
 mod semantics;
 mod slice_selector;
 mod soak;
+mod tool_missing;
 mod userspace;
 mod userspace_redirect;

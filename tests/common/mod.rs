@@ -7,6 +7,7 @@
 pub mod api_client;
 pub mod apiserver;
 pub mod daemonset;
+pub mod faulty_nft;
 pub mod fixtures;
 pub mod model;
 pub mod netns;
