@@ -36,6 +36,7 @@ mod nft_resync;
 mod nftables;
 mod oci_image;
 mod operate;
+mod plugin_faults;
 mod reliability;
 mod reload;
 mod semantics;

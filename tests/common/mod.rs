@@ -11,6 +11,7 @@ pub mod faulty_nft;
 pub mod fixtures;
 pub mod model;
 pub mod netns;
+pub mod plugins;
 pub mod node_proxy;
 pub mod poll;
 pub mod scenarios;
