@@ -17,6 +17,7 @@ mod common;
 #[path = "tutorial.rs"]
 mod _tutorial;
 
+mod api_faults;
 mod apiserver;
 mod cleanup;
 mod cli;
