@@ -5,138 +5,13 @@
 
 use crate::common;
 
-use std::path::Path;
 use std::time::Duration;
 
-use common::fixtures::TestService;
-use common::model::{self, Api, Kernel, Viewpoint};
-use common::node_proxy::{CONFIG, Proxy, http_get, launch_in_env};
-use common::topology::{CLIENT_IP, Cluster, NODE_IP};
+use common::faulty_nft::{
+    all_captured, calls, converges, metric, restart, services, start, wrapper,
+};
+use common::topology::{Cluster, NODE_IP};
 use common::write;
-
-const METRICS: &str = "127.0.0.1:10249";
-
-/// A wrapper named `nft` in `dir`: `body` runs first with `$n`, the call
-/// number; the real nft runs unless it exits.
-fn wrapper(dir: &Path, body: &str) {
-    let count = dir.join("count");
-    let script = format!(
-        "#!/bin/sh\nn=$(( $(cat {c} 2>/dev/null || echo 0) + 1 )); echo $n > {c}\n{body}\nexec /usr/sbin/nft \"$@\"\n",
-        c = count.display()
-    );
-    let nft = dir.join("nft");
-    std::fs::write(&nft, script).unwrap();
-    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-}
-
-fn calls(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join("count"))
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Five Services whose endpoints move with `round`.
-fn services(c: &Cluster, round: usize) -> Vec<TestService<'_>> {
-    let pods = ["pod-a", "pod-b", "pod-c", "pod-d"];
-    (0..5)
-        .map(|i| {
-            let chosen: Vec<&str> = pods
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| (round + i + j) % 3 != 0)
-                .map(|(_, p)| *p)
-                .collect();
-            TestService::new(c, &format!("s{i}"), &format!("10.96.30.{}", i + 1))
-                .node_port(30200 + i as i32)
-                .pods(&chosen)
-        })
-        .collect()
-}
-
-fn start(c: &Cluster, wrap: &Path, objects: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let objects_dir = dir.path().join("objects");
-    std::fs::create_dir(&objects_dir).unwrap();
-    write(&objects_dir, "node.yaml", &Cluster::node_yaml());
-    write(&objects_dir, "objects.yaml", objects);
-    let config = dir.path().join("config.conf");
-    std::fs::write(&config, CONFIG).unwrap();
-    let source = format!("file:{}", objects_dir.display());
-    let path = format!(
-        "PATH={}:{}",
-        wrap.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let config = config.to_str().unwrap().to_string();
-    // Element changes go over netlink and would bypass the faulty `nft`:
-    // send every change through it, the path these faults are about.
-    let via_nft = "KWP_NFT_ELEMENTS_VIA_NFT=1".to_string();
-    launch_in_env(
-        c,
-        dir,
-        &[path, via_nft],
-        &[
-            "--proxy-mode",
-            "nftables",
-            "--source",
-            &source,
-            "--config",
-            &config,
-            "--hostname-override",
-            "node-1",
-            "--min-sync-period",
-            "50ms",
-            "--sync-period",
-            "2s",
-            "--metrics-bind-address",
-            METRICS,
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-        ],
-    )
-}
-
-/// The model's verdict on the node's table for `svcs`.
-fn report(c: &Cluster, svcs: &[TestService]) -> model::Report {
-    let api = Api {
-        services: svcs.iter().map(|s| s.service.clone()).collect(),
-        slices: svcs.iter().map(|s| s.slice.clone()).collect(),
-        node: serde_yaml_ng::from_str(&Cluster::node_yaml()).ok(),
-    };
-    let view = Viewpoint {
-        node_name: "node-1".into(),
-        client_v4: CLIENT_IP.parse().unwrap(),
-        client_v6: "2001:db8:1::2".parse().unwrap(),
-        in_interface: "eth-cli".into(),
-    };
-    let mut k = Kernel::default();
-    k.local_addresses = vec![NODE_IP.parse().unwrap()];
-    let json = c
-        .node
-        .sh("nft -j list table ip kube-wasm-proxy 2>/dev/null || true");
-    if !json.trim().is_empty() {
-        k.add_json(&json).expect("kwp's table");
-    }
-    model::check(&api, &view, &k).expect("checker")
-}
-
-fn metric(c: &Cluster, name: &str) -> f64 {
-    let (_, body) = http_get(&c.node, METRICS.parse().unwrap(), "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn converges(c: &Cluster, svcs: &[TestService], within: Duration) {
-    let mut last = String::new();
-    let ok = common::poll::until(within, || {
-        let r = report(c, svcs);
-        last = r.summary(10);
-        r.mismatches.is_empty() && r.known.is_empty() && r.frontends == 10
-    });
-    assert!(ok, "the kernel never matched the model: {last}");
-}
 
 #[test]
 fn an_nft_failing_one_call_in_five_loses_nothing_and_is_counted() {
@@ -160,14 +35,7 @@ fn an_nft_failing_one_call_in_five_loses_nothing_and_is_counted() {
         std::thread::sleep(Duration::from_millis(300));
         // While failing and retrying, every frontend still reaches the
         // endpoints of some version: never a partial table.
-        let r = report(&c, &services(&c, round));
-        assert!(
-            r.mismatches
-                .iter()
-                .all(|m| !m.kernel.contains(&model::Outcome::NotCaptured)),
-            "a frontend fell out of the table: {}",
-            r.summary(10)
-        );
+        all_captured(&c, &services(&c, round));
     }
     converges(&c, &services(&c, 30), Duration::from_secs(30));
     let injected = calls(wrap.path()) / 5;
@@ -274,38 +142,4 @@ fn sigkill_during_syncs_under_a_continuous_client_loses_nothing() {
         failed.len(),
         &failed[..failed.len().min(5)]
     );
-}
-
-fn restart(c: &Cluster, wrap: &Path, objects: &Path) -> Proxy {
-    let config = objects.parent().unwrap().join("config.conf");
-    std::fs::write(&config, CONFIG).unwrap();
-    let source = format!("file:{}", objects.display());
-    let path = format!(
-        "PATH={}:{}",
-        wrap.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    launch_in_env(
-        c,
-        tempfile::tempdir().unwrap(),
-        &[path],
-        &[
-            "--proxy-mode",
-            "nftables",
-            "--source",
-            &source,
-            "--config",
-            config.to_str().unwrap(),
-            "--hostname-override",
-            "node-1",
-            "--min-sync-period",
-            "50ms",
-            "--sync-period",
-            "2s",
-            "--metrics-bind-address",
-            "",
-            "--healthz-bind-address",
-            "",
-        ],
-    )
 }

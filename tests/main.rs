@@ -17,6 +17,7 @@ mod common;
 #[path = "tutorial.rs"]
 mod _tutorial;
 
+mod api_faults;
 mod apiserver;
 mod cleanup;
 mod cli;
@@ -36,10 +37,12 @@ mod nft_resync;
 mod nftables;
 mod oci_image;
 mod operate;
+mod plugin_faults;
 mod reliability;
 mod reload;
 mod semantics;
 mod slice_selector;
 mod soak;
+mod tool_missing;
 mod userspace;
 mod userspace_redirect;

@@ -7,44 +7,10 @@ use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
 
+use common::plugins::{AskLoop, answers, bundled, install, strictly_cycles, wait_for};
 use common::*;
-
-fn bundled(name: &str) -> Vec<u8> {
-    kwp_plugins_bundle::bundled()
-        .find(|(n, _)| n == name)
-        .map(|(_, b)| b.to_vec())
-        .expect("bundled plugin")
-}
-
-/// Replaces `dir/name.wasm` atomically, as an operator's `mv` would.
-fn install(dir: &Path, name: &str, bytes: &[u8]) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, dir.join(format!("{name}.wasm"))).unwrap();
-}
-
-/// Who answers `n` requests to `addr`, in order.
-async fn answers(addr: std::net::SocketAddr, n: usize) -> Vec<String> {
-    let mut v = Vec::new();
-    for _ in 0..n {
-        v.push(ask(addr).await.expect("request"));
-    }
-    v
-}
-
-/// Round-robin over three backends: no two of any three answers alike.
-fn strictly_cycles(v: &[String]) -> bool {
-    v.windows(3)
-        .all(|w| w[0] != w[1] && w[1] != w[2] && w[0] != w[2])
-}
-
-async fn wait_for(what: &str, check: impl Fn() -> bool) {
-    poll::eventually_async(what, Duration::from_secs(10), async || check()).await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_reload_under_traffic_with_rejection_and_rollback() {
@@ -75,19 +41,7 @@ async fn policies_reload_under_traffic_with_rejection_and_rollback() {
     let bg = listener(&mapping, "bg").await;
 
     // A client that never stops, counting every failed request.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let client = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match ask(bg).await {
-                    Some(_) => ok.fetch_add(1, Ordering::Relaxed),
-                    None => failed.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        })
-    };
+    let client = AskLoop::start(bg);
     let order = |n: usize| answers(addr, n);
     assert!(
         strictly_cycles(&order(12).await),
@@ -141,15 +95,9 @@ async fn policies_reload_under_traffic_with_rejection_and_rollback() {
     unsafe { libc::kill(libc::getpid(), libc::SIGHUP) };
     wait_for("SIGHUP to re-read the file", || rejections() == 3).await;
 
-    stop.store(true, Ordering::Relaxed);
-    client.await.unwrap();
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{} requests succeeded",
-        ok.load(Ordering::Relaxed)
-    );
-    assert!(ok.load(Ordering::Relaxed) > 50);
+    let (ok, failed) = client.stop().await;
+    assert_eq!(failed, 0, "{ok} requests succeeded");
+    assert!(ok > 50);
 }
 
 /// The kubelet's atomic update of a mounted ConfigMap: the files in a new

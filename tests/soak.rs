@@ -13,13 +13,13 @@
 //! read by the ignored `soak_long`).
 
 use crate::common;
-use crate::kubernetes::{METRICS, Setup, metric, rbac};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::apiserver::Apply;
+use common::kube_node::{METRICS, Setup, metric, rbac};
 use common::model::{self, Api, Kernel, Kind, Outcome, Viewpoint};
 use common::topology::{CLIENT_IP, NODE_IP, Outcome as Probe, tcp_from};
 use serde_json::{Value, json};

@@ -7,10 +7,14 @@
 pub mod api_client;
 pub mod apiserver;
 pub mod daemonset;
+pub mod fault_relay;
+pub mod faulty_nft;
 pub mod fixtures;
+pub mod kube_node;
 pub mod model;
 pub mod netns;
 pub mod node_proxy;
+pub mod plugins;
 pub mod poll;
 pub mod scenarios;
 pub mod slots;

@@ -12,12 +12,33 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 /// How long one tool invocation may take. A full reconcile of 10,000
 /// Services takes `nft` about a second; thirty is far beyond any healthy
 /// run and well within upstream's default `syncPeriod`.
 pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The tool could not do its job at all: it is not installed (not on
+/// PATH, not executable) or it was killed at the deadline. Unlike a
+/// refusal of the rules it was given, trying the same changes one by one
+/// cannot help (each would fail alike, or wait out the deadline again):
+/// the sync as a whole fails and is retried. Check with [`is_unavailable`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(String);
+
+/// Whether `e` (or what it wraps) is [`Unavailable`].
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Unavailable>().is_some()
+}
+
+impl Unavailable {
+    /// For the tests' fake kernels.
+    pub fn new(why: impl Into<String>) -> Self {
+        Self(why.into())
+    }
+}
 
 /// What a finished tool left.
 #[derive(Debug)]
@@ -47,7 +68,7 @@ pub fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
-        .with_context(|| format!("running {program} (is it installed?)"))?;
+        .map_err(|e| Unavailable(format!("running {program} (is it installed?): {e}")))?;
     let pid = child.id();
     // Writing and reading on threads of their own: a tool that stops
     // reading its input must not block us past the deadline either.
@@ -83,7 +104,10 @@ pub fn run(
                 ?deadline,
                 "killed a kernel tool that did not finish in time"
             );
-            bail!("{program} did not finish within {deadline:?} and was killed");
+            return Err(Unavailable(format!(
+                "{program} did not finish within {deadline:?} and was killed"
+            ))
+            .into());
         }
     };
     // The tool exited; a child it left behind may still hold the pipes,
@@ -125,6 +149,21 @@ mod tests {
         );
         assert!(
             format!("{err:#}").contains("did not finish within 300ms and was killed"),
+            "{err:#}"
+        );
+        assert!(is_unavailable(&err), "a hung tool is unavailable: {err:?}");
+        // So is one that is not there; its error says so.
+        let err = crate::dataplane::nftables::kernel::nft_program(
+            dir.path().join("missing").to_str().unwrap(),
+            &["-f", "-"],
+            "",
+            DEADLINE,
+        )
+        .unwrap_err();
+        assert!(is_unavailable(&err), "{err:?}");
+        assert!(
+            format!("{err:#}")
+                .contains("running nft (is the nftables package installed?): running "),
             "{err:#}"
         );
         // A quick tool is untouched by the deadline, and its refusal is named.

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, anyhow, bail};
 
 use super::kernel::{Inventory, Listing, NftKernel, SetKind, Summary};
+use crate::dataplane::tool::Unavailable;
 use crate::plan::NftFamily;
 
 #[derive(Clone, Debug, Default)]
@@ -48,6 +49,9 @@ struct State {
     /// Any command containing one of these is refused (a test's way to
     /// make the kernel say no).
     refuse: Vec<String>,
+    /// Every transaction and check fails as if `nft` were not installed.
+    missing: bool,
+    attempts: usize,
 }
 
 #[derive(Clone, Default)]
@@ -56,6 +60,10 @@ pub struct FakeNft(Arc<Mutex<State>>);
 impl NftKernel for FakeNft {
     fn run(&mut self, script: &str) -> Result<()> {
         let mut state = self.lock();
+        state.attempts += 1;
+        if state.missing {
+            return Err(Unavailable::new("running nft (is it installed?): not found").into());
+        }
         let next = execute(&state.tables, &state.refuse, script)?;
         state.tables = next;
         state.runs += 1;
@@ -66,6 +74,10 @@ impl NftKernel for FakeNft {
 
     fn check(&mut self, script: &str) -> Result<()> {
         let mut state = self.lock();
+        state.attempts += 1;
+        if state.missing {
+            return Err(Unavailable::new("running nft (is it installed?): not found").into());
+        }
         execute(&state.tables, &state.refuse, script)?;
         state.checks += 1;
         Ok(())
@@ -132,6 +144,16 @@ impl FakeNft {
     /// Refuse every command containing `text` from now on.
     pub fn refuse(&self, text: &str) {
         self.lock().refuse.push(text.into());
+    }
+
+    /// `nft` gone (`true`) or back.
+    pub fn missing(&self, missing: bool) {
+        self.lock().missing = missing;
+    }
+
+    /// Transactions and checks tried, whether or not they ran.
+    pub fn attempts(&self) -> usize {
+        self.lock().attempts
     }
 
     /// Stop refusing anything.

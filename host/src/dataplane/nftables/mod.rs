@@ -13,7 +13,10 @@
 //! - A refused transaction never takes the others down: a refused delta
 //!   is retried change by change, and a refused full reconcile finds, by
 //!   checking (not committing) halves, the largest set of changes the
-//!   kernel takes, applies those and reports the rest by name.
+//!   kernel takes, applies those and reports the rest by name. An `nft`
+//!   that is missing or hung refused nothing: the whole sync fails (and
+//!   health follows, as upstream's), instead of every Service failing on
+//!   its own while the sync counts as a success.
 //! - A delta that only adds and deletes elements of existing sets (most
 //!   changes of a plain Service) goes to the kernel as one nf_tables
 //!   netlink batch instead of through `nft` (`elements`), unless
@@ -44,6 +47,7 @@ pub use netlink::element_count;
 use script::{Counts, Obj, Objects, Qualified, Script};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
+use crate::dataplane::tool::is_unavailable;
 use crate::model::ServicePortName;
 use crate::plan::Fragment;
 
@@ -229,7 +233,7 @@ impl NftDataplane {
         if !self.needs_full {
             return match self.apply_delta(&changes) {
                 Ok(()) => Ok(Applied::all()),
-                Err(e) if one_by_one && changes.len() > 1 => {
+                Err(e) if one_by_one && changes.len() > 1 && !is_unavailable(&e) => {
                     tracing::warn!(
                         error = format!("{e:#}"),
                         "batch refused; applying changes one by one"
@@ -253,7 +257,7 @@ impl NftDataplane {
                 self.reconciled(next);
                 Ok(Applied::all())
             }
-            Err(e) if one_by_one && changes.len() > 1 => {
+            Err(e) if one_by_one && changes.len() > 1 && !is_unavailable(&e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "full reconcile refused; finding the changes the kernel takes"

@@ -188,6 +188,31 @@ fn a_refused_delta_is_retried_change_by_change() {
     assert_eq!(dispatch(&fake).len(), 2);
 }
 
+/// `nft` missing refuses no Service: a batch fails as a whole (the sync
+/// fails and health follows), at once, not once per change.
+#[test]
+fn a_missing_nft_fails_the_batch_not_each_service() {
+    let (mut dp, fake) = dataplane();
+    dp.apply(Some(&base()), &[]).unwrap();
+    fake.missing(true);
+    let (a, b) = (service("a", 1, false), service("b", 2, false));
+    let tried = fake.attempts();
+    let err = dp
+        .apply(None, &[(name("a"), Some(&a)), (name("b"), Some(&b))])
+        .unwrap_err();
+    assert!(crate::dataplane::tool::is_unavailable(&err), "{err:#}");
+    assert_eq!(
+        fake.attempts() - tried,
+        1,
+        "tried once, not change by change"
+    );
+    assert!(dp.applied.len() == 1, "nothing recorded as applied");
+    fake.missing(false);
+    dp.apply(None, &[(name("a"), Some(&a)), (name("b"), Some(&b))])
+        .unwrap();
+    assert_eq!(dispatch(&fake).len(), 2);
+}
+
 #[test]
 fn a_fresh_start_with_one_bad_service_programs_all_the_others() {
     let fake = FakeNft::default();
