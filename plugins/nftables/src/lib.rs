@@ -25,9 +25,9 @@ mod tests;
 
 use std::cell::RefCell;
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-use kwp_sdk::mode::kwp::proxy::plan::Fragment;
-use kwp_sdk::mode::kwp::proxy::types::ServicePort;
+use kwp_sdk::mode::Fragment;
+use kwp_sdk::mode::ServicePort;
+use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
 
 thread_local! {
     static CONFIG: RefCell<Option<ModeConfig>> = const { RefCell::new(None) };
@@ -69,4 +69,4 @@ fn with_config<R>(f: impl FnOnce(&ModeConfig) -> Result<R, String>) -> Result<R,
 }
 
 #[cfg(target_arch = "wasm32")]
-kwp_sdk::mode::export_mode_world!(Nftables with_types_in kwp_sdk::mode);
+kwp_sdk::mode::bindings::export_mode_world!(Nftables with_types_in kwp_sdk::mode::bindings);

@@ -6,9 +6,9 @@
 
 use std::cell::RefCell;
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, Listener};
-use kwp_sdk::mode::kwp::proxy::types::{IpAddress, IpMode, Protocol, ServicePort};
+use kwp_sdk::mode::{Fragment, Item, Listener};
+use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
+use kwp_sdk::mode::{IpAddress, IpMode, Protocol, ServicePort};
 
 /// UDP flows idle this long are closed (upstream userspace mode: 250 ms was
 /// its default for short-lived DNS-style flows; we favour longer flows).
@@ -75,4 +75,4 @@ fn listener(svc: &ServicePort) -> Listener {
 // Exported only in the component: the component-model symbol names do not
 // link into a native cdylib.
 #[cfg(target_arch = "wasm32")]
-kwp_sdk::mode::export_mode_world!(Userspace with_types_in kwp_sdk::mode);
+kwp_sdk::mode::bindings::export_mode_world!(Userspace with_types_in kwp_sdk::mode::bindings);
