@@ -35,15 +35,18 @@ fn version_names_the_wit_contract_and_every_bundled_plugins_digest() {
         text.starts_with(&format!("kube-wasm-proxy {}\n", env!("CARGO_PKG_VERSION"))),
         "{text}"
     );
-    // The package line of the WIT the host was built with.
-    let wit =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../wit/policy.wit")).unwrap();
-    let package = wit
-        .lines()
-        .find_map(|l| l.strip_prefix("package "))
+    // The packages of the WIT the host was built with, one directory each
+    // (sdk/wit/deps/<name>@<version>).
+    let deps = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk/wit/deps");
+    let mut packages: Vec<String> = std::fs::read_dir(deps)
         .unwrap()
-        .trim_end_matches(';');
-    assert!(text.contains(&format!("WIT contract: {package}")), "{text}");
+        .flatten()
+        .map(|e| format!("kwp:{}", e.file_name().to_string_lossy()))
+        .collect();
+    packages.sort();
+    assert_eq!(packages.len(), 3, "{packages:?}");
+    let line = format!("WIT contract: {}", packages.join(", "));
+    assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     let mut count = 0;
     for (name, bytes) in kwp_plugins_bundle::bundled() {
         let line = format!("  {name:<18} {}", hex(bytes));

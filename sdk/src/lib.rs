@@ -19,47 +19,39 @@
 //! unit-tested with `cargo test` and no Wasm toolchain.
 
 pub mod hash;
+pub mod mode;
 pub mod sets;
 pub mod slots;
 pub mod testing;
 
-/// Generated bindings of the `policy-plugin` world.
+/// Generated bindings of the `policy-plugin` world (`wit/`, shipped inside
+/// this crate so that it builds from crates.io as it does here).
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy-plugin",
-        path: "../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "export_policy_world",
         default_bindings_module: "kwp_sdk::bindings",
         additional_derives: [PartialEq, Eq, Hash, PartialOrd, Ord],
+        generate_all,
     });
 }
 
-/// Generated bindings of the `proxy-mode` world, for proxy-mode plugins.
-pub mod mode {
-    wit_bindgen::generate!({
-        world: "proxy-mode",
-        path: "../wit",
-        pub_export_macro: true,
-        export_macro_name: "export_mode_world",
-        default_bindings_module: "kwp_sdk::mode",
-        additional_derives: [PartialEq, Eq, Hash, PartialOrd, Ord],
-    });
-}
-
-pub use bindings::kwp::proxy::types::{BackendPlan, Endpoint, IpAddress};
+/// The values of `kwp:types`, shared by policies and modes: one Rust type
+/// each, whichever world uses it.
+pub use bindings::kwp::types::types;
+pub use types::{BackendPlan, Endpoint, IpAddress};
 
 /// For proxy modes: one weight per endpoint from a policy's plan (a lookup
 /// table's slots counted per endpoint), or why the plan does not fit.
-pub fn mode_weights(
-    plan: &mode::kwp::proxy::types::BackendPlan,
-    n: usize,
-) -> Result<Vec<u32>, String> {
-    use mode::kwp::proxy::types::BackendPlan as Plan;
+pub fn mode_weights(plan: &BackendPlan, n: usize) -> Result<Vec<u32>, String> {
     match plan {
-        Plan::Weights(w) if w.len() == n => Ok(w.clone()),
-        Plan::Weights(w) => Err(format!("policy gave {} weights for {n} endpoints", w.len())),
-        Plan::Slots(slots) => {
+        BackendPlan::Weights(w) if w.len() == n => Ok(w.clone()),
+        BackendPlan::Weights(w) => {
+            Err(format!("policy gave {} weights for {n} endpoints", w.len()))
+        }
+        BackendPlan::Slots(slots) => {
             let mut w = vec![0u32; n];
             for s in slots {
                 *w.get_mut(*s as usize)
@@ -101,7 +93,7 @@ macro_rules! export_policy {
     ($ty:ty) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
-            use $crate::bindings::exports::kwp::proxy::policy::Guest;
+            use $crate::bindings::exports::kwp::policy::policy::Guest;
             use $crate::{BackendPlan, Endpoint, IpAddress, Policy};
 
             ::std::thread_local! {

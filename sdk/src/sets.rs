@@ -3,10 +3,10 @@
 //! (upstream renders each endpoint chain once), with each set's plan
 //! re-indexed onto that list.
 
-use crate::mode::exports::kwp::proxy::mode::{EndpointSet, ServiceEndpoints};
+use crate::mode::{EndpointSet, ServiceEndpoints};
 use std::collections::HashMap;
 
-use crate::mode::kwp::proxy::types::{BackendPlan, Endpoint, IpAddress};
+use crate::{BackendPlan, Endpoint, IpAddress};
 
 /// One set's plan over the merged list.
 #[derive(Clone, Debug, PartialEq, Eq)]

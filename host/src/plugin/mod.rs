@@ -8,6 +8,7 @@
 
 mod bindings;
 mod catalog;
+pub mod contract;
 mod convert;
 pub mod mode;
 pub mod policy;
@@ -51,9 +52,9 @@ impl std::fmt::Display for PluginDigest {
 /// The two kinds of plugin the WIT contract defines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PluginKind {
-    /// Exports `kwp:proxy/mode`: renders plans for a kernel or userspace.
+    /// Exports `kwp:mode/mode`: renders plans for a kernel or userspace.
     Mode,
-    /// Exports `kwp:proxy/policy`: chooses endpoints.
+    /// Exports `kwp:policy/policy`: chooses endpoints.
     Policy,
 }
 
@@ -182,29 +183,30 @@ impl Runtime {
             .contains(digest)
     }
 
-    /// What a compiled component is, from what it exports (never from its
-    /// file name).
+    /// What a compiled component is, from the interface it exports (never
+    /// from its file name). The version is not checked here: a component
+    /// of another contract version is then refused naming both versions.
     pub fn kind_of(&self, component: &Component) -> Result<PluginKind> {
-        let exports: Vec<String> = component
-            .component_type()
-            .exports(&self.engine)
-            .map(|(name, _)| name.to_string())
-            .collect();
-        let exports_interface = |interface: &str| {
-            exports
-                .iter()
-                .any(|e| e.split('@').next() == Some(interface))
-        };
-        match (
-            exports_interface("kwp:proxy/mode"),
-            exports_interface("kwp:proxy/policy"),
-        ) {
+        let exports = self.exports_of(component);
+        let has = |kind| exports.iter().any(|e| contract::role(e) == Some(kind));
+        match (has(PluginKind::Mode), has(PluginKind::Policy)) {
             (true, false) => Ok(PluginKind::Mode),
             (false, true) => Ok(PluginKind::Policy),
             _ => anyhow::bail!(
-                "the component exports {exports:?}; a plugin exports exactly one of kwp:proxy/mode and kwp:proxy/policy"
+                "the component exports {exports:?}; a plugin exports exactly one of {} and {}",
+                contract::interface(PluginKind::Mode),
+                contract::interface(PluginKind::Policy)
             ),
         }
+    }
+
+    /// The names of a component's exports (`kwp:policy/policy@0.3.0`).
+    pub fn exports_of(&self, component: &Component) -> Vec<String> {
+        component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect()
     }
 
     /// Number of distinct components compiled so far.

@@ -18,8 +18,8 @@ use crate::model::{Endpoint, NodeInfo, ServicePort};
 use crate::plan::{Fragment, Item, Listener, NftFamily};
 
 use super::bindings::mode as bindings;
-use bindings::exports::kwp::proxy::mode as wit_mode;
-use bindings::kwp::proxy::plan as wit_plan;
+use bindings::exports::kwp::mode::mode as wit_mode;
+use bindings::kwp::mode::plan as wit_plan;
 
 /// Node-wide settings handed to the mode.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -84,7 +84,11 @@ impl Mode {
             .and_then(bindings::ProxyModePre::new)
             .map_err(anyhow::Error::from)
             .with_context(|| {
-                format!("plugin {name} does not implement the kwp:proxy/proxy-mode@0.2.0 world")
+                super::contract::refusal(
+                    name,
+                    super::PluginKind::Mode,
+                    &runtime.exports_of(component),
+                )
             })?;
         Ok(Sandbox::new(
             name,
@@ -240,7 +244,7 @@ impl Mode {
             extra: s.extra.clone(),
         };
         let result = self.sandbox.call("configure", 0, |st, b| {
-            b.kwp_proxy_mode().call_configure(st, &config)
+            b.kwp_mode_mode().call_configure(st, &config)
         })?;
         result.map_err(|message| PluginError::Rejected {
             plugin: self.sandbox.name.clone(),
@@ -252,7 +256,7 @@ impl Mode {
     pub fn render_base(&mut self) -> Result<Fragment, PluginError> {
         self.ensure()?;
         let result = self.sandbox.call("render-base", 0, |st, b| {
-            b.kwp_proxy_mode().call_render_base(st)
+            b.kwp_mode_mode().call_render_base(st)
         })?;
         self.fragment("render-base", result)
     }
@@ -277,7 +281,7 @@ impl Mode {
         };
         let elements = handed.internal.endpoints.len() + handed.external.endpoints.len();
         let result = self.sandbox.call("render-service", elements, |st, b| {
-            b.kwp_proxy_mode().call_render_service(st, &svc, &handed)
+            b.kwp_mode_mode().call_render_service(st, &svc, &handed)
         })?;
         self.fragment("render-service", result)
     }

@@ -72,7 +72,11 @@ impl Policy {
             .and_then(bindings::PolicyPluginPre::new)
             .map_err(anyhow::Error::from)
             .with_context(|| {
-                format!("plugin {name} does not implement the kwp:proxy/policy@0.2.0 world")
+                super::contract::refusal(
+                    name,
+                    super::PluginKind::Policy,
+                    &runtime.exports_of(component),
+                )
             })?;
         Ok(Sandbox::new(
             name,
@@ -167,7 +171,7 @@ impl Policy {
         self.in_instance.clear();
         let config = self.config.clone();
         let configured = self.sandbox.call("configure", 0, |s, b| {
-            b.kwp_proxy_policy().call_configure(s, &config)
+            b.kwp_policy_policy().call_configure(s, &config)
         })?;
         configured.map_err(|message| PluginError::Rejected {
             plugin: self.name.clone(),
@@ -185,7 +189,7 @@ impl Policy {
         if let Some(endpoints) = self.pushed.get(&service) {
             self.sandbox
                 .call("set-endpoints", endpoints.len(), |s, b| {
-                    b.kwp_proxy_policy()
+                    b.kwp_policy_policy()
                         .call_set_endpoints(s, service, endpoints)
                 })?;
             self.in_instance.insert(service);
@@ -219,7 +223,7 @@ impl Policy {
                 return Ok(()); // this instance never had it
             }
             self.sandbox.call("remove-service", 0, |s, b| {
-                b.kwp_proxy_policy().call_remove_service(s, service)
+                b.kwp_policy_policy().call_remove_service(s, service)
             })
         });
         self.observe(result)
@@ -239,7 +243,7 @@ impl Policy {
             .ensure_service(service)
             .and_then(|()| {
                 self.sandbox.call("pick", 0, |s, b| {
-                    b.kwp_proxy_policy().call_pick(s, service, ip, client_port)
+                    b.kwp_policy_policy().call_pick(s, service, ip, client_port)
                 })
             })
             .and_then(|pick| match pick {
@@ -256,7 +260,7 @@ impl Policy {
     pub fn connection_closed(&mut self, service: u32, endpoint: u32) -> Result<(), PluginError> {
         let result = self.ensure_service(service).and_then(|()| {
             self.sandbox.call("connection-closed", 0, |s, b| {
-                b.kwp_proxy_policy()
+                b.kwp_policy_policy()
                     .call_connection_closed(s, service, endpoint)
             })
         });
@@ -267,8 +271,9 @@ impl Policy {
         // The plan grows with the Service's endpoints, like its deadline.
         let n = self.pushed.get(&service).map_or(0, Vec::len);
         let result = self.ensure_service(service).and_then(|()| {
-            self.sandbox
-                .call("plan", n, |s, b| b.kwp_proxy_policy().call_plan(s, service))
+            self.sandbox.call("plan", n, |s, b| {
+                b.kwp_policy_policy().call_plan(s, service)
+            })
         });
         self.observe(result).map(plan_from_wit)
     }

@@ -171,9 +171,13 @@ fn mode_plugins_load_and_the_wrong_world_is_refused() {
     )
     .err()
     .unwrap();
+    let msg = format!("{err:#}");
     assert!(
-        format!("{err:#}").contains("kwp:proxy/proxy-mode@0.2.0 world"),
-        "{err:#}"
+        msg.contains(&format!(
+            "proxy-mode world of {}",
+            contract::package("mode")
+        )) && msg.contains(&contract::interface(PluginKind::Policy)),
+        "{msg}"
     );
     assert!(catalog.load("no-such-plugin").is_err());
 }
@@ -196,14 +200,28 @@ fn bundled_policies_spread_connections_through_the_host() {
     }
 }
 
+/// A policy of another `kwp:policy` version, and one of the single
+/// `kwp:proxy` package every plugin used before the contract was split:
+/// both refused, naming the version expected and the one found.
 #[test]
 fn a_component_of_another_wit_version_is_refused_clearly() {
     let rt = runtime();
-    let err = policy(&rt, "wrong_wit_version", "")
-        .err()
-        .expect("must be refused");
-    let msg = format!("{err:#}");
-    assert!(msg.contains("kwp:proxy/policy@0.2.0"), "{msg}");
+    for (name, found) in [
+        ("wrong_wit_version", "kwp:policy/policy@0.0.9"),
+        ("pre_split_contract", "kwp:proxy/policy@0.2.0"),
+    ] {
+        let kind = rt.kind_of(&rt.compile(program(name)).unwrap());
+        assert_eq!(kind.unwrap(), PluginKind::Policy, "{name}");
+        let err = policy(&rt, name, "").err().expect("must be refused");
+        let msg = format!("{err:#}");
+        let expected = contract::interface(PluginKind::Policy);
+        assert!(
+            msg.contains(&format!(
+                "built against {found}, this host speaks {expected}"
+            )),
+            "{msg}"
+        );
+    }
 }
 
 #[test]
@@ -224,6 +242,7 @@ fn reload_candidates_are_checked_before_use() {
     let rt = runtime();
     for bad in [
         "wrong_wit_version",
+        "pre_split_contract",
         "missing_export",
         "pick_loops",
         "memory_bomb",

@@ -2,9 +2,9 @@
 //! node's `filter` table): the host must refuse the fragment.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-    use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftChain, NftFamily};
-    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
+    use kwp_sdk::mode::ServicePort;
+    use kwp_sdk::mode::{Fragment, Item, NftChain, NftFamily};
+    use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
 
     struct Foreign;
     impl Guest for Foreign {
@@ -26,5 +26,5 @@ mod component {
             })
         }
     }
-    kwp_sdk::mode::export_mode_world!(Foreign with_types_in kwp_sdk::mode);
+    kwp_sdk::mode::bindings::export_mode_world!(Foreign with_types_in kwp_sdk::mode::bindings);
 }

@@ -5,9 +5,9 @@
 //! a reloaded iptables mode is rolled back with nothing of it applied.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-    use kwp_sdk::mode::kwp::proxy::plan::{Fragment, IptablesChain, Item};
-    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
+    use kwp_sdk::mode::ServicePort;
+    use kwp_sdk::mode::{Fragment, IptablesChain, Item};
+    use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
 
     fn chain(name: String, rule: &str) -> Fragment {
         Fragment {
@@ -36,5 +36,5 @@ mod component {
             }
         }
     }
-    kwp_sdk::mode::export_mode_world!(Breaks with_types_in kwp_sdk::mode);
+    kwp_sdk::mode::bindings::export_mode_world!(Breaks with_types_in kwp_sdk::mode::bindings);
 }

@@ -3,9 +3,9 @@
 //! the reload probe already.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-    use kwp_sdk::mode::kwp::proxy::plan::{Fragment, IptablesChain, Item};
-    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
+    use kwp_sdk::mode::ServicePort;
+    use kwp_sdk::mode::{Fragment, IptablesChain, Item};
+    use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
 
     struct Builtin;
     impl Guest for Builtin {
@@ -26,5 +26,5 @@ mod component {
             })
         }
     }
-    kwp_sdk::mode::export_mode_world!(Builtin with_types_in kwp_sdk::mode);
+    kwp_sdk::mode::bindings::export_mode_world!(Builtin with_types_in kwp_sdk::mode::bindings);
 }

@@ -1,9 +1,13 @@
 //! A policy without `pick`: the host must refuse it with a clear error.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    wit_bindgen::generate!({ world: "policy-plugin", path: "wit-missing-export" });
-    use exports::kwp::proxy::policy::Guest;
-    use kwp::proxy::types::{BackendPlan, Endpoint};
+    wit_bindgen::generate!({
+        world: "kwp:policy/policy-plugin",
+        path: ["../../sdk/wit/deps/types@0.3.0", "wit-missing-export"],
+        generate_all,
+    });
+    use exports::kwp::policy::policy::Guest;
+    use kwp::types::types::{BackendPlan, Endpoint};
 
     struct NoPick;
     impl Guest for NoPick {

@@ -7,9 +7,9 @@
 mod component {
     use std::cell::RefCell;
 
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-    use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftChain, NftFamily};
-    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
+    use kwp_sdk::mode::ServicePort;
+    use kwp_sdk::mode::{Fragment, Item, NftChain, NftFamily};
+    use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
 
     thread_local! {
         static TABLE: RefCell<String> = RefCell::default();
@@ -50,5 +50,5 @@ mod component {
             }
         }
     }
-    kwp_sdk::mode::export_mode_world!(Breaks with_types_in kwp_sdk::mode);
+    kwp_sdk::mode::bindings::export_mode_world!(Breaks with_types_in kwp_sdk::mode::bindings);
 }

@@ -2,9 +2,9 @@
 //! refuse the fragment as too large.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-    use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftElement, NftFamily};
-    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
+    use kwp_sdk::mode::ServicePort;
+    use kwp_sdk::mode::{Fragment, Item, NftElement, NftFamily};
+    use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
 
     struct Huge;
     impl Guest for Huge {
@@ -28,5 +28,5 @@ mod component {
             })
         }
     }
-    kwp_sdk::mode::export_mode_world!(Huge with_types_in kwp_sdk::mode);
+    kwp_sdk::mode::bindings::export_mode_world!(Huge with_types_in kwp_sdk::mode::bindings);
 }

@@ -2,9 +2,9 @@
 //! stop it and the Service keeps its last good rules.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-    use kwp_sdk::mode::kwp::proxy::plan::Fragment;
-    use kwp_sdk::mode::kwp::proxy::types::ServicePort;
+    use kwp_sdk::mode::Fragment;
+    use kwp_sdk::mode::ServicePort;
+    use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
 
     struct Loops;
     impl Guest for Loops {
@@ -21,5 +21,5 @@ mod component {
             }
         }
     }
-    kwp_sdk::mode::export_mode_world!(Loops with_types_in kwp_sdk::mode);
+    kwp_sdk::mode::bindings::export_mode_world!(Loops with_types_in kwp_sdk::mode::bindings);
 }

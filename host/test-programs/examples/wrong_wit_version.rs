@@ -1,10 +1,14 @@
-//! A policy built against `kwp:proxy@0.0.9`: the host must refuse it with
-//! a clear error instead of instantiating it.
+//! A policy built against `kwp:policy@0.0.9`, a version this host does not
+//! speak: the host must refuse it naming both versions.
 #[cfg(target_arch = "wasm32")]
 mod component {
-    wit_bindgen::generate!({ world: "policy-plugin", path: "wit-v0.0.9" });
-    use exports::kwp::proxy::policy::Guest;
-    use kwp::proxy::types::{BackendPlan, Endpoint, IpAddress};
+    wit_bindgen::generate!({
+        world: "kwp:policy/policy-plugin@0.0.9",
+        path: ["../../sdk/wit/deps/types@0.3.0", "wit-v0.0.9"],
+        generate_all,
+    });
+    use exports::kwp::policy::policy::Guest;
+    use kwp::types::types::{BackendPlan, Endpoint, IpAddress};
 
     struct Old;
     impl Guest for Old {

@@ -2,8 +2,8 @@
 //! to from the built-in chains, masquerading, and the (empty) dispatch
 //! chains that every Service adds its rules to.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
-use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item};
+use kwp_sdk::mode::ModeConfig;
+use kwp_sdk::mode::{Fragment, Item};
 
 use crate::Settings;
 use crate::family::{Fam, V4, V6};
@@ -115,8 +115,8 @@ fn render_family(cfg: &ModeConfig, s: &Settings, f: Fam) -> Vec<Item> {
 
 #[cfg(test)]
 mod tests {
-    use kwp_sdk::mode::exports::kwp::proxy::mode::DetectLocal;
-    use kwp_sdk::mode::kwp::proxy::types::{IpAddress, NodeInfo};
+    use kwp_sdk::mode::DetectLocal;
+    use kwp_sdk::mode::{IpAddress, NodeInfo};
 
     use super::*;
 

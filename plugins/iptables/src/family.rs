@@ -1,9 +1,9 @@
 //! The two IP families: every chain is rendered once per family, for
 //! iptables and ip6tables.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{DetectLocal, ModeConfig};
-use kwp_sdk::mode::kwp::proxy::plan::{IptablesChain, Item};
-use kwp_sdk::mode::kwp::proxy::types::{Cidr, IpAddress};
+use kwp_sdk::mode::{Cidr, IpAddress};
+use kwp_sdk::mode::{DetectLocal, ModeConfig};
+use kwp_sdk::mode::{IptablesChain, Item};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Fam {

@@ -27,9 +27,9 @@ mod tests;
 
 use std::cell::RefCell;
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-use kwp_sdk::mode::kwp::proxy::plan::Fragment;
-use kwp_sdk::mode::kwp::proxy::types::ServicePort;
+use kwp_sdk::mode::Fragment;
+use kwp_sdk::mode::ServicePort;
+use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
 
 pub use settings::Settings;
 
@@ -68,4 +68,4 @@ fn with_config<R>(
 }
 
 #[cfg(target_arch = "wasm32")]
-kwp_sdk::mode::export_mode_world!(Iptables with_types_in kwp_sdk::mode);
+kwp_sdk::mode::bindings::export_mode_world!(Iptables with_types_in kwp_sdk::mode::bindings);

@@ -1,11 +1,9 @@
 //! One service port's chains and its rules in the shared dispatch chains.
 
 use kwp_sdk::hash::stable_hash;
-use kwp_sdk::mode::exports::kwp::proxy::mode::{ModeConfig, ServiceEndpoints};
-use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item};
-use kwp_sdk::mode::kwp::proxy::types::{
-    IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy,
-};
+use kwp_sdk::mode::{Fragment, Item};
+use kwp_sdk::mode::{IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy};
+use kwp_sdk::mode::{ModeConfig, ServiceEndpoints};
 use kwp_sdk::sets::MergedSets;
 
 use crate::Settings;

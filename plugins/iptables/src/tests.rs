@@ -1,8 +1,8 @@
 //! Rendering, natively: which set each frontend reaches, and drop vs reject.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::ServiceEndpoints;
-use kwp_sdk::mode::kwp::proxy::plan::Item;
-use kwp_sdk::mode::kwp::proxy::types::{ServicePort, TrafficPolicy};
+use kwp_sdk::mode::Item;
+use kwp_sdk::mode::ServiceEndpoints;
+use kwp_sdk::mode::{ServicePort, TrafficPolicy};
 
 use crate::Settings;
 use crate::service::render;

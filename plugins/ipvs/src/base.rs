@@ -17,8 +17,8 @@
 //! a Service without endpoints and drops them for externalTrafficPolicy
 //! Local without local endpoints, as kube-proxy's other modes do.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
-use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item};
+use kwp_sdk::mode::ModeConfig;
+use kwp_sdk::mode::{Fragment, Item};
 
 use crate::family::{Fam, V4, V6};
 

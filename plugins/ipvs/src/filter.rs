@@ -1,11 +1,9 @@
 //! One Service port's elements in the packet-filter sets of `base.rs`,
 //! with the keys upstream's IPVS proxier puts in its ipsets.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
-use kwp_sdk::mode::kwp::proxy::plan::Item;
-use kwp_sdk::mode::kwp::proxy::types::{
-    Cidr, Endpoint, IpAddress, IpMode, Protocol, ServicePort, TrafficPolicy,
-};
+use kwp_sdk::mode::Item;
+use kwp_sdk::mode::ModeConfig;
+use kwp_sdk::mode::{Cidr, Endpoint, IpAddress, IpMode, Protocol, ServicePort, TrafficPolicy};
 
 use crate::family::{Fam, V4, V6};
 

@@ -30,9 +30,9 @@ mod family;
 
 use std::cell::RefCell;
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{EndpointSet, Guest, ModeConfig, ServiceEndpoints};
-use kwp_sdk::mode::kwp::proxy::plan::{Fragment, IpvsRealServer, IpvsVirtualServer, Item};
-use kwp_sdk::mode::kwp::proxy::types::{Endpoint, IpAddress, IpMode, ServicePort, SessionAffinity};
+use kwp_sdk::mode::{Endpoint, IpAddress, IpMode, ServicePort, SessionAffinity};
+use kwp_sdk::mode::{EndpointSet, Guest, ModeConfig, ServiceEndpoints};
+use kwp_sdk::mode::{Fragment, IpvsRealServer, IpvsVirtualServer, Item};
 
 pub use config::{IpvsConfig, SCHEDULERS};
 
@@ -195,7 +195,7 @@ impl<'a> Reals<'a> {
 }
 
 #[cfg(target_arch = "wasm32")]
-kwp_sdk::mode::export_mode_world!(Ipvs with_types_in kwp_sdk::mode);
+kwp_sdk::mode::bindings::export_mode_world!(Ipvs with_types_in kwp_sdk::mode::bindings);
 
 #[cfg(test)]
 mod tests;

@@ -1,10 +1,10 @@
 //! Rendering, natively: which virtual and real servers a Service gets.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::DetectLocal;
-use kwp_sdk::mode::kwp::proxy::types::{LoadBalancerIngress, NodeInfo, Protocol};
+use kwp_sdk::mode::DetectLocal;
+use kwp_sdk::mode::{LoadBalancerIngress, NodeInfo, Protocol};
 
 use super::*;
-use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, TrafficPolicy};
+use kwp_sdk::mode::{BackendPlan, TrafficPolicy};
 
 pub(super) fn v4(a: [u8; 4]) -> IpAddress {
     IpAddress::V4(u32::from_be_bytes(a))

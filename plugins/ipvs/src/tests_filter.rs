@@ -1,13 +1,13 @@
 //! The packet-filter helpers: which set elements a Service contributes,
 //! and the base's masquerade rule per detect-local setting.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::DetectLocal;
-use kwp_sdk::mode::kwp::proxy::plan::NftFamily;
-use kwp_sdk::mode::kwp::proxy::types::Cidr;
+use kwp_sdk::mode::Cidr;
+use kwp_sdk::mode::DetectLocal;
+use kwp_sdk::mode::NftFamily;
 
 use super::tests::{ep, mode, render, svc, v4};
 use super::*;
-use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, TrafficPolicy};
+use kwp_sdk::mode::{BackendPlan, TrafficPolicy};
 
 /// `set: element` for every element of `family` in `f`.
 fn elements(f: &Fragment, family: NftFamily) -> Vec<String> {

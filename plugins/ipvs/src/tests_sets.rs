@@ -2,11 +2,11 @@
 //! internal one, node ports, external and load-balancer IPs from the
 //! external one; drop vs reject from whether any endpoint exists.
 
-use kwp_sdk::mode::kwp::proxy::plan::NftFamily;
+use kwp_sdk::mode::NftFamily;
 
 use super::tests::{ep, mode, reals, svc, v4};
 use super::*;
-use kwp_sdk::mode::kwp::proxy::types::{BackendPlan, TrafficPolicy};
+use kwp_sdk::mode::{BackendPlan, TrafficPolicy};
 
 const CLUSTER_IP: [u8; 4] = [10, 96, 0, 10];
 const NODE_IP: [u8; 4] = [192, 168, 1, 5];

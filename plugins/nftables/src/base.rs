@@ -1,8 +1,8 @@
 //! The node-wide base: hook chains, dispatch maps and helper chains, once
 //! per IP family.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::ModeConfig;
-use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item};
+use kwp_sdk::mode::ModeConfig;
+use kwp_sdk::mode::{Fragment, Item};
 
 use crate::family::{Fam, V4, V6};
 

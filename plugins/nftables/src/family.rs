@@ -1,9 +1,9 @@
 //! The two IP families: every object is rendered once per family, into
 //! the host's `ip` and `ip6` tables of the same name.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{DetectLocal, ModeConfig};
-use kwp_sdk::mode::kwp::proxy::plan::{Item, NftChain, NftElement, NftFamily, NftSet};
-use kwp_sdk::mode::kwp::proxy::types::IpAddress;
+use kwp_sdk::mode::IpAddress;
+use kwp_sdk::mode::{DetectLocal, ModeConfig};
+use kwp_sdk::mode::{Item, NftChain, NftElement, NftFamily, NftSet};
 
 #[derive(Clone, Copy)]
 pub struct Fam {
@@ -157,7 +157,7 @@ fn interface(name: &str, max: usize) -> Result<&str, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kwp_sdk::mode::exports::kwp::proxy::mode::NodeInfo;
+    use kwp_sdk::mode::NodeInfo;
 
     fn cfg(detect_local: DetectLocal) -> ModeConfig {
         ModeConfig {

@@ -23,20 +23,17 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use std::cell::RefCell;
+use kwp_sdk::mode::Fragment;
+use kwp_sdk::mode::ServicePort;
+use kwp_sdk::mode::{Mode, ModeConfig, ServiceEndpoints};
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-use kwp_sdk::mode::kwp::proxy::plan::Fragment;
-use kwp_sdk::mode::kwp::proxy::types::ServicePort;
-
-thread_local! {
-    static CONFIG: RefCell<Option<ModeConfig>> = const { RefCell::new(None) };
+#[derive(Default)]
+pub struct Nftables {
+    config: Option<ModeConfig>,
 }
 
-pub struct Nftables;
-
-impl Guest for Nftables {
-    fn configure(config: ModeConfig) -> Result<(), String> {
+impl Mode for Nftables {
+    fn configure(&mut self, config: ModeConfig) -> Result<(), String> {
         if config.table.is_empty() {
             return Err("nftables: empty table name".into());
         }
@@ -45,28 +42,29 @@ impl Guest for Nftables {
         for fam in [family::V4, family::V6] {
             fam.not_local(&config)?;
         }
-        CONFIG.with(|c| *c.borrow_mut() = Some(config));
+        self.config = Some(config);
         Ok(())
     }
 
-    fn render_base() -> Result<Fragment, String> {
-        with_config(base::render)
+    fn render_base(&mut self) -> Result<Fragment, String> {
+        base::render(self.config()?)
     }
 
     fn render_service(
+        &mut self,
         service: ServicePort,
         endpoints: ServiceEndpoints,
     ) -> Result<Fragment, String> {
-        with_config(|cfg| service::render(cfg, &service, &endpoints))
+        service::render(self.config()?, &service, &endpoints)
     }
 }
 
-fn with_config<R>(f: impl FnOnce(&ModeConfig) -> Result<R, String>) -> Result<R, String> {
-    CONFIG.with(|c| match c.borrow().as_ref() {
-        Some(cfg) => f(cfg),
-        None => Err("nftables: not configured".into()),
-    })
+impl Nftables {
+    fn config(&self) -> Result<&ModeConfig, String> {
+        self.config
+            .as_ref()
+            .ok_or_else(|| "nftables: not configured".into())
+    }
 }
 
-#[cfg(target_arch = "wasm32")]
-kwp_sdk::mode::export_mode_world!(Nftables with_types_in kwp_sdk::mode);
+kwp_sdk::export_mode!(Nftables);

@@ -1,10 +1,10 @@
 //! One service port's chains and map elements.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::{ModeConfig, ServiceEndpoints};
-use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, NftSet};
-use kwp_sdk::mode::kwp::proxy::types::{
+use kwp_sdk::mode::{
     BackendPlan, Endpoint, IpMode, Protocol, ServicePort, SessionAffinity, TrafficPolicy,
 };
+use kwp_sdk::mode::{Fragment, Item, NftSet};
+use kwp_sdk::mode::{ModeConfig, ServiceEndpoints};
 use kwp_sdk::sets::MergedSets;
 
 use crate::family::{Fam, V4, V6};

@@ -1,8 +1,8 @@
 //! Rendering, natively: which set each frontend reaches, and drop vs reject.
 
-use kwp_sdk::mode::exports::kwp::proxy::mode::ServiceEndpoints;
-use kwp_sdk::mode::kwp::proxy::plan::Item;
-use kwp_sdk::mode::kwp::proxy::types::{ServicePort, SessionAffinity, TrafficPolicy};
+use kwp_sdk::mode::Item;
+use kwp_sdk::mode::ServiceEndpoints;
+use kwp_sdk::mode::{ServicePort, SessionAffinity, TrafficPolicy};
 
 use crate::service::render;
 use kwp_sdk::testing::mode::{config as cfg, endpoint as ep, service as svc, sets, v4};

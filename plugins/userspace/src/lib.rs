@@ -4,41 +4,42 @@
 //! service's policy picks. The host does the forwarding; this plugin only
 //! says which listeners exist.
 
-use std::cell::RefCell;
-
-use kwp_sdk::mode::exports::kwp::proxy::mode::{Guest, ModeConfig, ServiceEndpoints};
-use kwp_sdk::mode::kwp::proxy::plan::{Fragment, Item, Listener};
-use kwp_sdk::mode::kwp::proxy::types::{IpAddress, IpMode, Protocol, ServicePort};
+use kwp_sdk::mode::{Fragment, Item, Listener};
+use kwp_sdk::mode::{IpAddress, IpMode, Protocol, ServicePort};
+use kwp_sdk::mode::{Mode, ModeConfig, ServiceEndpoints};
 
 /// UDP flows idle this long are closed (upstream userspace mode: 250 ms was
 /// its default for short-lived DNS-style flows; we favour longer flows).
 const UDP_IDLE_TIMEOUT_MS: u32 = 30_000;
 
-thread_local! {
-    static NODE_ADDRESSES: RefCell<Vec<IpAddress>> = const { RefCell::new(Vec::new()) };
+#[derive(Default)]
+pub struct Userspace {
+    node_addresses: Vec<IpAddress>,
 }
 
-pub struct Userspace;
-
-impl Guest for Userspace {
-    fn configure(config: ModeConfig) -> Result<(), String> {
-        NODE_ADDRESSES.with(|a| *a.borrow_mut() = config.node.addresses);
+impl Mode for Userspace {
+    fn configure(&mut self, config: ModeConfig) -> Result<(), String> {
+        self.node_addresses = config.node.addresses;
         Ok(())
     }
 
-    fn render_base() -> Result<Fragment, String> {
+    fn render_base(&mut self) -> Result<Fragment, String> {
         Ok(Fragment { items: Vec::new() })
     }
 
     /// The host picks each connection's endpoint from the internal set.
-    fn render_service(service: ServicePort, _: ServiceEndpoints) -> Result<Fragment, String> {
+    fn render_service(
+        &mut self,
+        service: ServicePort,
+        _: ServiceEndpoints,
+    ) -> Result<Fragment, String> {
         Ok(Fragment {
-            items: vec![Item::Listener(listener(&service))],
+            items: vec![Item::Listener(listener(&service, &self.node_addresses))],
         })
     }
 }
 
-fn listener(svc: &ServicePort) -> Listener {
+fn listener(svc: &ServicePort, node_addresses: &[IpAddress]) -> Listener {
     let mut frontends: Vec<(IpAddress, u16)> = Vec::new();
     let mut add = |ip: IpAddress, port: u16| {
         if !frontends.contains(&(ip, port)) {
@@ -58,7 +59,7 @@ fn listener(svc: &ServicePort) -> Listener {
         add(lb.ip, svc.port);
     }
     if let Some(node_port) = svc.node_port {
-        NODE_ADDRESSES.with(|a| a.borrow().iter().for_each(|ip| add(*ip, node_port)));
+        node_addresses.iter().for_each(|ip| add(*ip, node_port));
     }
     Listener {
         service: svc.id,
@@ -72,7 +73,4 @@ fn listener(svc: &ServicePort) -> Listener {
     }
 }
 
-// Exported only in the component: the component-model symbol names do not
-// link into a native cdylib.
-#[cfg(target_arch = "wasm32")]
-kwp_sdk::mode::export_mode_world!(Userspace with_types_in kwp_sdk::mode);
+kwp_sdk::export_mode!(Userspace);

@@ -21,7 +21,7 @@ pub enum Guest<'a> {
 /// each `.wasm` produced, sorted by name.
 pub fn build(guests: &[Guest<'_>]) -> Vec<(String, PathBuf)> {
     let root = workspace_root();
-    for dir in ["wit", "sdk", "plugins", "host/test-programs"] {
+    for dir in ["sdk", "plugins", "host/test-programs"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     ensure_target();
@@ -122,9 +122,9 @@ fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     manifest
         .ancestors()
-        .find(|d| d.join("wit").is_dir() && d.join("sdk").is_dir())
+        .find(|d| d.join("sdk/wit").is_dir() && d.join("plugins").is_dir())
         .map(Path::to_path_buf)
-        .expect("workspace root with wit/")
+        .expect("workspace root with sdk/wit/")
 }
 
 /// `<outer target>/wasm-guests`, found from OUT_DIR

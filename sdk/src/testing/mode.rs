@@ -1,13 +1,60 @@
-//! Fixtures for unit-testing a proxy mode natively: the values the host
-//! hands `configure` and `render-service`, small and predictable.
+//! Unit-testing a proxy mode natively: a [`Harness`] that drives a
+//! [`Mode`] as the host does, and fixtures for the values the host hands
+//! `configure` and `render-service`, small and predictable.
 
-use crate::mode::exports::kwp::proxy::mode::{
-    DetectLocal, EndpointSet, ModeConfig, ServiceEndpoints,
+use crate::mode::{
+    BackendPlan, DetectLocal, Endpoint, EndpointSet, Fragment, IpAddress, Item, Mode, ModeConfig,
+    NodeInfo, Protocol, ServiceEndpoints, ServicePort, SessionAffinity, TrafficPolicy,
 };
-use crate::mode::kwp::proxy::types::{
-    BackendPlan, Endpoint, IpAddress, NodeInfo, Protocol, ServicePort, SessionAffinity,
-    TrafficPolicy,
-};
+
+/// Drives one mode instance: configured first, as the host does.
+pub struct Harness<M: Mode> {
+    pub mode: M,
+}
+
+impl<M: Mode> Harness<M> {
+    /// A fresh mode, configured with `config` (e.g. [`config()`]).
+    pub fn new(config: ModeConfig) -> Result<Self, String> {
+        let mut mode = M::default();
+        mode.configure(config)?;
+        Ok(Self { mode })
+    }
+
+    /// A full sync, as after the host starts: the base, then every
+    /// service-port's fragment; every item, in that order.
+    pub fn sync(
+        &mut self,
+        services: &[(ServicePort, ServiceEndpoints)],
+    ) -> Result<Vec<Item>, String> {
+        let mut items = self.mode.render_base()?.items;
+        for (service, endpoints) in services {
+            let Fragment { items: more } = self
+                .mode
+                .render_service(service.clone(), endpoints.clone())?;
+            items.extend(more);
+        }
+        Ok(items)
+    }
+}
+
+/// The rules of the nftables chain `name` among `items`, if there is one.
+pub fn nft_rules<'a>(items: &'a [Item], name: &str) -> Option<&'a [String]> {
+    items.iter().find_map(|item| match item {
+        Item::NftChain(c) if c.name == name => Some(c.rules.as_slice()),
+        _ => None,
+    })
+}
+
+/// The elements of the nftables set or map `set` among `items`.
+pub fn nft_elements<'a>(items: &'a [Item], set: &str) -> Vec<&'a str> {
+    items
+        .iter()
+        .filter_map(|item| match item {
+            Item::NftElement(e) if e.set == set => Some(e.element.as_str()),
+            _ => None,
+        })
+        .collect()
+}
 
 /// An IPv4 address as the contract carries it.
 pub fn v4(a: [u8; 4]) -> IpAddress {
