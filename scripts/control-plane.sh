@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Installs a real Kubernetes control plane for the tests, once per machine:
-#   etcd            Debian's etcd-server package
+#   etcd            built from the Go module go.etcd.io/etcd/server/v3 at the
+#                   version k8s.io/kubernetes requires (3.6.4 for 1.34, what
+#                   upstream ships). Debian's etcd 3.4.23 lacks the watch
+#                   progress requests the API server needs to stream initial
+#                   lists (WatchList: etcd >= 3.4.31 or 3.5.13).
 #   kube-apiserver  built from the Go module k8s.io/kubernetes at KUBE_VERSION
 #   kube-proxy      built the same way, for comparisons with upstream
 # The binaries are cached outside the clone (KWP_K8S_CACHE, default
@@ -18,6 +22,8 @@
 set -euo pipefail
 
 KUBE_VERSION=v1.34.12
+# The etcd k8s.io/kubernetes $KUBE_VERSION requires (go.mod of scripts/control-plane/).
+ETCD_VERSION=3.6.4
 here="$(cd "$(dirname "$0")" && pwd)"
 module="$here/control-plane"
 cache_root="${KWP_K8S_CACHE:-/var/cache/kwp}"
@@ -38,14 +44,13 @@ ensure_packages() {
     [ "$(id -u)" -eq 0 ] || die "missing Debian packages ${missing[*]}; install them as root"
     log "installing ${missing[*]}"
     apt-get update -qq >&2
-    # The package's maintainer scripts try to start an etcd service; there
-    # is no init system here, and the tests start their own etcd anyway.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 }
 
-# True when both binaries are cached and report the pinned version.
+# True when the three binaries are cached and report the pinned versions.
 cached() {
-    [ -x "$cache/kube-apiserver" ] && [ -x "$cache/kube-proxy" ] || return 1
+    [ -x "$cache/kube-apiserver" ] && [ -x "$cache/kube-proxy" ] && [ -x "$cache/etcd" ] || return 1
+    "$cache/etcd" --version 2>/dev/null | grep -qx "etcd Version: $ETCD_VERSION" || return 1
     "$cache/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $KUBE_VERSION" || return 1
     "$cache/kube-proxy" --version 2>/dev/null | grep -qx "Kubernetes $KUBE_VERSION"
 }
@@ -55,6 +60,8 @@ build() {
     go="$(go_bin)" || die "cannot build without Go"
     grep -q "k8s.io/kubernetes $KUBE_VERSION" "$module/go.mod" \
         || die "$module/go.mod does not pin k8s.io/kubernetes $KUBE_VERSION"
+    grep -q "go.etcd.io/etcd/server/v3 v$ETCD_VERSION" "$module/go.mod" \
+        || die "$module/go.mod does not pin go.etcd.io/etcd/server/v3 v$ETCD_VERSION"
     local minor="${KUBE_VERSION#v1.}"
     minor="${minor%%.*}"
     # What upstream's hack/lib/version.sh stamps into its release binaries.
@@ -68,20 +75,21 @@ build() {
     local out="$cache.tmp.$$"
     rm -rf "$out"
     mkdir -p "$out"
-    log "building kube-apiserver and kube-proxy $KUBE_VERSION with $("$go" version | cut -d' ' -f3) (several minutes, once per machine)"
+    log "building kube-apiserver and kube-proxy $KUBE_VERSION and etcd $ETCD_VERSION with $("$go" version | cut -d' ' -f3) (several minutes, once per machine)"
     local start=$SECONDS
     # Static, as upstream builds its server binaries.
     (cd "$module" && CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" "$go" build -trimpath \
         -ldflags "$ldflags" -o "$out/" \
         k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-proxy) >&2
+    # etcd's main package is the module's root; go names the binary after it.
+    (cd "$module" && CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false" "$go" build -trimpath \
+        -ldflags "-s -w" -o "$out/etcd" go.etcd.io/etcd/server/v3) >&2
     rm -rf "$cache"
     mv "$out" "$cache"
     log "built in $((SECONDS - start)) s into $cache"
 }
 
-ensure_packages etcd-server openssl curl
-etcd="$(command -v etcd || echo /usr/bin/etcd)"
-[ -x "$etcd" ] || die "etcd not found after installing etcd-server"
+ensure_packages openssl curl
 
 mkdir -p "$cache_root"
 if ! cached; then
@@ -89,9 +97,9 @@ if ! cached; then
     flock 9
     cached || build
     flock -u 9
-    cached || die "the binaries in $cache do not report $KUBE_VERSION"
+    cached || die "the binaries in $cache do not report $KUBE_VERSION and etcd $ETCD_VERSION"
 fi
 
-echo "ETCD=$etcd"
+echo "ETCD=$cache/etcd"
 echo "KUBE_APISERVER=$cache/kube-apiserver"
 echo "KUBE_PROXY=$cache/kube-proxy"

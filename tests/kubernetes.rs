@@ -297,3 +297,81 @@ fn a_partitioned_proxy_relists_after_410_gone_and_drops_what_vanished() {
         "no 410 Gone seen; the relist was not exercised:\n{logs}"
     );
 }
+
+/// The initial lists stream over the watch (`sendInitialEvents`): the
+/// proxy never asks the API server to LIST Services or EndpointSlices. With
+/// the WatchList feature gate off, the API server refuses the parameter and
+/// the proxy lists in pages instead, saying so once per watched kind. Either
+/// way the Service is programmed. The proxy's requests are read from the API
+/// server's audit log (its ServiceAccount only).
+#[test]
+fn initial_lists_stream_over_the_watch_and_fall_back_to_listing() {
+    const FALLBACK: &str = "does not stream initial lists";
+    for (tag, watch_list, streams) in [("k8strm", "true", true), ("k8list", "false", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("audit-policy.yaml");
+        std::fs::write(&policy, AUDIT_THE_PROXY).unwrap();
+        let audit = dir.path().join("audit.log");
+        let flags = [
+            format!("--feature-gates=WatchList={watch_list}"),
+            format!("--audit-policy-file={}", policy.display()),
+            format!("--audit-log-path={}", audit.display()),
+        ];
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let s = Setup::start_with(tag, "nftables", &rbac(), &flags);
+        s.apply_service(false);
+        s.apply_slice(&["pod-a"]);
+        s.expect_backends(&["pod-a"]);
+        let requests = proxy_reads(&audit);
+        let lists: Vec<&String> = requests.iter().filter(|r| r.starts_with("list ")).collect();
+        let streamed = requests
+            .iter()
+            .filter(|r| r.starts_with("watch ") && r.contains("sendInitialEvents=true"))
+            .count();
+        let logs = s.logs.text();
+        if streams {
+            assert!(lists.is_empty(), "{tag}: listed {lists:#?}\n{logs}");
+            assert_eq!(streamed, 3, "{tag}: streaming watches {requests:#?}");
+            assert!(
+                !logs.contains(FALLBACK),
+                "{tag}: fell back to listing:\n{logs}"
+            );
+        } else {
+            assert_eq!(
+                lists.len(),
+                3,
+                "{tag}: one LIST per kind expected: {requests:#?}"
+            );
+            assert_eq!(
+                logs.matches(FALLBACK).count(),
+                3,
+                "{tag}: one fallback per watched kind expected:\n{logs}"
+            );
+        }
+    }
+}
+
+/// Every request of the proxy's ServiceAccount, logged when its response
+/// starts (so that open watches are in the log too).
+const AUDIT_THE_PROXY: &str = "apiVersion: audit.k8s.io/v1\nkind: Policy\n\
+omitStages: [RequestReceived]\nrules:\n\
+- level: Metadata\n  users: [\"system:serviceaccount:kube-system:kube-wasm-proxy\"]\n\
+- level: None\n";
+
+/// The proxy's reads as `verb requestURI`, from the audit log.
+fn proxy_reads(audit: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(audit).unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| matches!(e["verb"].as_str(), Some("list" | "watch")))
+        .filter(|e| seen.insert(e["auditID"].as_str().unwrap_or_default().to_string()))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["verb"].as_str().unwrap_or_default(),
+                e["requestURI"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}

@@ -5,6 +5,14 @@
 //! API-server restarts are retried with backoff and a relist; meanwhile the
 //! rules in force stay as they are. Objects that vanished while the watch
 //! was down are deleted when the relist completes.
+//!
+//! The initial list streams over the watch itself (`sendInitialEvents`, the
+//! API server's WatchList feature, on by default since Kubernetes 1.32): the
+//! API server sends the objects from its watch cache one by one instead of
+//! building one large LIST response, which is what it costs when every node
+//! relists at once. An API server that refuses it (the feature gate off,
+//! older than 1.27, an etcd without progress notifications) is listed in
+//! pages of 500 instead, for the rest of the process.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
@@ -134,8 +142,25 @@ async fn watch<K>(
 {
     let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
     let mut listing: Option<BTreeSet<ObjectKey>> = None;
-    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut listed_once = false;
+    let mut streaming = true;
+    let mut stream = watcher::watcher(api.clone(), config.clone().streaming_lists())
+        .default_backoff()
+        .boxed();
     while let Some(event) = stream.next().await {
+        if let Err(e) = &event
+            && streaming
+            && !listed_once
+            && refuses_streaming_lists(e)
+        {
+            streaming = false;
+            tracing::info!(?kind, error = %e, "the API server does not stream initial lists; listing in pages");
+            listing = None;
+            stream = watcher::watcher(api.clone(), config.clone())
+                .default_backoff()
+                .boxed();
+            continue;
+        }
         let out = match event {
             Ok(Event::Apply(obj)) => {
                 known.insert(ObjectKey::of(obj.meta()));
@@ -160,6 +185,7 @@ async fn watch<K>(
             }
             Ok(Event::InitDone) => {
                 // The relist is the whole truth: anything else is gone.
+                listed_once = true;
                 let listed = listing.take().unwrap_or_default();
                 let gone: Vec<_> = known.difference(&listed).cloned().collect();
                 known = listed;
@@ -181,5 +207,48 @@ async fn watch<K>(
                 return;
             }
         }
+    }
+}
+
+/// Whether the API server itself answered a streaming initial list with an
+/// error: 422 with the WatchList feature gate off, 400 from a server that
+/// does not know `sendInitialEvents`, 500 when its etcd cannot send progress
+/// notifications (older than 3.4.31 / 3.5.13), or anything else it refuses.
+/// As client-go's reflector does, the proxy then lists instead: making
+/// progress beats waiting for a feature the server may never offer. Errors
+/// of the connection itself (refused, reset, TLS) are retried as they are.
+fn refuses_streaming_lists(error: &watcher::Error) -> bool {
+    matches!(
+        error,
+        watcher::Error::WatchStartFailed(kube::Error::Api(_))
+            | watcher::Error::WatchFailed(kube::Error::Api(_))
+            | watcher::Error::WatchError(_)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    fn status(code: u16) -> Box<Status> {
+        Box::new(Status::failure("refused", "Invalid").with_code(code))
+    }
+
+    #[test]
+    fn an_answer_of_the_api_server_means_listing_and_a_broken_connection_does_not() {
+        for code in [400, 403, 422, 429, 500, 503] {
+            assert!(refuses_streaming_lists(&watcher::Error::WatchStartFailed(
+                kube::Error::Api(status(code))
+            )));
+            assert!(refuses_streaming_lists(&watcher::Error::WatchError(
+                status(code)
+            )));
+        }
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!refuses_streaming_lists(&watcher::Error::WatchStartFailed(
+            kube::Error::ReadEvents(refused)
+        )));
+        assert!(!refuses_streaming_lists(&watcher::Error::NoResourceVersion));
     }
 }

@@ -25,47 +25,47 @@ mod settings;
 #[cfg(test)]
 mod tests;
 
-use std::cell::RefCell;
-
 use kwp_sdk::mode::Fragment;
 use kwp_sdk::mode::ServicePort;
-use kwp_sdk::mode::{Guest, ModeConfig, ServiceEndpoints};
+use kwp_sdk::mode::{Mode, ModeConfig, ServiceEndpoints};
 
 pub use settings::Settings;
 
-thread_local! {
-    static CONFIG: RefCell<Option<(ModeConfig, Settings)>> = const { RefCell::new(None) };
+/// The mode: its configuration and the parsed `iptables` section, set by `configure`.
+#[derive(Default)]
+pub struct Iptables {
+    config: Option<(ModeConfig, Settings)>,
 }
 
-pub struct Iptables;
-
-impl Guest for Iptables {
-    fn configure(config: ModeConfig) -> Result<(), String> {
+impl Mode for Iptables {
+    fn configure(&mut self, config: ModeConfig) -> Result<(), String> {
         let settings = Settings::parse(&config.extra)?;
-        CONFIG.with(|c| *c.borrow_mut() = Some((config, settings)));
+        self.config = Some((config, settings));
         Ok(())
     }
 
-    fn render_base() -> Result<Fragment, String> {
-        with_config(base::render)
+    fn render_base(&mut self) -> Result<Fragment, String> {
+        let (cfg, s) = self.config()?;
+        base::render(cfg, s)
     }
 
     fn render_service(
+        &mut self,
         service: ServicePort,
         endpoints: ServiceEndpoints,
     ) -> Result<Fragment, String> {
-        with_config(|cfg, s| service::render(cfg, s, &service, &endpoints))
+        let (cfg, s) = self.config()?;
+        service::render(cfg, s, &service, &endpoints)
     }
 }
 
-fn with_config<R>(
-    f: impl FnOnce(&ModeConfig, &Settings) -> Result<R, String>,
-) -> Result<R, String> {
-    CONFIG.with(|c| match c.borrow().as_ref() {
-        Some((cfg, s)) => f(cfg, s),
-        None => Err("iptables: not configured".into()),
-    })
+impl Iptables {
+    fn config(&self) -> Result<(&ModeConfig, &Settings), String> {
+        match &self.config {
+            Some((cfg, s)) => Ok((cfg, s)),
+            None => Err("iptables: not configured".into()),
+        }
+    }
 }
 
-#[cfg(target_arch = "wasm32")]
-kwp_sdk::mode::bindings::export_mode_world!(Iptables with_types_in kwp_sdk::mode::bindings);
+kwp_sdk::export_mode!(Iptables);

@@ -28,42 +28,46 @@ mod filter;
 #[path = "../../nftables/src/family.rs"]
 mod family;
 
-use std::cell::RefCell;
-
 use kwp_sdk::mode::{Endpoint, IpAddress, IpMode, ServicePort, SessionAffinity};
-use kwp_sdk::mode::{EndpointSet, Guest, ModeConfig, ServiceEndpoints};
+use kwp_sdk::mode::{EndpointSet, Mode, ModeConfig, ServiceEndpoints};
 use kwp_sdk::mode::{Fragment, IpvsRealServer, IpvsVirtualServer, Item};
 
 pub use config::{IpvsConfig, SCHEDULERS};
 
-thread_local! {
-    static CONFIG: RefCell<Option<(ModeConfig, IpvsConfig)>> = const { RefCell::new(None) };
+/// The mode: its configuration and the parsed `ipvs` section, set by `configure`.
+#[derive(Default)]
+pub struct Ipvs {
+    config: Option<(ModeConfig, IpvsConfig)>,
 }
 
-pub struct Ipvs;
-
-impl Guest for Ipvs {
-    fn configure(config: ModeConfig) -> Result<(), String> {
+impl Mode for Ipvs {
+    fn configure(&mut self, config: ModeConfig) -> Result<(), String> {
         let ipvs = IpvsConfig::parse(&config.extra)?;
-        CONFIG.with(|c| *c.borrow_mut() = Some((config, ipvs)));
+        self.config = Some((config, ipvs));
         Ok(())
     }
 
-    fn render_base() -> Result<Fragment, String> {
-        CONFIG.with(|c| match c.borrow().as_ref() {
-            Some((mode, _)) => base::render(mode),
-            None => Err("ipvs: not configured".into()),
-        })
+    fn render_base(&mut self) -> Result<Fragment, String> {
+        let (mode, _) = self.config()?;
+        base::render(mode)
     }
 
     fn render_service(
+        &mut self,
         service: ServicePort,
         endpoints: ServiceEndpoints,
     ) -> Result<Fragment, String> {
-        CONFIG.with(|c| match c.borrow().as_ref() {
-            Some((mode, ipvs)) => render(mode, ipvs, &service, &endpoints),
+        let (mode, ipvs) = self.config()?;
+        render(mode, ipvs, &service, &endpoints)
+    }
+}
+
+impl Ipvs {
+    fn config(&self) -> Result<(&ModeConfig, &IpvsConfig), String> {
+        match &self.config {
+            Some((mode, ipvs)) => Ok((mode, ipvs)),
             None => Err("ipvs: not configured".into()),
-        })
+        }
     }
 }
 
@@ -194,8 +198,7 @@ impl<'a> Reals<'a> {
     }
 }
 
-#[cfg(target_arch = "wasm32")]
-kwp_sdk::mode::bindings::export_mode_world!(Ipvs with_types_in kwp_sdk::mode::bindings);
+kwp_sdk::export_mode!(Ipvs);
 
 #[cfg(test)]
 mod tests;
