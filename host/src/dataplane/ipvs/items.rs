@@ -51,15 +51,23 @@ pub(super) fn owners(
     for (key, servers) in plan {
         for vk in servers.keys() {
             if let Some(other) = owner.insert(*vk, key.clone()) {
-                bail!(
-                    "virtual server {vk} is claimed by both {} and {}",
-                    describe(&other),
-                    describe(key)
-                );
+                return Err(claimed_twice(vk, &other, key));
             }
         }
     }
     Ok(owner)
+}
+
+pub(super) fn claimed_twice(
+    vk: &VirtualKey,
+    owner: &FragmentKey,
+    key: &FragmentKey,
+) -> anyhow::Error {
+    anyhow!(
+        "virtual server {vk} is claimed by both {} and {}",
+        describe(owner),
+        describe(key)
+    )
 }
 
 /// The IPVS items of a fragment as virtual servers with their reals.

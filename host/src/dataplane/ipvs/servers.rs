@@ -192,8 +192,17 @@ impl IpvsDataplane {
             }
         }
         let old = self.applied.get(key).cloned().unwrap_or_default();
-        let users =
-            |me: &Self, ip: IpAddr| me.owner.keys().filter(|k| k.address.ip() == ip).count();
+        // Virtual servers on `ip`: keys order by address, so they are one range.
+        let users = |me: &Self, ip: IpAddr| {
+            let first = VirtualKey {
+                address: SocketAddr::new(ip, 0),
+                protocol: crate::model::Protocol::Tcp,
+            };
+            me.owner
+                .range(first..)
+                .take_while(|(k, _)| k.address.ip() == ip)
+                .count()
+        };
         for (vk, d) in &new {
             let ip = vk.address.ip();
             if users(self, ip) == 0 && !self.node_addresses.contains(&ip) {

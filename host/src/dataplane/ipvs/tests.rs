@@ -383,3 +383,33 @@ fn the_first_reconcile_sets_upstreams_sysctls_and_conn_reuse_mode_only_on_old_ke
         );
     }
 }
+
+#[test]
+fn the_first_apply_refuses_a_second_claim_on_a_virtual_server_and_programs_the_rest() {
+    let fake = FakeIpvs::new();
+    let mut dp = dataplane(&fake, None);
+    let a = service("10.0.0.1:80", "rr", &[("10.1.0.1:80", 1)]);
+    let b = service("10.0.0.1:80", "rr", &[("10.1.0.2:80", 1)]);
+    let c = service("10.0.0.3:80", "rr", &[("10.1.0.3:80", 1)]);
+    let applied = apply(
+        &mut dp,
+        &[("a", Some(&a)), ("b", Some(&b)), ("c", Some(&c))],
+    );
+    let refused: Vec<_> = applied
+        .refused
+        .iter()
+        .map(|(k, e)| (k.clone(), format!("{e:#}")))
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, Some(name("b")));
+    assert!(refused[0].1.contains("claimed by both"), "{refused:?}");
+    assert_eq!(reals(&fake, "10.0.0.1:80"), vec![(sa("10.1.0.1:80"), 1)]);
+    assert_eq!(reals(&fake, "10.0.0.3:80"), vec![(sa("10.1.0.3:80"), 1)]);
+
+    // A new instance where only `b` claims the address takes over what the
+    // kernel holds for it.
+    let mut dp = dataplane(&fake, None);
+    let applied = apply(&mut dp, &[("a", None), ("b", Some(&b)), ("c", Some(&c))]);
+    assert!(applied.refused.is_empty());
+    assert_eq!(reals(&fake, "10.0.0.1:80"), vec![(sa("10.1.0.2:80"), 1)]);
+}
