@@ -159,7 +159,7 @@ impl Proxier {
         let started = std::time::Instant::now();
         self.stats.syncs += 1;
         let node = state.node().clone();
-        let mut todo: BTreeMap<ServicePortName, ServiceState> = BTreeMap::new();
+        let mut todo: BTreeMap<ServicePortName, Arc<ServiceState>> = BTreeMap::new();
         if changes.node_changed || node != self.node {
             self.node = node;
             self.base_dirty = true;
@@ -422,7 +422,7 @@ impl Proxier {
             }
         };
         let (policy_key, policy) = self.policies.for_service(&svc.port, id);
-        let policy_label = policy_key.to_string();
+        let policy_label = policy_key.label();
         let policy_name = policy_key.name;
         let categorized = categorize(&svc.port, &svc.endpoints, &self.node);
         self.note_local_endpoints(svc, &categorized);
@@ -473,13 +473,11 @@ impl Proxier {
         let (plugin, digest) = self.policies.origin(&policy_name).unwrap_or_default();
         self.inspect.synced(
             name,
-            crate::inspect::ServiceInfo {
-                service: name.to_string(),
+            crate::inspect::Record {
                 policy: policy_label,
                 plugin,
                 digest,
                 endpoints: reachable.len(),
-                last_sync: "ok".into(),
                 rules: crate::inspect::rule_count(&fragment),
             },
         );

@@ -274,7 +274,7 @@ fn a_service_the_kernel_refuses_fails_alone_and_is_retried() {
     assert_eq!(proxier.stats.failed_services, 1);
     assert!(proxier.needs_retry());
     assert!(
-        !proxier.plan().services.keys().any(|n| n.name == "b"),
+        !proxier.plan().services.keys().any(|n| &*n.name == "b"),
         "the plan follows the kernel"
     );
     let kernel = fake.dump();
