@@ -59,6 +59,9 @@ pub struct Proxier {
     conntrack: Option<conntrack::ConntrackCleaner>,
     /// Endpoints rendered per service port in this sync (both sets), for the cleaner.
     rendered: Vec<(crate::model::ServicePort, Vec<Endpoint>)>,
+    /// Keep `plan.context` (`--dry-run` prints it; nothing else reads it,
+    /// and at 50k Services it is ~12 MiB of text).
+    explain: bool,
     /// Failures in this sync that are the proxy mode's (judged after a reload).
     mode_failures: u32,
     pub stats: SyncStats,
@@ -95,6 +98,7 @@ impl Proxier {
             health: None,
             conntrack: None,
             rendered: Vec::new(),
+            explain: false,
             mode_failures: 0,
             stats: SyncStats::default(),
             inspect: crate::inspect::Registry::default(),
@@ -147,6 +151,11 @@ impl Proxier {
     /// Flush stale UDP conntrack entries (kernel modes).
     pub fn enable_conntrack_cleanup(&mut self) {
         self.conntrack = Some(conntrack::ConntrackCleaner::default());
+    }
+
+    /// Note in the plan why each fragment looks as it does (`--dry-run`).
+    pub fn explain_plan(&mut self) {
+        self.explain = true;
     }
 
     /// Serve health-check node ports (not in `--dry-run`).
@@ -467,9 +476,11 @@ impl Proxier {
             })
             .inspect_err(|_| self.mode_failures += 1)?;
         let reachable = reachable(&endpoints);
-        self.plan
-            .context
-            .insert(name.clone(), render_context(&policy_name, &endpoints));
+        if self.explain {
+            self.plan
+                .context
+                .insert(name.clone(), render_context(&policy_name, &endpoints));
+        }
         let (plugin, digest) = self.policies.origin(&policy_name).unwrap_or_default();
         self.inspect.synced(
             name,

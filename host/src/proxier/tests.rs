@@ -406,3 +406,26 @@ fn inspect_follows_each_service_through_refusal_retry_and_removal() {
     let left: Vec<String> = shown(&proxier).into_iter().map(|s| s.service).collect();
     assert_eq!(left, ["t/a/tcp"]);
 }
+
+#[test]
+fn the_plan_explains_its_fragments_only_when_asked() {
+    // `--dry-run` prints why each fragment looks as it does; otherwise the
+    // text is not kept (at 50k Services it was ~12 MiB).
+    let (quiet, _) = nftables_proxier(&["t/web"]);
+    assert_eq!(quiet.plan().services.len(), 1);
+    assert!(
+        quiet.plan().context.is_empty(),
+        "{:?}",
+        quiet.plan().context
+    );
+    let (_, bytes) = Catalog::new(None).load("nftables").unwrap();
+    let mut explained = proxier("nftables", &bytes, "");
+    explained.explain_plan();
+    let (explained, _, result) = synced(explained, &["t/web"]);
+    result.unwrap();
+    let context: Vec<&String> = explained.plan().context.values().collect();
+    assert!(
+        context.len() == 1 && context[0].starts_with("policy round-robin"),
+        "{context:?}"
+    );
+}
