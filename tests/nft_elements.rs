@@ -158,8 +158,8 @@ fn service(n: u8, first: u8) -> Fragment {
 fn name(n: u8) -> ServicePortName {
     ServicePortName {
         namespace: "t".into(),
-        name: format!("s{n}"),
-        port: String::new(),
+        name: format!("s{n}").into(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     }
 }

@@ -96,8 +96,8 @@ fn base() -> Fragment {
 fn name(n: usize) -> ServicePortName {
     ServicePortName {
         namespace: "t".into(),
-        name: format!("s{n}"),
-        port: String::new(),
+        name: format!("s{n}").into(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     }
 }

@@ -115,7 +115,9 @@ impl App {
             userspace_backends,
             dataplane,
         )?;
-        if !settings.dry_run {
+        if settings.dry_run {
+            proxier.explain_plan();
+        } else {
             proxier.enable_health_checks();
             if settings.mode != ProxyMode::Userspace {
                 proxier.enable_conntrack_cleanup();

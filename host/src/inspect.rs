@@ -42,30 +42,54 @@ pub struct ServiceInfo {
     pub rules: usize,
 }
 
+/// What the registry keeps of one Service port: a [`ServiceInfo`] without
+/// its text. The policy, plugin and digest are shared with every other
+/// Service port using that policy, and the name and "ok" are written only
+/// when `/inspect` is read (at 10k Services the spelled-out record was
+/// 5 MiB of the heap, measured with heaptrack).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// The policy instance's label (`name` or `name[config]`).
+    pub policy: Arc<str>,
+    pub plugin: Arc<str>,
+    /// `sha256:<hex>`.
+    pub digest: Arc<str>,
+    pub endpoints: usize,
+    pub rules: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    facts: Record,
+    /// The last sync's error; `None` is "ok".
+    error: Option<String>,
+}
+
 /// The proxier's record, shared with the metrics server.
 #[derive(Clone, Default)]
-pub struct Registry(Arc<Mutex<BTreeMap<ServicePortName, ServiceInfo>>>);
+pub struct Registry(Arc<Mutex<BTreeMap<ServicePortName, Entry>>>);
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ServicePortName, ServiceInfo>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ServicePortName, Entry>> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `name` synced with these facts.
-    pub fn synced(&self, name: &ServicePortName, info: ServiceInfo) {
-        self.lock().insert(name.clone(), info);
+    pub fn synced(&self, name: &ServicePortName, facts: Record) {
+        self.lock()
+            .insert(name.clone(), Entry { facts, error: None });
     }
 
     /// `name` failed this sync; what else is known of it stays.
     pub fn failed(&self, name: &ServicePortName, error: &anyhow::Error) {
         let mut services = self.lock();
-        let entry = services.entry(name.clone()).or_insert_with(|| ServiceInfo {
-            service: name.to_string(),
-            ..ServiceInfo::default()
+        let entry = services.entry(name.clone()).or_insert_with(|| Entry {
+            facts: Record::default(),
+            error: None,
         });
-        entry.last_sync = format!("error: {error:#}");
+        entry.error = Some(format!("error: {error:#}"));
     }
 
     pub fn removed(&self, name: &ServicePortName) {
@@ -74,7 +98,19 @@ impl Registry {
 
     /// Everything, as `/inspect` serves it.
     pub fn json(&self) -> String {
-        let services: Vec<ServiceInfo> = self.lock().values().cloned().collect();
+        let services: Vec<ServiceInfo> = self
+            .lock()
+            .iter()
+            .map(|(name, Entry { facts, error })| ServiceInfo {
+                service: name.to_string(),
+                policy: facts.policy.to_string(),
+                plugin: facts.plugin.to_string(),
+                digest: facts.digest.to_string(),
+                endpoints: facts.endpoints,
+                last_sync: error.clone().unwrap_or_else(|| "ok".into()),
+                rules: facts.rules,
+            })
+            .collect();
         serde_json::to_string(&services).unwrap_or_else(|_| "[]".into())
     }
 }
@@ -198,8 +234,15 @@ mod tests {
     #[test]
     fn the_registry_keeps_facts_through_a_failure_and_forgets_removed_services() {
         let r = Registry::default();
+        let facts = Record {
+            policy: "maglev".into(),
+            plugin: "bundled:maglev".into(),
+            digest: "sha256:ab".into(),
+            endpoints: 3,
+            rules: 7,
+        };
         let info = ServiceInfo {
-            service: "shop/web:http".into(),
+            service: "shop/web:http/tcp".into(),
             policy: "maglev".into(),
             plugin: "bundled:maglev".into(),
             digest: "sha256:ab".into(),
@@ -207,7 +250,11 @@ mod tests {
             last_sync: "ok".into(),
             rules: 7,
         };
-        r.synced(&name("web"), info.clone());
+        r.synced(&name("web"), facts.clone());
+        assert_eq!(
+            serde_json::from_str::<Vec<ServiceInfo>>(&r.json()).unwrap(),
+            [info.clone()]
+        );
         r.failed(&name("web"), &anyhow::anyhow!("the kernel said no"));
         r.failed(&name("new"), &anyhow::anyhow!("cannot render"));
         let got: Vec<ServiceInfo> = serde_json::from_str(&r.json()).unwrap();

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Which object: namespace and name, as upstream's NamespacedName (an
 /// object without a namespace is in `default`, as the API server puts it).
@@ -31,18 +32,22 @@ impl fmt::Display for ObjectKey {
 
 /// Which Service port: namespace/name, port name and protocol, as
 /// upstream's ServicePortName. Ordered so that plans print stably.
+///
+/// The key of a dozen maps (state, frontends, policies, plan, dataplane,
+/// inspect): its strings are shared, so a copy is three reference counts,
+/// not three allocations.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServicePortName {
-    pub namespace: String,
-    pub name: String,
-    pub port: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
+    pub port: Arc<str>,
     pub protocol: Protocol,
 }
 
 impl ServicePortName {
     /// The Service this port belongs to.
     pub fn service(&self) -> ObjectKey {
-        ObjectKey::new(&self.namespace, &self.name)
+        ObjectKey::new(&*self.namespace, &*self.name)
     }
 }
 

@@ -149,7 +149,7 @@ pub async fn listener(mapping: &Mapping, service: &str) -> SocketAddr {
                 .read()
                 .unwrap()
                 .iter()
-                .find(|(n, _)| n.name == service)
+                .find(|(n, _)| &*n.name == service)
                 .map(|(_, (_, a))| *a);
             found.is_some()
         },

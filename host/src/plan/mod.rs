@@ -95,7 +95,7 @@ pub struct Plan {
     pub base: Fragment,
     pub services: BTreeMap<ServicePortName, Fragment>,
     /// Why each fragment looks as it does (policy, endpoints, backend
-    /// plan), printed as comments.
+    /// plan), printed as comments; kept only when asked for (`--dry-run`).
     pub context: BTreeMap<ServicePortName, String>,
 }
 

@@ -76,9 +76,9 @@ pub fn endpoint_to_wit(ep: &Endpoint) -> wit::Endpoint {
 pub fn service_to_wit(id: u32, svc: &ServicePort, lb_policy: &str) -> wit::ServicePort {
     wit::ServicePort {
         id,
-        namespace: svc.name.namespace.clone(),
-        name: svc.name.name.clone(),
-        port_name: svc.name.port.clone(),
+        namespace: svc.name.namespace.to_string(),
+        name: svc.name.name.to_string(),
+        port_name: svc.name.port.to_string(),
         protocol: protocol_to_wit(svc.name.protocol),
         cluster_ips: svc.cluster_ips.iter().copied().map(ip_to_wit).collect(),
         port: svc.port,

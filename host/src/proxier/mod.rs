@@ -59,6 +59,9 @@ pub struct Proxier {
     conntrack: Option<conntrack::ConntrackCleaner>,
     /// Endpoints rendered per service port in this sync (both sets), for the cleaner.
     rendered: Vec<(crate::model::ServicePort, Vec<Endpoint>)>,
+    /// Keep `plan.context` (`--dry-run` prints it; nothing else reads it,
+    /// and at 50k Services it is ~12 MiB of text).
+    explain: bool,
     /// Failures in this sync that are the proxy mode's (judged after a reload).
     mode_failures: u32,
     pub stats: SyncStats,
@@ -95,6 +98,7 @@ impl Proxier {
             health: None,
             conntrack: None,
             rendered: Vec::new(),
+            explain: false,
             mode_failures: 0,
             stats: SyncStats::default(),
             inspect: crate::inspect::Registry::default(),
@@ -149,6 +153,11 @@ impl Proxier {
         self.conntrack = Some(conntrack::ConntrackCleaner::default());
     }
 
+    /// Note in the plan why each fragment looks as it does (`--dry-run`).
+    pub fn explain_plan(&mut self) {
+        self.explain = true;
+    }
+
     /// Serve health-check node ports (not in `--dry-run`).
     pub fn enable_health_checks(&mut self) {
         self.health = Some(crate::healthcheck::HealthServers::default());
@@ -159,7 +168,7 @@ impl Proxier {
         let started = std::time::Instant::now();
         self.stats.syncs += 1;
         let node = state.node().clone();
-        let mut todo: BTreeMap<ServicePortName, ServiceState> = BTreeMap::new();
+        let mut todo: BTreeMap<ServicePortName, Arc<ServiceState>> = BTreeMap::new();
         if changes.node_changed || node != self.node {
             self.node = node;
             self.base_dirty = true;
@@ -422,7 +431,7 @@ impl Proxier {
             }
         };
         let (policy_key, policy) = self.policies.for_service(&svc.port, id);
-        let policy_label = policy_key.to_string();
+        let policy_label = policy_key.label();
         let policy_name = policy_key.name;
         let categorized = categorize(&svc.port, &svc.endpoints, &self.node);
         self.note_local_endpoints(svc, &categorized);
@@ -467,19 +476,19 @@ impl Proxier {
             })
             .inspect_err(|_| self.mode_failures += 1)?;
         let reachable = reachable(&endpoints);
-        self.plan
-            .context
-            .insert(name.clone(), render_context(&policy_name, &endpoints));
+        if self.explain {
+            self.plan
+                .context
+                .insert(name.clone(), render_context(&policy_name, &endpoints));
+        }
         let (plugin, digest) = self.policies.origin(&policy_name).unwrap_or_default();
         self.inspect.synced(
             name,
-            crate::inspect::ServiceInfo {
-                service: name.to_string(),
+            crate::inspect::Record {
                 policy: policy_label,
                 plugin,
                 digest,
                 endpoints: reachable.len(),
-                last_sync: "ok".into(),
                 rules: crate::inspect::rule_count(&fragment),
             },
         );

@@ -13,11 +13,24 @@ use crate::model::{ServicePort, ServicePortName};
 use crate::plugin::policy::Policy;
 use crate::plugin::{Catalog, PluginStats, Runtime};
 
-/// One policy instance: the plugin's name and its configuration.
+/// One policy instance: the plugin's name and its configuration (shared
+/// strings: every service port using the instance holds a copy).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PolicyKey {
-    pub name: String,
-    pub config: String,
+    pub name: Arc<str>,
+    pub config: Arc<str>,
+}
+
+impl PolicyKey {
+    /// What `Display` writes, without a new string for the common case
+    /// (no configuration).
+    pub fn label(&self) -> Arc<str> {
+        if self.config.is_empty() {
+            self.name.clone()
+        } else {
+            self.to_string().into()
+        }
+    }
 }
 
 impl std::fmt::Display for PolicyKey {
@@ -64,8 +77,9 @@ pub struct Policies {
     instances: HashMap<PolicyKey, SharedPolicy>,
     /// Which instance each service port uses, and its policy ids there.
     used_by: HashMap<ServicePortName, Use>,
-    /// Each policy plugin's source and digest, as loaded or last reloaded.
-    origins: HashMap<String, (String, crate::plugin::PluginDigest)>,
+    /// Each policy plugin's source and `sha256:<digest>`, as loaded or
+    /// last reloaded.
+    origins: HashMap<Arc<str>, (Arc<str>, Arc<str>)>,
 }
 
 impl Policies {
@@ -76,7 +90,7 @@ impl Policies {
             catalog,
             default: PolicyKey {
                 name: default.into(),
-                config: String::new(),
+                config: "".into(),
             },
             instances: HashMap::new(),
             used_by: HashMap::new(),
@@ -135,11 +149,15 @@ impl Policies {
     fn resolve(&mut self, port: &ServicePort) -> (PolicyKey, SharedPolicy) {
         if let Some(name) = &port.lb_policy {
             let key = PolicyKey {
-                name: name.clone(),
-                config: port.lb_policy_config.clone(),
+                name: name.as_str().into(),
+                config: port.lb_policy_config.as_str().into(),
             };
             match self.instance(&key) {
-                Ok(p) => return (key, p),
+                // The instance's own key: its strings are shared.
+                Ok(p) => {
+                    let key = (self.instances.get_key_value(&key)).map_or(key, |(k, _)| k.clone());
+                    return (key, p);
+                }
                 Err(e) => {
                     tracing::error!(service = %port.name, policy = %name, error = format!("{e:#}"), "using the default policy instead")
                 }
@@ -187,7 +205,7 @@ impl Policies {
     pub fn reload(&mut self, candidate: &crate::plugin::reload::Candidate) -> Vec<ServicePortName> {
         use std::sync::atomic::Ordering::Relaxed;
         for (key, policy) in &self.instances {
-            if key.name != candidate.name {
+            if *key.name != *candidate.name {
                 continue;
             }
             let result = policy
@@ -200,8 +218,8 @@ impl Policies {
                     if let Some(dir) = self.catalog.dir() {
                         let path = dir.join(format!("{}.wasm", candidate.name));
                         self.origins.insert(
-                            candidate.name.clone(),
-                            (path.display().to_string(), candidate.digest),
+                            candidate.name.as_str().into(),
+                            origin(&path.display().to_string(), candidate.digest),
                         );
                     }
                     tracing::info!(policy = %key, "reloaded policy");
@@ -214,16 +232,14 @@ impl Policies {
         }
         self.used_by
             .iter()
-            .filter(|(_, using)| using.key.name == candidate.name)
+            .filter(|(_, using)| *using.key.name == *candidate.name)
             .map(|(name, _)| name.clone())
             .collect()
     }
 
-    /// (source, sha256) of policy plugin `name`, for `inspect`.
-    pub fn origin(&self, name: &str) -> Option<(String, String)> {
-        self.origins
-            .get(name)
-            .map(|(source, digest)| (source.clone(), format!("sha256:{digest}")))
+    /// (source, `sha256:<digest>`) of policy plugin `name`, for `inspect`.
+    pub fn origin(&self, name: &str) -> Option<(Arc<str>, Arc<str>)> {
+        self.origins.get(name).cloned()
     }
 
     /// Per-instance counters, labelled `name` or `name[config]`.
@@ -272,11 +288,16 @@ impl Policies {
         let policy = Policy::new(self.runtime.clone(), &key.name, &component, &key.config)?;
         self.origins.insert(
             key.name.clone(),
-            (source.to_string(), crate::plugin::PluginDigest::of(&bytes)),
+            origin(&source.to_string(), crate::plugin::PluginDigest::of(&bytes)),
         );
         tracing::info!(policy = %key, %source, "loaded lb policy");
         let shared = Arc::new(Mutex::new(policy));
         self.instances.insert(key.clone(), shared.clone());
         Ok(shared)
     }
+}
+
+/// A plugin's source and digest as `inspect` shows them.
+fn origin(source: &str, digest: crate::plugin::PluginDigest) -> (Arc<str>, Arc<str>) {
+    (source.into(), format!("sha256:{digest}").into())
 }

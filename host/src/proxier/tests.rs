@@ -274,7 +274,7 @@ fn a_service_the_kernel_refuses_fails_alone_and_is_retried() {
     assert_eq!(proxier.stats.failed_services, 1);
     assert!(proxier.needs_retry());
     assert!(
-        !proxier.plan().services.keys().any(|n| n.name == "b"),
+        !proxier.plan().services.keys().any(|n| &*n.name == "b"),
         "the plan follows the kernel"
     );
     let kernel = fake.dump();
@@ -405,4 +405,27 @@ fn inspect_follows_each_service_through_refusal_retry_and_removal() {
     proxier.sync(state.take_changes(), &state).unwrap();
     let left: Vec<String> = shown(&proxier).into_iter().map(|s| s.service).collect();
     assert_eq!(left, ["t/a/tcp"]);
+}
+
+#[test]
+fn the_plan_explains_its_fragments_only_when_asked() {
+    // `--dry-run` prints why each fragment looks as it does; otherwise the
+    // text is not kept (at 50k Services it was ~12 MiB).
+    let (quiet, _) = nftables_proxier(&["t/web"]);
+    assert_eq!(quiet.plan().services.len(), 1);
+    assert!(
+        quiet.plan().context.is_empty(),
+        "{:?}",
+        quiet.plan().context
+    );
+    let (_, bytes) = Catalog::new(None).load("nftables").unwrap();
+    let mut explained = proxier("nftables", &bytes, "");
+    explained.explain_plan();
+    let (explained, _, result) = synced(explained, &["t/web"]);
+    result.unwrap();
+    let context: Vec<&String> = explained.plan().context.values().collect();
+    assert!(
+        context.len() == 1 && context[0].starts_with("policy round-robin"),
+        "{context:?}"
+    );
 }

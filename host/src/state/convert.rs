@@ -2,6 +2,7 @@
 //! kube-proxy does (pkg/proxy/serviceport.go, endpointslicecache.go).
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -237,6 +238,9 @@ pub fn service_ports(
         .cloned()
         .unwrap_or_default();
 
+    // Shared by every port's name (and every copy of it).
+    let (shared_namespace, shared_name): (Arc<str>, Arc<str>) =
+        (namespace.as_str().into(), name.as_str().into());
     let mut out = Vec::new();
     for p in spec.ports.iter().flatten() {
         let protocol = match p.protocol.as_deref().unwrap_or("TCP").parse::<Protocol>() {
@@ -273,9 +277,9 @@ pub fn service_ports(
         };
         out.push(ServicePort {
             name: ServicePortName {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                port: port_name,
+                namespace: shared_namespace.clone(),
+                name: shared_name.clone(),
+                port: port_name.into(),
                 protocol,
             },
             cluster_ips: cluster_ips.clone(),

@@ -11,6 +11,7 @@ pub mod frontends;
 pub mod topology;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -20,7 +21,9 @@ use frontends::{Claimant, Frontends};
 
 type SliceEndpoints = Vec<((String, Protocol), Endpoint)>;
 
-/// A service port with its merged endpoints.
+/// A service port with its merged endpoints. Handed around as
+/// `Arc<ServiceState>`: the state's two views of a service port, the
+/// changes of a sync and the proxier's work list share one copy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceState {
     pub port: ServicePort,
@@ -30,7 +33,7 @@ pub struct ServiceState {
 /// What changed since the last `take_changes`.
 #[derive(Debug, Default)]
 pub struct Changes {
-    pub updated: Vec<ServiceState>,
+    pub updated: Vec<Arc<ServiceState>>,
     pub removed: Vec<ServicePortName>,
     /// The node object changed (labels, zone, addresses).
     pub node_changed: bool,
@@ -70,12 +73,13 @@ pub struct ClusterState {
     /// take (network programming latency).
     triggers: Vec<std::time::SystemTime>,
     /// Every service port as its objects say, as of the last take.
-    wanted: BTreeMap<ServicePortName, ServiceState>,
+    wanted: BTreeMap<ServicePortName, Arc<ServiceState>>,
     /// Who owns each frontend that two service ports ask for.
     frontends: Frontends,
     /// Every service port as it is to be programmed: `wanted` without the
-    /// frontends another service port owns.
-    last: BTreeMap<ServicePortName, ServiceState>,
+    /// frontends another service port owns (the same `Arc` as in `wanted`
+    /// when it lost none: most service ports).
+    last: BTreeMap<ServicePortName, Arc<ServiceState>>,
 }
 
 impl ClusterState {
@@ -290,7 +294,7 @@ impl ClusterState {
         // frontends changed owner through them.
         let mut touched = BTreeSet::new();
         for key in std::mem::take(&mut self.dirty) {
-            let current: BTreeMap<ServicePortName, ServiceState> = self
+            let current: BTreeMap<ServicePortName, Arc<ServiceState>> = self
                 .services
                 .get(&key)
                 .into_iter()
@@ -298,10 +302,10 @@ impl ClusterState {
                 .map(|port| {
                     (
                         port.name.clone(),
-                        ServiceState {
+                        Arc::new(ServiceState {
                             port: port.clone(),
                             endpoints: self.merged_endpoints(&key, &port.name),
-                        },
+                        }),
                     )
                 })
                 .collect();
@@ -349,10 +353,10 @@ impl ClusterState {
                 wanted.clone()
             } else {
                 let lost = lost.into_iter().map(|(f, _)| f).collect();
-                ServiceState {
+                Arc::new(ServiceState {
                     port: frontends::without(&wanted.port, &lost),
                     endpoints: wanted.endpoints.clone(),
-                }
+                })
             };
             if state.port.cluster_ips.is_empty() {
                 // Its cluster IP is another Service's (only the file source
@@ -374,7 +378,7 @@ impl ClusterState {
     }
 
     /// Every service port as of the last `take_changes`.
-    pub fn snapshot(&self) -> impl Iterator<Item = &ServiceState> {
+    pub fn snapshot(&self) -> impl Iterator<Item = &Arc<ServiceState>> {
         self.last.values()
     }
 
@@ -390,11 +394,14 @@ impl ClusterState {
             .flat_map(|s| s.values())
         {
             for ((name, proto), ep) in endpoints {
-                if *name == port.port && *proto == port.protocol && seen.insert((ep.ip, ep.port)) {
+                if **name == *port.port && *proto == port.protocol && seen.insert((ep.ip, ep.port))
+                {
                     out.push(ep.clone());
                 }
             }
         }
+        // Kept for as long as the service port is: no spare capacity.
+        out.shrink_to_fit();
         out
     }
 }
@@ -402,15 +409,15 @@ impl ClusterState {
 /// The range of ServicePortNames belonging to one Service.
 fn prefix_range(key: &ObjectKey) -> std::ops::RangeInclusive<ServicePortName> {
     let lo = ServicePortName {
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-        port: String::new(),
+        namespace: key.namespace.as_str().into(),
+        name: key.name.as_str().into(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     };
     let hi = ServicePortName {
-        namespace: key.namespace.clone(),
-        name: key.name.clone(),
-        port: "\u{10ffff}".repeat(4),
+        namespace: key.namespace.as_str().into(),
+        name: key.name.as_str().into(),
+        port: "\u{10ffff}".repeat(4).into(),
         protocol: Protocol::Sctp,
     };
     lo..=hi

@@ -155,7 +155,7 @@ fn slices_merge_per_port_and_keep_conditions() {
     let http = changes
         .updated
         .iter()
-        .find(|s| s.port.name.port == "http")
+        .find(|s| &*s.port.name.port == "http")
         .unwrap();
     let ips: Vec<String> = http.endpoints.iter().map(|e| e.ip.to_string()).collect();
     assert_eq!(
@@ -170,7 +170,7 @@ fn slices_merge_per_port_and_keep_conditions() {
     let dns = changes
         .updated
         .iter()
-        .find(|s| s.port.name.port == "dns")
+        .find(|s| &*s.port.name.port == "dns")
         .unwrap();
     assert!(dns.endpoints.is_empty(), "no slice port named dns");
 }
@@ -229,6 +229,31 @@ fn only_changed_services_are_reported() {
 }
 
 #[test]
+fn a_service_port_is_held_once_however_many_views_it_is_in() {
+    // The state's two views (as the objects say, as programmed) and the
+    // changes share one copy of a service port that lost no frontend, and
+    // its ports share their namespace and name: at 10k Services the copies
+    // were 13 MiB of the heap.
+    let mut state = state_with(
+        &[svc(WEB)],
+        &[web_slice("web-a", &[("10.1.0.1", true, true, false)])],
+    );
+    let changes = state.take_changes();
+    assert_eq!(changes.updated.len(), 2);
+    for updated in &changes.updated {
+        let name = &updated.port.name;
+        let (wanted, last) = (&state.wanted[name], &state.last[name]);
+        assert!(Arc::ptr_eq(wanted, last), "{name}: two copies in the state");
+        assert!(
+            Arc::ptr_eq(updated, last),
+            "{name}: copied into the changes"
+        );
+    }
+    let [a, b] = [0, 1].map(|i| &changes.updated[i].port.name);
+    assert!(Arc::ptr_eq(&a.namespace, &b.namespace) && Arc::ptr_eq(&a.name, &b.name));
+}
+
+#[test]
 fn terminating_endpoints_are_used_only_when_nothing_is_ready() {
     let mut state = state_with(
         &[svc(WEB)],
@@ -245,7 +270,7 @@ fn terminating_endpoints_are_used_only_when_nothing_is_ready() {
     let http = changes
         .updated
         .iter()
-        .find(|s| s.port.name.port == "http")
+        .find(|s| &*s.port.name.port == "http")
         .unwrap();
     let node = state.node().clone();
     let c = categorize(&http.port, &http.endpoints, &node);
@@ -266,7 +291,7 @@ fn terminating_endpoints_are_used_only_when_nothing_is_ready() {
     let http = changes
         .updated
         .iter()
-        .find(|s| s.port.name.port == "http")
+        .find(|s| &*s.port.name.port == "http")
         .unwrap();
     let c = categorize(&http.port, &http.endpoints, &node);
     let ips: Vec<String> = c.cluster.iter().map(|e| e.ip.to_string()).collect();
@@ -360,7 +385,7 @@ fn a_shared_frontend_belongs_to_the_oldest_service_until_it_goes() {
     let by_name = |c: &Changes, n: &str| {
         c.updated
             .iter()
-            .find(|u| u.port.name.name == n)
+            .find(|u| &*u.port.name.name == n)
             .map(|u| u.port.clone())
     };
     let young_port =
@@ -394,7 +419,10 @@ fn the_same_cluster_ip_twice_programs_only_the_owner() {
     let b = svc_at("b", "2024-06-01T00:00:00Z", spec);
     let mut s = state_with(&[b, a], &[]);
     s.take_changes();
-    let programmed: Vec<String> = s.snapshot().map(|st| st.port.name.name.clone()).collect();
+    let programmed: Vec<String> = s
+        .snapshot()
+        .map(|st| st.port.name.name.to_string())
+        .collect();
     assert_eq!(
         programmed,
         ["a"],
@@ -426,7 +454,7 @@ spec:
             .iter()
             .map(|u| {
                 (
-                    u.port.name.port.clone(),
+                    u.port.name.port.to_string(),
                     u.port.node_port,
                     u.port.health_check_node_port,
                 )

@@ -82,7 +82,7 @@ pub fn run() -> Result<()> {
     let name = ServicePortName {
         namespace: "probe".into(),
         name: "drain".into(),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     };
     let applied = dp.apply(None, &[(name, Some(&without_pod))])?;

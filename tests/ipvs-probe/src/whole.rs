@@ -26,7 +26,7 @@ fn name(n: &str) -> ServicePortName {
     ServicePortName {
         namespace: "probe".into(),
         name: n.into(),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     }
 }

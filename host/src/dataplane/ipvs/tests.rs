@@ -14,7 +14,7 @@ pub(super) fn name(n: &str) -> ServicePortName {
     ServicePortName {
         namespace: "t".into(),
         name: n.into(),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     }
 }

@@ -13,8 +13,8 @@ const T: &str = "kwp";
 fn name(n: usize) -> ServicePortName {
     ServicePortName {
         namespace: "t".into(),
-        name: format!("s{n}"),
-        port: String::new(),
+        name: format!("s{n}").into(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     }
 }

@@ -143,7 +143,7 @@ fn name(n: &str) -> ServicePortName {
     ServicePortName {
         namespace: "t".into(),
         name: n.into(),
-        port: String::new(),
+        port: "".into(),
         protocol: Protocol::Tcp,
     }
 }
