@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::kernel::IptablesKernel;
-use super::{Contributions, IptablesDataplane, LOCALNET_GUARD, Scripts, canary, rules_of};
+use super::{Contributions, IptablesDataplane, LOCALNET_GUARD, Scripts, canary};
 
 impl IptablesDataplane {
     /// Runs one kernel call of a family, adding its time to the sync's.
@@ -51,7 +51,8 @@ impl IptablesDataplane {
     pub(super) fn count_rules(&self, chains: &Contributions, scripts: &Scripts) {
         let mut total: BTreeMap<(String, bool), u64> = BTreeMap::new();
         for ((ipv6, table, _), c) in chains {
-            *total.entry((table.clone(), *ipv6)).or_default() += rules_of(c).len() as u64;
+            let rules: usize = c.values().map(Vec::len).sum();
+            *total.entry((table.clone(), *ipv6)).or_default() += rules as u64;
         }
         let mut last: BTreeMap<(String, bool), u64> =
             total.keys().map(|k| (k.clone(), 0)).collect();
