@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::kernel::IptablesKernel;
-use super::{Contributions, IptablesDataplane, LOCALNET_GUARD, Scripts, canary};
+use super::{Contributions, IptablesDataplane, LOCALNET_GUARD, canary};
 
 impl IptablesDataplane {
     /// Runs one kernel call of a family, adding its time to the sync's.
@@ -48,7 +48,7 @@ impl IptablesDataplane {
 
     /// Upstream's rule counts after a successful sync: every rule in our
     /// chains per table, and the ones this sync wrote (`-A`).
-    pub(super) fn count_rules(&self, chains: &Contributions, scripts: &Scripts) {
+    pub(super) fn count_rules(&self, chains: &Contributions, scripts: &[(&(bool, String), &str)]) {
         let mut total: BTreeMap<(String, bool), u64> = BTreeMap::new();
         for ((ipv6, table, _), c) in chains {
             let rules: usize = c.values().map(Vec::len).sum();

@@ -59,7 +59,8 @@ impl IptablesDataplane {
                 None => self.applied.remove(key),
             };
         }
-        self.count_rules(&self.applied_chains, &scripts);
+        let texts: Vec<_> = scripts.iter().map(|(k, t)| (k, t.as_str())).collect();
+        self.count_rules(&self.applied_chains, &texts);
         Ok(true)
     }
 }

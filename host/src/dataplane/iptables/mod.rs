@@ -230,16 +230,20 @@ impl IptablesDataplane {
     fn full(&mut self, plan: Plan) -> Result<()> {
         let result = self.full_restore(&plan);
         self.observe(true);
-        let (chains, scripts) = result?;
-        self.canaries = canary::tables(&scripts);
-        self.count_rules(&chains, &scripts);
+        let (chains, staged) = result?;
+        let texts: Vec<_> = staged
+            .iter()
+            .flat_map(|(k, texts)| texts.iter().map(move |t| (k, t.as_str())))
+            .collect();
+        self.canaries = canary::tables(&texts);
+        self.count_rules(&chains, &texts);
         self.applied = plan;
         self.applied_chains = chains;
         self.needs_full = false;
         Ok(())
     }
 
-    fn full_restore(&mut self, plan: &Plan) -> Result<(Contributions, Scripts)> {
+    fn full_restore(&mut self, plan: &Plan) -> Result<(Contributions, Staged)> {
         let saved = self.saved()?;
         let chains = contributions(plan)?;
         self.ensure_route_localnet(&chains)?;
@@ -253,11 +257,7 @@ impl IptablesDataplane {
         };
         let staged = staged::full_staged(&chains, &saved, chunk);
         self.restore_staged(&staged, false)?;
-        let scripts = staged
-            .into_iter()
-            .map(|(k, texts)| (k, texts.concat()))
-            .collect();
-        Ok((chains, scripts))
+        Ok((chains, staged))
     }
 
     fn apply_changes(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
