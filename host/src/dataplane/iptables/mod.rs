@@ -228,6 +228,11 @@ impl IptablesDataplane {
     }
 
     fn full(&mut self, plan: Plan) -> Result<()> {
+        // What is in the kernel is not known to be `applied` until this
+        // succeeds; and the old chains' rules are not kept alongside the
+        // new ones (at 10k Services each copy is tens of MiB).
+        self.needs_full = true;
+        self.applied_chains = Contributions::new();
         let result = self.full_restore(&plan);
         self.observe(true);
         let (chains, staged) = result?;
