@@ -45,15 +45,6 @@ pub fn is_canary_line(line: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(CANARY) && rest[CANARY.len()..].starts_with(' '))
 }
 
-/// The (ipv6, table)s whose restore texts write the canary.
-pub fn tables(texts: &[(&(bool, String), &str)]) -> BTreeSet<(bool, String)> {
-    texts
-        .iter()
-        .filter(|(_, text)| text.lines().any(is_canary_line))
-        .map(|(key, _)| (*key).clone())
-        .collect()
-}
-
 /// The tables whose canary is gone or no longer holds its rule. A check
 /// the kernel cannot answer (the xtables lock held too long) is an error,
 /// not drift.

@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 
 use anyhow::Result;
 
-use super::{ChainKey, Contributions, IptablesDataplane, contributions, delta_scripts, jumped};
+use super::{
+    ChainKey, Contributions, IptablesDataplane, Stage, contributions, delta_scripts, jumped,
+};
 use crate::dataplane::Change;
 
 impl IptablesDataplane {
@@ -44,9 +46,13 @@ impl IptablesDataplane {
         }
         self.ensure_route_localnet(&after)?;
         let scripts = delta_scripts(&before, &after);
-        let restored = self.restore(&scripts, true);
+        let staged = scripts
+            .into_iter()
+            .map(|(k, text)| (k, vec![Stage::Text(text)]))
+            .collect();
+        let restored = self.restore_staged(&staged, &Contributions::new(), true);
         self.observe(false);
-        restored?;
+        let written = restored?;
         for key in affected {
             match after.remove(key) {
                 Some(chain) => self.applied_chains.insert(key.clone(), chain),
@@ -59,8 +65,7 @@ impl IptablesDataplane {
                 None => self.applied.remove(key),
             };
         }
-        let texts: Vec<_> = scripts.iter().map(|(k, t)| (k, t.as_str())).collect();
-        self.count_rules(&self.applied_chains, &texts);
+        self.count_rules(&self.applied_chains, written.rules);
         Ok(true)
     }
 }

@@ -38,10 +38,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
+use accounting::Written;
 pub use diff::diff_against_kernel;
 use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
 use scripts::{delta_scripts, full_scripts, full_scripts_skipping};
-use staged::Staged;
+use staged::{Stage, Staged};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
 use crate::metrics::IptablesMetrics;
@@ -185,37 +186,38 @@ impl IptablesDataplane {
         }
     }
 
-    fn restore(&mut self, scripts: &Scripts, partial: bool) -> Result<()> {
-        let staged: Staged = scripts
-            .iter()
-            .map(|(k, text)| (k.clone(), vec![text.clone()]))
-            .collect();
-        self.restore_staged(&staged, partial)
-    }
-
-    /// Each table's texts in order, table after table.
-    fn restore_staged(&mut self, staged: &Staged, partial: bool) -> Result<()> {
+    /// Each table's restores in order, table after table; what they wrote.
+    fn restore_staged(
+        &mut self,
+        staged: &Staged,
+        plan: &Contributions,
+        partial: bool,
+    ) -> Result<Written> {
         if self.all_or_nothing && staged.values().map(Vec::len).sum::<usize>() > 1 {
             // Each restore commits its table alone: check every table
             // before committing any, so a refusal leaves all untouched.
-            for ((ipv6, table), texts) in staged {
-                for text in texts {
-                    self.timed(*ipv6, |k| k.check(*ipv6, table, text))?;
+            for ((ipv6, table), stages) in staged {
+                for stage in stages {
+                    let text = stage.text(table, plan);
+                    self.timed(*ipv6, |k| k.check(*ipv6, table, &text))?;
                 }
             }
         }
-        for ((ipv6, table), texts) in staged {
-            for text in texts {
+        let mut written = Written::default();
+        for ((ipv6, table), stages) in staged {
+            for stage in stages {
+                let text = stage.text(table, plan);
                 self.restores += 1;
-                if let Err(e) = self.timed(*ipv6, |k| k.restore(*ipv6, table, text)) {
+                if let Err(e) = self.timed(*ipv6, |k| k.restore(*ipv6, table, &text)) {
                     self.failures += 1;
                     self.metrics.restore_failed(*ipv6, partial);
                     self.needs_full = true;
                     return Err(e);
                 }
+                written.add(*ipv6, table, &text);
             }
         }
-        Ok(())
+        Ok(written)
     }
 
     fn saved(&mut self) -> Result<Saved> {
@@ -235,20 +237,16 @@ impl IptablesDataplane {
         self.applied_chains = Contributions::new();
         let result = self.full_restore(&plan);
         self.observe(true);
-        let (chains, staged) = result?;
-        let texts: Vec<_> = staged
-            .iter()
-            .flat_map(|(k, texts)| texts.iter().map(move |t| (k, t.as_str())))
-            .collect();
-        self.canaries = canary::tables(&texts);
-        self.count_rules(&chains, &texts);
+        let (chains, written) = result?;
+        self.canaries = written.canaries;
+        self.count_rules(&chains, written.rules);
         self.applied = plan;
         self.applied_chains = chains;
         self.needs_full = false;
         Ok(())
     }
 
-    fn full_restore(&mut self, plan: &Plan) -> Result<(Contributions, Staged)> {
+    fn full_restore(&mut self, plan: &Plan) -> Result<(Contributions, Written)> {
         let saved = self.saved()?;
         let chains = contributions(plan)?;
         self.ensure_route_localnet(&chains)?;
@@ -261,8 +259,9 @@ impl IptablesDataplane {
             self.chunk_chains
         };
         let staged = staged::full_staged(&chains, &saved, chunk);
-        self.restore_staged(&staged, false)?;
-        Ok((chains, staged))
+        let written = self.restore_staged(&staged, &chains, false)?;
+        drop(staged);
+        Ok((chains, written))
     }
 
     fn apply_changes(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {

@@ -21,6 +21,7 @@
 //!    reachable at once), our jumps in the built-in chains, the canary,
 //!    and the deletion of chains no longer in the plan.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{ChainKey, Contributions, PREFIX, Saved, TABLES, full_scripts_skipping, rules_of};
@@ -29,13 +30,30 @@ use super::{ChainKey, Contributions, PREFIX, Saved, TABLES, full_scripts_skippin
 /// endpoints), where iptables-nft-restore's per-chain cost is still flat.
 pub const CHUNK_CHAINS: usize = 3000;
 
-/// Restore texts per (ipv6, table), in the order they must be committed.
-pub type Staged = BTreeMap<(bool, String), Vec<String>>;
+/// One restore of a staged reconcile: its text, or the chains it declares
+/// and fills, rendered only when it is restored (at 10k Services the
+/// texts of all stages together are ~25 MiB).
+pub enum Stage<'a> {
+    Text(String),
+    Chains(Vec<&'a ChainKey>),
+}
+
+impl Stage<'_> {
+    pub fn text(&self, table: &str, plan: &Contributions) -> Cow<'_, str> {
+        match self {
+            Stage::Text(text) => Cow::Borrowed(text),
+            Stage::Chains(chains) => Cow::Owned(chain_script(table, chains, plan)),
+        }
+    }
+}
+
+/// Restores per (ipv6, table), in the order they must be committed.
+pub type Staged<'a> = BTreeMap<(bool, String), Vec<Stage<'a>>>;
 
 /// The full reconcile of `plan` against `saved`, split as the module
 /// comment says when a table has more than `chunk` chains; one text per
 /// table otherwise.
-pub fn full_staged(plan: &Contributions, saved: &Saved, chunk: usize) -> Staged {
+pub fn full_staged<'a>(plan: &'a Contributions, saved: &Saved, chunk: usize) -> Staged<'a> {
     // The chains written by stage 2: one Service their only contributor.
     let mut owned: BTreeSet<&ChainKey> = BTreeSet::new();
     let mut stages: Staged = BTreeMap::new();
@@ -70,25 +88,24 @@ pub fn full_staged(plan: &Contributions, saved: &Saved, chunk: usize) -> Staged 
                 text.push_str(&format!(":{name} - [0:0]\n"));
             }
             text.push_str("COMMIT\n");
-            texts.push(text);
+            texts.push(Stage::Text(text));
         }
         let mut batch: Vec<&ChainKey> = Vec::new();
         for chains in by_service.values() {
             if !batch.is_empty() && batch.len() + chains.len() > chunk {
-                texts.push(chain_script(table, &batch, plan));
-                batch.clear();
+                texts.push(Stage::Chains(std::mem::take(&mut batch)));
             }
             batch.extend(chains);
         }
         if !batch.is_empty() {
-            texts.push(chain_script(table, &batch, plan));
+            texts.push(Stage::Chains(batch));
         }
         owned.extend(staged);
         stages.insert(key, texts);
     }
     // Stage 3, and every table small enough for one restore.
     for (key, text) in full_scripts_skipping(plan, saved, &owned) {
-        stages.entry(key).or_default().push(text);
+        stages.entry(key).or_default().push(Stage::Text(text));
     }
     stages
 }
