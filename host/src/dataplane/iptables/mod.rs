@@ -165,6 +165,15 @@ impl IptablesDataplane {
         tracing::info!(backend = backend.as_str(), "iptables backend");
         let mut dp = Self::with_kernel(Box::new(IptablesProcess { backend }));
         dp.metrics = Arc::new(IptablesMetrics::new(backend.as_str()));
+        // For tests: stage every reconcile on a small cluster (the e2e
+        // suite runs once with it, so staging is proven on the kernel).
+        if let Some(n) = std::env::var("KWP_IPTABLES_CHUNK_CHAINS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            tracing::info!(chains = n, "iptables reconcile staged every {n} chains");
+            dp.chunk_chains = n.max(1);
+        }
         dp
     }
 
