@@ -165,6 +165,11 @@ impl IptablesDataplane {
         tracing::info!(backend = backend.as_str(), "iptables backend");
         let mut dp = Self::with_kernel(Box::new(IptablesProcess { backend }));
         dp.metrics = Arc::new(IptablesMetrics::new(backend.as_str()));
+        // iptables-legacy-restore replaces a whole table per commit: stages
+        // would each pay that (not measured), so legacy keeps one restore.
+        if backend != Backend::Nft {
+            dp.chunk_chains = usize::MAX;
+        }
         // For tests: stage every reconcile on a small cluster (the e2e
         // suite runs once with it, so staging is proven on the kernel).
         if let Some(n) = std::env::var("KWP_IPTABLES_CHUNK_CHAINS")
