@@ -2,13 +2,13 @@
 //! family for upstream's sync histograms, upstream's rule counts, and the
 //! one sysctl localhost node ports need.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use anyhow::Result;
 
 use super::kernel::IptablesKernel;
-use super::{Contributions, IptablesDataplane, LOCALNET_GUARD, Scripts, canary, rules_of};
+use super::{Contributions, IptablesDataplane, LOCALNET_GUARD, canary};
 
 impl IptablesDataplane {
     /// Runs one kernel call of a family, adding its time to the sync's.
@@ -47,21 +47,45 @@ impl IptablesDataplane {
     }
 
     /// Upstream's rule counts after a successful sync: every rule in our
-    /// chains per table, and the ones this sync wrote (`-A`).
-    pub(super) fn count_rules(&self, chains: &Contributions, scripts: &Scripts) {
+    /// chains per table, and the ones this sync wrote (`-A`, `written`).
+    pub(super) fn count_rules(
+        &self,
+        chains: &Contributions,
+        written: BTreeMap<(bool, String), u64>,
+    ) {
         let mut total: BTreeMap<(String, bool), u64> = BTreeMap::new();
         for ((ipv6, table, _), c) in chains {
-            *total.entry((table.clone(), *ipv6)).or_default() += rules_of(c).len() as u64;
+            let rules: usize = c.values().map(Vec::len).sum();
+            *total.entry((table.clone(), *ipv6)).or_default() += rules as u64;
         }
         let mut last: BTreeMap<(String, bool), u64> =
             total.keys().map(|k| (k.clone(), 0)).collect();
-        for ((ipv6, table), text) in scripts {
-            let written = text
-                .lines()
-                .filter(|l| l.starts_with("-A ") && !canary::is_canary_line(l))
-                .count();
-            *last.entry((table.clone(), *ipv6)).or_default() += written as u64;
+        for ((ipv6, table), n) in written {
+            *last.entry((table, ipv6)).or_default() += n;
         }
         self.metrics.set_rules(total, last);
+    }
+}
+
+/// What a sync's restores wrote: rules per (ipv6, table) (`-A` lines, the
+/// canary's aside) and the tables whose canary they wrote.
+#[derive(Default)]
+pub(super) struct Written {
+    pub rules: BTreeMap<(bool, String), u64>,
+    pub canaries: BTreeSet<(bool, String)>,
+}
+
+impl Written {
+    pub fn add(&mut self, ipv6: bool, table: &str, text: &str) {
+        let key = (ipv6, table.to_string());
+        let mut rules = 0;
+        for line in text.lines().filter(|l| l.starts_with("-A ")) {
+            if canary::is_canary_line(line) {
+                self.canaries.insert(key.clone());
+            } else {
+                rules += 1;
+            }
+        }
+        *self.rules.entry(key).or_default() += rules;
     }
 }

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use super::FragmentKey;
 use super::kernel::IptablesKernel;
-use super::{FragmentKey, Scripts};
 
 pub const CANARY: &str = "KWP-PROXY-CANARY";
 /// Never reached (nothing jumps here); its presence is the signal.
@@ -43,15 +43,6 @@ pub fn chain() -> (String, BTreeMap<FragmentKey, Vec<String>>) {
 pub fn is_canary_line(line: &str) -> bool {
     line.strip_prefix("-A ")
         .is_some_and(|rest| rest.starts_with(CANARY) && rest[CANARY.len()..].starts_with(' '))
-}
-
-/// The (ipv6, table)s whose script writes the canary.
-pub fn tables(scripts: &Scripts) -> BTreeSet<(bool, String)> {
-    scripts
-        .iter()
-        .filter(|(_, text)| text.lines().any(is_canary_line))
-        .map(|(key, _)| key.clone())
-        .collect()
 }
 
 /// The tables whose canary is gone or no longer holds its rule. A check

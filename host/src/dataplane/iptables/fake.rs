@@ -24,6 +24,8 @@ struct State {
     /// `check` misses what iptables-nft-restore `--test` misses: a chain
     /// deleted while still jumped to, a jump to a missing chain.
     lenient_check: bool,
+    /// Every table after each committed restore, when recording.
+    history: Option<Vec<((bool, String), Chains)>>,
 }
 
 #[derive(Clone, Default)]
@@ -63,6 +65,17 @@ impl FakeIptables {
 
     pub fn lenient_check(&self) {
         self.lock().lenient_check = true;
+    }
+
+    /// From now on, keeps each table as every restore leaves it.
+    pub fn record(&self) {
+        self.lock().history = Some(Vec::new());
+    }
+
+    /// Each (ipv6, table) and its chains after every restore since
+    /// `record`, in order.
+    pub fn history(&self) -> Vec<((bool, String), BTreeMap<String, Vec<String>>)> {
+        self.lock().history.clone().unwrap_or_default()
     }
 
     /// Whether `route_localnet` was turned on.
@@ -197,6 +210,9 @@ impl IptablesKernel for FakeIptables {
     fn restore(&mut self, ipv6: bool, table: &str, text: &str) -> Result<()> {
         let chains = self.execute(ipv6, table, text, false)?;
         let mut state = self.lock();
+        if let Some(history) = &mut state.history {
+            history.push(((ipv6, table.to_string()), chains.clone()));
+        }
         state.tables.insert((ipv6, table.to_string()), chains);
         state.restores += 1;
         Ok(())

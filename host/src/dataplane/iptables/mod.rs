@@ -21,9 +21,14 @@
 
 mod accounting;
 mod canary;
+mod delta;
 mod diff;
 pub mod fake;
 pub mod kernel;
+mod scripts;
+mod staged;
+#[cfg(test)]
+mod staged_tests;
 #[cfg(test)]
 mod tests;
 
@@ -33,8 +38,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
+use accounting::Written;
 pub use diff::diff_against_kernel;
 use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
+use scripts::{delta_scripts, full_scripts, full_scripts_skipping};
+use staged::{Stage, Staged};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
 use crate::metrics::IptablesMetrics;
@@ -124,6 +132,9 @@ const LOCALNET_GUARD: &str = "KWP-FIREWALL";
 pub struct IptablesDataplane {
     kernel: Box<dyn IptablesKernel>,
     applied: Plan,
+    /// `contributions(applied)`, kept up to date so that a delta looks
+    /// only at the chains it changes.
+    applied_chains: Contributions,
     /// No full reconcile has succeeded yet (or a restore failed): what is
     /// in the kernel is not known to be `applied`.
     needs_full: bool,
@@ -143,6 +154,8 @@ pub struct IptablesDataplane {
     route_localnet: bool,
     /// The apply under way is all or nothing (a reloaded mode on trial).
     all_or_nothing: bool,
+    /// A table with more chains is fully reconciled in stages (`staged`).
+    chunk_chains: usize,
 }
 
 impl IptablesDataplane {
@@ -152,6 +165,20 @@ impl IptablesDataplane {
         tracing::info!(backend = backend.as_str(), "iptables backend");
         let mut dp = Self::with_kernel(Box::new(IptablesProcess { backend }));
         dp.metrics = Arc::new(IptablesMetrics::new(backend.as_str()));
+        // iptables-legacy-restore replaces a whole table per commit: stages
+        // would each pay that (not measured), so legacy keeps one restore.
+        if backend != Backend::Nft {
+            dp.chunk_chains = usize::MAX;
+        }
+        // For tests: stage every reconcile on a small cluster (the e2e
+        // suite runs once with it, so staging is proven on the kernel).
+        if let Some(n) = std::env::var("KWP_IPTABLES_CHUNK_CHAINS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            tracing::info!(chains = n, "iptables reconcile staged every {n} chains");
+            dp.chunk_chains = n.max(1);
+        }
         dp
     }
 
@@ -159,6 +186,7 @@ impl IptablesDataplane {
         Self {
             kernel,
             applied: Plan::new(),
+            applied_chains: Contributions::new(),
             needs_full: true,
             restores: 0,
             failures: 0,
@@ -168,56 +196,86 @@ impl IptablesDataplane {
             canary_check_took: Duration::ZERO,
             route_localnet: false,
             all_or_nothing: false,
+            chunk_chains: staged::CHUNK_CHAINS,
         }
     }
 
-    fn restore(&mut self, scripts: &BTreeMap<(bool, String), String>, partial: bool) -> Result<()> {
-        if self.all_or_nothing && scripts.len() > 1 {
+    /// Each table's restores in order, table after table; what they wrote.
+    fn restore_staged(
+        &mut self,
+        staged: &Staged,
+        plan: &Contributions,
+        partial: bool,
+    ) -> Result<Written> {
+        if self.all_or_nothing && staged.values().map(Vec::len).sum::<usize>() > 1 {
             // Each restore commits its table alone: check every table
             // before committing any, so a refusal leaves all untouched.
-            for ((ipv6, table), text) in scripts {
-                self.timed(*ipv6, |k| k.check(*ipv6, table, text))?;
+            for ((ipv6, table), stages) in staged {
+                for stage in stages {
+                    let text = stage.text(table, plan);
+                    self.timed(*ipv6, |k| k.check(*ipv6, table, &text))?;
+                }
             }
         }
-        for ((ipv6, table), text) in scripts {
-            self.restores += 1;
-            if let Err(e) = self.timed(*ipv6, |k| k.restore(*ipv6, table, text)) {
-                self.failures += 1;
-                self.metrics.restore_failed(*ipv6, partial);
-                self.needs_full = true;
-                return Err(e);
+        let mut written = Written::default();
+        for ((ipv6, table), stages) in staged {
+            for stage in stages {
+                let text = stage.text(table, plan);
+                self.restores += 1;
+                if let Err(e) = self.timed(*ipv6, |k| k.restore(*ipv6, table, &text)) {
+                    self.failures += 1;
+                    self.metrics.restore_failed(*ipv6, partial);
+                    self.needs_full = true;
+                    return Err(e);
+                }
+                written.add(*ipv6, table, &text);
             }
         }
-        Ok(())
+        Ok(written)
     }
 
     fn saved(&mut self) -> Result<Saved> {
         let mut out = BTreeMap::new();
         for (ipv6, table) in TABLES {
-            let text = self.timed(*ipv6, |k| k.save(*ipv6, table))?;
+            let text = self.timed(*ipv6, |k| k.survey(*ipv6, table))?;
             out.insert((*ipv6, table.to_string()), parse_save(&text));
         }
         Ok(out)
     }
 
     fn full(&mut self, plan: Plan) -> Result<()> {
+        // What is in the kernel is not known to be `applied` until this
+        // succeeds; and the old chains' rules are not kept alongside the
+        // new ones (at 10k Services each copy is tens of MiB).
+        self.needs_full = true;
+        self.applied_chains = Contributions::new();
         let result = self.full_restore(&plan);
         self.observe(true);
-        let (chains, scripts) = result?;
-        self.canaries = canary::tables(&scripts);
-        self.count_rules(&chains, &scripts);
+        let (chains, written) = result?;
+        self.canaries = written.canaries;
+        self.count_rules(&chains, written.rules);
         self.applied = plan;
+        self.applied_chains = chains;
         self.needs_full = false;
         Ok(())
     }
 
-    fn full_restore(&mut self, plan: &Plan) -> Result<(Contributions, Scripts)> {
+    fn full_restore(&mut self, plan: &Plan) -> Result<(Contributions, Written)> {
         let saved = self.saved()?;
         let chains = contributions(plan)?;
         self.ensure_route_localnet(&chains)?;
-        let scripts = full_scripts(&chains, &saved);
-        self.restore(&scripts, false)?;
-        Ok((chains, scripts))
+        // All or nothing checks each text before committing any, which
+        // needs every table in one text (a stage's --test would miss the
+        // chains an earlier, uncommitted stage creates).
+        let chunk = if self.all_or_nothing {
+            usize::MAX
+        } else {
+            self.chunk_chains
+        };
+        let staged = staged::full_staged(&chains, &saved, chunk);
+        let written = self.restore_staged(&staged, &chains, false)?;
+        drop(staged);
+        Ok((chains, written))
     }
 
     fn apply_changes(&mut self, changes: Vec<Change<'_>>, one_by_one: bool) -> Result<Applied> {
@@ -245,28 +303,19 @@ impl IptablesDataplane {
         {
             bail!("{e:#}");
         }
-        let next = with_changes(&self.applied, &changes);
-        let chains = contributions(&next)?;
-        let before = contributions(&self.applied)?;
-        // A chain built-in chains jump to came or went: the jumps are
-        // made by the full reconcile only.
-        if !self.needs_full && jumped(&before) == jumped(&chains) {
-            self.ensure_route_localnet(&chains)?;
-            let scripts = delta_scripts(&before, &chains);
-            let restored = self.restore(&scripts, true);
-            self.observe(false);
-            match restored {
-                Ok(()) => {
-                    self.count_rules(&chains, &scripts);
-                    self.applied = next;
-                    return Ok(Applied { refused });
-                }
+        if !self.needs_full {
+            match self.delta(&changes) {
+                Ok(true) => return Ok(Applied { refused }),
+                // A chain built-in chains jump to came or went: the jumps
+                // are made by the full reconcile only.
+                Ok(false) => {}
                 Err(e) => tracing::warn!(
                     error = format!("{e:#}"),
                     "iptables delta refused; reconciling in full"
                 ),
             }
         }
+        let next = with_changes(&self.applied, &changes);
         match self.full(next) {
             Ok(()) => Ok(Applied { refused }),
             Err(e) if one_by_one && !changes.is_empty() => {
@@ -379,142 +428,6 @@ fn jumped(plan: &Contributions) -> BTreeSet<(bool, &str, &str)> {
 
 fn rules_of(c: &BTreeMap<FragmentKey, Vec<String>>) -> Vec<&String> {
     c.values().flatten().collect()
-}
-
-/// A full reconcile per table: see the module comment.
-fn full_scripts(plan: &Contributions, saved: &Saved) -> Scripts {
-    let mut out = BTreeMap::new();
-    let (canary_name, canary_rules) = canary::chain();
-    for (ipv6, table) in TABLES {
-        let empty = BTreeMap::new();
-        let kernel = saved.get(&(*ipv6, table.to_string())).unwrap_or(&empty);
-        let mut mine: BTreeMap<&String, _> = plan
-            .iter()
-            .filter(|((v6, t, _), _)| v6 == ipv6 && t == table)
-            .map(|((_, _, name), c)| (name, c))
-            .collect();
-        // Every table we program carries the canary.
-        if !mine.is_empty() {
-            mine.insert(&canary_name, &canary_rules);
-        }
-        let stale: Vec<&String> = kernel
-            .keys()
-            .filter(|n| n.starts_with(PREFIX) && !mine.contains_key(n))
-            .collect();
-        if mine.is_empty() && stale.is_empty() {
-            continue;
-        }
-        let mut text = format!("*{table}\n");
-        for name in mine.keys().chain(&stale) {
-            text.push_str(&format!(":{name} - [0:0]\n"));
-        }
-        for (name, c) in &mine {
-            for rule in rules_of(c) {
-                text.push_str(&format!("-A {name} {rule}\n"));
-            }
-        }
-        // Our jumps in the built-in chains: exactly the wanted ones, once.
-        let mut wanted: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for (t, builtin, matches, target) in JUMPS {
-            if t == table && mine.contains_key(&target.to_string()) {
-                wanted
-                    .entry(builtin)
-                    .or_default()
-                    .push(format!("{matches}-j {target}"));
-            }
-        }
-        for (builtin, rules) in kernel.iter().filter(|(n, _)| !n.starts_with(PREFIX)) {
-            let ours: Vec<&String> = rules
-                .iter()
-                .filter(|r| r.contains(&format!("-j {PREFIX}")))
-                .collect();
-            let want = wanted.remove(builtin.as_str()).unwrap_or_default();
-            let exact = ours.len() == want.len() && want.iter().all(|w| ours.contains(&w));
-            if exact {
-                continue;
-            }
-            for r in &ours {
-                text.push_str(&format!("-D {builtin} {r}\n"));
-            }
-            for w in want.iter().rev() {
-                text.push_str(&format!("-I {builtin} 1 {w}\n"));
-            }
-        }
-        for (builtin, want) in wanted {
-            for w in want.iter().rev() {
-                text.push_str(&format!("-I {builtin} 1 {w}\n"));
-            }
-        }
-        for name in &stale {
-            text.push_str(&format!("-X {name}\n"));
-        }
-        text.push_str("COMMIT\n");
-        out.insert((*ipv6, table.to_string()), text);
-    }
-    out
-}
-
-/// The delta from `old` to `new` per table: only chains whose rules
-/// changed; a chain several fragments share is edited rule by rule.
-fn delta_scripts(old: &Contributions, new: &Contributions) -> Scripts {
-    #[derive(Default)]
-    struct Parts {
-        declare: Vec<String>,
-        delete: Vec<String>,
-        append: Vec<String>,
-        remove: Vec<String>,
-    }
-    let mut parts: BTreeMap<(bool, String), Parts> = BTreeMap::new();
-    let empty = BTreeMap::new();
-    let keys: BTreeSet<&ChainKey> = old.keys().chain(new.keys()).collect();
-    for key in keys {
-        let (ipv6, table, name) = key;
-        let before = old.get(key).unwrap_or(&empty);
-        let after = new.get(key).unwrap_or(&empty);
-        if rules_of(before) == rules_of(after) && old.contains_key(key) == new.contains_key(key) {
-            continue;
-        }
-        let p = parts.entry((*ipv6, table.clone())).or_default();
-        if !new.contains_key(key) {
-            p.declare.push(name.clone());
-            p.remove.push(name.clone());
-        } else if !old.contains_key(key) || (before.len() <= 1 && after.len() <= 1) {
-            // A chain of one fragment: rewritten whole.
-            p.declare.push(name.clone());
-            p.append
-                .extend(rules_of(after).iter().map(|r| format!("-A {name} {r}")));
-        } else {
-            // A shared chain: only the changed fragments' rules move.
-            for frag in before.keys().chain(after.keys()).collect::<BTreeSet<_>>() {
-                let (b, a) = (before.get(frag), after.get(frag));
-                if b == a {
-                    continue;
-                }
-                p.delete
-                    .extend(b.into_iter().flatten().map(|r| format!("-D {name} {r}")));
-                p.append
-                    .extend(a.into_iter().flatten().map(|r| format!("-A {name} {r}")));
-            }
-        }
-    }
-    parts
-        .into_iter()
-        .map(|(key, p)| {
-            let mut text = format!("*{}\n", key.1);
-            for name in &p.declare {
-                text.push_str(&format!(":{name} - [0:0]\n"));
-            }
-            for line in p.delete.iter().chain(&p.append) {
-                text.push_str(line);
-                text.push('\n');
-            }
-            for name in &p.remove {
-                text.push_str(&format!("-X {name}\n"));
-            }
-            text.push_str("COMMIT\n");
-            (key, text)
-        })
-        .collect()
 }
 
 /// `plan` with `changes` made.

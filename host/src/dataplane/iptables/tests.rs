@@ -6,7 +6,7 @@ use super::fake::FakeIptables;
 use super::*;
 use crate::model::Protocol;
 
-fn name(n: &str) -> ServicePortName {
+pub(super) fn name(n: &str) -> ServicePortName {
     ServicePortName {
         namespace: "t".into(),
         name: n.into(),
@@ -24,7 +24,7 @@ fn chain(table: &str, name: &str, rules: &[&str]) -> Item {
     }
 }
 
-fn base() -> Fragment {
+pub(super) fn base() -> Fragment {
     Fragment {
         items: vec![
             chain("nat", "KWP-SERVICES", &["-j KWP-SERVICE-IPS"]),
@@ -36,7 +36,7 @@ fn base() -> Fragment {
     }
 }
 
-fn service(n: &str, ip: u8, eps: &[u8]) -> Fragment {
+pub(super) fn service(n: &str, ip: u8, eps: &[u8]) -> Fragment {
     let svc = format!("KWP-SVC-{n}");
     let mut items = vec![chain(
         "nat",

@@ -43,7 +43,7 @@ use anyhow::{Context, Result};
 pub use diff::diff_against_kernel;
 use elements::{ElementBatch, Layout};
 use kernel::{Listing, NftKernel, NftProcess, Summary};
-pub use netlink::element_count;
+pub use netlink::{chain_names, element_count};
 use script::{Counts, Obj, Objects, Qualified, Script};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};

@@ -89,6 +89,25 @@ pub fn apply_elements(batch: &ElementBatch) -> Result<()> {
     socket.transact(batch)
 }
 
+/// The chain names of `table` in the `ip` (or `ip6`) family, empty when
+/// the table is absent: iptables mode's survey on the nft backend, where
+/// `iptables-save -t nat` of 10k Services takes 34 s and this one dump
+/// milliseconds.
+pub fn chain_names(table: &str, ipv6: bool) -> Result<Vec<String>> {
+    let socket = Socket::open()?;
+    let proto = if ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
+    let mut names = Vec::new();
+    for msg in socket.dump(NFT_MSG_GETCHAIN, proto, &attr(TABLE, &cstr(table)))? {
+        let attrs = attrs(&msg);
+        if text(&attrs, TABLE) == Some(table)
+            && let Some(name) = text(&attrs, CHAIN_NAME)
+        {
+            names.push(name.to_string());
+        }
+    }
+    Ok(names)
+}
+
 fn family_inventory(
     socket: &Socket,
     table: &str,
