@@ -212,11 +212,13 @@ const IPTABLES_TARGETS: &[&str] = &[
 ];
 
 /// One iptables-restore rule line after `-A CHAIN`: one line, no quoting
-/// (Kubernetes names need none, and a quote could hide a token), no
+/// (Kubernetes names need none, and a quote could hide a token; nor a
+/// backslash, iptables-restore's escape inside quotes, found by the
+/// `hostile_plan` fuzz target), no
 /// command of its own (table switch, flush, delete, policy, new chain,
 /// insert, commit), and jumps only to standard targets or own chains.
 fn check_iptables_rule(rule: &str, prefix: &str) -> Result<(), PlanError> {
-    check_chars(rule, &['\n', '\r', '"', '\'', '\0'])?;
+    check_chars(rule, &['\n', '\r', '"', '\'', '\\', '\0'])?;
     const COMMANDS: &[&str] = &[
         "-t",
         "--table",
@@ -495,6 +497,8 @@ mod tests {
             ("nat", "KWP-X", "--fl"),
             ("nat", "KWP-X", "--check INPUT"),
             ("nat", "KWP-X", "-j ACCEPT\0-F INPUT"),
+            // Found by fuzzing (fuzz/regressions/hostile_plan): a backslash.
+            ("nat", "KWP-SVC-ABC", "DNATsa0a\\kaKWP-SVC-ABCKWP-SVC-ABC"),
         ] {
             assert!(
                 ipt(table, name, hostile).validate(&rules).is_err(),

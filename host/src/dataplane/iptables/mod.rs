@@ -26,6 +26,8 @@ pub mod fake;
 pub mod kernel;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_missing;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -36,6 +38,7 @@ use anyhow::{Result, bail};
 pub use diff::diff_against_kernel;
 use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
 
+use super::tool::is_unavailable;
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
 use crate::metrics::IptablesMetrics;
 use crate::model::ServicePortName;
@@ -261,6 +264,8 @@ impl IptablesDataplane {
                     self.applied = next;
                     return Ok(Applied { refused });
                 }
+                // A missing or hung tool: a full reconcile cannot do better.
+                Err(e) if is_unavailable(&e) => return Err(e),
                 Err(e) => tracing::warn!(
                     error = format!("{e:#}"),
                     "iptables delta refused; reconciling in full"
@@ -269,7 +274,9 @@ impl IptablesDataplane {
         }
         match self.full(next) {
             Ok(()) => Ok(Applied { refused }),
-            Err(e) if one_by_one && !changes.is_empty() => {
+            // A missing or hung tool refuses no Service: the batch fails
+            // as a whole (the sync fails, health follows), as in nftables mode.
+            Err(e) if one_by_one && !changes.is_empty() && !is_unavailable(&e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "full reconcile refused; finding the changes the kernel takes"

@@ -6,7 +6,7 @@ use super::fake::FakeIptables;
 use super::*;
 use crate::model::Protocol;
 
-fn name(n: &str) -> ServicePortName {
+pub(super) fn name(n: &str) -> ServicePortName {
     ServicePortName {
         namespace: "t".into(),
         name: n.into(),
