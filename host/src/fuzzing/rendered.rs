@@ -305,3 +305,40 @@ pub fn rendered_rules(data: &[u8]) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The target reaches what it is about: a plain Service through both
+    /// bundled modes writes text, and that text passes the reading.
+    #[test]
+    fn a_plain_service_is_written_by_both_modes_and_passes_the_reading() {
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "t"},
+            "spec": {"clusterIP": "10.0.0.1", "ports": [{"name": "p", "port": 80}]},
+        }))
+        .unwrap();
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "web-1", "namespace": "t",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.1.1"], "conditions": {"ready": true}}],
+            "ports": [{"name": "p", "port": 8080}],
+        }))
+        .unwrap();
+        for mut r in renderers() {
+            r.state.replace_all(&[svc.clone()], &[slice.clone()], None);
+            let changes = r.state.take_changes();
+            r.proxier.sync(changes, &r.state).unwrap();
+            let written: Vec<String> = r.written.lock().unwrap().drain(..).collect();
+            assert!(
+                written.iter().any(|s| s.contains("10.0.1.1")),
+                "no endpoint written: {written:?}"
+            );
+            for script in written {
+                (r.confined)(&script).unwrap_or_else(|e| panic!("{e}\n{script}"));
+            }
+        }
+    }
+}
