@@ -301,8 +301,11 @@ fn hides_an_option(word: &str) -> bool {
     }
     // `-1` and the like are numbers, not options; `-2fl--goto` is a bundle
     // that getopt reads on to `-g oto` (found by the `hostile_plan` fuzz target).
-    let number = word[1..].chars().all(|c| c.is_ascii_digit() || c == '.');
-    word.len() > 2 && word.starts_with('-') && !number
+    let Some(rest) = word.strip_prefix('-') else {
+        return false;
+    };
+    let number = rest.chars().all(|c| c.is_ascii_digit() || c == '.');
+    word.len() > 2 && !number
 }
 
 /// Text the host wraps in `{ ... }` (hooks, set declarations, elements) may
@@ -509,6 +512,9 @@ mod tests {
                 "{table} {name} {hostile:?} must be refused"
             );
         }
+        // Found by fuzzing: a word starting with a multibyte character
+        // made the bundle check slice inside it (a panic, not a refusal).
+        let _ = ipt("nat", "KWP-SVC-ABC", "é-2 x").validate(&rules);
         let big = Fragment {
             items: vec![chain("kube-wasm-proxy", "accept").items[0].clone(); 3].into(),
         };
