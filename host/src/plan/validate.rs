@@ -124,7 +124,11 @@ impl Fragment {
                             IPTABLES_TABLES.join(" or "),
                         ));
                     }
-                    if !name.starts_with(&rules.iptables_prefix) || name.len() > 28 {
+                    // The prefix alone is no chain of kwp's (found by fuzzing).
+                    if !name.starts_with(&rules.iptables_prefix)
+                        || name.len() <= rules.iptables_prefix.len()
+                        || name.len() > 28
+                    {
                         return Err(PlanError::ForeignChain(
                             name.clone(),
                             rules.iptables_prefix.clone(),
@@ -257,7 +261,7 @@ fn check_iptables_rule(rule: &str, prefix: &str) -> Result<(), PlanError> {
     for pair in words.windows(2) {
         if ["-j", "--jump", "-g", "--goto"].contains(&pair[0])
             && !IPTABLES_TARGETS.contains(&pair[1])
-            && !pair[1].starts_with(prefix)
+            && !(pair[1].starts_with(prefix) && pair[1].len() > prefix.len())
         {
             return Err(PlanError::ForeignJump(rule.into(), pair[1].into()));
         }
@@ -506,6 +510,8 @@ mod tests {
             // and a bundle that starts with a digit.
             ("nat", "KWP-SVC-ABC", "DNATsa0a\\kaKWP-SVC-ABCKWP-SVC-ABC"),
             ("nat", "KWP-SVC-ABC", "-2fl--goto"),
+            ("nat", "KWP-", "-j ACCEPT"),
+            ("nat", "KWP-X", "-j KWP-"),
         ] {
             assert!(
                 ipt(table, name, hostile).validate(&rules).is_err(),
