@@ -20,7 +20,12 @@ use common::topology::ContinuousClient;
 /// A node with the Service `web` served by pod-a and pod-c, and a client
 /// connecting to its cluster IP from pod-b until stopped.
 fn started(tag: &str) -> (Setup, ContinuousClient) {
-    let s = Setup::start(tag, "nftables", &rbac());
+    started_with(tag, &[])
+}
+
+/// `started`, with the proxy's environment `env` (`NAME=value`).
+pub(crate) fn started_with(tag: &str, env: &[&str]) -> (Setup, ContinuousClient) {
+    let s = Setup::start_faulty(tag, "nftables", &rbac(), env, Fault::None);
     s.apply_service(false);
     s.apply_slice(&["pod-a", "pod-c"]);
     s.expect_backends(&["pod-a", "pod-c"]);
@@ -35,7 +40,7 @@ fn started(tag: &str) -> (Setup, ContinuousClient) {
 /// Watches the node for `how_long`: every half second /healthz must be 200
 /// and, with `table`, the kernel table exactly `table`. Returns the number
 /// of checks made.
-fn holds(s: &Setup, how_long: Duration, table: Option<&str>) -> usize {
+pub(crate) fn holds(s: &Setup, how_long: Duration, table: Option<&str>) -> usize {
     let end = Instant::now() + how_long;
     let mut checks = 0;
     while Instant::now() < end {
@@ -56,7 +61,7 @@ fn holds(s: &Setup, how_long: Duration, table: Option<&str>) -> usize {
 }
 
 /// Whether the table sends the Service to exactly `pods` (by address).
-fn programmed(s: &Setup, pods: &[&str]) -> bool {
+pub(crate) fn programmed(s: &Setup, pods: &[&str]) -> bool {
     let table = s.rules();
     s.cluster
         .pods
@@ -65,7 +70,7 @@ fn programmed(s: &Setup, pods: &[&str]) -> bool {
 }
 
 /// How long from now until `pods` are programmed (polled every 50 ms).
-fn until_programmed(s: &Setup, pods: &[&str], within: Duration) -> Duration {
+pub(crate) fn until_programmed(s: &Setup, pods: &[&str], within: Duration) -> Duration {
     let started = Instant::now();
     while !programmed(s, pods) {
         assert!(
@@ -79,12 +84,12 @@ fn until_programmed(s: &Setup, pods: &[&str], within: Duration) -> Duration {
     started.elapsed()
 }
 
-fn source_errors(s: &Setup) -> f64 {
+pub(crate) fn source_errors(s: &Setup) -> f64 {
     s.metric("kwp_source_errors_total")
 }
 
 /// Stops the client: nothing may have failed.
-fn no_connection_failed(client: ContinuousClient, what: &str) -> usize {
+pub(crate) fn no_connection_failed(client: ContinuousClient, what: &str) -> usize {
     let (ok, failed) = client.stop();
     assert!(
         failed.is_empty(),

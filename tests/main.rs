@@ -18,6 +18,7 @@ mod common;
 mod _tutorial;
 
 mod api_faults;
+mod api_hang;
 mod apiserver;
 mod cleanup;
 mod cli;

@@ -73,6 +73,15 @@ impl App {
         let mut userspace_backends = None;
         let mut iptables_metrics = None;
         let mut kernel_rules = !settings.dry_run && settings.mode != ProxyMode::Userspace;
+        if kernel_rules
+            && matches!(settings.mode, ProxyMode::Nftables | ProxyMode::Ipvs)
+            && !crate::dataplane::tool::on_path("nft")
+        {
+            // Not fatal: the rules are written once it is installed.
+            tracing::error!(
+                "nft is not installed (not on PATH): no rules are written until it is; every sync fails and is retried, and /healthz turns 503 once a change has waited 2 x syncPeriod"
+            );
+        }
         let (dataplane, mapping): (Box<dyn Dataplane>, _) = if settings.dry_run {
             (Box::new(NoDataplane), None)
         } else if settings.mode == ProxyMode::Nftables {
@@ -285,6 +294,10 @@ impl App {
 }
 
 pub async fn run(flags: Flags) -> Result<()> {
+    crate::dataplane::tool::configure(crate::dataplane::tool::Scaling::from_flags(
+        flags.kernel_tool_timeout,
+        flags.kernel_tool_timeout_per_line,
+    )?);
     if flags.cleanup || flags.cleanup_kube_proxy {
         return crate::cleanup::run(crate::cleanup::Scope {
             kwp: flags.cleanup,

@@ -8,7 +8,10 @@
 //!
 //! Faults apply to live connections too: latency to every byte relayed from
 //! then on, and the error faults sever what is open (a reset), so a watch
-//! in progress fails the way it would when the server went away.
+//! in progress fails the way it would when the server went away. The hang
+//! faults stall what is open instead: no byte either way, the connection
+//! held open for good (a stalled request is never answered, even after the
+//! fault ends), so only the client's own timeouts can free it.
 
 use std::net::TcpListener as StdListener;
 use std::os::fd::AsRawFd;
@@ -21,8 +24,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::netns::Netns;
 
@@ -40,12 +43,25 @@ pub enum Fault {
     /// Answers every request with this HTTP status (a Kubernetes `Status`
     /// body, `Retry-After: 1`); live connections are reset.
     Http(u16),
+    /// A hung API server: new connections are accepted (the kernel does
+    /// that) and never get a byte; live ones stall.
+    Hang,
+    /// Responses stall after their headers: new connections are relayed
+    /// through TLS terminated here (the API server's certificate) until the
+    /// first response head has passed, then stall; live ones (a watch that
+    /// answered its headers long ago) stall.
+    StallAfterHeaders,
 }
 
 impl Fault {
     /// Faults under which no byte reaches the API server.
     fn severs(&self) -> bool {
         matches!(self, Fault::Reset | Fault::Refuse | Fault::Http(_))
+    }
+
+    /// Faults under which live connections stall (held open, silent).
+    fn stalls(&self) -> bool {
+        matches!(self, Fault::Hang | Fault::StallAfterHeaders)
     }
 }
 
@@ -55,6 +71,8 @@ pub struct Counts {
     pub relayed: AtomicU64,
     pub reset: AtomicU64,
     pub http_errors: AtomicU64,
+    /// Connections stalled (live or new), held open for good.
+    pub stalled: AtomicU64,
 }
 
 /// A running relay; it stops when dropped.
@@ -77,7 +95,10 @@ impl FaultRelay {
             .expect("relay runtime");
         let (fault, faults) = watch::channel(Fault::None);
         let counts = Arc::new(Counts::default());
-        let tls = TlsAcceptor::from(server_config(pki));
+        let tls = Tls {
+            acceptor: TlsAcceptor::from(server_config(pki)),
+            connector: TlsConnector::from(client_config(pki)),
+        };
         let netns = format!("/run/netns/{}", ns.name);
         // Bound once here so that a port taken fails the test at once.
         let first = bind_in(&netns, port).expect("binding the relay");
@@ -115,6 +136,31 @@ impl Drop for FaultRelay {
             rt.shutdown_background();
         }
     }
+}
+
+/// TLS as the API server (its certificate) and as a client of it (its CA).
+#[derive(Clone)]
+struct Tls {
+    acceptor: TlsAcceptor,
+    connector: TlsConnector,
+}
+
+/// A TLS client trusting the API server's CA.
+fn client_config(pki: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let ca = std::fs::read(pki.join("ca.crt")).expect("the API server's CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.expect("ca.crt parses")).expect("a CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
 }
 
 /// The API server's serving certificate and key, as a TLS server.
@@ -160,7 +206,7 @@ async fn serve(
     port: u16,
     mut first: Option<StdListener>,
     mut faults: watch::Receiver<Fault>,
-    tls: TlsAcceptor,
+    tls: Tls,
     counts: Arc<Counts>,
 ) {
     loop {
@@ -210,15 +256,71 @@ async fn handle(
     conn: TcpStream,
     port: u16,
     faults: watch::Receiver<Fault>,
-    tls: TlsAcceptor,
+    tls: Tls,
     counts: Arc<Counts>,
 ) {
     let fault = faults.borrow().clone();
     match fault {
         Fault::None | Fault::Latency(_) => relay(conn, port, faults, &counts).await,
         Fault::Reset | Fault::Refuse => reset(conn, &counts),
-        Fault::Http(code) => answer(conn, code, tls, &counts).await,
+        Fault::Http(code) => answer(conn, code, tls.acceptor, &counts).await,
+        Fault::Hang => stall(&counts, [conn]).await,
+        Fault::StallAfterHeaders => headers_then_stall(conn, port, tls, &counts).await,
     }
+}
+
+/// Holds what it is given open and silent until the relay is dropped.
+async fn stall<T>(counts: &Counts, held: T) {
+    counts.stalled.fetch_add(1, Ordering::Relaxed);
+    std::future::pending::<()>().await;
+    drop(held);
+}
+
+/// Terminates TLS, relays requests to the API server over TLS of its
+/// own, and relays its answer up to the end of the first response head
+/// (`\r\n\r\n`); from then on nothing more either way.
+async fn headers_then_stall(conn: TcpStream, port: u16, tls: Tls, counts: &Counts) {
+    let Ok(Ok(inner)) =
+        tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(conn)).await
+    else {
+        return;
+    };
+    let Ok(tcp) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return;
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    let Ok(outer) = tls.connector.connect(name, tcp).await else {
+        return;
+    };
+    counts.relayed.fetch_add(1, Ordering::Relaxed);
+    let (mut ir, mut iw) = tokio::io::split(inner);
+    let (mut or, mut ow) = tokio::io::split(outer);
+    let requests = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = ir.read(&mut buf).await {
+            if ow.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    let head = async {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1];
+        // Byte by byte: not one byte past the head.
+        while !seen.ends_with(b"\r\n\r\n") {
+            match or.read(&mut buf).await {
+                Ok(1) => seen.push(buf[0]),
+                _ => return,
+            }
+            if iw.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+        let _ = iw.flush().await;
+        stall(counts, ()).await;
+    };
+    tokio::join!(requests, head);
 }
 
 /// Closes `conn` with a RST instead of a FIN.
@@ -240,21 +342,26 @@ async fn relay(
     let latency = faults.clone();
     let severed = async {
         loop {
-            if faults.borrow_and_update().severs() {
-                return;
+            let fault = faults.borrow_and_update().clone();
+            if fault.severs() || fault.stalls() {
+                return fault.stalls();
             }
             if faults.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
         }
     };
+    let stalled;
     {
         let (ir, iw) = inner.split();
         let (or, ow) = outer.split();
         tokio::select! {
             _ = async { tokio::join!(pipe(ir, ow, latency.clone()), pipe(or, iw, latency)) } => return,
-            _ = severed => {}
+            s = severed => stalled = s,
         }
+    }
+    if stalled {
+        return stall(counts, (inner, outer)).await;
     }
     reset(inner, counts);
     let _ = socket2::SockRef::from(&outer).set_linger(Some(Duration::ZERO));

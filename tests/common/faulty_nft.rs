@@ -71,6 +71,11 @@ pub fn start(c: &Cluster, wrap: &Path, objects: &str) -> Proxy {
 
 /// `start` with this PATH.
 pub fn start_with_path(c: &Cluster, path: &str, objects: &str) -> Proxy {
+    start_mode_with_path(c, "nftables", path, objects)
+}
+
+/// `start_with_path` in `mode` (nftables or iptables).
+pub fn start_mode_with_path(c: &Cluster, mode: &str, path: &str, objects: &str) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let objects_dir = dir.path().join("objects");
     std::fs::create_dir(&objects_dir).unwrap();
@@ -79,13 +84,21 @@ pub fn start_with_path(c: &Cluster, path: &str, objects: &str) -> Proxy {
     // Element changes go over netlink and would bypass the faulty `nft`:
     // send every change through it, the path these faults are about.
     let env = [format!("PATH={path}"), "KWP_NFT_ELEMENTS_VIA_NFT=1".into()];
-    launch(c, dir, &objects_dir, &env, (METRICS, "127.0.0.1:10256"))
+    launch(
+        c,
+        mode,
+        dir,
+        &objects_dir,
+        &env,
+        (METRICS, "127.0.0.1:10256"),
+    )
 }
 
 /// The proxy on the objects in `objects_dir` (its config file beside
 /// them), with `env`, serving (metrics, healthz) there ("" for none).
 fn launch(
     c: &Cluster,
+    mode: &str,
     dir: tempfile::TempDir,
     objects_dir: &Path,
     env: &[String],
@@ -100,7 +113,7 @@ fn launch(
         env,
         &[
             "--proxy-mode",
-            "nftables",
+            mode,
             "--source",
             &source,
             "--config",
@@ -181,7 +194,14 @@ pub fn restart(c: &Cluster, wrap: &Path, objects: &Path) -> Proxy {
         wrap.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    launch(c, tempfile::tempdir().unwrap(), objects, &[path], ("", ""))
+    launch(
+        c,
+        "nftables",
+        tempfile::tempdir().unwrap(),
+        objects,
+        &[path],
+        ("", ""),
+    )
 }
 
 /// A PATH on which `nft` is only `dir/nft`: `dir` gets a link to every
@@ -196,9 +216,24 @@ pub fn path_with_removable_nft(dir: &Path) -> String {
 }
 
 pub fn hide_nft(dir: &Path) {
-    std::fs::remove_file(dir.join("nft")).unwrap();
+    hide(dir, &["nft"]);
 }
 
 pub fn show_nft(dir: &Path) {
-    std::os::unix::fs::symlink("/usr/sbin/nft", dir.join("nft")).unwrap();
+    show(dir, &["nft"]);
+}
+
+/// Removes the links `names` (programs of /usr/sbin) from a directory
+/// `path_with_removable_nft` filled.
+pub fn hide(dir: &Path, names: &[&str]) {
+    for name in names {
+        std::fs::remove_file(dir.join(name)).unwrap();
+    }
+}
+
+/// Puts them back.
+pub fn show(dir: &Path, names: &[&str]) {
+    for name in names {
+        std::os::unix::fs::symlink(Path::new("/usr/sbin").join(name), dir.join(name)).unwrap();
+    }
 }

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::Logs;
 use super::apiserver::{Apply, Client, ControlPlane, repo_root, yaml_documents};
-use super::fault_relay::FaultRelay;
+use super::fault_relay::{Fault, FaultRelay};
 use super::netns::Netns;
 use super::topology::{Cluster, NODE_IP, Outcome, tcp_from};
 
@@ -59,6 +59,29 @@ impl Setup {
         rbac: &[String],
         apiserver_flags: &[&str],
     ) -> Self {
+        Self::launch(tag, mode, rbac, apiserver_flags, &[], Fault::None)
+    }
+
+    /// Like `start`, with the proxy's environment `env` (`NAME=value`) and
+    /// the relay already injecting `fault` when the proxy starts.
+    pub fn start_faulty(
+        tag: &str,
+        mode: &'static str,
+        rbac: &[String],
+        env: &[&str],
+        fault: Fault,
+    ) -> Self {
+        Self::launch(tag, mode, rbac, &[], env, fault)
+    }
+
+    fn launch(
+        tag: &str,
+        mode: &'static str,
+        rbac: &[String],
+        apiserver_flags: &[&str],
+        env: &[&str],
+        fault: Fault,
+    ) -> Self {
         let cluster = Cluster::new(tag);
         let cp = ControlPlane::start_with(apiserver_flags);
         let relay = FaultRelay::start(&cluster.node, cp.port(), &cp.dir);
@@ -78,29 +101,30 @@ impl Setup {
         .unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         cp.write_kubeconfig_token_file(&kubeconfig, &token);
-        let mut proxy = cluster.node.spawn(
+        relay.set(fault);
+        let mut args: Vec<&str> = env.to_vec();
+        args.extend([
             env!("CARGO_BIN_EXE_kube-wasm-proxy"),
-            &[
-                "--proxy-mode",
-                mode,
-                "--source",
-                "kubernetes",
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "--hostname-override",
-                "node-1",
-                "--cluster-cidr",
-                "10.244.0.0/16",
-                "--min-sync-period",
-                "50ms",
-                "--sync-period",
-                "2s",
-                "--healthz-bind-address",
-                HEALTHZ,
-                "--metrics-bind-address",
-                METRICS,
-            ],
-        );
+            "--proxy-mode",
+            mode,
+            "--source",
+            "kubernetes",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--hostname-override",
+            "node-1",
+            "--cluster-cidr",
+            "10.244.0.0/16",
+            "--min-sync-period",
+            "50ms",
+            "--sync-period",
+            "2s",
+            "--healthz-bind-address",
+            HEALTHZ,
+            "--metrics-bind-address",
+            METRICS,
+        ]);
+        let mut proxy = cluster.node.spawn("env", &args);
         let logs = Logs::capture(&mut proxy);
         Setup {
             cp,

@@ -151,6 +151,14 @@ pub struct Flags {
     /// machine (an emulated CPU runs Wasm tens of times slower), never to let a bad plugin run.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub plugin_call_timeout: Option<Duration>,
+    /// Deadline of one call of a kernel tool (nft, iptables-restore, iptables-save, conntrack)
+    /// before its allowance per line of input (default 30s). A tool past its deadline is killed,
+    /// the sync fails and is retried, and that tool's next call gets twice as long (up to 8x).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub kernel_tool_timeout: Option<Duration>,
+    /// What each line of a kernel tool's input adds to its deadline (default 250us).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub kernel_tool_timeout_per_line: Option<Duration>,
     /// Remove every table, chain, jump, virtual server and interface kwp
     /// may have created in any mode, then exit (as kube-proxy's --cleanup).
     #[arg(long)]

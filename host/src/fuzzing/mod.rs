@@ -8,6 +8,7 @@
 
 mod confinement;
 mod hostile;
+mod rendered;
 #[cfg(test)]
 mod tests;
 
@@ -35,7 +36,10 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("api_objects", api_objects),
     ("file_objects", file_objects),
     ("hostile_plan", hostile_plan),
+    ("rendered_rules", rendered_rules),
 ];
+
+pub use rendered::rendered_rules;
 
 /// A KubeProxyConfiguration file, resolved into settings as at start-up.
 pub fn kube_proxy_configuration(data: &[u8]) {

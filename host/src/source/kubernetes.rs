@@ -48,7 +48,33 @@ pub async fn client(kubeconfig: Option<&PathBuf>) -> Result<Client> {
             .await
             .context("no kubeconfig given and no in-cluster service account")?,
     };
-    Client::try_from(config).context("creating the API client")
+    Client::try_from(with_timeouts(config)?).context("creating the API client")
+}
+
+/// How long one read from the API server may wait (issue 14): a request
+/// whose answer stalls (a hung API server, a list that sent its headers and
+/// nothing more) fails after this and is retried with the watch's backoff,
+/// instead of holding that watch for ever (kube-rs sets no read timeout; its
+/// watcher only notices a silent watch stream after 295 s, and a stalled
+/// list never). A healthy watch is never this quiet: the API server sends
+/// a bookmark about every minute (kube-rs asks for them). client-go's
+/// equivalent is its HTTP/2 health check (a ping after 30 s of silence,
+/// failing the connection 15 s later). `KWP_API_READ_TIMEOUT` (e.g. `10s`)
+/// overrides it, for tests.
+pub const API_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// `config` with kwp's client timeouts: connect as kube-rs does (30 s,
+/// TCP and TLS), reads bounded by [`API_READ_TIMEOUT`], counted from when
+/// the request was written (not from when a pooled connection went idle).
+fn with_timeouts(mut config: kube::Config) -> Result<kube::Config> {
+    let read = match std::env::var("KWP_API_READ_TIMEOUT") {
+        Ok(v) => crate::config::parse_duration(&v)
+            .map_err(|e| anyhow::anyhow!("KWP_API_READ_TIMEOUT: {e}"))?,
+        Err(_) => API_READ_TIMEOUT,
+    };
+    config.read_timeout = Some(read);
+    config.reset_reader_on_write = true;
+    Ok(config)
 }
 
 /// Watches until `tx` closes. `errors` counts watch errors (a metric).

@@ -24,9 +24,26 @@ pub fn build(guests: &[Guest<'_>]) -> Vec<(String, PathBuf)> {
     for dir in ["sdk", "plugins", "host/test-programs"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
-    ensure_target();
+    // `KWP_WASM_TOOLCHAIN` (e.g. `stable`): the guests are built with that
+    // rustup toolchain, not the one building the host (scripts/fuzz.sh
+    // builds the host on nightly, whose wasm32-wasip2 std may not exist).
+    println!("cargo:rerun-if-env-changed=KWP_WASM_TOOLCHAIN");
+    let toolchain = std::env::var("KWP_WASM_TOOLCHAIN").ok();
     let target_dir = nested_target_dir();
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = match &toolchain {
+        Some(t) => {
+            let mut cmd = Command::new("rustup");
+            cmd.args(["run", t, "cargo"]);
+            for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "RUSTC_WRAPPER"] {
+                cmd.env_remove(var);
+            }
+            cmd
+        }
+        None => {
+            ensure_target();
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        }
+    };
     cmd.current_dir(&root)
         .args(["build", "--release", "--target", TARGET, "--target-dir"])
         .arg(&target_dir);

@@ -31,6 +31,8 @@ mod staged;
 mod staged_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_missing;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -44,6 +46,7 @@ use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
 use scripts::{delta_scripts, full_scripts, full_scripts_skipping};
 use staged::{Stage, Staged};
 
+use super::tool::is_unavailable;
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
 use crate::metrics::IptablesMetrics;
 use crate::model::ServicePortName;
@@ -309,6 +312,8 @@ impl IptablesDataplane {
                 // A chain built-in chains jump to came or went: the jumps
                 // are made by the full reconcile only.
                 Ok(false) => {}
+                // A missing or hung tool: a full reconcile cannot do better.
+                Err(e) if is_unavailable(&e) => return Err(e),
                 Err(e) => tracing::warn!(
                     error = format!("{e:#}"),
                     "iptables delta refused; reconciling in full"
@@ -318,7 +323,9 @@ impl IptablesDataplane {
         let next = with_changes(&self.applied, &changes);
         match self.full(next) {
             Ok(()) => Ok(Applied { refused }),
-            Err(e) if one_by_one && !changes.is_empty() => {
+            // A missing or hung tool refuses no Service: the batch fails
+            // as a whole (the sync fails, health follows), as in nftables mode.
+            Err(e) if one_by_one && !changes.is_empty() && !is_unavailable(&e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
                     "full reconcile refused; finding the changes the kernel takes"

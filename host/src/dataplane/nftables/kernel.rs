@@ -131,7 +131,8 @@ impl NftKernel for NftProcess {
 }
 
 /// Runs `nft ARGS` with `script` on its standard input, killed if it
-/// takes longer than [`crate::dataplane::tool::DEADLINE`].
+/// takes longer than its deadline ([`crate::dataplane::tool::DEADLINE`]:
+/// the configured one, scaled with the script).
 pub fn nft(args: &[&str], script: &str) -> Result<()> {
     nft_program("nft", args, script, crate::dataplane::tool::DEADLINE)
 }
@@ -141,7 +142,7 @@ pub fn nft_program(
     program: &str,
     args: &[&str],
     script: &str,
-    deadline: std::time::Duration,
+    deadline: impl Into<crate::dataplane::tool::Deadline>,
 ) -> Result<()> {
     let out = crate::dataplane::tool::run(program, args, Some(script.as_bytes()), deadline)
         .context("running nft (is the nftables package installed?)")?;
