@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full churn soak of issue 14 (tests/soak.rs `soak_long`): a real
-# kube-apiserver, kwp in nftables mode in a namespace cluster, RATE random
+# kube-apiserver, kwp in MODE (nftables or iptables) in a namespace cluster, RATE random
 # API changes a second for SECONDS; every 10 s the churn pauses, the sync
 # settles and the independent model (tests/common/model) compares every
 # frontend with the kernel, and real TCP connections go to a sample of
@@ -8,10 +8,10 @@
 # latency histogram and totals; fails on any mismatch or failed probe.
 # Then SIGKILL at random points of syncs KWP_KILLS (100) times under a
 # continuous client (tests/kernel_faults.rs).
-# Usage: scripts/soak.sh [SECONDS=600] [RATE=100]   (as root)
+# Usage: scripts/soak.sh [SECONDS=600] [RATE=100] [MODE=nftables]   (as root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export KWP_SOAK_SECONDS=${1:-600} KWP_SOAK_RATE=${2:-100}
+export KWP_SOAK_SECONDS=${1:-600} KWP_SOAK_RATE=${2:-100} KWP_SOAK_MODE=${3:-nftables}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/kwp-target}
 ./scripts/control-plane.sh >/dev/null
 nice -n 10 cargo test -p kube-wasm-proxy --test e2e soak::soak_long -- \

@@ -1,5 +1,6 @@
-//! Churn against the real kube-apiserver in nftables mode, checked by the
-//! independent model (common/model): random changes to Services (created,
+//! Churn against the real kube-apiserver in nftables or iptables mode,
+//! checked by the independent model (common/model): random changes to
+//! Services (created,
 //! deleted, type switched, ports and traffic policies changed, lb-policy
 //! annotations switched among bundled policies and to a missing one) and
 //! EndpointSlices (endpoints added, removed, terminating, not ready).
@@ -8,9 +9,10 @@
 //! namespace go to a sample of frontends. RSS, open descriptors and the
 //! sync latency histogram are reported.
 //!
-//! The suite runs a short version (`a_short_churn_soak_matches_the_model`);
-//! scripts/soak.sh runs the long one (`KWP_SOAK_SECONDS`, `KWP_SOAK_RATE`
-//! read by the ignored `soak_long`).
+//! The suite runs a short version per mode (`a_short_churn_soak_matches_the_model`,
+//! `..._in_iptables_mode`); scripts/soak.sh runs the long one
+//! (`KWP_SOAK_SECONDS`, `KWP_SOAK_RATE`, `KWP_SOAK_MODE` read by the ignored
+//! `soak_long`).
 
 use crate::common;
 
@@ -20,19 +22,29 @@ use std::time::{Duration, Instant};
 
 use common::apiserver::Apply;
 use common::kube_node::{METRICS, Setup, metric, rbac};
-use common::model::{self, Api, Kernel, Kind, Outcome, Viewpoint};
+use common::model::{self, Api, Iptables, Kernel, KernelRules, Kind, Outcome, Viewpoint};
 use common::topology::{CLIENT_IP, NODE_IP, Outcome as Probe, tcp_from};
 use serde_json::{Value, json};
 
 const NS: &str = "e2e";
 const SERVICES: usize = 12;
-const POLICIES: &[&str] = &[
-    "round-robin",
-    "random",
-    "maglev",
-    "weighted",
-    "no-such-policy",
-];
+/// The lb-policy annotations the churn switches among. iptables mode
+/// refuses Maglev's consistent-hash plan by design (docs/iptables.md), so
+/// there least-connections takes its place.
+fn policies(mode: &str) -> [&'static str; 5] {
+    let hashing = if mode == "iptables" {
+        "least-connections"
+    } else {
+        "maglev"
+    };
+    [
+        "round-robin",
+        "random",
+        hashing,
+        "weighted",
+        "no-such-policy",
+    ]
+}
 
 /// A small deterministic generator (xorshift): a run is reproducible from
 /// its seed, printed at the start.
@@ -55,12 +67,12 @@ fn cluster_ip(i: usize) -> String {
 }
 
 /// One random change; returns what it was.
-fn change(s: &Setup, rng: &mut Rng) -> &'static str {
+fn change(s: &Setup, mode: &str, rng: &mut Rng) -> &'static str {
     let i = rng.below(SERVICES);
     let name = format!("s{i}");
     match rng.below(10) {
         0..=3 => {
-            apply_service(s, rng, i);
+            apply_service(s, mode, rng, i);
             "service"
         }
         4 => {
@@ -81,7 +93,7 @@ fn change(s: &Setup, rng: &mut Rng) -> &'static str {
     }
 }
 
-fn apply_service(s: &Setup, rng: &mut Rng, i: usize) {
+fn apply_service(s: &Setup, mode: &str, rng: &mut Rng, i: usize) {
     let name = format!("s{i}");
     let kind = ["ClusterIP", "NodePort", "LoadBalancer"][rng.below(3)];
     let port = [80, 81][rng.below(2)];
@@ -98,7 +110,8 @@ fn apply_service(s: &Setup, rng: &mut Rng, i: usize) {
     if kind == "LoadBalancer" && rng.chance(30) {
         spec["loadBalancerSourceRanges"] = json!(["192.0.2.0/24"]);
     }
-    let policy = POLICIES[rng.below(POLICIES.len())];
+    let policies = policies(mode);
+    let policy = policies[rng.below(policies.len())];
     let svc = json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": name, "namespace": NS,
                      "annotations": {"kube-wasm-proxy.io/lb-policy": policy}},
@@ -182,9 +195,19 @@ fn view() -> Viewpoint {
     }
 }
 
-fn kernel(s: &Setup) -> Kernel {
+/// The kernel's rules as the mode wrote them: kwp's nftables table, or
+/// the node's whole IPv4 iptables ruleset.
+fn kernel(s: &Setup, mode: &str) -> Box<dyn KernelRules> {
+    let local = vec![NODE_IP.parse().unwrap()];
+    if mode == "iptables" {
+        let mut k = Iptables::default();
+        k.local_addresses = local;
+        k.add_save(false, &s.cluster.node.sh("iptables-save"))
+            .expect("the node's iptables-save");
+        return Box::new(k);
+    }
     let mut k = Kernel::default();
-    k.local_addresses = vec![NODE_IP.parse().unwrap()];
+    k.local_addresses = local;
     let json = s
         .cluster
         .node
@@ -192,15 +215,15 @@ fn kernel(s: &Setup) -> Kernel {
     if !json.trim().is_empty() {
         k.add_json(&json).expect("kwp's table as JSON");
     }
-    k
+    Box::new(k)
 }
 
 /// One comparison: the report, plus frontends of Services that are gone
 /// but still handled by the kernel.
-fn compare(s: &Setup) -> (model::Report, Vec<String>) {
+fn compare(s: &Setup, mode: &str) -> (model::Report, Vec<String>) {
     let api = api(s);
-    let k = kernel(s);
-    let report = model::check(&api, &view(), &k).expect("the checker reads the kernel");
+    let k = kernel(s, mode);
+    let report = model::check(&api, &view(), k.as_ref()).expect("the checker reads the kernel");
     let present: BTreeSet<String> = api
         .services
         .iter()
@@ -228,7 +251,7 @@ fn compare(s: &Setup) -> (model::Report, Vec<String>) {
 
 /// Real connections to the frontends the model says reach endpoints (or
 /// reject): (tried, failures).
-fn probe(s: &Setup, rng: &mut Rng, sample: usize) -> (usize, Vec<String>) {
+fn probe(s: &Setup, mode: &str, rng: &mut Rng, sample: usize) -> (usize, Vec<String>) {
     let api = api(s);
     let pods: BTreeMap<IpAddr, &str> = s
         .cluster
@@ -237,14 +260,14 @@ fn probe(s: &Setup, rng: &mut Rng, sample: usize) -> (usize, Vec<String>) {
         .map(|p| (p.ip.parse().unwrap(), p.name))
         .collect();
     let mut candidates = Vec::new();
-    let k = kernel(s);
-    let report = model::check(&api, &view(), &k).expect("checker");
+    let k = kernel(s, mode);
+    let report = model::check(&api, &view(), k.as_ref()).expect("checker");
     let bad: BTreeSet<String> = report
         .known
         .iter()
         .map(|(m, _)| m.frontend.to_string())
         .collect();
-    for port in common::model::expected_frontends(&api, &view()) {
+    for port in common::model::expected_frontends(&api, &view(), k.semantics()) {
         if port.0.source.to_string() == CLIENT_IP && !bad.contains(&port.0.to_string()) {
             candidates.push(port);
         }
@@ -311,12 +334,20 @@ pub struct Totals {
     pub rss_kib: Vec<u64>,
 }
 
-/// `seconds` of churn at `rate` changes a second, a check every `round`.
-pub fn soak(tag: &str, seconds: u64, rate: u64, round: Duration, sample: usize) -> Totals {
+/// `seconds` of churn at `rate` changes a second in `mode`, a check every
+/// `round`.
+pub fn soak(
+    tag: &str,
+    mode: &'static str,
+    seconds: u64,
+    rate: u64,
+    round: Duration,
+    sample: usize,
+) -> Totals {
     let seed = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
-    eprintln!("soak: seed {seed:#x}, {seconds} s at {rate} changes/s");
+    eprintln!("soak: {mode} mode, seed {seed:#x}, {seconds} s at {rate} changes/s");
     let mut rng = Rng(seed);
-    let s = Setup::start(tag, "nftables", &rbac());
+    let s = Setup::start(tag, mode, &rbac());
     let mut t = Totals {
         changes: 0,
         rounds: 0,
@@ -332,7 +363,7 @@ pub fn soak(tag: &str, seconds: u64, rate: u64, round: Duration, sample: usize) 
         let round_end = (Instant::now() + round).min(end);
         let mut next = Instant::now();
         while Instant::now() < round_end {
-            change(&s, &mut rng);
+            change(&s, mode, &mut rng);
             t.changes += 1;
             next += gap;
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
@@ -341,7 +372,7 @@ pub fn soak(tag: &str, seconds: u64, rate: u64, round: Duration, sample: usize) 
         // what still differs then is a mismatch.
         let mut last = None;
         common::poll::until(Duration::from_secs(10), || {
-            let (report, stale) = compare(&s);
+            let (report, stale) = compare(&s, mode);
             let clean = report.mismatches.is_empty() && stale.is_empty();
             last = Some((report, stale));
             clean
@@ -357,7 +388,7 @@ pub fn soak(tag: &str, seconds: u64, rate: u64, round: Duration, sample: usize) 
                 report.summary(10)
             );
         }
-        let (tried, failed) = probe(&s, &mut rng, sample);
+        let (tried, failed) = probe(&s, mode, &mut rng, sample);
         t.probes += tried;
         t.probe_failures.extend(failed);
         t.rss_kib.push(proc_status(&s, "VmRSS:"));
@@ -399,13 +430,22 @@ fn report(t: &Totals) {
     }
 }
 
-#[test]
-fn a_short_churn_soak_matches_the_model() {
-    let t = soak("soak", 40, 10, Duration::from_secs(10), 10);
+fn short_soak(tag: &str, mode: &'static str) {
+    let t = soak(tag, mode, 40, 10, Duration::from_secs(10), 10);
     report(&t);
     assert!(t.changes >= 300, "{} changes", t.changes);
     assert_eq!(t.mismatches, 0, "mismatches after the syncs settled");
     assert!(t.probe_failures.is_empty(), "{:?}", t.probe_failures);
+}
+
+#[test]
+fn a_short_churn_soak_matches_the_model() {
+    short_soak("soak", "nftables");
+}
+
+#[test]
+fn a_short_churn_soak_matches_the_model_in_iptables_mode() {
+    short_soak("soakipt", "iptables");
 }
 
 #[test]
@@ -417,8 +457,13 @@ fn soak_long() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(d)
     };
+    let mode = match std::env::var("KWP_SOAK_MODE").as_deref() {
+        Ok("iptables") => "iptables",
+        _ => "nftables",
+    };
     let t = soak(
         "soaklong",
+        mode,
         env("KWP_SOAK_SECONDS", 600),
         env("KWP_SOAK_RATE", 100),
         Duration::from_secs(10),

@@ -27,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::{Api, Frontend, Kind, Outcome, Proto, Reach, Viewpoint};
+use super::{Api, Frontend, Kind, Outcome, Proto, Reach, Semantics, Viewpoint};
 
 /// One endpoint of one Service port, in one family.
 #[derive(Clone, Debug)]
@@ -102,7 +102,7 @@ impl PortModel {
 }
 
 /// Every frontend with its expected reach.
-pub fn frontends(api: &Api, view: &Viewpoint) -> Vec<(Frontend, Reach)> {
+pub fn frontends(api: &Api, view: &Viewpoint, semantics: Semantics) -> Vec<(Frontend, Reach)> {
     let mut out = Vec::new();
     for port in ports(api, view) {
         for (kind, ip, number, ranges) in &port.frontends {
@@ -128,7 +128,12 @@ pub fn frontends(api: &Api, view: &Viewpoint) -> Vec<(Frontend, Reach)> {
             let (net, _) = ranges[0];
             out.push((frontend(first_host(net)), reach));
             if !ranges.iter().any(|(n, l)| in_prefix(client, *n, *l)) {
-                out.push((frontend(client), Reach::from([Outcome::Drop])));
+                let outsider = if semantics == Semantics::Iptables && !port.has_any() {
+                    Outcome::Reject
+                } else {
+                    Outcome::Drop
+                };
+                out.push((frontend(client), Reach::from([outsider])));
             }
         }
     }

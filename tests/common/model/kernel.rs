@@ -214,13 +214,7 @@ impl Table {
     }
 
     fn chain(&self, name: &str, p: &Packet, depth: usize) -> Result<Flows> {
-        if depth > 16 {
-            bail!("chain {name}: jumps nested deeper than 16");
-        }
-        let chain = self
-            .chains
-            .get(name)
-            .with_context(|| format!("jump to a chain that does not exist: {name}"))?;
+        let chain = super::jump_target(&self.chains, name, depth)?;
         self.rules_from(name, chain, 0, p, depth)
     }
 

@@ -1,4 +1,4 @@
-//! An independent model checker for nftables mode.
+//! An independent model checker for the kernel modes.
 //!
 //! `expected` derives, from the API objects alone (Services,
 //! EndpointSlices, the Node), what every frontend should reach under
@@ -6,7 +6,8 @@
 //! reject (no endpoints at all) or a drop (a Local policy with no local
 //! endpoint, a source outside `loadBalancerSourceRanges`). `kernel`
 //! follows the chains and maps kwp wrote (`nft -j list table`) for a
-//! packet to each frontend and collects where it can go. `check` compares
+//! packet to each frontend and collects where it can go; `iptables` does
+//! the same over `iptables-save`. `check` compares
 //! the two and names the Service and frontend of every difference.
 //!
 //! Nothing here uses the host's code (state, topology, proxier): the
@@ -15,9 +16,12 @@
 
 mod divergences;
 mod expected;
+mod iptables;
 mod kernel;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_iptables;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -26,7 +30,61 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+pub use iptables::Iptables;
 pub use kernel::Kernel;
+
+/// The one place upstream's kernel modes differ in what a frontend
+/// reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Semantics {
+    /// A source outside `loadBalancerSourceRanges` is dropped, whatever
+    /// the endpoints (the firewall check comes before everything).
+    Nftables,
+    /// The firewall chain exists only while the Service has endpoints
+    /// (upstream's `usesFWChain := hasEndpoints && ...`), so without any
+    /// an outsider is rejected like everyone else.
+    Iptables,
+}
+
+/// A reading of the rules a kernel mode wrote: where a new connection to a
+/// frontend can end.
+pub trait KernelRules {
+    fn reach(&self, f: &Frontend, view: &Viewpoint) -> anyhow::Result<Reach>;
+    /// Whose documented semantics these rules are checked against.
+    fn semantics(&self) -> Semantics;
+}
+
+impl KernelRules for Kernel {
+    fn reach(&self, f: &Frontend, view: &Viewpoint) -> anyhow::Result<Reach> {
+        Kernel::reach(self, f, view)
+    }
+    fn semantics(&self) -> Semantics {
+        Semantics::Nftables
+    }
+}
+
+impl KernelRules for Iptables {
+    fn reach(&self, f: &Frontend, view: &Viewpoint) -> anyhow::Result<Reach> {
+        Iptables::reach(self, f, view)
+    }
+    fn semantics(&self) -> Semantics {
+        Semantics::Iptables
+    }
+}
+
+/// The chain a jump names, refusing loops (deeper than 16) and dangling
+/// jumps; both walkers follow jumps through it.
+fn jump_target<'a, C>(
+    chains: &'a std::collections::BTreeMap<String, C>,
+    name: &str,
+    depth: usize,
+) -> anyhow::Result<&'a C> {
+    use anyhow::Context;
+    anyhow::ensure!(depth <= 16, "chain {name}: jumps nested deeper than 16");
+    chains
+        .get(name)
+        .with_context(|| format!("jump to a chain that does not exist: {name}"))
+}
 
 /// The API objects the checker reads.
 #[derive(Default, Clone)]
@@ -183,9 +241,9 @@ impl Report {
 /// Compares the model's expectation for every frontend of `api` with what
 /// `kernel` does. Errors when the kernel holds something the walker does
 /// not understand (the checker must never pass by not looking).
-pub fn check(api: &Api, view: &Viewpoint, kernel: &Kernel) -> anyhow::Result<Report> {
+pub fn check(api: &Api, view: &Viewpoint, kernel: &dyn KernelRules) -> anyhow::Result<Report> {
     let mut report = Report::default();
-    for (frontend, expected) in expected::frontends(api, view) {
+    for (frontend, expected) in expected::frontends(api, view, kernel.semantics()) {
         report.frontends += 1;
         let actual = kernel
             .reach(&frontend, view)
@@ -207,6 +265,10 @@ pub fn check(api: &Api, view: &Viewpoint, kernel: &Kernel) -> anyhow::Result<Rep
 }
 
 /// Every frontend of `api` with what it should reach (for probing).
-pub fn expected_frontends(api: &Api, view: &Viewpoint) -> Vec<(Frontend, Reach)> {
-    expected::frontends(api, view)
+pub fn expected_frontends(
+    api: &Api,
+    view: &Viewpoint,
+    semantics: Semantics,
+) -> Vec<(Frontend, Reach)> {
+    expected::frontends(api, view, semantics)
 }

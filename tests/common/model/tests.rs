@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use super::{Api, Kernel, Kind, Outcome, Report, Viewpoint, check};
+use super::{Api, Kernel, Kind, Outcome, Report, Semantics, Viewpoint, check};
 use crate::common::netns::Netns;
 
 fn view() -> Viewpoint {
@@ -351,4 +351,45 @@ add element ip kube-wasm-proxy service-ips { 10.96.0.5 . tcp . 80 : goto odd }",
     );
     let err = check(&api(&[svc], &[eps]), &view(), &k).unwrap_err();
     assert!(format!("{err:#}").contains("redirect"), "{err:#}");
+}
+
+/// Upstream's modes part on one case: a firewalled VIP whose Service has
+/// no endpoint. nftables checks the ranges first (an outsider is dropped);
+/// iptables builds the firewall chain only with endpoints, so the
+/// outsider meets the reject like everyone else.
+#[test]
+fn an_outsider_to_a_firewalled_vip_without_endpoints_is_dropped_by_nftables_and_rejected_by_iptables()
+ {
+    let mut svc = service(
+        "lb",
+        "10.96.0.4",
+        json!({"type": "LoadBalancer", "loadBalancerSourceRanges": ["192.0.2.0/24"]}),
+    );
+    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}});
+    let outsider = |a: &Api, semantics| {
+        super::expected_frontends(a, &view(), semantics)
+            .into_iter()
+            .find(|(f, _)| f.kind == Kind::LoadBalancer && f.source.to_string() == "203.0.113.2")
+            .map(|(_, reach)| reach)
+            .expect("the outside client's frontend")
+    };
+    let empty = api(std::slice::from_ref(&svc), &[]);
+    assert_eq!(
+        outsider(&empty, Semantics::Nftables),
+        [Outcome::Drop].into()
+    );
+    assert_eq!(
+        outsider(&empty, Semantics::Iptables),
+        [Outcome::Reject].into()
+    );
+    // With an endpoint (here on another node) both drop the outsider.
+    let eps = slice("lb", &[("10.244.2.11", "node-2", true, true, false)]);
+    let served = api(&[svc], &[eps]);
+    for semantics in [Semantics::Nftables, Semantics::Iptables] {
+        assert_eq!(
+            outsider(&served, semantics),
+            [Outcome::Drop].into(),
+            "{semantics:?}"
+        );
+    }
 }
