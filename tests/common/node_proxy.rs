@@ -78,12 +78,15 @@ pub fn start_full(
     args.extend_from_slice(extra);
     let proxy = launch_in(cluster, dir, &args);
     if extra.contains(&"iptables") {
-        eventually("the proxy's chains", || {
+        // The jump from the built-in chain, not the chain: a staged
+        // reconcile declares the chains first and makes them reachable
+        // last, in the restore that writes the dispatch.
+        eventually("the proxy's chains, reachable", || {
             cluster
                 .node
                 // Legacy tables present: the proxy may have chosen that backend.
                 .sh("iptables-save -t nat; if grep -q . /proc/net/ip_tables_names; then iptables-legacy-save -t nat; fi")
-                .contains(":KWP-SERVICES")
+                .contains("-j KWP-SERVICES")
         });
         return proxy;
     }

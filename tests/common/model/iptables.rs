@@ -17,7 +17,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result, bail};
 
-use super::expected::in_prefix;
 use super::{Frontend, Outcome, Reach, Viewpoint};
 
 /// The iptables and ip6tables rules of one node.
@@ -46,8 +45,10 @@ struct Rule {
 
 #[derive(Debug)]
 enum Match {
-    Source(IpAddr, u8),
-    Destination(IpAddr, u8),
+    /// Address and mask (as bits; a mask need not be a prefix: iptables
+    /// writes `0.0.0.5/0.0.0.63` as given).
+    Source(IpAddr, u128),
+    Destination(IpAddr, u128),
     Protocol(u64),
     /// `-i`: a name, or a prefix when it ends in `+`.
     InInterface(String),
@@ -305,8 +306,8 @@ impl Walk<'_> {
         let p = self.p;
         let one = |b: bool| BTreeSet::from([b]);
         Ok(match m {
-            Match::Source(net, len) => one(in_prefix(p.saddr, *net, *len)),
-            Match::Destination(net, len) => one(in_prefix(p.daddr, *net, *len)),
+            Match::Source(net, mask) => one(masked(p.saddr, *net, *mask)),
+            Match::Destination(net, mask) => one(masked(p.daddr, *net, *mask)),
             Match::Protocol(n) => one(p.proto == *n),
             Match::InInterface(name) => one(match name.strip_suffix('+') {
                 Some(prefix) => p.iifname.starts_with(prefix),
@@ -492,15 +493,37 @@ fn split_words(line: &str) -> Result<Vec<String>> {
     Ok(words)
 }
 
-fn prefix(v: &str) -> Result<(IpAddr, u8)> {
-    let (addr, len) = v.split_once('/').unwrap_or((v, ""));
+/// `addr[/len]` or `addr/mask`: the address and its mask as bits.
+fn prefix(v: &str) -> Result<(IpAddr, u128)> {
+    let (addr, mask) = v.split_once('/').unwrap_or((v, ""));
     let addr: IpAddr = addr.parse().with_context(|| format!("address {v}"))?;
-    let len = if len.is_empty() {
-        if addr.is_ipv4() { 32 } else { 128 }
+    let width = if addr.is_ipv4() { 32 } else { 128 };
+    let all = u128::MAX >> (128 - width);
+    let mask = if mask.is_empty() {
+        all
+    } else if let Ok(len) = mask.parse::<u32>() {
+        anyhow::ensure!(len <= width, "prefix length {v}");
+        all & !all.checked_shr(len).unwrap_or(0)
     } else {
-        len.parse().with_context(|| format!("prefix length {v}"))?
+        match (
+            addr,
+            mask.parse::<IpAddr>()
+                .with_context(|| format!("mask {v}"))?,
+        ) {
+            (IpAddr::V4(_), IpAddr::V4(m)) => u128::from(m.to_bits()),
+            (IpAddr::V6(_), IpAddr::V6(m)) => m.to_bits(),
+            _ => bail!("mask of another family: {v}"),
+        }
     };
-    Ok((addr, len))
+    Ok((addr, mask))
+}
+
+fn masked(ip: IpAddr, net: IpAddr, mask: u128) -> bool {
+    let bits = |a: IpAddr| match a {
+        IpAddr::V4(a) => u128::from(a.to_bits()),
+        IpAddr::V6(a) => a.to_bits(),
+    };
+    ip.is_ipv4() == net.is_ipv4() && bits(ip) & mask == bits(net) & mask
 }
 
 fn protocol(v: &str) -> Result<u64> {

@@ -31,6 +31,8 @@ fn read_rules(tag: &str, nat: &str, filter: &str) -> anyhow::Result<Iptables> {
         "*nat
 :KWP-SERVICES - [0:0]
 :KWP-SERVICE-IPS - [0:0]
+:KWP-SERVICE-IPS-0 - [0:0]
+:KWP-SERVICE-IPS-1 - [0:0]
 :KWP-NODEPORTS - [0:0]
 :KWP-MARK-MASQ - [0:0]
 :KWP-SVC-A - [0:0]
@@ -52,8 +54,10 @@ fn read_rules(tag: &str, nat: &str, filter: &str) -> anyhow::Result<Iptables> {
 -A KWP-EXT-B -j KWP-MARK-MASQ
 -A KWP-EXT-B -j KWP-SVC-A
 -A KWP-FW-B -s 192.0.2.0/24 -j KWP-EXT-B
--A KWP-SERVICE-IPS -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j KWP-SVC-A
--A KWP-SERVICE-IPS -d 198.51.100.1/32 -p tcp -m tcp --dport 80 -j KWP-FW-B
+-A KWP-SERVICE-IPS -d 0.0.0.0/0.0.0.63 -g KWP-SERVICE-IPS-0
+-A KWP-SERVICE-IPS -d 0.0.0.1/0.0.0.63 -g KWP-SERVICE-IPS-1
+-A KWP-SERVICE-IPS-1 -d 10.96.0.1/32 -p tcp -m tcp --dport 80 -j KWP-SVC-A
+-A KWP-SERVICE-IPS-1 -d 198.51.100.1/32 -p tcp -m tcp --dport 80 -j KWP-FW-B
 -A KWP-NODEPORTS -p tcp -m tcp --dport 30080 -j KWP-EXT-B
 {nat}
 COMMIT
