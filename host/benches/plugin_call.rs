@@ -6,7 +6,8 @@
 //!
 //! Measured on a plain thread and inside a task on a multi-thread tokio
 //! runtime (where the data path calls it), several rounds, median reported.
-//! Knobs: KWP_BENCH_CALLS (pairs per round, 200000), KWP_BENCH_ROUNDS (5).
+//! Knobs: KWP_BENCH_CALLS (pairs per round, 200000), KWP_BENCH_ROUNDS (5),
+//! RUST_LOG (kwp's tracing filter, off unless set).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -44,6 +45,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    // RUST_LOG=warn shows why a call failed (the epoch or drive's clock).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .init();
+    }
     let calls = knob("KWP_BENCH_CALLS", 200_000);
     let rounds = knob("KWP_BENCH_ROUNDS", 5) as usize;
     let runtime = Runtime::new(Limits::default())?;
