@@ -10,6 +10,7 @@ mod bindings;
 mod catalog;
 pub mod contract;
 mod convert;
+mod drive;
 pub mod mode;
 pub mod policy;
 mod probation;
@@ -116,13 +117,16 @@ pub struct ReloadStats {
 
 impl Runtime {
     pub fn new(limits: Limits) -> Result<Arc<Self>> {
+        // Async calls (wasmtime 48 needs no `async_support` switch: it is
+        // always on with the `async` feature) driven by `drive`; the epoch
+        // bounds the guest's CPU time.
         let mut config = Config::new();
         config.wasm_component_model(true).epoch_interruption(true);
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("creating the wasmtime engine")?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("linking WASI")?;
 
@@ -218,6 +222,8 @@ impl Runtime {
         let mut store =
             wasmtime::Store::new(&self.engine, PluginState::new(self.limits.memory_bytes));
         store.limiter(|s| &mut s.limiter);
+        // A trap rather than a yield: a guest spinning past its deadline is
+        // stopped where it is, in the same poll, with no executor involved.
         store.epoch_deadline_trap();
         store
     }

@@ -93,7 +93,10 @@ impl Mode {
         Ok(Sandbox::new(
             name,
             runtime.clone(),
-            Box::new(move |store| pre.instantiate(store)),
+            Box::new(move |store| {
+                let pre = pre.clone();
+                Box::pin(async move { pre.instantiate_async(store).await })
+            }),
         ))
     }
 
@@ -243,8 +246,8 @@ impl Mode {
             detect_local: detect_local_to_wit(&s.detect_local, &s.node),
             extra: s.extra.clone(),
         };
-        let result = self.sandbox.call("configure", 0, |st, b| {
-            b.kwp_mode_mode().call_configure(st, &config)
+        let result = self.sandbox.call("configure", 0, async |st, b| {
+            b.kwp_mode_mode().call_configure(st, &config).await
         })?;
         result.map_err(|message| PluginError::Rejected {
             plugin: self.sandbox.name.clone(),
@@ -255,8 +258,8 @@ impl Mode {
 
     pub fn render_base(&mut self) -> Result<Fragment, PluginError> {
         self.ensure()?;
-        let result = self.sandbox.call("render-base", 0, |st, b| {
-            b.kwp_mode_mode().call_render_base(st)
+        let result = self.sandbox.call("render-base", 0, async |st, b| {
+            b.kwp_mode_mode().call_render_base(st).await
         })?;
         self.fragment("render-base", result)
     }
@@ -280,9 +283,13 @@ impl Mode {
             has_any_endpoints: endpoints.has_any,
         };
         let elements = handed.internal.endpoints.len() + handed.external.endpoints.len();
-        let result = self.sandbox.call("render-service", elements, |st, b| {
-            b.kwp_mode_mode().call_render_service(st, &svc, &handed)
-        })?;
+        let result = self
+            .sandbox
+            .call("render-service", elements, async |st, b| {
+                b.kwp_mode_mode()
+                    .call_render_service(st, &svc, &handed)
+                    .await
+            })?;
         self.fragment("render-service", result)
     }
 

@@ -81,7 +81,10 @@ impl Policy {
         Ok(Sandbox::new(
             name,
             runtime.clone(),
-            Box::new(move |store| pre.instantiate(store)),
+            Box::new(move |store| {
+                let pre = pre.clone();
+                Box::pin(async move { pre.instantiate_async(store).await })
+            }),
         ))
     }
 
@@ -170,8 +173,8 @@ impl Policy {
         }
         self.in_instance.clear();
         let config = self.config.clone();
-        let configured = self.sandbox.call("configure", 0, |s, b| {
-            b.kwp_policy_policy().call_configure(s, &config)
+        let configured = self.sandbox.call("configure", 0, async |s, b| {
+            b.kwp_policy_policy().call_configure(s, &config).await
         })?;
         configured.map_err(|message| PluginError::Rejected {
             plugin: self.name.clone(),
@@ -188,9 +191,10 @@ impl Policy {
         }
         if let Some(endpoints) = self.pushed.get(&service) {
             self.sandbox
-                .call("set-endpoints", endpoints.len(), |s, b| {
+                .call("set-endpoints", endpoints.len(), async |s, b| {
                     b.kwp_policy_policy()
                         .call_set_endpoints(s, service, endpoints)
+                        .await
                 })?;
             self.in_instance.insert(service);
         }
@@ -222,8 +226,8 @@ impl Policy {
             if !self.in_instance.remove(&service) {
                 return Ok(()); // this instance never had it
             }
-            self.sandbox.call("remove-service", 0, |s, b| {
-                b.kwp_policy_policy().call_remove_service(s, service)
+            self.sandbox.call("remove-service", 0, async |s, b| {
+                b.kwp_policy_policy().call_remove_service(s, service).await
             })
         });
         self.observe(result)
@@ -242,8 +246,10 @@ impl Policy {
         let result = self
             .ensure_service(service)
             .and_then(|()| {
-                self.sandbox.call("pick", 0, |s, b| {
-                    b.kwp_policy_policy().call_pick(s, service, ip, client_port)
+                self.sandbox.call("pick", 0, async |s, b| {
+                    b.kwp_policy_policy()
+                        .call_pick(s, service, ip, client_port)
+                        .await
                 })
             })
             .and_then(|pick| match pick {
@@ -259,9 +265,10 @@ impl Policy {
 
     pub fn connection_closed(&mut self, service: u32, endpoint: u32) -> Result<(), PluginError> {
         let result = self.ensure_service(service).and_then(|()| {
-            self.sandbox.call("connection-closed", 0, |s, b| {
+            self.sandbox.call("connection-closed", 0, async |s, b| {
                 b.kwp_policy_policy()
                     .call_connection_closed(s, service, endpoint)
+                    .await
             })
         });
         self.observe(result)
@@ -271,8 +278,8 @@ impl Policy {
         // The plan grows with the Service's endpoints, like its deadline.
         let n = self.pushed.get(&service).map_or(0, Vec::len);
         let result = self.ensure_service(service).and_then(|()| {
-            self.sandbox.call("plan", n, |s, b| {
-                b.kwp_policy_policy().call_plan(s, service)
+            self.sandbox.call("plan", n, async |s, b| {
+                b.kwp_policy_policy().call_plan(s, service).await
             })
         });
         self.observe(result).map(plan_from_wit)

@@ -2,12 +2,15 @@
 //! instance that traps is thrown away and re-created on the next call,
 //! never reused.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use wasmtime::Store;
 
-use super::{PluginState, PluginStats, Runtime};
+use super::{PluginState, PluginStats, Runtime, drive};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
@@ -39,7 +42,15 @@ pub enum PluginError {
     },
 }
 
-type Instantiate<B> = Box<dyn Fn(&mut Store<PluginState>) -> wasmtime::Result<B> + Send + Sync>;
+/// Makes a configured instance in a store; a future, like every call (see
+/// `drive`).
+type Instantiate<B> = Box<
+    dyn for<'a> Fn(
+            &'a mut Store<PluginState>,
+        ) -> Pin<Box<dyn Future<Output = wasmtime::Result<B>> + 'a>>
+        + Send
+        + Sync,
+>;
 
 pub struct Sandbox<B> {
     pub name: String,
@@ -67,92 +78,105 @@ impl<B> Sandbox<B> {
             return Ok(false);
         }
         let mut store = self.runtime.new_store();
-        let ticks = self.runtime.deadline_ticks(self.runtime.deadline(0));
-        store.set_epoch_deadline(ticks);
-        let bindings = off_the_async_workers(|| (self.instantiate)(&mut store)).map_err(|e| {
-            PluginError::Instantiate {
-                plugin: self.name.clone(),
-                reason: format!("{e:#}"),
+        let deadline = self.runtime.deadline(0);
+        store.set_epoch_deadline(self.runtime.deadline_ticks(deadline));
+        let reason = match drive::run((self.instantiate)(&mut store), deadline) {
+            Ok(Ok(bindings)) => {
+                self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+                self.live = Some((store, bindings));
+                return Ok(true);
             }
-        })?;
-        self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
-        self.live = Some((store, bindings));
-        Ok(true)
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(overrun) => format!(
+                "still waiting after {} ms, past its {} ms deadline",
+                overrun.waited.as_millis(),
+                deadline.as_millis()
+            ),
+        };
+        Err(PluginError::Instantiate {
+            plugin: self.name.clone(),
+            reason,
+        })
     }
 
     /// Runs one call, handed `elements` list elements, under the deadline
-    /// for that size. Any trap discards the instance.
+    /// for that size. Any trap discards the instance. The guest's CPU time is bounded by the epoch deadline (a trap); the
+    /// time it spends waiting on WASI by `drive`'s budget of the same length.
     pub fn call<R>(
         &mut self,
         call: &'static str,
         elements: usize,
-        f: impl FnOnce(&mut Store<PluginState>, &B) -> wasmtime::Result<R>,
+        f: impl AsyncFnOnce(&mut Store<PluginState>, &B) -> wasmtime::Result<R>,
     ) -> Result<R, PluginError> {
         self.ensure()?;
         let (store, bindings) = self.live.as_mut().expect("ensured");
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let deadline = self.runtime.deadline(elements);
         store.set_epoch_deadline(self.runtime.deadline_ticks(deadline));
-        let result = off_the_async_workers(|| f(store, bindings));
+        let result = drive::run(f(store, bindings), deadline);
         match result {
-            Ok(r) => Ok(r),
-            Err(err) => {
-                let (mut store, _) = self.live.take().expect("ensured");
-                self.stats.traps.fetch_add(1, Ordering::Relaxed);
-                let plugin = self.name.clone();
-                let limits = self.runtime.limits();
-                let error = if matches!(
-                    err.downcast_ref::<wasmtime::Trap>(),
-                    Some(wasmtime::Trap::Interrupt)
-                ) {
-                    self.stats.deadline_hits.fetch_add(1, Ordering::Relaxed);
-                    PluginError::Deadline {
-                        plugin,
-                        call,
-                        timeout_ms: deadline.as_millis(),
-                    }
-                } else if store.data().limiter.denied {
-                    self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
-                    PluginError::Memory {
-                        plugin,
-                        call,
-                        limit_mib: limits.memory_bytes >> 20,
-                    }
-                } else {
-                    let stderr = String::from_utf8_lossy(&store.data_mut().stderr.contents())
-                        .trim()
-                        .to_string();
-                    let reason = if stderr.is_empty() {
-                        format!("{err:#}")
-                    } else {
-                        format!("{err:#}; guest said: {stderr}")
-                    };
-                    PluginError::Trap {
-                        plugin,
-                        call,
-                        reason,
-                    }
-                };
-                tracing::warn!(%error, "plugin instance discarded");
-                Err(error)
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(err)) => Err(self.discard(call, deadline, Some(err))),
+            Err(overrun) => {
+                tracing::warn!(
+                    plugin = self.name,
+                    call,
+                    waited_ms = overrun.waited.as_millis(),
+                    "the guest was still waiting on WASI (a clock or poll) at its deadline"
+                );
+                Err(self.discard(call, deadline, None))
             }
         }
     }
-}
 
-/// The calling model: Wasm runs synchronously, on the caller's thread. The
-/// sync loop and the userspace data path live on tokio's worker threads, and
-/// a worker must neither block (health and metrics share the workers) nor
-/// enter the runtime again, which WASI's synchronous bindings do for a
-/// guest's stdout or stderr (a panic message). On a worker the call runs in
-/// `block_in_place`: the worker's other tasks move to another thread first.
-/// The host runs the multi-thread runtime; elsewhere (tests, the blocking
-/// pool) the call runs as is.
-fn off_the_async_workers<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
+    /// Throws the instance away after a failed call and says why: `err` is
+    /// the trap, `None` a call that overran its deadline while waiting.
+    fn discard(
+        &mut self,
+        call: &'static str,
+        deadline: Duration,
+        err: Option<wasmtime::Error>,
+    ) -> PluginError {
+        let (mut store, _) = self.live.take().expect("a call had an instance");
+        self.stats.traps.fetch_add(1, Ordering::Relaxed);
+        let plugin = self.name.clone();
+        let interrupted = err.as_ref().is_none_or(|e| {
+            matches!(
+                e.downcast_ref::<wasmtime::Trap>(),
+                Some(wasmtime::Trap::Interrupt)
+            )
+        });
+        let error = if interrupted {
+            self.stats.deadline_hits.fetch_add(1, Ordering::Relaxed);
+            PluginError::Deadline {
+                plugin,
+                call,
+                timeout_ms: deadline.as_millis(),
+            }
+        } else if store.data().limiter.denied {
+            self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
+            PluginError::Memory {
+                plugin,
+                call,
+                limit_mib: self.runtime.limits().memory_bytes >> 20,
+            }
+        } else {
+            let stderr = String::from_utf8_lossy(&store.data_mut().stderr.contents())
+                .trim()
+                .to_string();
+            let err = err.map_or_else(String::new, |e| format!("{e:#}"));
+            let reason = if stderr.is_empty() {
+                err
+            } else {
+                format!("{err}; guest said: {stderr}")
+            };
+            PluginError::Trap {
+                plugin,
+                call,
+                reason,
+            }
+        };
+        tracing::warn!(%error, "plugin instance discarded");
+        error
     }
 }

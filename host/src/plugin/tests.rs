@@ -87,6 +87,47 @@ fn an_infinite_loop_is_stopped_by_the_deadline() {
     assert_eq!(stats.instantiations.load(Ordering::Relaxed), 2);
 }
 
+/// A guest waiting on a WASI clock runs no Wasm, so the epoch never fires:
+/// the call must still end at its deadline, on a plain thread and on a
+/// tokio worker (the data path's), and the plugin is then treated like any
+/// faulty one (instance discarded, counted, the next call on a fresh one).
+#[test]
+fn a_guest_blocked_on_a_clock_ends_as_a_deadline_error_promptly() {
+    fn check() {
+        let rt = runtime();
+        let deadline = rt.limits().call_timeout;
+        let mut p = policy(&rt, "pick_sleeps", "").unwrap();
+        p.set_endpoints(1, &endpoints(2)).unwrap();
+        let started = Instant::now();
+        let err = p.pick(1, CLIENT, 1).unwrap_err();
+        let took = started.elapsed();
+        match &err {
+            PluginError::Deadline { plugin, call, .. } => {
+                assert_eq!((plugin.as_str(), *call), ("pick_sleeps", "pick"))
+            }
+            other => panic!("expected a deadline error, got {other}"),
+        }
+        // The guest sleeps 10 s; the bound leaves room for a loaded machine.
+        assert!(
+            took >= deadline && took < 2 * deadline + Duration::from_millis(400),
+            "took {took:?} for a {deadline:?} deadline"
+        );
+        let stats = p.stats();
+        assert_eq!(stats.deadline_hits.load(Ordering::Relaxed), 1);
+        assert_eq!(p.plan(1).unwrap(), BackendPlan::Weights(vec![1, 1]));
+        assert_eq!(stats.instantiations.load(Ordering::Relaxed), 2);
+    }
+    check();
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio
+        .block_on(tokio.spawn(async { check() }))
+        .expect("on a tokio worker too");
+}
+
 #[test]
 fn a_memory_bomb_is_stopped_by_the_cap() {
     let rt = runtime();
@@ -245,6 +286,7 @@ fn reload_candidates_are_checked_before_use() {
         "pre_split_contract",
         "missing_export",
         "pick_loops",
+        "pick_sleeps",
         "memory_bomb",
     ] {
         assert!(
@@ -312,7 +354,8 @@ fn a_plugin_kind_comes_from_its_exports_not_its_file_name() {
 
 /// The data path calls policies on tokio's workers; a guest that panics
 /// there writes its message to stderr through WASI, which must not take the
-/// host down: it is a trap like any other, with the guest's own words.
+/// host down (WASI's sync bindings entered the runtime for it): it is a
+/// trap like any other, with the guest's own words.
 #[test]
 fn a_guest_panic_on_an_async_worker_is_a_trap_with_its_message() {
     let tokio = tokio::runtime::Builder::new_multi_thread()
