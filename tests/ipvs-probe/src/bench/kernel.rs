@@ -80,6 +80,11 @@ pub struct Ipvs {
     offset: usize,
     /// Upstream: when its ipset and iptables were last read.
     last_exec: Option<Instant>,
+    /// When this reader was made (just before the proxy starts), and
+    /// whether the IPVS part was seen complete: upstream's ipset comes
+    /// after it, so the moment is worth printing.
+    created: Instant,
+    ipvs_complete: bool,
 }
 
 impl Ipvs {
@@ -90,6 +95,8 @@ impl Ipvs {
             filter: if kwp { Some(Nft::new(offset)?) } else { None },
             offset,
             last_exec: None,
+            created: Instant::now(),
+            ipvs_complete: false,
         })
     }
 
@@ -162,6 +169,13 @@ impl Kernel for Ipvs {
         }
         if self.filter.is_some() {
             return Ok(true);
+        }
+        if !self.ipvs_complete {
+            self.ipvs_complete = true;
+            println!(
+                "bench: upstream {n}: IPVS part complete {:.1} s after start; waiting for its ipset",
+                self.created.elapsed().as_secs_f64()
+            );
         }
         // Two processes per read: at most once a second.
         if self
