@@ -9,6 +9,9 @@
 #                      ones with their libraries, debug info stripped), e.g. kwp, ip, nft.
 #   KWP_IPVS_VM_MEM    guest memory in MiB (1024); KWP_IPVS_VM_SMP CPUs (1);
 #   KWP_IPVS_VM_TIMEOUT seconds before the VM is killed (300).
+#   KWP_IPVS_VM_NET=1  a virtio NIC on QEMU user networking: the guest is 10.0.2.15/24 on eth0
+#                      with no default route, so it reaches only 10.0.2.2, which QEMU maps to
+#                      the host's loopback (scripts/ipvs-vm-bench.sh: an API server there).
 # The guest sees KWP_IPVS_VM_GUEST=1 and a `KWP-VM-PROBE-EXIT <status>` line ends the run.
 # Exit 77: this machine cannot run the VM (no qemu and no apt to install it, no kernel package).
 set -euo pipefail
@@ -16,7 +19,7 @@ prog=${1:?usage: ipvs-vm.sh PROGRAM [ARGS...]}
 shift
 cache=${KWP_IPVS_VM_CACHE:-/var/cache/kwp/ipvs-vm}
 # The base archive's name changes when what it holds changes, so old caches are rebuilt.
-base=base-net-v2.cpio.gz
+base=base-net-v3.cpio.gz
 skip() { echo "ipvs-vm: SKIP: $*" >&2; exit 77; }
 
 need=""
@@ -43,11 +46,23 @@ if [ -z "$ver" ] || [ ! -f "$cache/$ver/vmlinuz" ] || [ ! -f "$cache/$ver/$base"
   mkdir -p "$work/kernel" "$work/root"/{bin,proc,sys,dev,tmp,run,lib/modules/"$ver"}
   dpkg -x "$work"/"$img"_*.deb "$work/kernel"
   cp /bin/busybox "$work/root/bin/busybox"
+  # ipset and iptables (its nft backend), which upstream kube-proxy's IPVS mode runs, from
+  # Debian's packages with their libraries; libc comes with the overlay's host programs.
+  (cd "$work" && apt-get download ipset libipset13 iptables libip4tc2 libip6tc2 libxtables12 \
+     libmnl0 libnetfilter-conntrack3 libnfnetlink0 libnftnl11 >/dev/null) || skip "cannot download ipset/iptables"
+  for deb in "$work"/*.deb; do
+    case $deb in *linux-image-*) ;; *) dpkg -x "$deb" "$work/root" ;; esac
+  done
+  for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
+    ln -sf xtables-nft-multi "$work/root/usr/sbin/$t"
+  done
+  rm -rf "$work/root/usr/share"
   # Only what the tests use (IPVS, netfilter, bridges, veth, dummy) and what those depend on:
   # the whole module tree would triple the archive the guest unpacks under emulation.
   src="$work/kernel/lib/modules/$ver"
   (cd "$src" && find kernel/net kernel/lib kernel/arch/x86/crypto kernel/crypto \
-     kernel/drivers/net/dummy.ko kernel/drivers/net/veth.ko -name '*.ko' 2>/dev/null |
+     kernel/drivers/net/dummy.ko kernel/drivers/net/veth.ko kernel/drivers/net/virtio_net.ko \
+     kernel/drivers/net/net_failover.ko kernel/drivers/virtio -name '*.ko' 2>/dev/null |
      cpio -pdm --quiet "$work/root/lib/modules/$ver")
   cp "$src"/modules.builtin* "$src"/modules.order "$work/root/lib/modules/$ver/" 2>/dev/null || true
   depmod -b "$work/root" "$ver"
@@ -84,10 +99,16 @@ for f in ${KWP_IPVS_VM_FILES:-}; do place "$f" "$f"; done
 # Name databases nft and libc look up.
 for f in /etc/protocols /etc/services; do [ -f "$f" ] && cp "$f" "$run/root$f"; done
 printf '%q ' "$@" > "$run/root/probe-args"
+echo "KWP_IPVS_VM_NET=${KWP_IPVS_VM_NET:-0}" > "$run/root/vm-env"
+net=()
+if [ "${KWP_IPVS_VM_NET:-0}" = 1 ]; then
+  net=(-netdev user,id=n0,ipv6=off -device virtio-net-pci,netdev=n0,romfile=)
+fi
 cat > "$run/root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin KWP_IPVS_VM_GUEST=1 HOME=/root TMPDIR=/tmp
+. /vm-env
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmpfs /run
 mount -t devtmpfs dev /dev 2>/dev/null
 mkdir -p /root; hostname kwp-vm
@@ -96,6 +117,17 @@ for m in ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_mh ip_vs_sh veth bridge nf_tables nf_
   nf_conntrack_netlink nft_ct nft_nat nft_chain_nat nft_masq nft_reject_inet nft_fib_inet \
   nft_numgen nft_objref nft_hash nft_limit nft_redir; do modprobe $m 2>/dev/null; done
 ip link set lo up
+if [ "$KWP_IPVS_VM_NET" = 1 ]; then
+  # What upstream kube-proxy's ipset and iptables-nft calls load (the kernel would ask
+  # busybox's modprobe for most of them on demand; loading them here is one place to look).
+  for m in nft_compat xt_comment xt_mark xt_addrtype xt_conntrack xt_MASQUERADE xt_nat \
+    xt_tcpudp xt_multiport xt_set ip_set ip_set_hash_ip ip_set_hash_ipport ip_set_hash_ipportip \
+    ip_set_hash_ipportnet ip_set_hash_net ip_set_bitmap_port virtio_pci virtio_net; do
+    modprobe $m 2>/dev/null
+  done
+  # No default route: the guest reaches 10.0.2.2 (the host's loopback) and nothing else.
+  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && echo KWP-VM-NET-UP
+fi
 echo "KWP-VM-BOOTED $(cut -d' ' -f1 /proc/uptime)"
 eval "/probe $(cat /probe-args)"
 echo "KWP-VM-PROBE-EXIT $?"
@@ -109,5 +141,5 @@ chmod +x "$run/root/init"
   cat "$run/overlay.cpio"; } > "$run/initrd"
 timeout "${KWP_IPVS_VM_TIMEOUT:-300}" qemu-system-x86_64 -accel tcg -cpu max \
   -m "${KWP_IPVS_VM_MEM:-1024}" -smp "${KWP_IPVS_VM_SMP:-1}" -nographic -no-reboot \
-  -kernel "$cache/$ver/vmlinuz" -initrd "$run/initrd" \
+  -kernel "$cache/$ver/vmlinuz" -initrd "$run/initrd" "${net[@]}" \
   -append "console=ttyS0 quiet panic=-1" | stdbuf -oL tr -d '\r'

@@ -10,11 +10,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use super::api::{Api, IP_OFFSET};
 use super::kernel::{Ipvs, Kernel, Nft};
 use super::objects::{ENDPOINTS, endpoint_ip, file_name, file_of, files, yaml};
 
-/// Under emulation a 10k full sync takes minutes.
-const FULL_SYNC_TIMEOUT: Duration = Duration::from_secs(1800);
+/// How a run is fed and bounded (the options after bench's arguments).
+#[derive(Clone, Debug)]
+pub struct Opts {
+    /// Through an API server (KWP_IPVS_VM_NET=1); the file source if not.
+    pub api: Option<Api>,
+    /// A full sync not done by then is reported as "more than" (under
+    /// emulation upstream's 10k full sync takes longer than a run can).
+    pub full_timeout: Duration,
+}
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the kernel is read while waiting for a change: the reads are
 /// a handful of netlink calls, so this is the resolution that matters.
@@ -25,8 +33,15 @@ const PAUSE: Duration = Duration::from_secs(1);
 
 /// What one run measured.
 pub struct Row {
+    /// The full sync; when `finished` is false, how long it ran without
+    /// finishing (a lower bound) and `progress` Services were programmed.
     pub full: Duration,
+    pub finished: bool,
+    pub progress: usize,
     pub changes: Vec<Duration>,
+    /// Through an API server: how long each change's write took, as the
+    /// guest saw it (part of `changes`).
+    pub writes: Vec<Duration>,
     /// kwp's own peak RSS (VmHWM), KiB.
     pub rss_kwp: u64,
     /// The largest peak RSS of kwp and its children (`nft`), KiB.
@@ -37,20 +52,26 @@ pub struct Row {
 }
 
 impl Row {
-    /// One line: `full_s change_ms,... rss_kwp rss_tree slowest_check_ms`.
+    /// One line: `full_s change_ms,...|- rss_kwp rss_tree slowest_check_ms
+    /// finished(0|1) progress write_ms,...|-`.
     pub fn line(&self) -> String {
-        let changes: Vec<String> = self
-            .changes
-            .iter()
-            .map(|d| format!("{:.1}", ms(*d)))
-            .collect();
+        let list = |v: &[Duration]| {
+            if v.is_empty() {
+                return "-".to_string();
+            }
+            let v: Vec<String> = v.iter().map(|d| format!("{:.1}", ms(*d))).collect();
+            v.join(",")
+        };
         format!(
-            "{:.2} {} {} {} {:.0}",
+            "{:.2} {} {} {} {:.0} {} {} {}",
             self.full.as_secs_f64(),
-            changes.join(","),
+            list(&self.changes),
             self.rss_kwp,
             self.rss_tree,
-            ms(self.slowest_check)
+            ms(self.slowest_check),
+            u8::from(self.finished),
+            self.progress,
+            list(&self.writes)
         )
     }
 }
@@ -69,37 +90,39 @@ impl Drop for Proxy {
     }
 }
 
-pub fn run(kwp: &Path, mode: &str, n: usize, changes: usize) -> Result<Row> {
+pub fn run(kwp: &Path, mode: &str, n: usize, changes: usize, opts: &Opts) -> Result<Row> {
     let base = PathBuf::from("/tmp/kwp-bench");
     let dir = base.join(format!("objects-{mode}-{n}"));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut shifts: BTreeMap<usize, usize> = BTreeMap::new();
-    for file in 0..files(n) {
-        write_file(&dir, file, n, &shifts)?;
+    // The API server keeps its objects from run to run, so do their moves.
+    let mut shifts = if opts.api.is_some() {
+        load_shifts()?
+    } else {
+        BTreeMap::new()
+    };
+    if opts.api.is_none() {
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for file in 0..files(n) {
+            write_file(&dir, file, n, &shifts)?;
+        }
     }
+    let offset = if opts.api.is_some() { IP_OFFSET } else { 0 };
     let mut kernel: Box<dyn Kernel> = match mode {
-        "ipvs" => Box::new(Ipvs::new()?),
-        "nftables" => Box::new(Nft::new()?),
+        "ipvs" => Box::new(Ipvs::new(true, offset)?),
+        "upstream" => Box::new(Ipvs::new(false, offset)?),
+        "nftables" => Box::new(Nft::new(offset)?),
         other => bail!("unknown mode {other}"),
     };
-    let log_path = base.join(format!("kwp-{mode}-{n}.log"));
+    let log_path = base.join(format!("proxy-{mode}-{n}.log"));
     let log = fs::File::create(&log_path).context("proxy log")?;
-    let source = format!("file:{}", dir.display());
+    let mut cmd = proxy_command(kwp, mode, &dir, opts.api.as_ref())?;
     let started = Instant::now();
-    let child = Command::new(kwp)
-        .args(["--proxy-mode", mode, "--source", &source])
-        .args(["--hostname-override", "node-1"])
-        // Every change syncs at once; no periodic resync during the run.
-        .args(["--min-sync-period", "0", "--sync-period", "1h"])
-        // Wasm under emulation runs tens of times slower than natively.
-        .args(["--plugin-call-timeout", "120s"])
-        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""])
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .with_context(|| format!("starting {}", kwp.display()))?;
+        .with_context(|| format!("starting the {mode} proxy"))?;
     let mut proxy = Proxy(child);
     let fail = |what: String| -> anyhow::Error {
         let text = fs::read_to_string(&log_path).unwrap_or_default();
@@ -117,10 +140,31 @@ pub fn run(kwp: &Path, mode: &str, n: usize, changes: usize) -> Result<Row> {
             break;
         }
         if let Some(status) = proxy.0.try_wait()? {
-            return Err(fail(format!("kwp exited ({status}) before the full sync")));
+            return Err(fail(format!(
+                "the proxy exited ({status}) before the full sync"
+            )));
         }
-        if started.elapsed() > FULL_SYNC_TIMEOUT {
-            return Err(fail(format!("no full sync within {FULL_SYNC_TIMEOUT:?}")));
+        if started.elapsed() > opts.full_timeout {
+            // A lower bound, with how far it got; no changes measured.
+            let full = started.elapsed();
+            let progress = kernel.progress(n)?;
+            println!(
+                "bench: {mode} {n}: full sync NOT done after {:.0} s: {progress} of {n} Services programmed",
+                full.as_secs_f64()
+            );
+            let rss_kwp = vm_hwm(proxy.0.id()).context("the proxy's VmHWM")?;
+            stop(&mut proxy);
+            return Ok(Row {
+                full,
+                finished: false,
+                progress,
+                changes: Vec::new(),
+                writes: Vec::new(),
+                rss_kwp,
+                rss_tree: children_max_rss(),
+                slowest_check,
+                counts: Vec::new(),
+            });
         }
         std::thread::sleep(FULL_POLL);
     }
@@ -139,6 +183,7 @@ pub fn run(kwp: &Path, mode: &str, n: usize, changes: usize) -> Result<Row> {
     }
 
     let mut timed = Vec::new();
+    let mut writes = Vec::new();
     for i in 0..changes {
         std::thread::sleep(PAUSE);
         // Distinct Services spread over the files.
@@ -147,9 +192,25 @@ pub fn run(kwp: &Path, mode: &str, n: usize, changes: usize) -> Result<Row> {
         let want: BTreeSet<_> = (0..ENDPOINTS)
             .map(|e| endpoint_ip(s, e, if e == 0 { shifts[&s] } else { 0 }))
             .collect();
-        let tmp = prepare(&dir, file_of(s), n, &shifts)?;
-        let t0 = Instant::now();
-        fs::rename(&tmp, dir.join(file_name(file_of(s))))?;
+        // Timed from the API write's request, or from the rename (writing
+        // the file beside its place is not the proxy's work).
+        let t0 = if let Some(api) = &opts.api {
+            let t0 = Instant::now();
+            api.shift(s, endpoint_ip(s, 0, shifts[&s]))
+                .with_context(|| format!("change {i}"))?;
+            save_shifts(&shifts)?;
+            writes.push(t0.elapsed());
+            println!(
+                "bench: {mode} {n}: change {i}: the API write took {:.1} ms",
+                ms(t0.elapsed())
+            );
+            t0
+        } else {
+            let tmp = prepare(&dir, file_of(s), n, &shifts)?;
+            let t0 = Instant::now();
+            fs::rename(&tmp, dir.join(file_name(file_of(s))))?;
+            t0
+        };
         loop {
             if kernel.endpoints(s)? == want {
                 break;
@@ -170,18 +231,78 @@ pub fn run(kwp: &Path, mode: &str, n: usize, changes: usize) -> Result<Row> {
         timed.push(took);
     }
 
-    let rss_kwp = vm_hwm(proxy.0.id()).context("kwp's VmHWM")?;
-    // SAFETY: plain kill(2) of our own child.
-    unsafe { libc::kill(proxy.0.id() as i32, libc::SIGTERM) };
-    let _ = proxy.0.wait();
+    let rss_kwp = vm_hwm(proxy.0.id()).context("the proxy's VmHWM")?;
+    stop(&mut proxy);
     Ok(Row {
         full,
+        finished: true,
+        progress: n,
         changes: timed,
+        writes,
         rss_kwp,
         rss_tree: children_max_rss(),
         slowest_check,
         counts,
     })
+}
+
+const SHIFTS: &str = "/tmp/kwp-bench/api-shifts";
+
+/// How far each Service's first endpoint has moved in the API server so
+/// far (`s shift` lines).
+fn load_shifts() -> Result<BTreeMap<usize, usize>> {
+    let text = match fs::read_to_string(SHIFTS) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        r => r.context(SHIFTS)?,
+    };
+    text.lines()
+        .map(|l| {
+            let (s, shift) = l.split_once(' ').context("a line `s shift`")?;
+            Ok((s.parse()?, shift.parse()?))
+        })
+        .collect::<Result<_>>()
+        .with_context(|| format!("reading {SHIFTS}"))
+}
+
+fn save_shifts(shifts: &BTreeMap<usize, usize>) -> Result<()> {
+    let text: String = shifts.iter().map(|(s, k)| format!("{s} {k}\n")).collect();
+    fs::write(SHIFTS, text).with_context(|| format!("writing {SHIFTS}"))
+}
+
+/// SIGTERM, so the proxy ends as it would on a node; waited for, so its
+/// children count in `children_max_rss`.
+fn stop(proxy: &mut Proxy) {
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(proxy.0.id() as i32, libc::SIGTERM) };
+    let _ = proxy.0.wait();
+}
+
+/// The proxy of `mode`: kwp from the files in `dir` or from the API
+/// server, or upstream kube-proxy in IPVS mode from the API server. Both
+/// sync every change at once and do no periodic resync during the run.
+fn proxy_command(kwp: &Path, mode: &str, dir: &Path, api: Option<&Api>) -> Result<Command> {
+    if mode == "upstream" {
+        let api = api.context("upstream kube-proxy needs the API server (KWP_IPVS_VM_NET=1)")?;
+        let mut cmd = Command::new(&api.kube_proxy);
+        cmd.args(["--proxy-mode", "ipvs", "--kubeconfig", &api.kubeconfig])
+            .args(["--hostname-override", "node-1"])
+            .args(["--ipvs-min-sync-period", "0s", "--ipvs-sync-period", "1h"])
+            // Leave the conntrack table's size alone, as kwp does.
+            .args(["--conntrack-max-per-core", "0"]);
+        return Ok(cmd);
+    }
+    let mut cmd = Command::new(kwp);
+    cmd.args(["--proxy-mode", mode]);
+    match api {
+        Some(api) => cmd.args(["--source", "kubernetes", "--kubeconfig", &api.kubeconfig]),
+        None => cmd.arg("--source").arg(format!("file:{}", dir.display())),
+    };
+    cmd.args(["--hostname-override", "node-1"])
+        .args(["--min-sync-period", "0", "--sync-period", "1h"])
+        // Wasm under emulation runs tens of times slower than natively.
+        .args(["--plugin-call-timeout", "120s"])
+        .args(["--healthz-bind-address", "", "--metrics-bind-address", ""]);
+    Ok(cmd)
 }
 
 /// Writes file `file` beside its place and returns the temporary's path.
