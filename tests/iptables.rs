@@ -184,7 +184,7 @@ fn dry_run_shows_the_diff_against_the_kernel_and_applies_nothing() {
     };
     let first = dry_run();
     assert!(
-        first.contains("+ iptables -t nat -A KWP-SERVICE-IPS-35 -d 10.96.0.35/32"),
+        first.contains("+ iptables -t nat -A KWP-SERVICE-IPS -d 10.96.0.35/32"),
         "{first}"
     );
     assert!(

@@ -21,8 +21,7 @@ const NLM_F_DUMP_INTR: u16 = 0x10;
 /// How many Services `proxy` has programmed in `mode`: elements of the
 /// `service-ips` map (nftables, both proxies), or rules of the nat dispatch
 /// chain that jump to a per-Service chain (iptables on the nft backend:
-/// `KUBE-SERVICES` → `KUBE-SVC-*`, kwp's 64 `KWP-SERVICE-IPS-k` shards →
-/// `KWP-SVC-*`). A
+/// `KUBE-SERVICES` → `KUBE-SVC-*`, `KWP-SERVICE-IPS` → `KWP-SVC-*`). A
 /// restore commits a table at once, so the dispatch rules are there only
 /// with the chains they jump to.
 pub fn programmed(mode: &str, proxy: &str) -> Result<usize> {
@@ -31,9 +30,7 @@ pub fn programmed(mode: &str, proxy: &str) -> Result<usize> {
             kwp::dataplane::nftables::element_count("kube-wasm-proxy", "service-ips")
         }
         ("nftables", _) => kwp::dataplane::nftables::element_count("kube-proxy", "service-ips"),
-        ("iptables", "kwp") => (0..64)
-            .map(|k| rule_count("nat", &format!("KWP-SERVICE-IPS-{k}"), b"KWP-SVC-"))
-            .sum(),
+        ("iptables", "kwp") => rule_count("nat", "KWP-SERVICE-IPS", b"KWP-SVC-"),
         ("iptables", _) => rule_count("nat", "KUBE-SERVICES", b"KUBE-SVC-"),
         (other, _) => bail!("mode {other} not benchmarked"),
     }

@@ -6,7 +6,7 @@ use kwp_sdk::mode::ModeConfig;
 use kwp_sdk::mode::{Fragment, Item};
 
 use crate::Settings;
-use crate::family::{DISPATCH_SHARDS, Fam, V4, V6, shard};
+use crate::family::{Fam, V4, V6};
 
 pub fn render(cfg: &ModeConfig, s: &Settings) -> Result<Fragment, String> {
     let mut items = Vec::new();
@@ -69,7 +69,7 @@ fn render_family(cfg: &ModeConfig, s: &Settings, f: Fam) -> Vec<Item> {
     }
     let mut items = vec![
         f.chain("nat", "KWP-SERVICES", services),
-        f.chain("nat", "KWP-SERVICE-IPS", f.shard_dispatch()),
+        f.chain("nat", "KWP-SERVICE-IPS", vec![]),
         f.chain("nat", "KWP-NODEPORTS", vec![]),
         f.chain(
             "nat",
@@ -100,8 +100,6 @@ fn render_family(cfg: &ModeConfig, s: &Settings, f: Fam) -> Vec<Item> {
         f.chain("filter", "KWP-PROXY-FIREWALL", vec![]),
         f.chain("filter", "KWP-NODEPORTS", vec![]),
     ];
-    // The shards, declared empty: Services add their rules to them.
-    items.extend((0..DISPATCH_SHARDS).map(|k| f.chain("nat", &shard(k), vec![])));
     if !f.ipv6 && s.localhost_node_ports_in_effect() {
         items.push(f.chain(
             "filter",

@@ -13,14 +13,6 @@ pub struct Fam {
 pub const V4: Fam = Fam { ipv6: false };
 pub const V6: Fam = Fam { ipv6: true };
 
-/// `KWP-SERVICE-IPS` sends a packet by the low six bits of its
-/// destination to one of 64 shard chains. A Service added or removed then
-/// edits one short chain (iptables-nft reads the rules of the chain a
-/// `-D` names), and a new connection passes at most 64 + N/64 dispatch
-/// rules where upstream's single chain makes it pass N.
-pub const DISPATCH_SHARDS: u8 = 64;
-const SHARD_DISPATCH: &str = "KWP-SERVICE-IPS";
-
 impl Fam {
     /// The address as iptables writes it, if it is of this family.
     pub fn ip(&self, ip: &IpAddress) -> Option<String> {
@@ -71,33 +63,6 @@ impl Fam {
         }
     }
 
-    /// The dispatch shard chain of a destination, as `ip()` wrote it.
-    pub fn shard_chain(&self, ip: &str) -> String {
-        let low = match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(a)) => a.octets()[3],
-            Ok(std::net::IpAddr::V6(a)) => a.octets()[15],
-            // `ip()` writes only what parses; a rule here would be unreachable.
-            Err(_) => unreachable!("{ip:?} was not written by Fam::ip"),
-        };
-        shard(low % DISPATCH_SHARDS)
-    }
-
-    /// `KWP-SERVICE-IPS` itself: one goto per shard, by destination
-    /// (iptables-save's form of a non-contiguous mask). A goto, so that a
-    /// packet no Service claims returns straight to `KWP-SERVICES`.
-    pub fn shard_dispatch(&self) -> Vec<String> {
-        (0..DISPATCH_SHARDS)
-            .map(|k| {
-                let dst = if self.ipv6 {
-                    format!("{}/::3f", std::net::Ipv6Addr::from(u128::from(k)))
-                } else {
-                    format!("0.0.0.{k}/0.0.0.{}", DISPATCH_SHARDS - 1)
-                };
-                format!("-d {dst} -g {}", shard(k))
-            })
-            .collect()
-    }
-
     pub fn chain(&self, table: &str, name: &str, rules: Vec<String>) -> Item {
         Item::IptablesChain(IptablesChain {
             ipv6: self.ipv6,
@@ -106,9 +71,4 @@ impl Fam {
             rules,
         })
     }
-}
-
-/// The name of dispatch shard `k`.
-pub fn shard(k: u8) -> String {
-    format!("{SHARD_DISPATCH}-{k}")
 }

@@ -207,8 +207,7 @@ fn render_family(
     // endpoints: as upstream, they drop while the Service has endpoints on
     // other nodes (a Local policy) and reject when it has none at all.
     let no_endpoints = if sets.has_any { "DROP" } else { "REJECT" };
-    // (shard chain, rule): each frontend's rule goes to its address's shard.
-    let mut service_ips: Vec<(String, String)> = Vec::new();
+    let mut service_ips = Vec::new();
     let mut filter_services = Vec::new();
     let mut filter_external = Vec::new();
     let mut firewall = Vec::new();
@@ -218,7 +217,7 @@ fn render_family(
             let verdict = no_endpoints;
             filter_services.push(format!("{to} -j {verdict}"));
         } else {
-            service_ips.push((f.shard_chain(ip), format!("{to} -j {svc_chain}")));
+            service_ips.push(format!("{to} -j {svc_chain}"));
         }
     }
     let lb_ips: Vec<String> = svc
@@ -248,10 +247,10 @@ fn render_family(
         if external.is_empty() {
             filter_external.push(format!("{to} -j {}", no_endpoints));
         } else if lb && firewalled {
-            service_ips.push((f.shard_chain(ip), format!("{to} -j {fw_chain}")));
+            service_ips.push(format!("{to} -j {fw_chain}"));
             firewall.push(format!("{to} -j DROP"));
         } else {
-            service_ips.push((f.shard_chain(ip), format!("{to} -j {ext_chain}")));
+            service_ips.push(format!("{to} -j {ext_chain}"));
         }
     }
     let mut node_ports = Vec::new();
@@ -272,14 +271,8 @@ fn render_family(
     }
     // Only the dispatch chains this Service adds to: an empty contribution
     // would still be a rewrite of a shared chain for nothing.
-    let mut shards: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for (shard, rule) in service_ips {
-        shards.entry(shard).or_default().push(rule);
-    }
-    for (shard, rules) in shards {
-        out.items.push(f.chain("nat", &shard, rules));
-    }
     for (table, chain, rules) in [
+        ("nat", "KWP-SERVICE-IPS", service_ips),
         ("nat", "KWP-NODEPORTS", node_ports),
         ("filter", "KWP-SERVICES", filter_services),
         ("filter", "KWP-EXTERNAL-SERVICES", filter_external),

@@ -106,9 +106,7 @@ fn a_local_policy_drops_with_endpoints_elsewhere_and_rejects_without_any() {
         &sets(&[ep(2, true, false)], &[], true),
     );
     assert!(chain(&chains, "filter", "KWP-EXTERNAL-SERVICES").contains("--dport 30080 -j DROP"));
-    // The cluster IP's rule, in its address's dispatch shard (10.96.0.10).
-    assert!(chain(&chains, "nat", "KWP-SERVICE-IPS-10").contains("-d 10.96.0.10/32"));
-    assert!(chain(&chains, "nat", "KWP-SERVICE-IPS-10").contains("-j KWP-SVC-"));
+    assert!(chain(&chains, "nat", "KWP-SERVICE-IPS").contains("-j KWP-SVC-"));
 }
 
 #[test]
@@ -128,37 +126,5 @@ fn external_ips_under_external_local_reach_local_endpoints_only() {
         external.contains("--src-type LOCAL -j KWP-SVC-"),
         "{external}"
     );
-    assert!(chain(&chains, "nat", "KWP-SERVICE-IPS-7").contains("-d 203.0.113.7/32"));
-}
-
-/// Every address has exactly one shard, and the dispatch rule of that
-/// shard is the one whose mask matches it (what the kernel will do).
-#[test]
-fn each_frontend_rule_sits_in_the_dispatch_shard_its_address_matches() {
-    use crate::family::{DISPATCH_SHARDS, V4, V6, shard};
-    let (d4, d6) = (V4.shard_dispatch(), V6.shard_dispatch());
-    assert_eq!((d4.len(), d6.len()), (64, 64));
-    assert_eq!(d4[5], "-d 0.0.0.5/0.0.0.63 -g KWP-SERVICE-IPS-5");
-    assert_eq!(d6[63], "-d ::3f/::3f -g KWP-SERVICE-IPS-63");
-    for (ip, k) in [("10.96.0.10", 10), ("10.96.1.64", 0), ("192.0.2.255", 63)] {
-        assert_eq!(V4.shard_chain(ip), shard(k), "{ip}");
-        let rule = &d4[usize::from(k)];
-        let last: u8 = ip.rsplit('.').next().unwrap().parse().unwrap();
-        assert!(rule.starts_with(&format!("-d 0.0.0.{}/", last % DISPATCH_SHARDS)));
-    }
-    assert_eq!(V6.shard_chain("fd00::1:7f"), shard(0x3f));
-    // A Service on two addresses writes to both shards, nothing to the
-    // dispatch chain itself.
-    let mut port = svc(TrafficPolicy::Cluster, TrafficPolicy::Cluster);
-    port.external_ips = vec![v4([203, 0, 113, 7])];
-    let chains = rendered(
-        &port,
-        &sets(&[ep(1, true, true)], &[ep(1, true, true)], true),
-    );
-    let names: Vec<&str> = chains
-        .iter()
-        .filter(|(t, n, _)| t == "nat" && n.starts_with("KWP-SERVICE-IPS"))
-        .map(|(_, n, _)| n.as_str())
-        .collect();
-    assert_eq!(names, ["KWP-SERVICE-IPS-10", "KWP-SERVICE-IPS-7"]);
+    assert!(chain(&chains, "nat", "KWP-SERVICE-IPS").contains("-d 203.0.113.7/32"));
 }
