@@ -20,19 +20,15 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use super::abi::{
+    NFPROTO_IPV4, NFPROTO_IPV6, NFT_MSG_DELSETELEM, NFT_MSG_NEWSETELEM, NFTA_DATA_VALUE,
+    NFTA_LIST_ELEM, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS,
+    NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_TABLE,
+};
 use super::script::{Counts, Obj, Objects, Qualified};
 use crate::dataplane::ipvs::netlink::Attrs;
 use crate::plan::NftFamily;
 
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_LIST_ELEM: u16 = 1;
-const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
@@ -42,8 +38,6 @@ const NFT_CONTINUE: i32 = -1;
 const NFT_JUMP: i32 = -3;
 const NFT_GOTO: i32 = -4;
 const NFT_RETURN: i32 = -5;
-pub(super) const NFPROTO_IPV4: u8 = 2;
-pub(super) const NFPROTO_IPV6: u8 = 10;
 
 /// One field of a key or value, as the kernel stores it in a register:
 /// each field of a concatenation takes a multiple of 4 bytes.

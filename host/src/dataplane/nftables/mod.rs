@@ -23,6 +23,7 @@
 //!   `KWP_NFT_ELEMENTS_VIA_NFT=1`; what the encoder does not understand
 //!   goes through nft text.
 
+mod abi;
 mod diff;
 mod elements;
 pub mod fake;

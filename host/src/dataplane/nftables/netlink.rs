@@ -13,16 +13,15 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use anyhow::{Context, Result, bail};
 
-use super::elements::{ElementBatch, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::abi::{NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4, NFPROTO_IPV6, NFT_MSG_GETSETELEM};
+use super::elements::ElementBatch;
 use super::kernel::{Inventory, SetKind, Summary};
 use crate::plan::NftFamily;
 
 const NETLINK_NETFILTER: i32 = 12;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETSET: u16 = 10;
-const NFT_MSG_GETSETELEM: u16 = 13;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_DUMP_INTR: u16 = 0x10;

@@ -24,20 +24,20 @@ use crate::dataplane::ipvs::netlink::{Attrs, NLM_F_DUMP, Socket, attrs};
 use crate::model::Protocol;
 
 use super::objects::{ENDPOINTS, PORT, cluster_ip};
+use abi::{
+    NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4, NFT_MSG_GETSETELEM, NFTA_DATA_VALUE, NFTA_LIST_ELEM,
+    NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_SET_ELEM_LIST_SET,
+    NFTA_SET_ELEM_LIST_TABLE,
+};
+
+/// The host's nf_tables numbers, shared rather than declared again.
+#[path = "../../../../host/src/dataplane/nftables/abi.rs"]
+#[allow(dead_code)]
+mod abi;
 
 /// kwp's nf_tables table (both modes; IPVS mode keeps its packet-filter
 /// helpers there).
 const TABLE: &str = "kube-wasm-proxy";
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_GETSETELEM: u16 = 13;
-const NFPROTO_IPV4: u8 = 2;
-const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
-const NFTA_SET_ELEM_LIST_SET: u16 = 2;
-const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
-const NFTA_LIST_ELEM: u16 = 1;
-const NFTA_SET_ELEM_KEY: u16 = 1;
-const NFTA_SET_ELEM_DATA: u16 = 2;
-const NFTA_DATA_VALUE: u16 = 1;
 const IPPROTO_TCP: u8 = 6;
 
 /// One mode's view of the kernel.
