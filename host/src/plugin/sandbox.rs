@@ -100,8 +100,9 @@ impl<B> Sandbox<B> {
     }
 
     /// Runs one call, handed `elements` list elements, under the deadline
-    /// for that size. Any trap discards the instance. The guest's CPU time is bounded by the epoch deadline (a trap); the
-    /// time it spends waiting on WASI by `drive`'s budget of the same length.
+    /// for that size. Any trap discards the instance. The guest's CPU time
+    /// is bounded by the epoch deadline (a trap); the time it spends
+    /// waiting on WASI by `drive`'s budget of the same length.
     pub fn call<R>(
         &mut self,
         call: &'static str,
