@@ -324,12 +324,15 @@ impl EndpointSet {
 
 /// What a proxy mode renders a service port from (WIT `service-endpoints`):
 /// the set for cluster-IP traffic, the set for node-port, external-IP and
-/// load-balancer traffic, and whether any endpoint exists on any node
-/// (drop rather than reject when a set is empty).
+/// load-balancer traffic, the cluster-wide set that pods and the node reach
+/// those frontends through under externalTrafficPolicy Local (empty
+/// otherwise), and whether any endpoint exists on any node (drop rather
+/// than reject when a set is empty).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceEndpoints {
     pub internal: EndpointSet,
     pub external: EndpointSet,
+    pub cluster: EndpointSet,
     pub has_any: bool,
 }
 

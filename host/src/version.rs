@@ -12,8 +12,8 @@ const WIT: &[&str] = &[
     include_str!("../../sdk/wit/contract.wit"),
     include_str!("../../sdk/wit/deps/types@0.3.0/types.wit"),
     include_str!("../../sdk/wit/deps/policy@0.3.0/policy.wit"),
-    include_str!("../../sdk/wit/deps/mode@0.3.0/mode.wit"),
-    include_str!("../../sdk/wit/deps/mode@0.3.0/plan.wit"),
+    include_str!("../../sdk/wit/deps/mode@0.4.0/mode.wit"),
+    include_str!("../../sdk/wit/deps/mode@0.4.0/plan.wit"),
 ];
 
 /// `kwp:policy@0.3.0`, one per versioned WIT package (the unversioned

@@ -1,7 +1,7 @@
-//! For proxy modes: a service port's internal and external endpoint sets
-//! merged into one list, so an endpoint in both gets one per-endpoint rule
-//! (upstream renders each endpoint chain once), with each set's plan
-//! re-indexed onto that list.
+//! For proxy modes: a service port's internal, external and short-circuit
+//! endpoint sets merged into one list, so an endpoint in several gets one
+//! per-endpoint rule (upstream renders each endpoint chain once), with each
+//! set's plan re-indexed onto that list.
 
 use crate::mode::{EndpointSet, ServiceEndpoints};
 use std::collections::HashMap;
@@ -36,16 +36,23 @@ impl SetPlan {
     }
 }
 
-/// Both sets over one endpoint list.
+/// The sets over one endpoint list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MergedSets {
-    /// Every endpoint either set names, each address and port once.
+    /// Every endpoint some set names, each address and port once.
     pub endpoints: Vec<Endpoint>,
     pub internal: SetPlan,
     pub external: SetPlan,
+    /// The cluster-wide set that this node's pods and the node itself reach
+    /// external frontends through under externalTrafficPolicy Local
+    /// (`ServiceEndpoints::cluster`); all weights 0 when it is empty.
+    pub cluster: SetPlan,
     /// The external set is the internal one (same endpoints, same plan):
     /// external traffic can share the internal chain.
     pub external_is_internal: bool,
+    /// The short-circuit set is the internal one: the short-circuit can
+    /// use the internal chain.
+    pub cluster_is_internal: bool,
     /// The Service has a usable endpoint on some node: an empty set drops
     /// rather than rejects.
     pub has_any: bool,
@@ -69,16 +76,21 @@ impl MergedSets {
         };
         let internal_at = index(&sets.internal);
         let external_at = index(&sets.external);
+        let cluster_at = index(&sets.cluster);
         let n = endpoints.len();
         let internal =
             plan_over(&sets.internal, &internal_at, n).map_err(|e| format!("internal set: {e}"))?;
         let external =
             plan_over(&sets.external, &external_at, n).map_err(|e| format!("external set: {e}"))?;
+        let cluster = plan_over(&sets.cluster, &cluster_at, n)
+            .map_err(|e| format!("short-circuit (cluster) set: {e}"))?;
         Ok(Self {
             endpoints,
             external_is_internal: sets.external == sets.internal,
+            cluster_is_internal: sets.cluster == sets.internal,
             internal,
             external,
+            cluster,
             has_any: sets.has_any_endpoints,
         })
     }

@@ -94,6 +94,7 @@ scenarios! {
     traffic::node_port_from_outside_is_masqueraded,
     traffic::external_traffic_policy_local_keeps_the_client_ip_and_local_pods,
     traffic::no_endpoints_rejects_and_no_local_endpoints_drops,
+    traffic::both_local_short_circuit_pods_and_the_node_to_every_endpoint,
     traffic::client_ip_affinity_sticks_to_one_pod,
     traffic::udp_cluster_ip_works,
     traffic::dual_stack_services_answer_on_both_families,

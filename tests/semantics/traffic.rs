@@ -274,3 +274,69 @@ pub fn internal_local_without_local_pods_drops_and_node_ports_serve(mode: &Mode)
         "cluster IP with no local endpoint: dropped, not rejected"
     );
 }
+
+/// Upstream's short-circuit under both traffic policies Local: this node's
+/// pods and the node itself reach a node port or external IP through the
+/// cluster-wide set (remote pods too; the node masqueraded, its source
+/// being the frontend's own address), while clients outside reach only this
+/// node's pods, their address kept, and are dropped where it has none.
+pub fn both_local_short_circuit_pods_and_the_node_to_every_endpoint(mode: &Mode) {
+    let c = mode.cluster("short");
+    // 198.51.100.x stands for addresses routed to this node by a router.
+    c.client.sh("ip route add 198.51.100.0/24 via 203.0.113.1");
+    let both_local = |name: &str, ip: &str, node_port: i32, external_ip: &str| {
+        TestService::new(&c, name, ip)
+            .node_port(node_port)
+            .external_ips(&[external_ip])
+            .internal_traffic_local()
+            .external_traffic_local()
+    };
+    let near = both_local("near", "10.96.0.37", 30093, "198.51.100.21").pods(&["pod-a", "pod-c"]);
+    let far = both_local("far", "10.96.0.38", 30094, "198.51.100.22").pods(&["pod-c"]);
+    let _p = mode.start(&c, &(near.yaml() + &far.yaml()));
+    eventually("rules for both services", || {
+        mode.rules(&c).contains("198.51.100.22")
+    });
+    let pod_b = &c.pod("pod-b").ns;
+    // A local pod and the node: every endpoint, by node port and external IP.
+    for (frontend, expected) in [
+        (addr(NODE_IP, 30093), &["pod-a", "pod-c"][..]),
+        (addr("198.51.100.21", 80), &["pod-a", "pod-c"]),
+        (addr(NODE_IP, 30094), &["pod-c"]),
+        (addr("198.51.100.22", 80), &["pod-c"]),
+    ] {
+        for (from, who) in [(pod_b, "pod-b"), (&c.node, "the node")] {
+            let outcomes = many(16, || tcp_from(from, frontend));
+            assert_eq!(
+                answered_by(&outcomes),
+                pods(expected),
+                "{who} to {frontend}: {outcomes:?}"
+            );
+        }
+    }
+    // From outside: this node's pods only, the client's address kept...
+    let outside = many(10, || tcp_from(&c.client, addr(NODE_IP, 30093)));
+    assert_eq!(answered_by(&outside), pods(&["pod-a"]));
+    assert!(
+        outside
+            .iter()
+            .all(|o| matches!(o, Outcome::Answered(_, src) if src == CLIENT_IP)),
+        "{outside:?}"
+    );
+    // ...and none here: dropped, by node port and external IP alike.
+    for frontend in [addr(NODE_IP, 30094), addr("198.51.100.22", 80)] {
+        assert_eq!(
+            tcp_from(&c.client, frontend),
+            Outcome::TimedOut,
+            "{frontend}"
+        );
+    }
+    // The cluster IPs keep to this node's pods (internalTrafficPolicy Local).
+    let outcomes = many(10, || tcp_from(pod_b, addr("10.96.0.37", 80)));
+    assert_eq!(answered_by(&outcomes), pods(&["pod-a"]));
+    assert_eq!(
+        tcp_from(pod_b, addr("10.96.0.38", 80)),
+        Outcome::TimedOut,
+        "no local endpoint: dropped"
+    );
+}

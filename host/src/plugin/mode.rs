@@ -200,6 +200,7 @@ impl Mode {
         let endpoints = ServiceEndpoints {
             internal: set.clone(),
             external: set,
+            cluster: EndpointSet::empty(),
             has_any: true,
         };
         self.render_service(u32::MAX, &svc, "round-robin", &endpoints)?
@@ -280,9 +281,12 @@ impl Mode {
         let handed = wit_mode::ServiceEndpoints {
             internal: set(&endpoints.internal),
             external: set(&endpoints.external),
+            cluster: set(&endpoints.cluster),
             has_any_endpoints: endpoints.has_any,
         };
-        let elements = handed.internal.endpoints.len() + handed.external.endpoints.len();
+        let elements = handed.internal.endpoints.len()
+            + handed.external.endpoints.len()
+            + handed.cluster.endpoints.len();
         let result = self
             .sandbox
             .call("render-service", elements, async |st, b| {

@@ -265,6 +265,29 @@ fn a_component_of_another_wit_version_is_refused_clearly() {
     }
 }
 
+/// A mode built against the previous `kwp:mode` (0.3.0: no short-circuit
+/// set), as a mode from an older kwp-sdk is: refused at load and as a
+/// reload candidate, naming the version found and the one expected.
+#[test]
+fn a_mode_of_the_previous_mode_contract_is_refused_clearly() {
+    let rt = runtime();
+    let name = "mode_contract_v0_3";
+    let component = rt.compile(program(name)).unwrap();
+    assert_eq!(rt.kind_of(&component).unwrap(), PluginKind::Mode);
+    let expected = contract::interface(PluginKind::Mode);
+    let wanted = format!("built against kwp:mode/mode@0.3.0, this host speaks {expected}");
+    let err = mode::Mode::new(rt.clone(), name, &component, mode::ModeSettings::default())
+        .err()
+        .expect("must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&wanted), "{msg}");
+    let err = reload::prepare(&rt, name, program(name))
+        .err()
+        .expect("must be refused as a reload candidate");
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&wanted), "{msg}");
+}
+
 #[test]
 fn a_component_missing_an_export_is_refused_clearly() {
     let rt = runtime();

@@ -5,6 +5,7 @@
 //! fragment of that service in force and is retried on the next sync.
 
 mod policies;
+mod sets;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -14,9 +15,7 @@ use anyhow::{Context, Result};
 
 use crate::dataplane::userspace::backends::{Affinity, Backends, ServiceBackends};
 use crate::dataplane::{Applied, Dataplane, conntrack};
-use crate::model::{
-    Endpoint, EndpointSet, NodeInfo, ObjectKey, ServiceEndpoints, ServicePortName, TrafficPolicy,
-};
+use crate::model::{Endpoint, NodeInfo, ObjectKey, ServicePortName, TrafficPolicy};
 use crate::plan::{Fragment, Plan, Rules};
 use crate::plugin::mode::{Mode, ModeSettings};
 use crate::plugin::{Catalog, Runtime};
@@ -435,37 +434,10 @@ impl Proxier {
         let policy_name = policy_key.name;
         let categorized = categorize(&svc.port, &svc.endpoints, &self.node);
         self.note_local_endpoints(svc, &categorized);
-        let internal = categorized.internal(&svc.port).to_vec();
-        let external = categorized.external(&svc.port).to_vec();
-        // The external set has its own id in the policy only when it
-        // differs: most Services have one set, and one plan to ask for.
-        let separate = !external.is_empty() && external != internal;
-        let endpoints = {
-            let mut p = policy.lock().expect("policy lock");
-            p.set_endpoints(id, &internal)?;
-            let internal = EndpointSet {
-                backends: p.plan(id)?,
-                endpoints: internal,
-            };
-            let external = if separate {
-                let ext = policies::external_id(id);
-                p.set_endpoints(ext, &external)?;
-                EndpointSet {
-                    backends: p.plan(ext)?,
-                    endpoints: external,
-                }
-            } else if external.is_empty() {
-                EndpointSet::empty()
-            } else {
-                internal.clone()
-            };
-            ServiceEndpoints {
-                internal,
-                external,
-                has_any: categorized.has_any,
-            }
-        };
-        self.policies.use_external(name, separate);
+        let own = sets::own_sets(&svc.port, &categorized);
+        // Recorded first, so that a set whose push fails is still released.
+        self.policies.use_sets(name, own);
+        let endpoints = sets::planned(&policy, id, &svc.port, &categorized, own)?;
         let fragment = self
             .mode
             .render_service(id, &svc.port, &policy_name, &endpoints)
@@ -475,11 +447,11 @@ impl Proxier {
                 Ok(f)
             })
             .inspect_err(|_| self.mode_failures += 1)?;
-        let reachable = reachable(&endpoints);
+        let reachable = sets::reachable(&endpoints);
         if self.explain {
             self.plan
                 .context
-                .insert(name.clone(), render_context(&policy_name, &endpoints));
+                .insert(name.clone(), sets::render_context(&policy_name, &endpoints));
         }
         let (plugin, digest) = self.policies.origin(&policy_name).unwrap_or_default();
         self.inspect.synced(
@@ -546,51 +518,6 @@ impl Proxier {
             }
         }
     }
-}
-
-/// Every endpoint either set may reach, once each (upstream's
-/// allLocallyReachableEndpoints): what inspect counts and what stale UDP
-/// flows are judged against.
-fn reachable(endpoints: &ServiceEndpoints) -> Vec<Endpoint> {
-    let mut all = endpoints.internal.endpoints.clone();
-    if endpoints.external == endpoints.internal {
-        return all;
-    }
-    // Hashed: a Service may have tens of thousands of endpoints.
-    let mut seen: std::collections::HashSet<(std::net::IpAddr, u16)> =
-        all.iter().map(|e| (e.ip, e.port)).collect();
-    for ep in &endpoints.external.endpoints {
-        if seen.insert((ep.ip, ep.port)) {
-            all.push(ep.clone());
-        }
-    }
-    all
-}
-
-/// `--dry-run`'s note on a service's fragment: its policy and both sets.
-fn render_context(policy: &str, endpoints: &ServiceEndpoints) -> String {
-    let addrs = |s: &EndpointSet| {
-        s.endpoints
-            .iter()
-            .map(|e| e.socket_addr().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let internal = &endpoints.internal;
-    let mut context = format!(
-        "policy {policy}, endpoints [{}], backends {:?}",
-        addrs(internal),
-        internal.backends
-    );
-    if endpoints.external != *internal && !endpoints.external.endpoints.is_empty() {
-        let external = &endpoints.external;
-        context.push_str(&format!(
-            "; external endpoints [{}], backends {:?}",
-            addrs(external),
-            external.backends
-        ));
-    }
-    context
 }
 
 #[cfg(test)]

@@ -45,29 +45,45 @@ impl std::fmt::Display for PolicyKey {
 }
 
 /// A service port's place in a policy instance: its id for the internal
-/// set and whether its external set is pushed under `external_id(id)`.
+/// set and which of its other sets are pushed under ids of their own.
 #[derive(Clone, Debug, PartialEq)]
 struct Use {
     key: PolicyKey,
     id: u32,
-    external: bool,
+    sets: OwnSets,
 }
 
-/// Ids the proxier hands out stay below this bit; the same id with the bit
-/// set names the service port's external endpoint set in its policy, so the
-/// two sets keep separate state (least-connections counts, rotation) and
-/// neither overwrites the other at every sync.
+/// Which of a service port's sets other than the internal one its policy
+/// holds under ids of their own (a set equal to another shares its plan).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnSets {
+    /// The external set, under `external_id(id)`.
+    pub external: bool,
+    /// The cluster-wide set of the short-circuit, under `cluster_id(id)`.
+    pub cluster: bool,
+}
+
+/// Ids the proxier hands out stay below these bits; the same id with a bit
+/// set names another endpoint set of the service port in its policy, so
+/// the sets keep separate state (least-connections counts, rotation) and
+/// none overwrites another at every sync.
 const EXTERNAL_ID_BIT: u32 = 1 << 31;
+const CLUSTER_ID_BIT: u32 = 1 << 30;
 
 /// The policy id of `id`'s external endpoint set.
 pub fn external_id(id: u32) -> u32 {
     id | EXTERNAL_ID_BIT
 }
 
-/// Whether the proxier may hand out `id` (its external twin must not
-/// collide with another service port's id).
+/// The policy id of `id`'s cluster-wide (short-circuit) endpoint set.
+pub fn cluster_id(id: u32) -> u32 {
+    id | CLUSTER_ID_BIT
+}
+
+/// Whether the proxier may hand out `id` (its twins must not collide with
+/// another service port's id).
 pub fn valid_id(id: u32) -> bool {
-    id & EXTERNAL_ID_BIT == 0
+    id & (EXTERNAL_ID_BIT | CLUSTER_ID_BIT) == 0
 }
 
 pub struct Policies {
@@ -111,38 +127,41 @@ impl Policies {
     /// none or it fails to load, logged), recorded as used by it under `id`.
     pub fn for_service(&mut self, port: &ServicePort, id: u32) -> (PolicyKey, SharedPolicy) {
         let (key, policy) = self.resolve(port);
-        let external = match self.used_by.get(&port.name) {
+        let sets = match self.used_by.get(&port.name) {
             Some(old) if old.key != key => {
                 // The service port moved to another instance.
                 let old = old.clone();
                 self.forget(&old);
-                false
+                OwnSets::default()
             }
-            Some(old) => old.external,
-            None => false,
+            Some(old) => old.sets,
+            None => OwnSets::default(),
         };
         self.used_by.insert(
             port.name.clone(),
             Use {
                 key: key.clone(),
                 id,
-                external,
+                sets,
             },
         );
         (key, policy)
     }
 
-    /// Records whether `name`'s external endpoint set is pushed to its
-    /// policy under `external_id`; when it stops being, the instance
-    /// forgets that set. Call after `for_service`.
-    pub fn use_external(&mut self, name: &ServicePortName, external: bool) {
+    /// Records which of `name`'s other endpoint sets are pushed to its
+    /// policy under ids of their own; a set that stops being is forgotten
+    /// by the instance. Call after `for_service`.
+    pub fn use_sets(&mut self, name: &ServicePortName, sets: OwnSets) {
         let Some(using) = self.used_by.get_mut(name) else {
             return;
         };
-        let was = std::mem::replace(&mut using.external, external);
-        if was && !external {
-            let (key, id) = (using.key.clone(), external_id(using.id));
-            self.forget_id(&key, id);
+        let was = std::mem::replace(&mut using.sets, sets);
+        let (key, id) = (using.key.clone(), using.id);
+        if was.external && !sets.external {
+            self.forget_id(&key, external_id(id));
+        }
+        if was.cluster && !sets.cluster {
+            self.forget_id(&key, cluster_id(id));
         }
     }
 
@@ -175,11 +194,14 @@ impl Policies {
         }
     }
 
-    /// Both of a service port's sets leave its instance.
+    /// Every set of a service port leaves its instance.
     fn forget(&self, using: &Use) {
         self.forget_id(&using.key, using.id);
-        if using.external {
+        if using.sets.external {
             self.forget_id(&using.key, external_id(using.id));
+        }
+        if using.sets.cluster {
+            self.forget_id(&using.key, cluster_id(using.id));
         }
     }
 

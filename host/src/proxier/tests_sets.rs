@@ -1,7 +1,7 @@
-//! Internal and external endpoint sets through the proxier, with the
-//! bundled nftables mode on the fake kernel: each set reaches the mode, the
-//! external one has its own policy id only while it differs, and the
-//! counters see the right sets.
+//! Internal, external and short-circuit endpoint sets through the proxier,
+//! with the bundled nftables mode on the fake kernel: each set reaches the
+//! mode, the external and short-circuit ones have their own policy ids only
+//! while they differ, and the counters see the right sets.
 
 use super::tests::nftables_over_fake;
 use super::*;
@@ -96,5 +96,124 @@ fn no_local_endpoints_counts_only_while_the_service_has_endpoints_elsewhere() {
     assert!(
         kernel.contains("30080 : goto reject-chain"),
         "none at all: reject\n{kernel}"
+    );
+}
+
+/// The policy's calls so far (set-endpoints, plan, ...).
+fn policy_calls(proxier: &Proxier) -> u64 {
+    proxier
+        .plugin_stats()
+        .into_iter()
+        .find(|(name, _)| name == "round-robin")
+        .map_or(0, |(_, stats)| {
+            stats.calls.load(std::sync::atomic::Ordering::Relaxed)
+        })
+}
+
+/// Upstream's short-circuit: under both policies Local, this node's pods
+/// and the node itself reach the node port through the cluster-wide set,
+/// which here is more than the internal (local) one: it gets its own
+/// policy id and plan, and is released when it equals the internal set.
+#[test]
+fn both_policies_local_give_the_short_circuit_the_cluster_wide_set() {
+    let (mut proxier, fake) = nftables_over_fake();
+    let both_local = "internalTrafficPolicy: Local, externalTrafficPolicy: Local,";
+    let mut state = web(both_local, &[("10.1.0.1", "n"), ("10.1.0.2", "other")]);
+    sync_to(&mut proxier, &mut state);
+    let id = proxier.ids.values().copied().next().unwrap();
+    assert_eq!(
+        proxier.policies.held_ids(),
+        [id, policies::cluster_id(id)],
+        "internal and external are the same local set; the short-circuit its own"
+    );
+    let kernel = fake.dump();
+    assert!(
+        kernel.contains("fib saddr type local goto cluster-t.web._.tcp"),
+        "the node's own traffic goes to the cluster-wide chain\n{kernel}"
+    );
+    assert!(
+        kernel.contains("dnat to 10.1.0.2:8080"),
+        "the remote endpoint is reachable through it\n{kernel}"
+    );
+    let shown: Vec<crate::inspect::ServiceInfo> =
+        serde_json::from_str(&proxier.inspect.json()).unwrap();
+    assert_eq!(shown[0].endpoints, 2, "every set's endpoints, once");
+
+    // Only the local endpoint left: the cluster-wide set is the internal
+    // one, its id is released and no plan is asked for it.
+    let mut state = web(both_local, &[("10.1.0.1", "n")]);
+    let before = policy_calls(&proxier);
+    sync_to(&mut proxier, &mut state);
+    assert_eq!(proxier.policies.held_ids(), [id]);
+    // set-endpoints and plan of the one set, and the release of the other.
+    assert_eq!(policy_calls(&proxier) - before, 3);
+    let kernel = fake.dump();
+    assert!(
+        kernel.contains("fib saddr type local goto svc-t.web._.tcp"),
+        "{kernel}"
+    );
+    assert!(!kernel.contains("cluster-t.web"), "{kernel}");
+
+    // Only the remote endpoint: no local set, yet the external chain
+    // exists for the short-circuit; outside traffic falls through to the
+    // drop of a node port with no local endpoint.
+    let mut state = web(both_local, &[("10.1.0.2", "other")]);
+    sync_to(&mut proxier, &mut state);
+    assert_eq!(
+        proxier.policies.held_ids(),
+        [id, policies::cluster_id(id)],
+        "the empty local set and the cluster-wide one"
+    );
+    let kernel = fake.dump();
+    for wanted in [
+        "30080 : goto ext-t.web._.tcp",
+        "30080 : drop",
+        "fib saddr type local goto cluster-t.web._.tcp",
+    ] {
+        assert!(kernel.contains(wanted), "no {wanted:?} in\n{kernel}");
+    }
+    state.replace_all(&[], &[], None);
+    sync_to(&mut proxier, &mut state);
+    assert_eq!(proxier.policies.held_ids(), Vec::<u32>::new());
+}
+
+/// Under internalTrafficPolicy Cluster the short-circuit set is the
+/// internal one: no id, no plan, no chain of its own; under
+/// externalTrafficPolicy Cluster there is none at all.
+#[test]
+fn a_short_circuit_set_equal_to_the_internal_one_costs_nothing() {
+    let (mut proxier, fake) = nftables_over_fake();
+    let eps = [("10.1.0.1", "n"), ("10.1.0.2", "other")];
+    let mut state = web("externalTrafficPolicy: Local,", &eps);
+    sync_to(&mut proxier, &mut state);
+    let id = proxier.ids.values().copied().next().unwrap();
+    assert_eq!(
+        proxier.policies.held_ids(),
+        [id, policies::external_id(id)],
+        "the external (local) set differs, the short-circuit set does not"
+    );
+    let kernel = fake.dump();
+    assert!(
+        kernel.contains("fib saddr type local goto svc-t.web._.tcp"),
+        "{kernel}"
+    );
+    assert!(!kernel.contains("cluster-t.web"), "{kernel}");
+    // An endpoint change re-renders: two sets, two pushes and two plans.
+    let before = policy_calls(&proxier);
+    let mut state = web(
+        "externalTrafficPolicy: Local,",
+        &[("10.1.0.1", "n"), ("10.1.0.3", "other")],
+    );
+    sync_to(&mut proxier, &mut state);
+    assert_eq!(policy_calls(&proxier) - before, 4);
+
+    let mut state = web("", &eps);
+    let before = policy_calls(&proxier);
+    sync_to(&mut proxier, &mut state);
+    assert_eq!(proxier.policies.held_ids(), [id]);
+    assert_eq!(
+        policy_calls(&proxier) - before,
+        3,
+        "one push, one plan, the external set's release"
     );
 }

@@ -479,3 +479,63 @@ spec:
         ]
     );
 }
+
+/// Upstream's UsesClusterEndpoints: a port with a node port needs the
+/// cluster-wide set (topology applied) even under both policies Local, for
+/// the short-circuit of this node's pods and the node itself; without
+/// external frontends, or under externalTrafficPolicy Cluster, there is no
+/// short-circuit set.
+#[test]
+fn both_policies_local_with_a_node_port_keep_the_cluster_wide_set() {
+    let mut port = convert::service_ports(&svc(WEB), &mut |_| {})
+        .unwrap()
+        .remove(0);
+    let s = web_slice(
+        "w",
+        &[
+            ("10.1.0.1", true, true, false),
+            ("10.1.0.2", true, true, false),
+            ("10.1.0.3", true, true, false),
+        ],
+    );
+    let mut endpoints: Vec<Endpoint> = convert::slice_endpoints(&s, "node-a")
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect();
+    endpoints[1].is_local = false;
+    endpoints[2].is_local = false;
+    for (e, zone) in endpoints.iter_mut().zip(["zone-1", "zone-2", "zone-2"]) {
+        e.zone_hints = vec![zone.into()];
+    }
+    let node = NodeInfo {
+        name: "node-a".into(),
+        zone: Some("zone-2".into()),
+        ..NodeInfo::default()
+    };
+    port.internal_policy = TrafficPolicy::Local;
+    port.external_policy = TrafficPolicy::Local;
+    let ips = |eps: &[Endpoint]| -> Vec<String> { eps.iter().map(|e| e.ip.to_string()).collect() };
+
+    port.node_port = None;
+    let c = categorize(&port, &endpoints, &node);
+    assert!(c.short_circuit(&port).is_empty(), "no external frontend");
+    assert_eq!(ips(c.internal(&port)), ["10.1.0.1"]);
+
+    port.node_port = Some(30080);
+    let c = categorize(&port, &endpoints, &node);
+    assert_eq!(ips(c.internal(&port)), ["10.1.0.1"]);
+    assert_eq!(ips(c.external(&port)), ["10.1.0.1"]);
+    assert_eq!(
+        ips(c.short_circuit(&port)),
+        ["10.1.0.2", "10.1.0.3"],
+        "cluster-wide, with this zone's hints"
+    );
+
+    port.external_policy = TrafficPolicy::Cluster;
+    let c = categorize(&port, &endpoints, &node);
+    assert!(
+        c.short_circuit(&port).is_empty(),
+        "the external set is cluster-wide"
+    );
+    assert_eq!(ips(c.external(&port)), ["10.1.0.2", "10.1.0.3"]);
+}

@@ -37,15 +37,29 @@ impl Categorized {
             &self.cluster
         }
     }
+    /// The cluster-wide endpoints that this node's pods and the node itself
+    /// reach a node port, external or load-balancer IP through under
+    /// externalTrafficPolicy Local (upstream's short-circuit); none when
+    /// the service port has no such frontend or its external policy is
+    /// Cluster (the external set is then already cluster-wide).
+    pub fn short_circuit<'a>(&'a self, svc: &ServicePort) -> &'a [Endpoint] {
+        if svc.externally_accessible() && svc.external_policy == TrafficPolicy::Local {
+            &self.cluster
+        } else {
+            &[]
+        }
+    }
 }
 
 pub fn categorize(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> Categorized {
     let mut out = Categorized::default();
     // Each set only when some traffic uses it: the external policy matters
-    // only for a service port reachable from outside.
+    // only for a service port reachable from outside. Any such port needs
+    // the cluster-wide set, also under externalTrafficPolicy Local, for the
+    // short-circuit of its own pods and node (upstream's
+    // UsesClusterEndpoints).
     let external = svc.externally_accessible();
-    let needs_cluster = svc.internal_policy == TrafficPolicy::Cluster
-        || (external && svc.external_policy == TrafficPolicy::Cluster);
+    let needs_cluster = svc.internal_policy == TrafficPolicy::Cluster || external;
     let needs_local = svc.internal_policy == TrafficPolicy::Local
         || (external && svc.external_policy == TrafficPolicy::Local);
     if needs_cluster {

@@ -51,7 +51,10 @@ pub fn render(
     let sets = MergedSets::new(endpoints).map_err(|e| format!("Service {}: {e}", display(svc)))?;
     // `-m statistic` draws independently per connection: it cannot hash a
     // client flow into a slot table, so the plan's meaning would be lost.
-    if sets.internal.slots.is_some() || sets.external.slots.is_some() {
+    if sets.internal.slots.is_some()
+        || sets.external.slots.is_some()
+        || sets.cluster.slots.is_some()
+    {
         return Err(format!(
             "Service {}: policy {:?} plans a consistent-hash slot table, which iptables mode cannot express (use nftables mode, or a weighted policy)",
             display(svc),
@@ -92,6 +95,7 @@ fn render_family(
     let comment = format!("-m comment --comment {}", display(svc));
     let svc_chain = chain_name("SVC", &key);
     let ext_chain = chain_name("EXT", &key);
+    let cluster_chain = chain_name("CLU", &key);
     let fw_chain = chain_name("FW", &key);
     let dport = |port: u16| format!("-p {p} -m {p} --dport {port}");
     let mut out = Out {
@@ -141,7 +145,7 @@ fn render_family(
     // Internal traffic: the endpoints the host chose for this service's
     // internal traffic policy (weight > 0), spread by the policy's weights.
     let weights = &sets.internal.weights;
-    let internal: Vec<usize> = usable.iter().copied().filter(|i| weights[*i] > 0).collect();
+    let internal = members(&usable, weights);
     let cluster_ips: Vec<String> = svc.cluster_ips.iter().filter_map(|ip| f.ip(ip)).collect();
     if !internal.is_empty() {
         let mut rules = Vec::new();
@@ -157,47 +161,69 @@ fn render_family(
         out.nat(&svc_chain, rules);
     }
 
-    // External traffic (node ports, external IPs, load-balancer IPs).
-    // The set the host chose for the external traffic policy, with its own
-    // plan.
+    // The short-circuit under externalTrafficPolicy Local: this node's pods
+    // and the node itself reach external frontends through the host's
+    // cluster-wide set, as upstream (not the local one, nor the internal
+    // one, which is local too under internalTrafficPolicy Local).
     let local_only = svc.external_traffic_policy == TrafficPolicy::Local;
-    let ext_weights = &sets.external.weights;
     let has_external = !svc.external_ips.is_empty()
         || !svc.load_balancer_ingress.is_empty()
         || svc.node_port.is_some();
-    let external: Vec<usize> = if has_external {
-        usable
-            .iter()
-            .copied()
-            .filter(|i| ext_weights[*i] > 0)
-            .collect()
+    let short = if has_external && local_only {
+        members(&usable, &sets.cluster.weights)
     } else {
         Vec::new()
     };
-    if !external.is_empty() {
+    let short_chain = if sets.cluster_is_internal {
+        svc_chain.clone()
+    } else {
+        cluster_chain
+    };
+    if !short.is_empty() && !sets.cluster_is_internal {
+        let rules = pick(&comment, &short, &sets.cluster.weights, affinity, &sep);
+        out.nat(&short_chain, rules);
+    }
+
+    // External traffic (node ports, external IPs, load-balancer IPs).
+    // The set the host chose for the external traffic policy, with its own
+    // plan. The chain also exists with that set empty while the
+    // short-circuit has somewhere to go (upstream's EXT chain with no
+    // local endpoint).
+    let ext_weights = &sets.external.weights;
+    let external = if has_external {
+        members(&usable, ext_weights)
+    } else {
+        Vec::new()
+    };
+    let uses_ext_chain = sets.has_any && (!external.is_empty() || !short.is_empty());
+    if uses_ext_chain {
         let mut rules = Vec::new();
         if local_only {
-            // Pods and the node itself behave as internal traffic; clients
-            // from outside keep their address and reach local endpoints only.
-            if !internal.is_empty()
+            // From outside, keep the client address and use local
+            // endpoints only; from this node's pods and the node itself,
+            // every endpoint (masqueraded from the node: its source is the
+            // frontend, a local address).
+            if !short.is_empty()
                 && let Some(local) = f.detect_local(cfg, true)
             {
-                rules.push(format!("{comment} {local} -j {svc_chain}"));
+                rules.push(format!("{comment} {local} -j {short_chain}"));
             }
             rules.push(format!(
                 "{comment} -m addrtype --src-type LOCAL -j KWP-MARK-MASQ"
             ));
-            if !internal.is_empty() {
+            if !short.is_empty() {
                 rules.push(format!(
-                    "{comment} -m addrtype --src-type LOCAL -j {svc_chain}"
+                    "{comment} -m addrtype --src-type LOCAL -j {short_chain}"
                 ));
             }
         } else {
             rules.push(format!("{comment} -j KWP-MARK-MASQ"));
         }
+        // With no external endpoint, anything else returns un-DNATed to
+        // the filter table's drop (KWP-EXTERNAL-SERVICES).
         if sets.external_is_internal && !internal.is_empty() {
             rules.push(format!("{comment} -j {svc_chain}"));
-        } else {
+        } else if !external.is_empty() {
             rules.extend(pick(&comment, &external, ext_weights, affinity, &sep));
         }
         out.nat(&ext_chain, rules);
@@ -231,7 +257,7 @@ fn render_family(
     // sources on to the external chain; the rest fall through un-DNATed and
     // filter `KWP-PROXY-FIREWALL` drops them by their LB destination.
     let ranges: Vec<String> = svc.source_ranges.iter().filter_map(|c| f.cidr(c)).collect();
-    let firewalled = !svc.source_ranges.is_empty() && !external.is_empty();
+    let firewalled = !svc.source_ranges.is_empty() && uses_ext_chain;
     if firewalled && !lb_ips.is_empty() {
         out.nat(
             &fw_chain,
@@ -244,25 +270,28 @@ fn render_family(
     for ip in external_ips.iter().chain(&lb_ips) {
         let to = format!("{comment} -d {} {}", f.host(ip), dport(svc.port));
         let lb = lb_ips.contains(ip) && !external_ips.contains(ip);
-        if external.is_empty() {
-            filter_external.push(format!("{to} -j {}", no_endpoints));
-        } else if lb && firewalled {
+        if lb && firewalled {
             service_ips.push(format!("{to} -j {fw_chain}"));
             firewall.push(format!("{to} -j DROP"));
-        } else {
+        } else if uses_ext_chain {
             service_ips.push(format!("{to} -j {ext_chain}"));
+        }
+        // Dropped unless short-circuited (DNATed) by the external chain.
+        if external.is_empty() {
+            filter_external.push(format!("{to} -j {}", no_endpoints));
         }
     }
     let mut node_ports = Vec::new();
     if let Some(np) = svc.node_port {
+        if uses_ext_chain {
+            node_ports.push(format!("{comment} {} -j {ext_chain}", dport(np)));
+        }
         if external.is_empty() {
             filter_external.push(format!(
                 "{comment} -m addrtype --dst-type LOCAL {} -j {}",
                 dport(np),
                 no_endpoints
             ));
-        } else {
-            node_ports.push(format!("{comment} {} -j {ext_chain}", dport(np)));
         }
     }
     let mut health = Vec::new();
@@ -284,6 +313,11 @@ fn render_family(
         }
     }
     out.items
+}
+
+/// The endpoints of `usable` (merged indices) a set reaches: weight above 0.
+fn members(usable: &[usize], weights: &[u32]) -> Vec<usize> {
+    usable.iter().copied().filter(|i| weights[*i] > 0).collect()
 }
 
 /// Existing ClientIP affinity first, then a weighted random pick: endpoint

@@ -12,6 +12,9 @@
 //!   Cluster IPs get the host's internal endpoint set, external addresses
 //!   and node ports its external set (local endpoints only under
 //!   externalTrafficPolicy Local, with their own terminating fallback).
+//!   The short-circuit set (`cluster`) is not used: upstream's IPVS mode
+//!   has no short-circuit, a virtual server has one set of real servers
+//!   whoever the client is (docs/ipvs.md).
 //! - The scheduler follows the Service's policy (weighted -> wrr, maglev ->
 //!   mh, least-connections -> lc, round-robin -> the configured scheduler,
 //!   rr by default); ClientIP affinity is persistence with its timeout.

@@ -103,6 +103,11 @@ pub(super) fn render(
     let sets = ServiceEndpoints {
         internal,
         external,
+        // IPVS has no short-circuit (see lib.rs): the set is not read.
+        cluster: EndpointSet {
+            endpoints: Vec::new(),
+            backends: BackendPlan::Weights(Vec::new()),
+        },
         has_any_endpoints: eps.iter().any(|e| e.ready || (e.serving && e.terminating)),
     };
     crate::render(mode, ipvs, svc, &sets)

@@ -27,6 +27,7 @@ fn rendered(
     let sets = ServiceEndpoints {
         internal: set(internal),
         external: set(external),
+        cluster: set(&[]),
         has_any_endpoints: has_any,
     };
     crate::render(&mode(), &IpvsConfig::default(), s, &sets).expect("renders")

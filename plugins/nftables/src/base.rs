@@ -123,19 +123,37 @@ fn render_family(cfg: &ModeConfig, f: Fam) -> Result<Vec<Item>, String> {
             cfg,
             "service-endpoints-check",
             None,
-            vec![
-                format!("{frontend} vmap @no-endpoint-services"),
-                format!("{on_node} meta l4proto . th dport vmap @no-endpoint-nodeports"),
-            ],
+            vec![format!("{frontend} vmap @no-endpoint-services")],
+        ),
+        f.chain(
+            cfg,
+            "nodeport-endpoints-check",
+            None,
+            vec![format!(
+                "{on_node} meta l4proto . th dport vmap @no-endpoint-nodeports"
+            )],
         ),
         f.chain(cfg, "reject-chain", None, vec!["reject".into()]),
     ];
+    // After DNAT, as upstream since kubernetes#132456 (in 1.34): what
+    // a Service's pods or this node send to an external frontend is
+    // DNATed by its short-circuit first and so never meets the drop of a
+    // frontend with no local endpoint. Node ports are checked on input
+    // only: the node's own packets to them are DNATed in the output hook.
+    // New names, not the old pre-DNAT chains re-hooked: the kernel cannot
+    // change a base chain's priority, and the reconcile deletes the old
+    // chains in the same transaction.
     for hook in ["input", "forward", "output"] {
+        let mut rules = Vec::new();
+        if hook == "input" {
+            rules.push("ct state new jump nodeport-endpoints-check".to_string());
+        }
+        rules.push("ct state new jump service-endpoints-check".to_string());
         items.push(f.chain(
             cfg,
-            &format!("filter-{hook}"),
-            Some(&format!("type filter hook {hook} priority -110")),
-            vec!["ct state new jump service-endpoints-check".into()],
+            &format!("filter-{hook}-post-dnat"),
+            Some(&format!("type filter hook {hook} priority filter")),
+            rules,
         ));
     }
     for ip in node_ips {

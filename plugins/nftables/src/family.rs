@@ -54,6 +54,17 @@ impl Fam {
     /// go into rule text: CIDRs are parsed and written back from the parsed
     /// value, interface names must be plain names inside double quotes.
     pub fn not_local(&self, cfg: &ModeConfig) -> Result<Option<String>, String> {
+        self.detect_local(cfg, "!= ")
+    }
+
+    /// The opposite match: "the source is one of this node's pods" (the
+    /// short-circuit of external frontends under externalTrafficPolicy
+    /// Local).
+    pub fn is_local(&self, cfg: &ModeConfig) -> Result<Option<String>, String> {
+        self.detect_local(cfg, "")
+    }
+
+    fn detect_local(&self, cfg: &ModeConfig, op: &str) -> Result<Option<String>, String> {
         Ok(match &cfg.detect_local {
             DetectLocal::None => None,
             DetectLocal::Cidrs(cidrs) => {
@@ -64,13 +75,13 @@ impl Fam {
                     }
                 }
                 (!mine.is_empty())
-                    .then(|| format!("{} saddr != {{ {} }}", self.l3, mine.join(", ")))
+                    .then(|| format!("{} saddr {op}{{ {} }}", self.l3, mine.join(", ")))
             }
             DetectLocal::BridgeInterface(name) => {
-                Some(format!("iifname != \"{}\"", interface(name, 15)?))
+                Some(format!("iifname {op}\"{}\"", interface(name, 15)?))
             }
             DetectLocal::InterfacePrefix(prefix) => {
-                Some(format!("iifname != \"{}*\"", interface(prefix, 14)?))
+                Some(format!("iifname {op}\"{}*\"", interface(prefix, 14)?))
             }
         })
     }
@@ -199,8 +210,15 @@ mod tests {
         }
         let c = cfg(DetectLocal::BridgeInterface("cni0".into()));
         assert_eq!(V4.not_local(&c), Ok(Some("iifname != \"cni0\"".into())));
+        assert_eq!(V4.is_local(&c), Ok(Some("iifname \"cni0\"".into())));
         let c = cfg(DetectLocal::InterfacePrefix("veth".into()));
         assert_eq!(V4.not_local(&c), Ok(Some("iifname != \"veth*\"".into())));
+        assert_eq!(V4.is_local(&c), Ok(Some("iifname \"veth*\"".into())));
+        let c = cfg(DetectLocal::Cidrs(vec!["10.244.0.0/16".into()]));
+        assert_eq!(
+            V4.is_local(&c),
+            Ok(Some("ip saddr { 10.244.0.0/16 }".into()))
+        );
         for bad in ["br0\" accept #", "", "a\\b", "sixteen-chars-xx", "br*"] {
             let c = cfg(DetectLocal::BridgeInterface(bad.into()));
             assert!(V4.not_local(&c).is_err(), "{bad:?}");

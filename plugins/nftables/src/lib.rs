@@ -10,11 +10,15 @@
 //! - `svc-KEY` masquerades off-cluster sources, applies ClientIP affinity
 //!   and spreads over `ep-KEY-N` chains by the policy's plan; `ep-KEY-N`
 //!   marks hairpin traffic and DNATs.
-//! - `ext-KEY` handles traffic from outside (node ports, external and LB
-//!   IPs): masquerade under externalTrafficPolicy Cluster, local endpoints
-//!   only under Local. `fw-KEY` enforces loadBalancerSourceRanges.
-//! - `filter-*` chains reject (no endpoints) or drop (no local endpoints)
-//!   through `no-endpoint-services` / `no-endpoint-nodeports`.
+//! - `ext-KEY` handles traffic to node ports, external and LB IPs:
+//!   masquerade under externalTrafficPolicy Cluster; under Local, local
+//!   endpoints only for clients outside, while this node's pods and the
+//!   node itself are short-circuited to the cluster-wide set (`svc-KEY`
+//!   when it is the internal one, else `cluster-KEY`). `fw-KEY` enforces
+//!   loadBalancerSourceRanges.
+//! - `filter-*-post-dnat` chains reject (no endpoints) or drop (no local
+//!   endpoints) through `no-endpoint-services` / `no-endpoint-nodeports`,
+//!   after DNAT, so short-circuited packets pass.
 //! - `nat-postrouting` masquerades packets carrying mark 0x4000.
 
 mod base;

@@ -116,13 +116,25 @@ fn render_family(
     // Internal traffic: the endpoints the host chose for this service's
     // internal traffic policy, spread by the policy's plan.
     let weights = &sets.internal.weights;
-    let internal: Vec<usize> = usable.iter().copied().filter(|i| weights[*i] > 0).collect();
+    let internal = members(&usable, weights);
     if !internal.is_empty() {
+        // Only traffic to the cluster IP, as upstream: external traffic
+        // and the short-circuit reach this chain too and must keep their
+        // own masquerade decision (a client's address under
+        // externalTrafficPolicy Local).
+        let cluster_ips: Vec<String> = svc.cluster_ips.iter().filter_map(|ip| f.ip(ip)).collect();
+        let to_cluster_ip = format!(
+            "{l3} daddr {{ {} }} {p} dport {}",
+            cluster_ips.join(", "),
+            svc.port
+        );
         let mut rules = Vec::new();
         if cfg.masquerade_all {
-            rules.push("jump mark-for-masquerade".to_string());
+            rules.push(format!("{to_cluster_ip} jump mark-for-masquerade"));
         } else if let Some(not_local) = f.not_local(cfg)? {
-            rules.push(format!("{not_local} jump mark-for-masquerade"));
+            rules.push(format!(
+                "{to_cluster_ip} {not_local} jump mark-for-masquerade"
+            ));
         }
         rules.extend(affinity_rules(l3, &key, &internal, affinity));
         rules.push(selection(
@@ -135,34 +147,70 @@ fn render_family(
         items.push(f.chain(cfg, &svc_chain, None, rules));
     }
 
-    // External traffic (node ports, external IPs, load-balancer IPs): the
-    // set the host chose for the external traffic policy, with its own plan.
+    // The short-circuit under externalTrafficPolicy Local: this node's pods
+    // and the node itself reach external frontends through the host's
+    // cluster-wide set, as upstream (not the local one, nor the internal
+    // one, which is local too under internalTrafficPolicy Local).
     let local_only = svc.external_traffic_policy == TrafficPolicy::Local;
-    let ext_weights = &sets.external.weights;
-    let external: Vec<usize> = if externally_accessible(svc) {
-        usable
-            .iter()
-            .copied()
-            .filter(|i| ext_weights[*i] > 0)
-            .collect()
+    let accessible = externally_accessible(svc);
+    let cluster_weights = &sets.cluster.weights;
+    let short = if accessible && local_only {
+        members(&usable, cluster_weights)
     } else {
         Vec::new()
     };
-    if !external.is_empty() {
+    let short_chain = if sets.cluster_is_internal {
+        svc_chain.clone()
+    } else {
+        format!("cluster-{key}")
+    };
+    if !short.is_empty() && !sets.cluster_is_internal {
+        let mut rules = affinity_rules(l3, &key, &short, affinity);
+        rules.push(selection(
+            l3,
+            &key,
+            &short,
+            cluster_weights,
+            &sets.cluster.plan(),
+        ));
+        items.push(f.chain(cfg, &short_chain, None, rules));
+    }
+
+    // External traffic (node ports, external IPs, load-balancer IPs): the
+    // set the host chose for the external traffic policy, with its own plan.
+    // The chain also exists with that set empty while the short-circuit has
+    // somewhere to go (upstream's EXT chain with no local endpoint).
+    let ext_weights = &sets.external.weights;
+    let external = if accessible {
+        members(&usable, ext_weights)
+    } else {
+        Vec::new()
+    };
+    let uses_ext_chain = sets.has_any && (!external.is_empty() || !short.is_empty());
+    if uses_ext_chain {
         let mut rules = Vec::new();
         if local_only {
-            // From the node itself, behave as internal traffic; from outside,
-            // keep the client address and use local endpoints only.
+            // From outside, keep the client address and use local
+            // endpoints only; from this node's pods and the node itself,
+            // every endpoint (masqueraded from the node: its source is
+            // the frontend, a local address).
+            if !short.is_empty()
+                && let Some(local) = f.is_local(cfg)?
+            {
+                rules.push(format!("{local} goto {short_chain}"));
+            }
             rules.push("fib saddr type local jump mark-for-masquerade".to_string());
-            if !internal.is_empty() {
-                rules.push(format!("fib saddr type local goto {svc_chain}"));
+            if !short.is_empty() {
+                rules.push(format!("fib saddr type local goto {short_chain}"));
             }
         } else {
             rules.push("jump mark-for-masquerade".to_string());
         }
+        // With no external endpoint, anything else falls through un-DNATed
+        // to the drop of `no-endpoint-services` / `no-endpoint-nodeports`.
         if sets.external_is_internal && !internal.is_empty() {
             rules.push(format!("goto {svc_chain}"));
-        } else {
+        } else if !external.is_empty() {
             rules.extend(affinity_rules(l3, &key, &external, affinity));
             rules.push(selection(
                 l3,
@@ -197,7 +245,11 @@ fn render_family(
             )),
         }
     }
-    let external_verdict = (!external.is_empty()).then(|| format!("goto {ext_chain}"));
+    // An external frontend goes to the external chain while it exists, and
+    // is dropped (or rejected) by the filter hooks when its own set is
+    // empty: then only short-circuited packets, DNATed, get past them.
+    let external_verdict = uses_ext_chain.then(|| format!("goto {ext_chain}"));
+    let no_external = external.is_empty();
     let mut external_ips: Vec<String> = svc.external_ips.iter().filter_map(|ip| f.ip(ip)).collect();
     let lb_ips: Vec<String> = svc
         .load_balancer_ingress
@@ -228,47 +280,55 @@ fn render_family(
     }
     for ip in &lb_ips {
         if firewall {
-            let map = if external_verdict.is_some() {
-                "service-ips"
+            let to_fw = format!("{ip} . {p} . {} : goto {fw_chain}", svc.port);
+            if external_verdict.is_some() {
+                items.push(f.element(cfg, "service-ips", to_fw));
+                if no_external {
+                    items.push(f.element(
+                        cfg,
+                        "no-endpoint-services",
+                        format!("{ip} . {p} . {} : {no_endpoints}", svc.port),
+                    ));
+                }
             } else {
-                "no-endpoint-services"
-            };
-            items.push(f.element(
-                cfg,
-                map,
-                format!("{ip} . {p} . {} : goto {fw_chain}", svc.port),
-            ));
+                items.push(f.element(cfg, "no-endpoint-services", to_fw));
+            }
         } else {
             external_ips.push(ip.clone());
         }
     }
     for ip in &external_ips {
-        match &external_verdict {
-            Some(v) => items.push(f.element(
-                cfg,
-                "service-ips",
-                format!("{ip} . {p} . {} : {v}", svc.port),
-            )),
-            None => items.push(f.element(
+        let frontend = format!("{ip} . {p} . {}", svc.port);
+        if let Some(v) = &external_verdict {
+            items.push(f.element(cfg, "service-ips", format!("{frontend} : {v}")));
+        }
+        if no_external {
+            items.push(f.element(
                 cfg,
                 "no-endpoint-services",
-                format!("{ip} . {p} . {} : {}", svc.port, no_endpoints),
-            )),
+                format!("{frontend} : {no_endpoints}"),
+            ));
         }
     }
     if let Some(node_port) = svc.node_port {
-        match &external_verdict {
-            Some(v) => {
-                items.push(f.element(cfg, "service-nodeports", format!("{p} . {node_port} : {v}")))
-            }
-            None => items.push(f.element(
+        let frontend = format!("{p} . {node_port}");
+        if let Some(v) = &external_verdict {
+            items.push(f.element(cfg, "service-nodeports", format!("{frontend} : {v}")));
+        }
+        if no_external {
+            items.push(f.element(
                 cfg,
                 "no-endpoint-nodeports",
-                format!("{p} . {node_port} : {}", no_endpoints),
-            )),
+                format!("{frontend} : {no_endpoints}"),
+            ));
         }
     }
     Ok(Fragment { items })
+}
+
+/// The endpoints of `usable` (merged indices) a set reaches: weight above 0.
+fn members(usable: &[usize], weights: &[u32]) -> Vec<usize> {
+    usable.iter().copied().filter(|i| weights[*i] > 0).collect()
 }
 
 /// What a frontend without endpoints does, as upstream: drop when the

@@ -77,6 +77,15 @@ pub fn config() -> ModeConfig {
     }
 }
 
+/// [`config()`] with this node's pods told by `cidr` (detectLocalMode
+/// ClusterCIDR).
+pub fn config_with_pods_in(cidr: &str) -> ModeConfig {
+    ModeConfig {
+        detect_local: DetectLocal::Cidrs(vec![cidr.into()]),
+        ..config()
+    }
+}
+
 /// `ns/web` port 80/TCP at 10.96.0.10, node port 30080, round-robin.
 pub fn service(internal: TrafficPolicy, external: TrafficPolicy) -> ServicePort {
     ServicePort {
@@ -124,11 +133,19 @@ pub fn endpoint_set(eps: &[Endpoint]) -> EndpointSet {
     }
 }
 
-/// What the host hands `render-service`.
-pub fn sets(internal: &[Endpoint], external: &[Endpoint], has_any: bool) -> ServiceEndpoints {
+/// What the host hands `render-service`: the internal, external and
+/// short-circuit (`cluster`, empty unless externalTrafficPolicy is Local)
+/// sets, each with equal weights.
+pub fn sets(
+    internal: &[Endpoint],
+    external: &[Endpoint],
+    cluster: &[Endpoint],
+    has_any: bool,
+) -> ServiceEndpoints {
     ServiceEndpoints {
         internal: endpoint_set(internal),
         external: endpoint_set(external),
+        cluster: endpoint_set(cluster),
         has_any_endpoints: has_any,
     }
 }

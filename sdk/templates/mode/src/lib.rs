@@ -151,7 +151,7 @@ mod tests {
             endpoint(2, true, false),
             endpoint(3, true, false),
         ];
-        let mut handed = sets(&eps, &eps, true);
+        let mut handed = sets(&eps, &eps, &[], true);
         handed.internal.backends = BackendPlan::Weights(vec![2, 0, 1]);
         let items = h.sync(&[(service(Cluster, Cluster), handed)]).unwrap();
         assert_eq!(
@@ -173,7 +173,7 @@ mod tests {
     fn a_service_without_endpoints_drops() {
         let mut h = Harness::<ClusterIpsOnly>::new(config()).unwrap();
         let items = h
-            .sync(&[(service(Cluster, Cluster), sets(&[], &[], false))])
+            .sync(&[(service(Cluster, Cluster), sets(&[], &[], &[], false))])
             .unwrap();
         assert_eq!(
             nft_elements(&items, "cluster-ips"),
