@@ -322,3 +322,40 @@ fn the_mode_plugin_reloads_under_traffic_and_a_broken_one_is_rejected() {
             .contains("10.96.0.36 . tcp . 80")
     );
 }
+
+/// A table an earlier kwp left, with the endpoint checks hooked before DNAT
+/// (`filter-input/forward/output`, priority -110): the first reconcile
+/// replaces them with the post-DNAT chains in one transaction (a kernel
+/// cannot re-hook a base chain, so they have new names), and the node's own
+/// connection to a node port short-circuited to a remote pod is no longer
+/// dropped by the old check.
+#[test]
+fn the_pre_dnat_endpoint_checks_of_an_earlier_version_are_replaced() {
+    let c = Cluster::new("upg");
+    let old = ["input", "forward", "output"]
+        .map(|hook| {
+            format!(
+                "add chain ip kube-wasm-proxy filter-{hook} {{ type filter hook {hook} priority -110; }}\nadd rule ip kube-wasm-proxy filter-{hook} ct state new jump service-endpoints-check\n"
+            )
+        })
+        .concat();
+    c.node.sh(&format!(
+        "printf '%s' 'add table ip kube-wasm-proxy\nadd chain ip kube-wasm-proxy service-endpoints-check\n{old}' | nft -f -"
+    ));
+    let far = TestService::new(&c, "far", "10.96.0.39")
+        .node_port(30095)
+        .internal_traffic_local()
+        .external_traffic_local()
+        .pods(&["pod-c"]);
+    let p = start(&c, &far.yaml());
+    eventually("the post-DNAT checks in place of the old ones", || {
+        let table = c.node.sh("nft list table ip kube-wasm-proxy");
+        table.contains("chain filter-output-post-dnat") && !table.contains("chain filter-output {")
+    });
+    assert!(
+        matches!(tcp_from(&c.node, addr(NODE_IP, 30095)), Outcome::Answered(pod, _) if pod == "pod-c"),
+        "the node's own connection, short-circuited to the remote pod"
+    );
+    let logs = p.logs.text();
+    assert!(!logs.contains("failed"), "{logs}");
+}
