@@ -180,9 +180,11 @@ impl App {
         let Source::File(source) = &mut self.source else {
             bail!("--dry-run reads --source file:DIR only")
         };
-        if let Some(event) = source.read_now()? {
-            self.sync.apply(event);
-        }
+        let sync = &mut self.sync;
+        source.read_now(&mut |event| {
+            sync.apply(event);
+            Ok(())
+        })?;
         self.sync.sync();
         Ok(())
     }

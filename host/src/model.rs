@@ -192,6 +192,10 @@ impl ServicePort {
 }
 
 /// One endpoint of a service port, merged from the Service's EndpointSlices.
+///
+/// Held several times per endpoint (its slice, the merged list, the sets
+/// pushed to a policy), so kept small: node and zone names are shared
+/// ([`Names`]), hints (rare) take no room when absent.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     pub ip: IpAddr,
@@ -199,11 +203,37 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
-    pub zone_hints: Vec<String>,
-    pub node_hints: Vec<String>,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
+    pub zone_hints: Box<[String]>,
+    pub node_hints: Box<[String]>,
     pub is_local: bool,
+}
+
+/// Node and zone names, each held once however many endpoints name it.
+#[derive(Default)]
+pub struct Names {
+    names: std::collections::HashSet<Arc<str>>,
+    /// How many names there were after the last pruning.
+    kept: usize,
+}
+
+impl Names {
+    pub fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return shared.clone();
+        }
+        // Names no endpoint uses any more (nodes gone) go when the set has
+        // doubled since the last pruning: it stays proportional to the
+        // names in use.
+        if self.names.len() >= 2 * self.kept.max(64) {
+            self.names.retain(|n| Arc::strong_count(n) > 1);
+            self.kept = self.names.len();
+        }
+        let shared: Arc<str> = name.into();
+        self.names.insert(shared.clone());
+        shared
+    }
 }
 
 impl Endpoint {
@@ -221,8 +251,8 @@ impl Endpoint {
             terminating: false,
             node_name: None,
             zone: None,
-            zone_hints: Vec::new(),
-            node_hints: Vec::new(),
+            zone_hints: Box::default(),
+            node_hints: Box::default(),
             is_local: true,
         }
     }

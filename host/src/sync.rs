@@ -109,41 +109,17 @@ impl SyncLoop {
     }
 
     pub fn apply(&mut self, event: SourceEvent) {
-        use crate::source::{Kind, Object};
-        let node_deleting =
-            |n: &k8s_openapi::api::core::v1::Node| n.metadata.deletion_timestamp.is_some();
         match event {
-            SourceEvent::Full {
-                services,
-                slices,
-                node,
-            } => {
-                self.metrics.node_deleting.store(
-                    node.as_ref().is_some_and(node_deleting),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                self.state.replace_all(&services, &slices, node.as_ref());
-                self.synced = vec![Kind::Service, Kind::EndpointSlice, Kind::Node];
+            SourceEvent::Batch { deleted, applied } => {
+                for (kind, key) in deleted {
+                    self.delete(kind, key);
+                }
+                for object in applied {
+                    self.upsert(object);
+                }
             }
-            SourceEvent::Apply(Object::Service(s)) => {
-                self.state.upsert_service(&s);
-            }
-            SourceEvent::Apply(Object::Slice(s)) => self.state.upsert_slice(&s),
-            SourceEvent::Apply(Object::Node(n)) => {
-                self.metrics
-                    .node_deleting
-                    .store(node_deleting(&n), std::sync::atomic::Ordering::Relaxed);
-                self.state.set_node(&n);
-            }
-            SourceEvent::Delete(Kind::Service, key) => self.state.delete_service(&key),
-            SourceEvent::Delete(Kind::EndpointSlice, key) => self.state.delete_slice(&key),
-            SourceEvent::Delete(Kind::Node, _) => {
-                // Upstream forgets the node's labels and resyncs.
-                self.metrics
-                    .node_deleting
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                self.state.clear_node();
-            }
+            SourceEvent::Apply(object) => self.upsert(object),
+            SourceEvent::Delete(kind, key) => self.delete(kind, key),
             SourceEvent::Synced(kind) => {
                 if !self.synced.contains(&kind) {
                     tracing::info!(?kind, "initial listing complete");
@@ -155,6 +131,38 @@ impl SyncLoop {
             self.metrics.queued();
         }
         self.publish_change_counts();
+    }
+
+    fn upsert(&mut self, object: crate::source::Object) {
+        use crate::source::Object;
+        match object {
+            Object::Service(s) => {
+                self.state.upsert_service(&s);
+            }
+            Object::Slice(s) => self.state.upsert_slice(&s),
+            Object::Node(n) => {
+                self.metrics.node_deleting.store(
+                    n.metadata.deletion_timestamp.is_some(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                self.state.set_node(&n);
+            }
+        }
+    }
+
+    fn delete(&mut self, kind: crate::source::Kind, key: crate::model::ObjectKey) {
+        use crate::source::Kind;
+        match kind {
+            Kind::Service => self.state.delete_service(&key),
+            Kind::EndpointSlice => self.state.delete_slice(&key),
+            Kind::Node => {
+                // Upstream forgets the node's labels and resyncs.
+                self.metrics
+                    .node_deleting
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.state.clear_node();
+            }
+        }
     }
 
     fn publish_change_counts(&self) {
@@ -236,10 +244,11 @@ mod tests {
             "metadata: {{name: s, namespace: t}}\nspec: {{clusterIP: 10.0.0.1, ports: [{{port: {}}}]}}\n",
             1000 + version
         );
-        SourceEvent::Full {
-            services: vec![serde_yaml_ng::from_str(&svc).unwrap()],
-            slices: vec![],
-            node: None,
+        SourceEvent::Batch {
+            deleted: vec![],
+            applied: vec![crate::source::Object::Service(
+                serde_yaml_ng::from_str(&svc).unwrap(),
+            )],
         }
     }
 
@@ -286,15 +295,6 @@ mod tests {
         assert_eq!(sync.state.node().zone, None);
         assert_eq!(sync.state.node().name, "n1");
         assert!(sync.state.take_changes().node_changed);
-        // The file source: the Node's file is removed.
-        sync.apply(SourceEvent::Apply(Object::Node(node())));
-        sync.apply(SourceEvent::Full {
-            services: vec![],
-            slices: vec![],
-            node: None,
-        });
-        assert_eq!(sync.state.node().zone, None);
-        assert!(sync.state.take_changes().node_changed);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,6 +303,12 @@ mod tests {
         let app = app(dir.path());
         let (tx, rx) = mpsc::channel(4);
         let running = tokio::spawn(app.sync.run(rx));
+        for kind in [
+            crate::source::Kind::Service,
+            crate::source::Kind::EndpointSlice,
+        ] {
+            tx.send(SourceEvent::Synced(kind)).await.unwrap();
+        }
         // 50 changes over ~1 s: a sync per change would be 50.
         let started = std::time::Instant::now();
         for v in 0..50 {

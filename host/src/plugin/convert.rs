@@ -63,10 +63,10 @@ pub fn endpoint_to_wit(ep: &Endpoint) -> wit::Endpoint {
         ready: ep.ready,
         serving: ep.serving,
         terminating: ep.terminating,
-        node_name: ep.node_name.clone(),
-        zone: ep.zone.clone(),
-        zone_hints: ep.zone_hints.clone(),
-        node_hints: ep.node_hints.clone(),
+        node_name: ep.node_name.as_deref().map(Into::into),
+        zone: ep.zone.as_deref().map(Into::into),
+        zone_hints: ep.zone_hints.to_vec(),
+        node_hints: ep.node_hints.to_vec(),
         is_local: ep.is_local,
     }
 }

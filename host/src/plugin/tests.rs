@@ -34,8 +34,8 @@ fn endpoints(n: u8) -> Vec<Endpoint> {
             terminating: false,
             node_name: None,
             zone: None,
-            zone_hints: vec![],
-            node_hints: vec![],
+            zone_hints: Box::default(),
+            node_hints: Box::default(),
             is_local: false,
         })
         .collect()

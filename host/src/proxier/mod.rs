@@ -464,7 +464,9 @@ impl Proxier {
                 rules: crate::inspect::rule_count(&fragment),
             },
         );
-        if self.conntrack.is_some() {
+        // The cleaner flushes UDP flows only: no copy of the others (a
+        // full sync would hold every service port and endpoint twice).
+        if self.conntrack.is_some() && svc.port.name.protocol == crate::model::Protocol::Udp {
             self.rendered.push((svc.port.clone(), reachable));
         }
         let Some(table) = &self.backends else {

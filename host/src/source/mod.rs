@@ -1,5 +1,6 @@
-//! Sources of cluster state. Each source sends complete or incremental
-//! object sets to the sync loop.
+//! Sources of cluster state. Each source sends what changed to the sync
+//! loop, object by object (the API server) or file by file (files); neither
+//! keeps the objects it sent: the state holds their converted records.
 
 pub mod file;
 pub mod kubernetes;
@@ -7,7 +8,7 @@ pub mod kubernetes;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Service,
     EndpointSlice,
@@ -24,11 +25,12 @@ pub enum Object {
 /// What a source reports.
 #[derive(Debug)]
 pub enum SourceEvent {
-    /// The complete current set of objects (the file source).
-    Full {
-        services: Vec<Service>,
-        slices: Vec<EndpointSlice>,
-        node: Option<Node>,
+    /// Objects gone and objects added or changed, applied together (the
+    /// file source: one file's objects, changed or not, and what it no
+    /// longer holds).
+    Batch {
+        deleted: Vec<(Kind, crate::model::ObjectKey)>,
+        applied: Vec<Object>,
     },
     /// One object added or changed (the kubernetes source).
     Apply(Object),

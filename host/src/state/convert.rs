@@ -314,7 +314,8 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ObjectKey> {
 pub fn slice_endpoints(
     slice: &EndpointSlice,
     node_name: &str,
-) -> Vec<((String, Protocol), Endpoint)> {
+    names: &mut crate::model::Names,
+) -> Vec<((std::sync::Arc<str>, Protocol), Endpoint)> {
     if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
         return Vec::new();
     }
@@ -332,7 +333,8 @@ pub fn slice_endpoints(
         let Some(number) = u16::try_from(number).ok().filter(|n| *n != 0) else {
             continue;
         };
-        let port_name = port.name.clone().unwrap_or_default();
+        // One copy per slice port, shared by its endpoints.
+        let port_name: std::sync::Arc<str> = port.name.as_deref().unwrap_or_default().into();
         for ep in &slice.endpoints {
             let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
@@ -348,8 +350,8 @@ pub fn slice_endpoints(
                     ready,
                     serving: cond.and_then(|c| c.serving).unwrap_or(ready),
                     terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-                    node_name: ep.node_name.clone(),
-                    zone: ep.zone.clone(),
+                    node_name: ep.node_name.as_deref().map(|n| names.get(n)),
+                    zone: ep.zone.as_deref().map(|z| names.get(z)),
                     zone_hints: hints
                         .and_then(|h| h.for_zones.as_ref())
                         .into_iter()
@@ -367,6 +369,8 @@ pub fn slice_endpoints(
             ));
         }
     }
+    // Kept for as long as the slice is: no spare capacity.
+    out.shrink_to_fit();
     out
 }
 

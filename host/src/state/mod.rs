@@ -19,7 +19,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use crate::model::{Endpoint, NodeInfo, ObjectKey, Protocol, ServicePort, ServicePortName};
 use frontends::{Claimant, Frontends};
 
-type SliceEndpoints = Vec<((String, Protocol), Endpoint)>;
+type SliceEndpoints = Vec<((Arc<str>, Protocol), Endpoint)>;
 
 /// A service port with its merged endpoints. Handed around as
 /// `Arc<ServiceState>`: the state's two views of a service port, the
@@ -59,6 +59,8 @@ pub struct ClusterState {
     slice_owner: BTreeMap<ObjectKey, ObjectKey>,
     node: NodeInfo,
     node_changed: bool,
+    /// Endpoints' node and zone names, shared.
+    names: crate::model::Names,
     /// Services whose ports or endpoints may differ from `last`.
     dirty: BTreeSet<ObjectKey>,
     /// Service and EndpointSlice changes seen (totals) and not yet synced
@@ -181,7 +183,7 @@ impl ClusterState {
             self.delete_slice(&key);
             return;
         };
-        let endpoints = convert::slice_endpoints(slice, &self.node_name);
+        let endpoints = convert::slice_endpoints(slice, &self.node_name, &mut self.names);
         let trigger = slice
             .metadata
             .annotations

@@ -180,13 +180,13 @@ fn missing_conditions_default_like_upstream() {
     let s = slice(
         "metadata: {name: x, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 1}]\nendpoints: [{addresses: ['10.1.0.9']}]\n",
     );
-    let eps = convert::slice_endpoints(&s, "node-a");
+    let eps = convert::slice_endpoints(&s, "node-a", &mut Default::default());
     let e = &eps[0].1;
     assert_eq!((e.ready, e.serving, e.terminating), (true, true, false));
     let fqdn = slice(
         "metadata: {name: f}\naddressType: FQDN\nports: [{port: 1}]\nendpoints: [{addresses: [example.com]}]\n",
     );
-    assert!(convert::slice_endpoints(&fqdn, "n").is_empty());
+    assert!(convert::slice_endpoints(&fqdn, "n", &mut Default::default()).is_empty());
 }
 
 #[test]
@@ -315,10 +315,11 @@ fn local_policies_use_local_endpoints_and_topology_hints_filter() {
             ("10.1.0.2", true, true, false),
         ],
     );
-    let mut endpoints: Vec<Endpoint> = convert::slice_endpoints(&s, "node-a")
-        .into_iter()
-        .map(|(_, e)| e)
-        .collect();
+    let mut endpoints: Vec<Endpoint> =
+        convert::slice_endpoints(&s, "node-a", &mut Default::default())
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
     let node = NodeInfo {
         name: "node-a".into(),
         zone: Some("zone-2".into()),
@@ -331,13 +332,13 @@ fn local_policies_use_local_endpoints_and_topology_hints_filter() {
     assert_eq!(c.internal(&port)[0].ip.to_string(), "10.1.0.1");
 
     port.internal_policy = TrafficPolicy::Cluster;
-    endpoints[0].zone_hints = vec!["zone-1".into()];
-    endpoints[1].zone_hints = vec!["zone-2".into()];
+    endpoints[0].zone_hints = ["zone-1".into()].into();
+    endpoints[1].zone_hints = ["zone-2".into()].into();
     let c = categorize(&port, &endpoints, &node);
     let ips: Vec<String> = c.cluster.iter().map(|e| e.ip.to_string()).collect();
     assert_eq!(ips, ["10.1.0.2"], "zone hints for this node's zone");
 
-    endpoints[1].zone_hints.clear();
+    endpoints[1].zone_hints = Box::default();
     assert_eq!(
         categorize(&port, &endpoints, &node).cluster.len(),
         2,

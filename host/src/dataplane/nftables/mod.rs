@@ -29,6 +29,7 @@ mod elements;
 pub mod fake;
 pub mod kernel;
 mod netlink;
+mod refs;
 mod script;
 #[cfg(test)]
 mod tests;
@@ -45,6 +46,7 @@ pub use diff::diff_against_kernel;
 use elements::{ElementBatch, Layout};
 use kernel::{Listing, NftKernel, NftProcess, Summary};
 pub use netlink::{chain_names, element_count};
+use refs::Refs;
 use script::{Counts, Obj, Objects, Qualified, Script};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
@@ -57,7 +59,7 @@ pub struct NftDataplane {
     kernel: Box<dyn NftKernel>,
     /// What is in force, fragment by fragment.
     applied: BTreeMap<FragmentKey, Fragment>,
-    refs: BTreeMap<Obj, usize>,
+    refs: Refs,
     /// No full reconcile has succeeded yet: `applied` says nothing about
     /// the kernel, which may hold a previous run's rules.
     needs_full: bool,
@@ -95,7 +97,7 @@ impl NftDataplane {
             table: table.into(),
             kernel,
             applied: BTreeMap::new(),
-            refs: BTreeMap::new(),
+            refs: Refs::default(),
             needs_full: true,
             known: BTreeMap::new(),
             repairs: 0,
@@ -253,7 +255,11 @@ impl NftDataplane {
         let next = with_changes(&self.applied, &changes);
         let kernel = self.kernel.list(&self.table)?;
         let script = full_over(&self.table, &next, &kernel)?;
-        match self.run(&script) {
+        let ran = self.run(&script);
+        // The whole table as text (tens of MiB at 50k Services): gone
+        // before the reference counts are built.
+        drop(script);
+        match ran {
             Ok(()) => {
                 self.reconciled(next);
                 Ok(Applied::all())
@@ -322,7 +328,7 @@ impl NftDataplane {
                 continue;
             };
             for o in objects.keys() {
-                *self.refs.entry(o).or_default() += 1;
+                self.refs.add(&o, 1);
             }
             self.declarations.extend(objects.sets);
         }
@@ -369,13 +375,10 @@ impl NftDataplane {
             }
         }
         for (o, d) in diff {
-            let r = self.refs.entry(o.clone()).or_default();
-            *r = (*r as i64 + d).max(0) as usize;
-            if *r == 0 {
-                self.refs.remove(&o);
-                if let Obj::Set(f, name) = o {
-                    self.declarations.remove(&(f, name));
-                }
+            if self.refs.add(&o, d) == 0
+                && let Obj::Set(f, name) = o
+            {
+                self.declarations.remove(&(f, name));
             }
         }
         self.declarations.extend(new.sets.clone());

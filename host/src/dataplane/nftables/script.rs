@@ -216,13 +216,13 @@ impl Objects {
 /// Reference counts before a delta and their change: whether the delta
 /// creates or deletes an object (the first or last reference).
 pub struct Counts<'a> {
-    pub refs: &'a BTreeMap<Obj, usize>,
+    pub refs: &'a super::refs::Refs,
     pub diff: &'a BTreeMap<Obj, i64>,
 }
 
 impl Counts<'_> {
     fn before(&self, o: &Obj) -> i64 {
-        self.refs.get(o).copied().unwrap_or(0) as i64
+        self.refs.get(o) as i64
     }
 
     fn after(&self, o: &Obj) -> i64 {
@@ -392,7 +392,7 @@ impl<'a> Script<'a> {
         mut self,
         old: &Objects,
         new: &Objects,
-        refs: &BTreeMap<Obj, usize>,
+        refs: &super::refs::Refs,
         diff: &BTreeMap<Obj, i64>,
     ) -> String {
         let counts = Counts { refs, diff };

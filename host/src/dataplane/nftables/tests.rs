@@ -141,7 +141,7 @@ fn a_shared_object_lives_until_its_last_user_goes() {
     assert_eq!(fake.rules("ip", T, "shared-hairpin"), None);
     assert!(
         dp.refs
-            .keys()
+            .tables()
             .all(|o| !matches!(o, Obj::Chain(_, n) if n == "shared-hairpin"))
     );
     // Shared by two in one batch, then both removed in one batch.

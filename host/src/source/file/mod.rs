@@ -3,11 +3,13 @@
 //! prints), followed by polling the directory.
 //!
 //! The source runs on a thread of its own ([`FileSource::spawn`]), never on
-//! the event loop that serves health, metrics and signals, and sends the
-//! complete object set to the sync loop whenever it changes.
+//! the event loop that serves health, metrics and signals, and sends each
+//! changed file's objects to the sync loop, with what the file no longer
+//! holds; it keeps only the keys (`held`), not the objects.
 //!
 //! - `disk`: the bounded walk (metadata only) and the bounded read.
 //! - `parse`: YAML within depth and node-count limits -> objects.
+//! - `held`: which file holds which objects, and this node's Node.
 //! - `watch`: inotify says when to scan; an idle tree is scanned only
 //!   every [`RESCAN`].
 //!
@@ -18,6 +20,7 @@
 //! path and reason, counted, and its last good objects stay in force.
 
 mod disk;
+mod held;
 pub(crate) mod parse;
 mod watch;
 
@@ -27,13 +30,21 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Node;
 use tokio::sync::mpsc;
 
 pub use disk::{MAX_FILE_BYTES, MAX_FILES};
 pub use parse::{Objects, parse_objects};
 
-use super::SourceEvent;
+use super::{Kind, Object, SourceEvent};
 use disk::Fingerprint;
+
+/// The sync loop is gone (its receiver closed).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Closed;
+
+/// Where a scan sends its events.
+pub type Sink<'a> = &'a mut dyn FnMut(SourceEvent) -> Result<(), Closed>;
 
 /// How often the directory is scanned (metadata only) while a file is
 /// settling, the directory is missing, or inotify is unavailable; also the
@@ -49,9 +60,10 @@ pub const SETTLE: Duration = Duration::from_millis(200);
 pub struct FileSource {
     dir: PathBuf,
     node_name: String,
-    /// The last good objects of each file, by path (ordered: the first
-    /// file wins for the Node).
-    good: BTreeMap<PathBuf, Objects>,
+    /// Which objects each file's last good contents hold.
+    held: held::Held,
+    /// The Node last sent (`None`: none, or none yet).
+    sent_node: Option<Node>,
     /// The fingerprint each file had when last read (good or not).
     handled: HashMap<PathBuf, Fingerprint>,
     /// Changed files waiting to settle: the fingerprint and when first seen.
@@ -62,8 +74,8 @@ pub struct FileSource {
     /// Problems with the directory itself or its subdirectories, as last
     /// reported (each is logged when it appears and when it clears).
     dir_problems: BTreeMap<PathBuf, String>,
-    /// Whether a complete object set was sent (the first one is sent even
-    /// if empty: the sync loop waits for it).
+    /// Whether every file was read once and `Synced` sent (even for an
+    /// empty directory: the sync loop waits for it).
     sent: bool,
     /// How long a changed file must stay unchanged ([`SETTLE`]).
     settle: Duration,
@@ -81,7 +93,8 @@ impl FileSource {
         Self {
             dir: dir.into(),
             node_name: node_name.into(),
-            good: BTreeMap::new(),
+            held: held::Held::default(),
+            sent_node: None,
             handled: HashMap::new(),
             settling: HashMap::new(),
             refused: HashMap::new(),
@@ -98,9 +111,11 @@ impl FileSource {
         self.errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Scans the directory; `Some` with the complete object set if anything
-    /// changed. Files still settling are read by a later scan.
-    pub fn scan(&mut self) -> Option<SourceEvent> {
+    /// Scans the directory and sends what changed: one batch per file
+    /// read or gone, this node's Node when it changed, and, once every file
+    /// has been read (none still settling), `Synced` for every kind. Files
+    /// still settling are read by a later scan.
+    pub fn scan(&mut self, send: Sink<'_>) -> Result<(), Closed> {
         let listing = match disk::walk(&self.dir) {
             Ok(l) => l,
             Err(e) => {
@@ -112,12 +127,12 @@ impl FileSource {
                     self.count_error();
                     self.dir_problems.insert(self.dir.clone(), why);
                 }
-                return None;
+                return Ok(());
             }
         };
         self.report_dir_problems(&listing);
         self.dirs = listing.dirs.clone();
-        let mut changed = false;
+        let mut reread = Vec::new();
         for (path, file) in &listing.files {
             let fingerprint = match file {
                 Ok(f) => *f,
@@ -134,55 +149,98 @@ impl FileSource {
             if !self.settled(path, fingerprint) {
                 continue;
             }
-            self.files_read.fetch_add(1, Ordering::Relaxed);
-            match disk::read(path, fingerprint) {
-                Ok(None) => {
-                    // Changed while read: wait for it to settle again.
-                    self.settling
-                        .insert(path.clone(), (fingerprint, Instant::now()));
-                    continue;
-                }
-                Ok(Some(text)) => match parse_objects(&text) {
-                    Ok(objects) => {
-                        tracing::debug!(path = %path.display(), services = objects.services.len(), slices = objects.slices.len(), "read file");
-                        self.good.insert(path.clone(), objects);
-                        changed = true;
-                    }
-                    Err(e) => self.file_error(path, &e),
-                },
-                Err(e) => self.file_error(path, &e),
-            }
-            self.settling.remove(path);
-            self.handled.insert(path.clone(), fingerprint);
+            reread.extend(self.read(path, fingerprint, send)?);
         }
         // Files gone (but not those below a directory this walk could not
         // read: a transient error must not remove their objects).
         let keep = |p: &PathBuf| listing.files.contains_key(p) || listing.under_unread(p);
-        let before = self.good.len();
-        self.good.retain(|p, _| keep(p));
-        changed |= self.good.len() != before;
+        let gone: Vec<PathBuf> = self.held.paths().filter(|p| !keep(p)).cloned().collect();
+        for path in gone {
+            if let Some(update) = self.held.remove(&path) {
+                send(update.batch)?;
+                reread.extend(update.reread);
+            }
+        }
         self.handled.retain(|p, _| keep(p));
         self.settling.retain(|p, _| keep(p));
         self.refused.retain(|p, _| keep(p));
-        // The first set must be complete: the first sync is a full
-        // reconcile, and a set missing a file still settling (one renamed
-        // into place just before a restart) would delete that file's
-        // Services' rules from the kernel until the next scan.
-        if !self.sent && !self.settling.is_empty() {
-            return None;
+        // A file another one held an object with: its version is in force
+        // again. (Read as it is now; a re-read drops nothing, so this ends.)
+        reread.sort();
+        reread.dedup();
+        for path in reread {
+            // Unless it changed since: then it is read once settled.
+            if let Some(Ok(fingerprint)) = listing.files.get(&path)
+                && self.handled.get(&path) == Some(fingerprint)
+            {
+                self.read(&path, *fingerprint, send)?;
+            }
         }
-        changed |= !self.sent;
-        self.sent |= changed;
-        changed.then(|| self.event())
+        if self.held.node() != self.sent_node.as_ref() {
+            self.sent_node = self.held.node().cloned();
+            send(match &self.sent_node {
+                Some(node) => SourceEvent::Apply(Object::Node(node.clone())),
+                None => SourceEvent::Delete(
+                    Kind::Node,
+                    crate::model::ObjectKey::new("", &self.node_name),
+                ),
+            })?;
+        }
+        // The first sync waits for every file: it is a full reconcile, and
+        // a set missing a file still settling (one renamed into place just
+        // before a restart) would delete that file's Services' rules from
+        // the kernel until the next scan.
+        if !self.sent && self.settling.is_empty() {
+            self.sent = true;
+            for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
+                send(SourceEvent::Synced(kind))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and parses one file and sends its objects; the files to read
+    /// again (they hold an object this one dropped).
+    fn read(
+        &mut self,
+        path: &Path,
+        fingerprint: Fingerprint,
+        send: Sink<'_>,
+    ) -> Result<Vec<PathBuf>, Closed> {
+        self.files_read.fetch_add(1, Ordering::Relaxed);
+        let mut reread = Vec::new();
+        match disk::read(path, fingerprint) {
+            Ok(None) => {
+                // Changed while read: wait for it to settle again.
+                self.settling
+                    .insert(path.to_path_buf(), (fingerprint, Instant::now()));
+                return Ok(reread);
+            }
+            Ok(Some(text)) => match parse_objects(&text) {
+                Ok(objects) => {
+                    tracing::debug!(path = %path.display(), services = objects.services.len(), slices = objects.slices.len(), "read file");
+                    drop(text);
+                    let update = self.held.replace(path, objects, &self.node_name);
+                    send(update.batch)?;
+                    reread = update.reread;
+                }
+                Err(e) => self.file_error(path, &e),
+            },
+            Err(e) => self.file_error(path, &e),
+        }
+        self.settling.remove(path);
+        self.handled.insert(path.to_path_buf(), fingerprint);
+        Ok(reread)
     }
 
     /// Reads everything once, now, without waiting for files to settle
     /// (`--dry-run`, benchmarks); an error if the directory cannot be read.
-    pub fn read_now(&mut self) -> anyhow::Result<Option<SourceEvent>> {
+    pub fn read_now(&mut self, send: Sink<'_>) -> anyhow::Result<()> {
         use anyhow::Context;
         disk::walk(&self.dir).with_context(|| format!("reading {}", self.dir.display()))?;
         self.settle = Duration::ZERO;
-        Ok(self.scan())
+        self.scan(send)
+            .map_err(|Closed| anyhow::anyhow!("the sync loop is gone"))
     }
 
     /// Whether a changed file may be read now.
@@ -230,28 +288,6 @@ impl FileSource {
         self.dir_problems = now;
     }
 
-    fn event(&self) -> SourceEvent {
-        let mut services = Vec::new();
-        let mut slices = Vec::new();
-        let mut node = None;
-        for objects in self.good.values() {
-            services.extend(objects.services.iter().cloned());
-            slices.extend(objects.slices.iter().cloned());
-            node = node.or_else(|| {
-                objects
-                    .nodes
-                    .iter()
-                    .find(|n| n.metadata.name.as_deref() == Some(self.node_name.as_str()))
-                    .cloned()
-            });
-        }
-        SourceEvent::Full {
-            services,
-            slices,
-            node,
-        }
-    }
-
     /// Polls on a thread of its own until the receiver is gone, sending an
     /// event whenever the directory changes and counting errors in
     /// `errors`. The thread never holds up shutdown: nothing joins it.
@@ -269,9 +305,8 @@ impl FileSource {
                 let watch = watch::Watch::new();
                 loop {
                     let started = Instant::now();
-                    if let Some(event) = self.scan()
-                        && tx.blocking_send(event).is_err()
-                    {
+                    let mut send = |event| tx.blocking_send(event).map_err(|_| Closed);
+                    if self.scan(&mut send).is_err() {
                         return;
                     }
                     if tx.is_closed() {
