@@ -499,14 +499,15 @@ fn both_policies_local_with_a_node_port_keep_the_cluster_wide_set() {
             ("10.1.0.3", true, true, false),
         ],
     );
-    let mut endpoints: Vec<Endpoint> = convert::slice_endpoints(&s, "node-a")
-        .into_iter()
-        .map(|(_, e)| e)
-        .collect();
+    let mut endpoints: Vec<Endpoint> =
+        convert::slice_endpoints(&s, "node-a", &mut Default::default())
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
     endpoints[1].is_local = false;
     endpoints[2].is_local = false;
     for (e, zone) in endpoints.iter_mut().zip(["zone-1", "zone-2", "zone-2"]) {
-        e.zone_hints = vec![zone.into()];
+        e.zone_hints = [zone.into()].into();
     }
     let node = NodeInfo {
         name: "node-a".into(),
