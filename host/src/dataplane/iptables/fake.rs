@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow, bail};
 
-use super::kernel::IptablesKernel;
+use super::kernel::{IptablesKernel, Summaries, text_summaries};
 
 type Chains = BTreeMap<String, Vec<String>>;
 
@@ -24,6 +24,11 @@ struct State {
     /// `check` misses what iptables-nft-restore `--test` misses: a chain
     /// deleted while still jumped to, a jump to a missing chain.
     lenient_check: bool,
+    /// Reading one chain costs a whole table (legacy): `chain_summaries`
+    /// answers `None`.
+    whole_table_reads: bool,
+    /// The text of the last committed restore.
+    last: String,
     /// Every table after each committed restore, when recording.
     history: Option<Vec<((bool, String), Chains)>>,
 }
@@ -63,6 +68,16 @@ impl FakeIptables {
         self.lock().refuse.clear();
     }
 
+    /// The text of the last committed restore.
+    pub fn last_restore(&self) -> String {
+        self.lock().last.clone()
+    }
+
+    /// Reads like iptables-legacy: no cheap read of single chains.
+    pub fn whole_table_reads(&self) {
+        self.lock().whole_table_reads = true;
+    }
+
     pub fn lenient_check(&self) {
         self.lock().lenient_check = true;
     }
@@ -95,6 +110,12 @@ impl FakeIptables {
             .get(&(ipv6, table.to_string()))?
             .get(chain)
             .cloned()
+    }
+
+    fn rules_of_table(&self, ipv6: bool, table: &str) -> Chains {
+        let state = self.lock();
+        let chains = state.tables.get(&(ipv6, table.to_string()));
+        chains.cloned().unwrap_or_default()
     }
 
     /// Every chain of a table gone but the built-in ones, which are
@@ -215,6 +236,7 @@ impl IptablesKernel for FakeIptables {
         }
         state.tables.insert((ipv6, table.to_string()), chains);
         state.restores += 1;
+        state.last = text.to_string();
         Ok(())
     }
 
@@ -224,6 +246,20 @@ impl IptablesKernel for FakeIptables {
 
     fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>> {
         Ok(self.rules(ipv6, table, chain))
+    }
+
+    fn chain_summaries(
+        &mut self,
+        ipv6: bool,
+        table: &str,
+        chains: &[&str],
+    ) -> Result<Option<Summaries>> {
+        if self.lock().whole_table_reads {
+            return Ok(None);
+        }
+        let all = text_summaries(&self.rules_of_table(ipv6, table));
+        let one = |c: &&str| (c.to_string(), all.get(*c).copied().unwrap_or_default());
+        Ok(Some(chains.iter().map(one).collect()))
     }
 
     fn enable_route_localnet(&mut self) -> Result<()> {

@@ -37,6 +37,7 @@ const TABLE: u16 = 1; // NFTA_{CHAIN,RULE,SET,SET_ELEM_LIST}_TABLE
 const CHAIN_NAME: u16 = 3;
 const RULE_CHAIN: u16 = 2;
 const RULE_EXPRESSIONS: u16 = 4;
+const RULE_USERDATA: u16 = 7;
 const SET_NAME: u16 = 2;
 const SET_FLAGS: u16 = 3;
 const SET_ELEM_LIST_SET: u16 = 2;
@@ -105,6 +106,75 @@ pub fn chain_names(table: &str, ipv6: bool) -> Result<Vec<String>> {
         }
     }
     Ok(names)
+}
+
+/// Every chain of `table` in the `ip` (or `ip6`) family, summarised as
+/// `inventory` summarises nftables mode's chains (empty ones included):
+/// iptables mode's periodic compare, one chain dump and one rule dump,
+/// folded as they arrive. With `only`, just those chains, one filtered
+/// rule dump each (named, even when absent or empty): what iptables mode
+/// learns after a delta wrote them.
+pub fn chain_summaries(
+    table: &str,
+    ipv6: bool,
+    only: Option<&[&str]>,
+) -> Result<BTreeMap<String, Summary>> {
+    let socket = Socket::open()?;
+    let proto = if ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
+    let filter = attr(TABLE, &cstr(table));
+    let mut out: BTreeMap<String, Summary> = BTreeMap::new();
+    let fold = |out: &mut BTreeMap<String, Summary>, msg: &[u8]| {
+        let attrs = attrs(msg);
+        if text(&attrs, TABLE) != Some(table) {
+            return;
+        }
+        if let Some(chain) = text(&attrs, RULE_CHAIN) {
+            let mut digest = attrs
+                .get(&RULE_EXPRESSIONS)
+                .map_or(0, |e| expressions_digest(e));
+            // iptables-nft keeps `-m comment` there.
+            if let Some(comment) = attrs.get(&RULE_USERDATA) {
+                let mut h = Fnv::default();
+                h.write(comment);
+                digest ^= h.0.rotate_left(1);
+            }
+            let summary = out.entry(chain.to_string()).or_default();
+            summary.count += 1;
+            summary.digest = summary.digest.wrapping_mul(0x100_0000_01b3) ^ digest;
+        }
+    };
+    let Some(only) = only else {
+        let names = chain_names(table, ipv6)?;
+        let out = std::cell::RefCell::new(out);
+        socket.dump_each(
+            NFT_MSG_GETRULE,
+            proto,
+            &filter,
+            || {
+                let mut out = out.borrow_mut();
+                out.clear();
+                out.extend(names.iter().map(|n| (n.clone(), Summary::default())));
+            },
+            |msg| fold(&mut out.borrow_mut(), msg),
+        )?;
+        return Ok(out.into_inner());
+    };
+    for chain in only {
+        let mut request = filter.clone();
+        request.extend(attr(RULE_CHAIN, &cstr(chain)));
+        let out = std::cell::RefCell::new(&mut out);
+        socket.dump_each(
+            NFT_MSG_GETRULE,
+            proto,
+            &request,
+            || {
+                out.borrow_mut()
+                    .insert(chain.to_string(), Summary::default());
+            },
+            |msg| fold(&mut out.borrow_mut(), msg),
+        )?;
+    }
+    Ok(out)
 }
 
 fn family_inventory(
@@ -413,16 +483,49 @@ impl Socket {
     /// The payloads (nfgenmsg onwards) of one dump; a dump the kernel
     /// marks interrupted (the ruleset changed meanwhile) is redone.
     fn dump(&self, msg: u16, family: u8, request: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let messages = std::cell::RefCell::new(Vec::new());
+        self.dump_each(
+            msg,
+            family,
+            request,
+            || messages.borrow_mut().clear(),
+            |m| messages.borrow_mut().push(m.to_vec()),
+        )?;
+        Ok(messages.into_inner())
+    }
+
+    /// `dump`, handing each payload to `each` as it arrives rather than
+    /// keeping them all (iptables-nft's nat table at 10k Services is
+    /// ~170k rules); `restart` resets the caller's fold before each try.
+    fn dump_each(
+        &self,
+        msg: u16,
+        family: u8,
+        request: &[u8],
+        mut restart: impl FnMut(),
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<()> {
         for _ in 0..5 {
-            let (messages, interrupted) = self.dump_once(msg, family, request)?;
-            if !interrupted {
-                return Ok(messages);
+            restart();
+            match self.dump_once(msg, family, request, &mut each)? {
+                DumpEnd::Done => return Ok(()),
+                DumpEnd::Absent => {
+                    restart();
+                    return Ok(());
+                }
+                DumpEnd::Interrupted => {}
             }
         }
         bail!("nf_tables dump interrupted five times: the ruleset keeps changing")
     }
 
-    fn dump_once(&self, msg: u16, family: u8, request: &[u8]) -> Result<(Vec<Vec<u8>>, bool)> {
+    fn dump_once(
+        &self,
+        msg: u16,
+        family: u8,
+        request: &[u8],
+        each: &mut dyn FnMut(&[u8]),
+    ) -> Result<DumpEnd> {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | msg;
         let mut out = Vec::with_capacity(16 + 4 + request.len());
         // nfgenmsg: family, version, res_id
@@ -441,8 +544,14 @@ impl Socket {
             return Err(std::io::Error::last_os_error()).context("netlink send");
         }
         let mut buf = vec![0u8; 1 << 18];
-        let mut messages = Vec::new();
         let mut interrupted = false;
+        let end = |interrupted| {
+            if interrupted {
+                DumpEnd::Interrupted
+            } else {
+                DumpEnd::Done
+            }
+        };
         loop {
             // SAFETY: recv(2) into a buffer we own, within its length.
             let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -464,25 +573,34 @@ impl Socket {
                 interrupted |= flags & NLM_F_DUMP_INTR != 0;
                 let payload = &rest[16..len];
                 match kind {
-                    NLMSG_DONE => return Ok((messages, interrupted)),
+                    NLMSG_DONE => return Ok(end(interrupted)),
                     NLMSG_ERROR => {
                         let code = payload
                             .get(..4)
                             .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
                         if code == 0 {
-                            return Ok((messages, interrupted));
+                            return Ok(end(interrupted));
                         }
                         if -code == libc::ENOENT {
                             // No such table (or set): it holds nothing.
-                            return Ok((Vec::new(), false));
+                            return Ok(DumpEnd::Absent);
                         }
                         return Err(std::io::Error::from_raw_os_error(-code))
                             .context("nf_tables dump refused");
                     }
-                    _ => messages.push(payload.to_vec()),
+                    _ => each(payload),
                 }
                 rest = &rest[len.next_multiple_of(4).min(rest.len())..];
             }
         }
     }
+}
+
+/// How one try of a dump ended.
+enum DumpEnd {
+    Done,
+    /// The ruleset changed meanwhile: what was handed over is inconsistent.
+    Interrupted,
+    /// No such table (or set): it holds nothing.
+    Absent,
 }
