@@ -55,9 +55,10 @@ fn base() -> Fragment {
 }
 
 /// Service `n` shaped as the iptables plugin renders one: a commented
-/// dispatch rule, a random pick with affinity over `eps` endpoints, each
-/// endpoint's hairpin mark and DNAT; `moved` changes endpoint 0.
-fn service(n: usize, eps: usize, moved: bool) -> Fragment {
+/// dispatch rule, a random pick over `eps` endpoints (with ClientIP
+/// affinity's `recent` rules when `affinity`), each endpoint's hairpin
+/// mark and DNAT; `moved` changes endpoint 0.
+fn service(n: usize, eps: usize, moved: bool, affinity: bool) -> Fragment {
     let comment = format!("-m comment --comment t/s{n}:p");
     let svc = format!("KWP-SVC-{n}");
     let ip = format!("10.96.{}.{}", n / 250, n % 250 + 1);
@@ -73,7 +74,7 @@ fn service(n: usize, eps: usize, moved: bool) -> Fragment {
         format!("10.244.{}.{host}", n % 250)
     };
     let mut pick = Vec::new();
-    for e in 0..eps {
+    for e in (0..eps).filter(|_| affinity) {
         pick.push(format!(
             "{comment} -m recent --rcheck --seconds 10800 --reap --name KWP-SEP-{n}-{e} --mask 255.255.255.255 --rsource -j KWP-SEP-{n}-{e}"
         ));
@@ -95,10 +96,17 @@ fn service(n: usize, eps: usize, moved: bool) -> Fragment {
                     "{comment} -s {}/32 -j KWP-MARK-MASQ",
                     endpoint(e)
                 ),
-                format!(
-                    "{comment} -p tcp -m recent --set --name KWP-SEP-{n}-{e} --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination {}:8080",
-                    endpoint(e)
-                ),
+                if affinity {
+                    format!(
+                        "{comment} -p tcp -m recent --set --name KWP-SEP-{n}-{e} --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination {}:8080",
+                        endpoint(e)
+                    )
+                } else {
+                    format!(
+                        "{comment} -p tcp -m tcp -j DNAT --to-destination {}:8080",
+                        endpoint(e)
+                    )
+                },
             ],
         ));
     }
@@ -153,7 +161,7 @@ fn in_namespace() {
 
     let mut dp = IptablesDataplane::new();
     let fragments: Vec<Fragment> = (0..SERVICES)
-        .map(|n| service(n, 2 + n % 3, false))
+        .map(|n| service(n, 2 + n % 3, false, n % 2 == 0))
         .collect();
     let changed: Vec<(ServicePortName, Option<&Fragment>)> = (fragments.iter().enumerate())
         .map(|(n, f)| (name(n), Some(f)))
@@ -168,13 +176,22 @@ fn in_namespace() {
     eprintln!("resync over {SERVICES} Services: {:?}", started.elapsed());
     dp.resync().expect("resync");
     assert_eq!(dp.restores, programmed, "a clean resync sent a restore");
+    assert_eq!(dp.compares, 0, "nothing written since: nothing to read");
+    // Another program writes elsewhere: our tables are read and compared.
+    iptables("-t mangle -N ELSEWHERE");
+    dp.resync().expect("resync");
+    assert_eq!((dp.restores, dp.compares), (programmed, 1));
 
     // One endpoint moves: one delta, learned; the resync after it is clean.
-    dp.apply(None, &[(name(7), Some(&service(7, 2 + 7 % 3, true)))])
-        .expect("delta");
+    dp.apply(
+        None,
+        &[(name(7), Some(&service(7, 2 + 7 % 3, true, false)))],
+    )
+    .expect("delta");
     assert_eq!(dp.restores, programmed + 1);
     dp.resync().expect("resync");
     assert_eq!(dp.restores, programmed + 1, "resync after a change wrote");
+    assert_eq!(dp.compares, 1, "the delta was learned: nothing to read");
     let (nat, filter) = (save("nat"), save("filter"));
 
     // Drift behind our back.
@@ -187,12 +204,12 @@ fn in_namespace() {
     iptables("-t nat -D PREROUTING -j KWP-SERVICES");
     dp.resync().expect("repair");
     assert_eq!(dp.restores, programmed + 2, "one repair restore: nat");
-    assert_eq!(dp.repairs, 1);
+    assert_eq!((dp.compares, dp.repairs), (2, 1));
     assert_eq!(save("nat"), nat, "nat as before the drift");
     assert_eq!(save("filter"), filter, "filter untouched");
-    // Clean again.
+    // Clean again, and known to be.
     dp.resync().expect("resync");
-    assert_eq!(dp.restores, programmed + 2);
+    assert_eq!((dp.restores, dp.compares), (programmed + 2, 2));
     // Another program's rules were never touched.
     let nat = save("nat");
     assert_eq!(nat["FOREIGN"], ["-s 192.0.2.0/24 -j RETURN"]);
@@ -201,10 +218,12 @@ fn in_namespace() {
 }
 
 /// Not a test: the cost of one periodic resync at KWP_RESYNC_SERVICES
-/// (10,000) Services, compare-and-repair with no drift against the full
-/// reconcile every resync was before (reached here through the canary,
-/// as after a flush), alternated KWP_RESYNC_ROUNDS (3) times; wall time
-/// and CPU seconds (this process and its restores), medians printed.
+/// (10,000) Services without drift: with nothing written since (the
+/// generation unchanged), after another program wrote elsewhere (every
+/// chain read and compared), and the full reconcile every resync was
+/// before (reached through the canary, as after a flush; it now also
+/// reads every chain back), alternated KWP_RESYNC_ROUNDS (3) times; wall
+/// time and CPU seconds (this process and its restores), medians.
 /// `cargo test --test e2e ipt_resync::resync_cost -- --ignored --nocapture`
 #[test]
 #[ignore = "a measurement, minutes long"]
@@ -237,7 +256,9 @@ fn measure() {
         env("KWP_RESYNC_ROUNDS", 3),
     );
     let mut dp = IptablesDataplane::new();
-    let fragments: Vec<Fragment> = (0..n).map(|i| service(i, 3 + i % 5, false)).collect();
+    let fragments: Vec<Fragment> = (0..n)
+        .map(|i| service(i, 3 + i % 5, false, false))
+        .collect();
     let changed: Vec<(ServicePortName, Option<&Fragment>)> = (fragments.iter().enumerate())
         .map(|(i, f)| (name(i), Some(f)))
         .collect();
@@ -255,12 +276,19 @@ fn measure() {
         eprintln!("{what}: {wall:.3} s wall, {cpu:.3} CPU s");
         (wall, cpu)
     };
-    let (mut compare, mut full) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
+    let (mut unchanged, mut compare, mut full) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
         let restores = dp.restores;
-        compare.push(timed(&mut dp, "compare-and-repair, no drift", &|dp| {
+        unchanged.push(timed(&mut dp, "resync, nothing written by anyone", &|dp| {
             dp.resync().expect("resync")
         }));
+        // Another program writes elsewhere: every chain is read.
+        iptables(&format!("-t mangle -N ELSEWHERE-{round}"));
+        compare.push(timed(
+            &mut dp,
+            "resync after a write elsewhere (compare)",
+            &|dp| dp.resync().expect("resync"),
+        ));
         assert_eq!(dp.restores, restores, "a clean resync restored");
         full.push(timed(&mut dp, "full reconcile (the old resync)", &|dp| {
             iptables("-t nat -F KWP-PROXY-CANARY");
@@ -274,9 +302,14 @@ fn measure() {
         cpus.sort_by(f64::total_cmp);
         (walls[walls.len() / 2], cpus[cpus.len() / 2])
     };
-    let (c, f) = (median(&mut compare), median(&mut full));
+    let (u, c, f) = (
+        median(&mut unchanged),
+        median(&mut compare),
+        median(&mut full),
+    );
     eprintln!(
-        "{n} Services, medians of {rounds}: compare {:.3} s wall / {:.3} CPU s; full {:.3} s / {:.3} CPU s",
-        c.0, c.1, f.0, f.1
+        "{n} Services, medians of {rounds} (s wall / CPU s): nothing written {:.3} / {:.3}; \
+         compare {:.3} / {:.3}; full reconcile, with its read-back {:.3} / {:.3}",
+        u.0, u.1, c.0, c.1, f.0, f.1
     );
 }

@@ -60,6 +60,7 @@ impl IptablesDataplane {
             .into_iter()
             .map(|(k, text)| (k, vec![Stage::Text(text)]))
             .collect();
+        let (before_generation, restores) = (self.generation(), self.restores);
         let restored = self.restore_staged(&staged, &Contributions::new(), true);
         if restored.is_ok() {
             let (kept, gone): (BTreeSet<ChainKey>, _) =
@@ -67,7 +68,13 @@ impl IptablesDataplane {
             for key in &gone {
                 self.digests.remove(key);
             }
-            self.learn_chains(&kept);
+            let learned = self.learn_chains(&kept);
+            // Still all there is only if nobody else wrote since it was.
+            let unchanged =
+                before_generation.is_some() && before_generation == self.learned_generation;
+            self.learned_generation = self
+                .generation_moved(before_generation, self.restores - restores)
+                .filter(|_| learned && unchanged);
         }
         self.observe(false);
         let written = restored?;

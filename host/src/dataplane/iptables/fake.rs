@@ -29,6 +29,8 @@ struct State {
     whole_table_reads: bool,
     /// The text of the last committed restore.
     last: String,
+    /// Moved by every commit and wipe, as nf_tables' generation.
+    generation: u64,
     /// Every table after each committed restore, when recording.
     history: Option<Vec<((bool, String), Chains)>>,
 }
@@ -126,9 +128,9 @@ impl FakeIptables {
             .iter()
             .map(|b| (b.to_string(), Vec::new()))
             .collect();
-        self.lock()
-            .tables
-            .insert((ipv6, table.to_string()), builtins);
+        let mut state = self.lock();
+        state.tables.insert((ipv6, table.to_string()), builtins);
+        state.generation += 1;
     }
 
     /// Restores `text` as someone else would (a previous run, an admin).
@@ -236,6 +238,7 @@ impl IptablesKernel for FakeIptables {
         }
         state.tables.insert((ipv6, table.to_string()), chains);
         state.restores += 1;
+        state.generation += 1;
         state.last = text.to_string();
         Ok(())
     }
@@ -260,6 +263,11 @@ impl IptablesKernel for FakeIptables {
         let all = text_summaries(&self.rules_of_table(ipv6, table));
         let one = |c: &&str| (c.to_string(), all.get(*c).copied().unwrap_or_default());
         Ok(Some(chains.iter().map(one).collect()))
+    }
+
+    fn generation(&mut self) -> Result<Option<u64>> {
+        let state = self.lock();
+        Ok((!state.whole_table_reads).then_some(state.generation))
     }
 
     fn enable_route_localnet(&mut self) -> Result<()> {

@@ -50,6 +50,11 @@ pub trait IptablesKernel: Send {
         let _ = (ipv6, table, chains);
         Ok(None)
     }
+    /// A number every committed change to the backend's rules moves (the
+    /// nf_tables generation), `None` where there is none (legacy).
+    fn generation(&mut self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// `net.ipv4.conf.all.route_localnet=1`: the kernel routes packets to
     /// 127.0.0.0/8 that arrive from or are DNATed off the host (node ports
     /// on localhost). Never turned back off, as upstream.
@@ -197,6 +202,15 @@ impl IptablesKernel for IptablesProcess {
         crate::dataplane::nftables::chain_summaries(table, ipv6, Some(chains))
             .with_context(|| format!("summarising chains of table {table}"))
             .map(Some)
+    }
+
+    fn generation(&mut self) -> Result<Option<u64>> {
+        if self.backend != Backend::Nft {
+            return Ok(None);
+        }
+        let id =
+            crate::dataplane::nftables::generation().context("reading the nf_tables generation")?;
+        Ok(Some(u64::from(id)))
     }
 
     fn enable_route_localnet(&mut self) -> Result<()> {

@@ -167,6 +167,12 @@ pub struct IptablesDataplane {
     /// What the kernel held in each chain of ours and each built-in chain
     /// when we last wrote or checked it (`resync`); absent: not known.
     digests: BTreeMap<ChainKey, kernel::Summary>,
+    /// The backend's generation when `digests` were last known to be all
+    /// there is (nothing written since by anyone): a resync that finds it
+    /// unchanged compares nothing.
+    learned_generation: Option<u64>,
+    /// Periodic resyncs that read and compared the tables.
+    pub compares: u64,
     /// Periodic resyncs that found drift and repaired it (a restore each
     /// drifted table).
     pub repairs: u64,
@@ -219,6 +225,8 @@ impl IptablesDataplane {
             all_or_nothing: false,
             chunk_chains: staged::CHUNK_CHAINS,
             digests: BTreeMap::new(),
+            learned_generation: None,
+            compares: 0,
             repairs: 0,
             full_resyncs: false,
         }
@@ -274,11 +282,14 @@ impl IptablesDataplane {
         self.needs_full = true;
         self.applied_chains = Contributions::new();
         self.digests.clear();
+        self.learned_generation = None;
         let result = self.full_restore(&plan);
         if result.is_ok() && !self.full_resyncs {
-            for (ipv6, table) in TABLES {
-                self.learn_table(*ipv6, table);
-            }
+            let before = self.generation();
+            let learned = TABLES
+                .iter()
+                .all(|(ipv6, table)| self.learn_table(*ipv6, table));
+            self.learned_generation = self.generation_moved(before, 0).filter(|_| learned);
         }
         self.observe(true);
         let (chains, written) = result?;

@@ -54,6 +54,13 @@ impl IptablesDataplane {
     /// Compares every table with what was learned and repairs the drift.
     pub(super) fn compare_and_repair(&mut self) -> Result<()> {
         let started = Instant::now();
+        let (before_generation, restores) = (self.generation(), self.restores);
+        if before_generation.is_some() && before_generation == self.learned_generation {
+            // Nothing written by anyone since everything was learned.
+            return Ok(());
+        }
+        self.compares += 1;
+        let mut learned = true;
         let mut written = super::accounting::Written::default();
         let mut drifted_total = 0;
         for (ipv6, table) in TABLES {
@@ -119,8 +126,11 @@ impl IptablesDataplane {
             }
             written.add(*ipv6, table, text);
             // What the repair left is what the next compare expects.
-            self.learn_table(*ipv6, table);
+            learned &= self.learn_table(*ipv6, table);
         }
+        self.learned_generation = self
+            .generation_moved(before_generation, self.restores - restores)
+            .filter(|_| learned);
         self.observe(false);
         tracing::debug!(
             took = ?started.elapsed(),
@@ -216,10 +226,26 @@ impl IptablesDataplane {
         Ok(repair)
     }
 
+    /// The backend's generation, `None` where it has none or it cannot be
+    /// read (then every resync compares).
+    pub(super) fn generation(&mut self) -> Option<u64> {
+        self.kernel.generation().unwrap_or_else(|e| {
+            tracing::debug!(error = format!("{e:#}"), "no nf_tables generation");
+            None
+        })
+    }
+
+    /// The generation now, if it is `before` moved by exactly our own
+    /// `commits` (nobody else wrote meanwhile).
+    pub(super) fn generation_moved(&mut self, before: Option<u64>, commits: u64) -> Option<u64> {
+        let now = self.generation()?;
+        (before? + commits == now).then_some(now)
+    }
+
     /// Learns every chain of ours and every built-in chain of a table as
     /// the kernel holds it now; forgets the table on error (its chains are
-    /// then rewritten by the next resync).
-    pub(super) fn learn_table(&mut self, ipv6: bool, table: &str) {
+    /// then rewritten by the next resync). Whether it could.
+    pub(super) fn learn_table(&mut self, ipv6: bool, table: &str) -> bool {
         self.digests
             .retain(|(v6, t, _), _| !(*v6 == ipv6 && t == table));
         match self.timed(ipv6, |k| k.summaries(ipv6, table)) {
@@ -230,19 +256,25 @@ impl IptablesDataplane {
                             .insert((ipv6, table.to_string(), name), summary);
                     }
                 }
+                true
             }
-            Err(e) => tracing::warn!(
-                error = format!("{e:#}"),
-                table,
-                ipv6,
-                "could not read back the table just written; the next resync rewrites it"
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    table,
+                    ipv6,
+                    "could not read back the table just written; the next resync rewrites it"
+                );
+                false
+            }
         }
     }
 
     /// Learns the chains a delta wrote (where single chains are cheap to
     /// read), forgets them otherwise.
-    pub(super) fn learn_chains(&mut self, written: &BTreeSet<ChainKey>) {
+    /// Whether every one was learned.
+    pub(super) fn learn_chains(&mut self, written: &BTreeSet<ChainKey>) -> bool {
+        let mut all = true;
         for (ipv6, table) in TABLES {
             let names: Vec<&str> = written
                 .iter()
@@ -265,9 +297,13 @@ impl IptablesDataplane {
                 let key = (*ipv6, table.to_string(), name.to_string());
                 match learned.as_ref().and_then(|l| l.get(name)) {
                     Some(summary) => self.digests.insert(key, *summary),
-                    None => self.digests.remove(&key),
+                    None => {
+                        all = false;
+                        self.digests.remove(&key)
+                    }
                 };
             }
         }
+        all
     }
 }

@@ -40,6 +40,19 @@ fn a_resync_without_drift_restores_nothing() {
     let restores = fake.restores();
     dp.resync().unwrap();
     assert_eq!(fake.restores(), restores, "a resync after deltas restored");
+    // Nobody else wrote: nothing was even read.
+    assert_eq!(dp.compares, 0);
+    // Another program writes elsewhere: the tables are compared, and
+    // nothing of ours is written.
+    fake.preload(
+        false,
+        "filter",
+        "*filter\n:OTHER - [0:0]\n-A OTHER -j RETURN\nCOMMIT\n",
+    );
+    let restores = fake.restores();
+    dp.resync().unwrap();
+    dp.resync().unwrap();
+    assert_eq!((fake.restores(), dp.compares), (restores, 1));
     assert_eq!(dp.repairs, 0);
 }
 

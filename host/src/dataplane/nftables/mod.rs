@@ -44,7 +44,7 @@ use anyhow::{Context, Result};
 pub use diff::diff_against_kernel;
 use elements::{ElementBatch, Layout};
 use kernel::{Listing, NftKernel, NftProcess, Summary};
-pub use netlink::{chain_names, chain_summaries, element_count};
+pub use netlink::{chain_names, chain_summaries, element_count, generation};
 use script::{Counts, Obj, Objects, Qualified, Script};
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
