@@ -228,6 +228,32 @@ fn node_ports_answer_on_every_local_address_and_on_localhost() {
     }
 }
 
+/// `nodePortAddresses: [primary]` on a node whose Node object has no IPv4
+/// address: upstream then has no IPv4 CIDR, which means every IPv4
+/// address, localhost included (route_localnet and the guard), as unset.
+#[test]
+fn primary_without_an_ipv4_node_address_puts_node_ports_on_localhost() {
+    let c = Cluster::new("iprim");
+    let node_ip = common::topology::NODE_IP;
+    let node = Cluster::node_yaml().replace(
+        &format!("  - {{type: InternalIP, address: {node_ip}}}\n"),
+        "",
+    );
+    assert!(!node.contains(node_ip), "{node}");
+    let config = format!("{CONFIG}nodePortAddresses: [primary]\n");
+    let objects = node_port_service(&c, "10.96.0.44", 30096);
+    let _p = start_full(&c, &objects, &config, &node, &["--proxy-mode", "iptables"]);
+    let answered = |from: &common::netns::Netns, ip: &str| {
+        matches!(tcp_from(from, addr(ip, 30096)), Outcome::Answered(..))
+    };
+    eventually("the node port on 127.0.0.1", || {
+        answered(&c.node, "127.0.0.1")
+    });
+    assert!(answered(&c.client, node_ip), "every IPv4 address");
+    assert_eq!(route_localnet(&c), "1");
+    assert!(save(&c, "filter").contains("-A INPUT -j KWP-FIREWALL"));
+}
+
 /// localhostNodePorts false, or nodePortAddresses without loopback: no
 /// node ports on 127.0.0.1, `route_localnet` untouched, no guard; and
 /// nodePortAddresses limits the addresses as upstream does.

@@ -8,7 +8,8 @@ use crate::common;
 use std::time::Duration;
 
 use common::faulty_nft::{
-    all_captured, calls, converges, metric, restart, services, start, wrapper,
+    all_captured, calls, converges, converges_in, metric, restart_in, services, start,
+    start_mode_with_path, wrapper,
 };
 use common::topology::{Cluster, NODE_IP};
 use common::write;
@@ -89,7 +90,18 @@ fn a_hung_nft_is_killed_and_the_sync_retried() {
 /// see no failure; the kernel ends where the model says.
 #[test]
 fn sigkill_during_syncs_under_a_continuous_client_loses_nothing() {
-    let c = Cluster::new("killloop");
+    sigkill_loop("nftables", "killloop");
+}
+
+/// The same in iptables mode (issue 14 §3): restores, not transactions,
+/// killed at random points.
+#[test]
+fn sigkill_during_iptables_syncs_under_a_continuous_client_loses_nothing() {
+    sigkill_loop("iptables", "killloopipt");
+}
+
+fn sigkill_loop(mode: &str, tag: &str) {
+    let c = Cluster::new(tag);
     let wrap = tempfile::tempdir().unwrap();
     wrapper(wrap.path(), ":");
     let yaml = |round| {
@@ -98,15 +110,20 @@ fn sigkill_during_syncs_under_a_continuous_client_loses_nothing() {
             .map(|s| s.yaml())
             .collect::<String>()
     };
-    let mut p = start(&c, wrap.path(), &yaml(0));
+    let path = format!(
+        "{}:{}",
+        wrap.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut p = start_mode_with_path(&c, mode, &path, &yaml(0));
     let objects = p.dir.clone();
     let keep = tempfile::tempdir().unwrap();
     // The objects outlive each proxy: move them out of its temporary dir.
     let kept = keep.path().join("objects");
     std::fs::rename(&objects, &kept).unwrap();
     drop(p);
-    p = restart(&c, wrap.path(), &kept);
-    converges(&c, &services(&c, 0), Duration::from_secs(30));
+    p = restart_in(&c, mode, wrap.path(), &kept);
+    converges_in(&c, mode, &services(&c, 0), Duration::from_secs(30));
     let client = common::topology::ContinuousClient::start_every(
         &c.client,
         common::node_proxy::addr(NODE_IP, 30200),
@@ -128,13 +145,13 @@ fn sigkill_during_syncs_under_a_continuous_client_loses_nothing() {
         seed ^= seed << 17;
         std::thread::sleep(Duration::from_millis(seed % 300));
         drop(p); // SIGKILL
-        p = restart(&c, wrap.path(), &kept);
+        p = restart_in(&c, mode, wrap.path(), &kept);
         std::thread::sleep(Duration::from_millis(500));
     }
-    converges(&c, &services(&c, kills), Duration::from_secs(30));
+    converges_in(&c, mode, &services(&c, kills), Duration::from_secs(30));
     let (ok, failed) = client.stop();
     eprintln!(
-        "{kills} kills: {ok} connections answered, {} failed",
+        "{mode}: {kills} kills: {ok} connections answered, {} failed",
         failed.len()
     );
     assert!(ok > 100, "the client barely ran: {ok}");

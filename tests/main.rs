@@ -26,6 +26,7 @@ mod file_source;
 mod health;
 mod helm;
 mod image;
+mod ipt_resync;
 mod iptables;
 mod iptables_ops;
 mod ipvs;

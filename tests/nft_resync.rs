@@ -117,17 +117,8 @@ fn nft(args: &str) -> String {
 
 #[test]
 fn resync_compares_with_the_kernel_and_repairs_only_drift() {
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "needs root (a private network namespace and nft)"
-    );
-    // The namespace belongs to this thread; nft children inherit it.
-    std::thread::spawn(|| {
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-        in_namespace();
-    })
-    .join()
-    .expect("the test thread");
+    // nft, started from the namespace's thread, works in it.
+    crate::common::netns::in_private_netns(in_namespace);
 }
 
 fn in_namespace() {

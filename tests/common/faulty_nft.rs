@@ -1,4 +1,4 @@
-//! A node in nftables mode on a file source whose `nft` can be made to
+//! A node in nftables (or iptables) mode on a file source whose `nft` can be made to
 //! misbehave: a wrapper first on the proxy's PATH (failing, hanging), or
 //! no `nft` on its PATH at all. Five Services whose endpoints move with a
 //! round number, and the model's verdict on the node's table
@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::fixtures::TestService;
-use super::model::{self, Api, Kernel, Viewpoint};
+use super::model::{self, Api, Iptables, Kernel, Viewpoint};
 use super::node_proxy::{CONFIG, Proxy, http_get, launch_in_env};
 use super::topology::{CLIENT_IP, Cluster, NODE_IP};
 use super::write;
@@ -134,6 +134,12 @@ fn launch(
 
 /// The model's verdict on the node's table for `svcs`.
 pub fn report(c: &Cluster, svcs: &[TestService]) -> model::Report {
+    report_in(c, "nftables", svcs)
+}
+
+/// The model's verdict on what `mode` wrote for `svcs`: kwp's nftables
+/// table, or the node's IPv4 iptables ruleset.
+pub fn report_in(c: &Cluster, mode: &str, svcs: &[TestService]) -> model::Report {
     let api = Api {
         services: svcs.iter().map(|s| s.service.clone()).collect(),
         slices: svcs.iter().map(|s| s.slice.clone()).collect(),
@@ -145,6 +151,13 @@ pub fn report(c: &Cluster, svcs: &[TestService]) -> model::Report {
         client_v6: "2001:db8:1::2".parse().unwrap(),
         in_interface: "eth-cli".into(),
     };
+    if mode == "iptables" {
+        let mut k = Iptables::default();
+        k.local_addresses = vec![NODE_IP.parse().unwrap()];
+        k.add_save(false, &c.node.sh("iptables-save"))
+            .expect("the node's iptables-save");
+        return model::check(&api, &view, &k).expect("checker");
+    }
     let mut k = Kernel::default();
     k.local_addresses = vec![NODE_IP.parse().unwrap()];
     let json = c
@@ -177,9 +190,14 @@ pub fn all_captured(c: &Cluster, svcs: &[TestService]) {
 }
 
 pub fn converges(c: &Cluster, svcs: &[TestService], within: Duration) {
+    converges_in(c, "nftables", svcs, within);
+}
+
+/// `converges` for what `mode` wrote.
+pub fn converges_in(c: &Cluster, mode: &str, svcs: &[TestService], within: Duration) {
     let mut last = String::new();
     let ok = super::poll::until(within, || {
-        let r = report(c, svcs);
+        let r = report_in(c, mode, svcs);
         last = r.summary(10);
         r.mismatches.is_empty() && r.known.is_empty() && r.frontends == 2 * svcs.len()
     });
@@ -187,8 +205,9 @@ pub fn converges(c: &Cluster, svcs: &[TestService], within: Duration) {
 }
 
 /// The proxy again on `objects` (a directory `start` made, moved out of
-/// its proxy's temporary directory), without health or metrics servers.
-pub fn restart(c: &Cluster, wrap: &Path, objects: &Path) -> Proxy {
+/// its proxy's temporary directory) in `mode`, without health or
+/// metrics servers.
+pub fn restart_in(c: &Cluster, mode: &str, wrap: &Path, objects: &Path) -> Proxy {
     let path = format!(
         "PATH={}:{}",
         wrap.display(),
@@ -196,7 +215,7 @@ pub fn restart(c: &Cluster, wrap: &Path, objects: &Path) -> Proxy {
     );
     launch(
         c,
-        "nftables",
+        mode,
         tempfile::tempdir().unwrap(),
         objects,
         &[path],

@@ -189,3 +189,20 @@ fn run(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// Runs `f` on a thread of its own in a fresh, unnamed network namespace
+/// (`unshare`), which the programs it starts inherit; its result, once
+/// the thread ends (and the namespace with it). Requires root.
+pub fn in_private_netns<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "needs root (a private network namespace)"
+    );
+    std::thread::spawn(|| {
+        // SAFETY: unshare(2) of this thread's own network namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+        f()
+    })
+    .join()
+    .expect("the thread in the private namespace")
+}

@@ -27,10 +27,11 @@ pub fn render(cfg: &ModeConfig, s: &Settings) -> Result<Fragment, String> {
 ///   `node.addresses`), loopback ones only where allowed.
 pub fn node_port_destinations(cfg: &ModeConfig, s: &Settings, f: Fam) -> Vec<String> {
     let mut ips = cfg.node.addresses.iter().filter_map(|a| f.ip(a));
-    let loopback_ok = !f.ipv6 && s.localhost_node_ports_in_effect();
+    let loopback_ok = !f.ipv6 && s.localhost_node_ports_in_effect(has_primary_ipv4(cfg));
     let to = |ip: &String| format!("-d {}", f.host(ip));
     if s.node_port_addresses.iter().any(|c| c == "primary") {
-        if let Some(ip) = ips.next() {
+        // Upstream never takes a loopback node IP as primary.
+        if let Some(ip) = ips.find(|ip| !is_loopback(ip)) {
             return vec![to(&ip)];
         }
     } else if !s.node_port_cidrs(f.ipv6).is_empty() {
@@ -46,6 +47,11 @@ pub fn node_port_destinations(cfg: &ModeConfig, s: &Settings, f: Fam) -> Vec<Str
         m.push_str(" ! -d 127.0.0.0/8");
     }
     vec![m]
+}
+
+/// Whether the node has an IPv4 address `primary` can stand for.
+fn has_primary_ipv4(cfg: &ModeConfig) -> bool {
+    (cfg.node.addresses.iter().filter_map(|a| V4.ip(a))).any(|ip| !is_loopback(&ip))
 }
 
 fn is_loopback(ip: &str) -> bool {
@@ -100,7 +106,7 @@ fn render_family(cfg: &ModeConfig, s: &Settings, f: Fam) -> Vec<Item> {
         f.chain("filter", "KWP-PROXY-FIREWALL", vec![]),
         f.chain("filter", "KWP-NODEPORTS", vec![]),
     ];
-    if !f.ipv6 && s.localhost_node_ports_in_effect() {
+    if !f.ipv6 && s.localhost_node_ports_in_effect(has_primary_ipv4(cfg)) {
         items.push(f.chain(
             "filter",
             LOCALNET_GUARD,
@@ -196,5 +202,18 @@ mod tests {
         assert!(!guard(&unset, V6));
         assert!(!guard(&off, V4));
         assert!(!guard(&primary, V4));
+        // Primary on a node without IPv4: upstream's IPv4 side is then
+        // every address, 127.0.0.1 included, with the guard.
+        let mut v6_only = cfg(&[]);
+        (v6_only.node.addresses).push(IpAddress::V6((0x2001_0db8 << 32, 1)));
+        assert_eq!(
+            node_port_destinations(&v6_only, &primary, V4),
+            ["-m addrtype --dst-type LOCAL"]
+        );
+        assert!(
+            render_family(&v6_only, &primary, V4)
+                .iter()
+                .any(|i| matches!(i, Item::IptablesChain(c) if c.name == LOCALNET_GUARD))
+        );
     }
 }

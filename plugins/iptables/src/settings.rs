@@ -70,14 +70,16 @@ impl Settings {
 
     /// Upstream's effective localhostNodePorts: on only when asked for and
     /// when node ports may be on IPv4 loopback at all (nodePortAddresses
-    /// unset, or holding a CIDR that covers 127.0.0.0).
-    pub fn localhost_node_ports_in_effect(&self) -> bool {
+    /// unset, or holding a CIDR that covers 127.0.0.0). `primary` becomes
+    /// the node's IPv4 address (never loopback); upstream turns it into no
+    /// IPv4 CIDR at all on a node without one (`primary_ipv4` false),
+    /// which then means every address, loopback included.
+    pub fn localhost_node_ports_in_effect(&self, primary_ipv4: bool) -> bool {
         let v4 = self.node_port_cidrs(false);
         let primary = self.node_port_addresses.iter().any(|c| c == "primary");
         self.localhost_node_ports
             && if v4.is_empty() {
-                // "primary" means the node's IP, never loopback.
-                !primary
+                !(primary && primary_ipv4)
             } else {
                 v4.iter().any(|c| covers_ipv4_loopback(c))
             }
@@ -156,17 +158,24 @@ mod tests {
             .unwrap()
         };
         assert!(
-            with("[]", true).localhost_node_ports_in_effect(),
+            with("[]", true).localhost_node_ports_in_effect(true),
             "unset: all addresses"
         );
-        assert!(!with("[]", false).localhost_node_ports_in_effect());
-        assert!(!with(r#"["primary"]"#, true).localhost_node_ports_in_effect());
-        assert!(!with(r#"["203.0.113.0/24"]"#, true).localhost_node_ports_in_effect());
-        assert!(with(r#"["127.0.0.0/8","203.0.113.0/24"]"#, true).localhost_node_ports_in_effect());
-        assert!(with(r#"["0.0.0.0/0"]"#, true).localhost_node_ports_in_effect());
-        assert!(with(r#"["127.0.0.1/32"]"#, true).localhost_node_ports_in_effect());
+        assert!(!with("[]", false).localhost_node_ports_in_effect(true));
+        assert!(!with(r#"["primary"]"#, true).localhost_node_ports_in_effect(true));
         assert!(
-            with(r#"["fd00::/64"]"#, true).localhost_node_ports_in_effect(),
+            with(r#"["primary"]"#, true).localhost_node_ports_in_effect(false),
+            "primary on a node without IPv4: every address, as unset"
+        );
+        assert!(!with(r#"["primary"]"#, false).localhost_node_ports_in_effect(false));
+        assert!(!with(r#"["203.0.113.0/24"]"#, true).localhost_node_ports_in_effect(true));
+        assert!(
+            with(r#"["127.0.0.0/8","203.0.113.0/24"]"#, true).localhost_node_ports_in_effect(true)
+        );
+        assert!(with(r#"["0.0.0.0/0"]"#, true).localhost_node_ports_in_effect(true));
+        assert!(with(r#"["127.0.0.1/32"]"#, true).localhost_node_ports_in_effect(true));
+        assert!(
+            with(r#"["fd00::/64"]"#, true).localhost_node_ports_in_effect(true),
             "no IPv4 CIDR: IPv4 matches every address"
         );
         let s = with(r#"["10.0.0.0/8","fd00::/64"]"#, true);

@@ -44,13 +44,38 @@ impl IptablesDataplane {
         if jumped(&before) != jumped(&after) {
             return Ok(false);
         }
+        // What the restore rewrites: chains that come or go, or whose
+        // changed fragments give other rules (the rest of a shared chain
+        // stays, so the whole chain need not be compared).
+        let rewritten: BTreeSet<ChainKey> = affected
+            .iter()
+            .filter(|k| {
+                before.contains_key(**k) != after.contains_key(**k) || old.get(**k) != new.get(**k)
+            })
+            .map(|k| (*k).clone())
+            .collect();
         self.ensure_route_localnet(&after)?;
         let scripts = delta_scripts(&before, &after);
         let staged = scripts
             .into_iter()
             .map(|(k, text)| (k, vec![Stage::Text(text)]))
             .collect();
+        let (before_generation, restores) = (self.generation(), self.restores);
         let restored = self.restore_staged(&staged, &Contributions::new(), true);
+        if restored.is_ok() {
+            let (kept, gone): (BTreeSet<ChainKey>, _) =
+                rewritten.into_iter().partition(|k| after.contains_key(k));
+            for key in &gone {
+                self.digests.remove(key);
+            }
+            let learned = self.learn_chains(&kept);
+            // Still all there is only if nobody else wrote since it was.
+            let unchanged =
+                before_generation.is_some() && before_generation == self.learned_generation;
+            self.learned_generation = self
+                .generation_moved(before_generation, self.restores - restores)
+                .filter(|_| learned && unchanged);
+        }
         self.observe(false);
         let written = restored?;
         for key in affected {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, anyhow, bail};
 
-use super::kernel::IptablesKernel;
+use super::kernel::{IptablesKernel, Summaries, text_summaries};
 
 type Chains = BTreeMap<String, Vec<String>>;
 
@@ -24,6 +24,13 @@ struct State {
     /// `check` misses what iptables-nft-restore `--test` misses: a chain
     /// deleted while still jumped to, a jump to a missing chain.
     lenient_check: bool,
+    /// Reading one chain costs a whole table (legacy): `chain_summaries`
+    /// answers `None`.
+    whole_table_reads: bool,
+    /// The text of the last committed restore.
+    last: String,
+    /// Moved by every commit and wipe, as nf_tables' generation.
+    generation: u64,
     /// Every table after each committed restore, when recording.
     history: Option<Vec<((bool, String), Chains)>>,
 }
@@ -63,6 +70,16 @@ impl FakeIptables {
         self.lock().refuse.clear();
     }
 
+    /// The text of the last committed restore.
+    pub fn last_restore(&self) -> String {
+        self.lock().last.clone()
+    }
+
+    /// Reads like iptables-legacy: no cheap read of single chains.
+    pub fn whole_table_reads(&self) {
+        self.lock().whole_table_reads = true;
+    }
+
     pub fn lenient_check(&self) {
         self.lock().lenient_check = true;
     }
@@ -97,6 +114,12 @@ impl FakeIptables {
             .cloned()
     }
 
+    fn rules_of_table(&self, ipv6: bool, table: &str) -> Chains {
+        let state = self.lock();
+        let chains = state.tables.get(&(ipv6, table.to_string()));
+        chains.cloned().unwrap_or_default()
+    }
+
     /// Every chain of a table gone but the built-in ones, which are
     /// emptied: `iptables -t table -F; iptables -t table -X`, or a
     /// firewall service restarting.
@@ -105,9 +128,9 @@ impl FakeIptables {
             .iter()
             .map(|b| (b.to_string(), Vec::new()))
             .collect();
-        self.lock()
-            .tables
-            .insert((ipv6, table.to_string()), builtins);
+        let mut state = self.lock();
+        state.tables.insert((ipv6, table.to_string()), builtins);
+        state.generation += 1;
     }
 
     /// Restores `text` as someone else would (a previous run, an admin).
@@ -215,6 +238,8 @@ impl IptablesKernel for FakeIptables {
         }
         state.tables.insert((ipv6, table.to_string()), chains);
         state.restores += 1;
+        state.generation += 1;
+        state.last = text.to_string();
         Ok(())
     }
 
@@ -224,6 +249,25 @@ impl IptablesKernel for FakeIptables {
 
     fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>> {
         Ok(self.rules(ipv6, table, chain))
+    }
+
+    fn chain_summaries(
+        &mut self,
+        ipv6: bool,
+        table: &str,
+        chains: &[&str],
+    ) -> Result<Option<Summaries>> {
+        if self.lock().whole_table_reads {
+            return Ok(None);
+        }
+        let all = text_summaries(&self.rules_of_table(ipv6, table));
+        let one = |c: &&str| (c.to_string(), all.get(*c).copied().unwrap_or_default());
+        Ok(Some(chains.iter().map(one).collect()))
+    }
+
+    fn generation(&mut self) -> Result<Option<u64>> {
+        let state = self.lock();
+        Ok((!state.whole_table_reads).then_some(state.generation))
     }
 
     fn enable_route_localnet(&mut self) -> Result<()> {

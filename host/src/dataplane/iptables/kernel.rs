@@ -8,6 +8,11 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
+pub use crate::dataplane::nftables::kernel::Summary;
+
+/// Chain name -> what it holds, summarised.
+pub type Summaries = BTreeMap<String, Summary>;
+
 /// The kernel's iptables, as the dataplane needs it.
 pub trait IptablesKernel: Send {
     /// `iptables-restore --noflush` of one table's text (`*table` ...
@@ -26,6 +31,30 @@ pub trait IptablesKernel: Send {
     /// The rules of one chain (`iptables -t table -S chain`, each without
     /// the leading `-A CHAIN `), `None` when the chain does not exist.
     fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>>;
+    /// Every chain of a table with its rules summarised (count, and an
+    /// order-aware digest of the kernel's form, comparable only with this
+    /// kernel's earlier answers): the periodic compare-and-repair. From
+    /// `save` by default.
+    fn summaries(&mut self, ipv6: bool, table: &str) -> Result<Summaries> {
+        Ok(text_summaries(&parse_save(&self.save(ipv6, table)?)))
+    }
+    /// The same for the named chains only (each named, absent or empty
+    /// ones as empty), or `None` where that costs a whole table's read
+    /// (legacy): what is learned after a delta wrote them.
+    fn chain_summaries(
+        &mut self,
+        ipv6: bool,
+        table: &str,
+        chains: &[&str],
+    ) -> Result<Option<Summaries>> {
+        let _ = (ipv6, table, chains);
+        Ok(None)
+    }
+    /// A number every committed change to the backend's rules moves (the
+    /// nf_tables generation), `None` where there is none (legacy).
+    fn generation(&mut self) -> Result<Option<u64>> {
+        Ok(None)
+    }
     /// `net.ipv4.conf.all.route_localnet=1`: the kernel routes packets to
     /// 127.0.0.0/8 that arrive from or are DNATed off the host (node ports
     /// on localhost). Never turned back off, as upstream.
@@ -150,6 +179,40 @@ impl IptablesKernel for IptablesProcess {
         Ok(out)
     }
 
+    /// On nft, over netlink (one chain dump and one rule dump, nothing
+    /// printed); on legacy, `iptables-legacy-save` of the table, which
+    /// reads the whole table from the kernel whatever is asked.
+    fn summaries(&mut self, ipv6: bool, table: &str) -> Result<Summaries> {
+        if self.backend == Backend::Nft {
+            return crate::dataplane::nftables::chain_summaries(table, ipv6, None)
+                .with_context(|| format!("summarising the chains of table {table}"));
+        }
+        Ok(text_summaries(&parse_save(&self.save(ipv6, table)?)))
+    }
+
+    fn chain_summaries(
+        &mut self,
+        ipv6: bool,
+        table: &str,
+        chains: &[&str],
+    ) -> Result<Option<Summaries>> {
+        if self.backend != Backend::Nft {
+            return Ok(None);
+        }
+        crate::dataplane::nftables::chain_summaries(table, ipv6, Some(chains))
+            .with_context(|| format!("summarising chains of table {table}"))
+            .map(Some)
+    }
+
+    fn generation(&mut self) -> Result<Option<u64>> {
+        if self.backend != Backend::Nft {
+            return Ok(None);
+        }
+        let id =
+            crate::dataplane::nftables::generation().context("reading the nf_tables generation")?;
+        Ok(Some(u64::from(id)))
+    }
+
     fn enable_route_localnet(&mut self) -> Result<()> {
         let now = std::fs::read_to_string(ROUTE_LOCALNET)
             .with_context(|| format!("reading {ROUTE_LOCALNET}"))?;
@@ -232,4 +295,23 @@ pub fn parse_save(text: &str) -> BTreeMap<String, Vec<String>> {
         }
     }
     chains
+}
+
+/// Summaries of chains in `iptables-save` form (its rule text is the
+/// kernel's, normalised), as `summaries` gives them.
+pub fn text_summaries(chains: &BTreeMap<String, Vec<String>>) -> Summaries {
+    use std::hash::{Hash, Hasher};
+    chains
+        .iter()
+        .map(|(name, rules)| {
+            // Fixed keys: equal text, equal digest, within and across runs.
+            let mut h = std::hash::DefaultHasher::new();
+            rules.hash(&mut h);
+            let summary = Summary {
+                count: rules.len(),
+                digest: h.finish(),
+            };
+            (name.clone(), summary)
+        })
+        .collect()
 }

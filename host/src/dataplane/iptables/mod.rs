@@ -5,11 +5,13 @@
 //! - A chain's rules are the rules every fragment gives for it, in
 //!   fragment order (the base declares the shared dispatch chains empty;
 //!   Services add their rules to them).
-//! - The first apply, and every `resync` (syncPeriod), is a full
-//!   reconcile: every plan chain is rewritten, `KWP-` chains no longer in
-//!   the plan are flushed and deleted, and the jumps from the built-in
-//!   chains are made exactly one each, all in one restore per table, so a
-//!   previous instance's chains are adopted with no gap in service.
+//! - The first apply is a full reconcile: every plan chain is rewritten,
+//!   `KWP-` chains no longer in the plan are flushed and deleted, and the
+//!   jumps from the built-in chains are made exactly one each, all in one
+//!   restore per table, so a previous instance's chains are adopted with
+//!   no gap in service.
+//! - Every `resync` (syncPeriod) compares the kernel with what was
+//!   learned after each write and rewrites only what drifted (`resync`).
 //! - After that a delta rewrites only chains whose rules changed; in a
 //!   shared chain it deletes and appends only the changed Services' rules.
 //! - A refused delta falls back to a full reconcile; a refused full
@@ -25,6 +27,7 @@ mod delta;
 mod diff;
 pub mod fake;
 pub mod kernel;
+mod resync;
 mod scripts;
 mod staged;
 #[cfg(test)]
@@ -33,6 +36,8 @@ mod staged_tests;
 mod tests;
 #[cfg(test)]
 mod tests_missing;
+#[cfg(test)]
+mod tests_resync;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -159,6 +164,21 @@ pub struct IptablesDataplane {
     all_or_nothing: bool,
     /// A table with more chains is fully reconciled in stages (`staged`).
     chunk_chains: usize,
+    /// What the kernel held in each chain of ours and each built-in chain
+    /// when we last wrote or checked it (`resync`); absent: not known.
+    digests: BTreeMap<ChainKey, kernel::Summary>,
+    /// The backend's generation when `digests` were last known to be all
+    /// there is (nothing written since by anyone): a resync that finds it
+    /// unchanged compares nothing.
+    learned_generation: Option<u64>,
+    /// Periodic resyncs that read and compared the tables.
+    pub compares: u64,
+    /// Periodic resyncs that found drift and repaired it (a restore each
+    /// drifted table).
+    pub repairs: u64,
+    /// Every resync a full reconcile, learning nothing, as before
+    /// compare-and-repair (`KWP_IPTABLES_FULL_RESYNC=1`): for A/B benches.
+    full_resyncs: bool,
 }
 
 impl IptablesDataplane {
@@ -175,6 +195,10 @@ impl IptablesDataplane {
         }
         // For tests: stage every reconcile on a small cluster (the e2e
         // suite runs once with it, so staging is proven on the kernel).
+        if std::env::var("KWP_IPTABLES_FULL_RESYNC").is_ok_and(|v| v == "1") {
+            tracing::info!("iptables resync: a full reconcile every syncPeriod (as before)");
+            dp.full_resyncs = true;
+        }
         if let Some(n) = std::env::var("KWP_IPTABLES_CHUNK_CHAINS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
@@ -200,6 +224,11 @@ impl IptablesDataplane {
             route_localnet: false,
             all_or_nothing: false,
             chunk_chains: staged::CHUNK_CHAINS,
+            digests: BTreeMap::new(),
+            learned_generation: None,
+            compares: 0,
+            repairs: 0,
+            full_resyncs: false,
         }
     }
 
@@ -252,7 +281,16 @@ impl IptablesDataplane {
         // new ones (at 10k Services each copy is tens of MiB).
         self.needs_full = true;
         self.applied_chains = Contributions::new();
+        self.digests.clear();
+        self.learned_generation = None;
         let result = self.full_restore(&plan);
+        if result.is_ok() && !self.full_resyncs {
+            let before = self.generation();
+            let learned = TABLES
+                .iter()
+                .all(|(ipv6, table)| self.learn_table(*ipv6, table));
+            self.learned_generation = self.generation_moved(before, 0).filter(|_| learned);
+        }
         self.observe(true);
         let (chains, written) = result?;
         self.canaries = written.canaries;
@@ -467,15 +505,19 @@ impl Dataplane for IptablesDataplane {
         self.apply_changes(changes(base, changed), false).map(drop)
     }
 
-    /// Rewrites everything in force, repairing edits made behind our back;
-    /// nothing before the first reconcile (that would delete a previous
-    /// run's chains before ours are known).
+    /// Compares the kernel with what is in force and rewrites only what
+    /// drifted (`resync`); a full reconcile only when the last write
+    /// failed; nothing before the first reconcile (that would delete a
+    /// previous run's chains before ours are known).
     fn resync(&mut self) -> Result<()> {
         if self.needs_full && self.applied.is_empty() {
             return Ok(());
         }
-        let plan = self.applied.clone();
-        self.full(plan)
+        if self.needs_full || self.full_resyncs {
+            let plan = self.applied.clone();
+            return self.full(plan);
+        }
+        self.compare_and_repair()
     }
 
     /// As often as 50 times one check's cost allows, at most once a second.

@@ -48,37 +48,10 @@ pub(super) fn full_scripts_skipping(
                 text.push_str(&format!("-A {name} {rule}\n"));
             }
         }
-        // Our jumps in the built-in chains: exactly the wanted ones, once.
-        let mut wanted: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for (t, builtin, matches, target) in JUMPS {
-            if t == table && mine.contains_key(&target.to_string()) {
-                wanted
-                    .entry(builtin)
-                    .or_default()
-                    .push(format!("{matches}-j {target}"));
-            }
-        }
-        for (builtin, rules) in kernel.iter().filter(|(n, _)| !n.starts_with(PREFIX)) {
-            let ours: Vec<&String> = rules
-                .iter()
-                .filter(|r| r.contains(&format!("-j {PREFIX}")))
-                .collect();
-            let want = wanted.remove(builtin.as_str()).unwrap_or_default();
-            let exact = ours.len() == want.len() && want.iter().all(|w| ours.contains(&w));
-            if exact {
-                continue;
-            }
-            for r in &ours {
-                text.push_str(&format!("-D {builtin} {r}\n"));
-            }
-            for w in want.iter().rev() {
-                text.push_str(&format!("-I {builtin} 1 {w}\n"));
-            }
-        }
-        for (builtin, want) in wanted {
-            for w in want.iter().rev() {
-                text.push_str(&format!("-I {builtin} 1 {w}\n"));
-            }
+        let has = |chain: &str| mine.contains_key(&chain.to_string());
+        for line in jump_lines(table, has, kernel, |_| false) {
+            text.push_str(&line);
+            text.push('\n');
         }
         for name in &stale {
             text.push_str(&format!("-X {name}\n"));
@@ -87,6 +60,49 @@ pub(super) fn full_scripts_skipping(
         out.insert((*ipv6, table.to_string()), text);
     }
     out
+}
+
+/// The restore lines that make our jumps in `table`'s built-in chains
+/// exactly the wanted ones (those to chains we `has`), once each, given
+/// the built-in chains' rules in `kernel` (a built-in chain absent there
+/// is created by the insertions). Chains `trusted` are known to hold
+/// exactly the wanted jumps already, and are left alone.
+pub(super) fn jump_lines(
+    table: &str,
+    has: impl Fn(&str) -> bool,
+    kernel: &BTreeMap<String, Vec<String>>,
+    trusted: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut wanted: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (t, builtin, matches, target) in JUMPS {
+        if *t == table && has(target) {
+            wanted
+                .entry(builtin)
+                .or_default()
+                .push(format!("{matches}-j {target}"));
+        }
+    }
+    for (builtin, rules) in kernel.iter().filter(|(n, _)| !n.starts_with(PREFIX)) {
+        let want = wanted.remove(builtin.as_str()).unwrap_or_default();
+        if trusted(builtin) {
+            continue;
+        }
+        let ours: Vec<&String> = rules
+            .iter()
+            .filter(|r| r.contains(&format!("-j {PREFIX}")))
+            .collect();
+        let exact = ours.len() == want.len() && want.iter().all(|w| ours.contains(&w));
+        if exact {
+            continue;
+        }
+        lines.extend(ours.iter().map(|r| format!("-D {builtin} {r}")));
+        lines.extend(want.iter().rev().map(|w| format!("-I {builtin} 1 {w}")));
+    }
+    for (builtin, want) in wanted {
+        lines.extend(want.iter().rev().map(|w| format!("-I {builtin} 1 {w}")));
+    }
+    lines
 }
 
 /// The delta from `old` to `new` per table: only chains whose rules

@@ -45,7 +45,7 @@ use anyhow::{Context, Result};
 pub use diff::diff_against_kernel;
 use elements::{ElementBatch, Layout};
 use kernel::{Listing, NftKernel, NftProcess, Summary};
-pub use netlink::{chain_names, element_count};
+pub use netlink::{chain_names, chain_summaries, element_count, generation};
 use refs::Refs;
 use script::{Counts, Obj, Objects, Qualified, Script};
 

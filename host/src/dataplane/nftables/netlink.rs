@@ -18,6 +18,12 @@ use super::elements::ElementBatch;
 use super::kernel::{Inventory, SetKind, Summary};
 use crate::plan::NftFamily;
 
+// iptables mode's reads (iptables-nft keeps its rules in nf_tables):
+// beside this file to keep it short, a child so it shares the codec.
+#[path = "netlink_iptables.rs"]
+mod iptables_nft;
+pub use iptables_nft::{chain_summaries, generation};
+
 const NETLINK_NETFILTER: i32 = 12;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
@@ -37,6 +43,7 @@ const TABLE: u16 = 1; // NFTA_{CHAIN,RULE,SET,SET_ELEM_LIST}_TABLE
 const CHAIN_NAME: u16 = 3;
 const RULE_CHAIN: u16 = 2;
 const RULE_EXPRESSIONS: u16 = 4;
+const RULE_USERDATA: u16 = 7;
 const SET_NAME: u16 = 2;
 const SET_FLAGS: u16 = 3;
 const SET_ELEM_LIST_SET: u16 = 2;
@@ -290,6 +297,9 @@ fn text<'a>(attrs: &BTreeMap<u16, &'a [u8]>, kind: u16) -> Option<&'a str> {
 
 struct Socket {
     fd: OwnedFd,
+    /// The receive buffer, reused by every dump on this socket (iptables
+    /// mode dumps tens of thousands of chains one by one).
+    buf: std::cell::RefCell<Vec<u8>>,
 }
 
 impl Socket {
@@ -308,6 +318,7 @@ impl Socket {
         // SAFETY: fd is a fresh descriptor nobody else owns.
         Ok(Self {
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            buf: std::cell::RefCell::new(vec![0u8; 1 << 18]),
         })
     }
 
@@ -413,23 +424,59 @@ impl Socket {
     /// The payloads (nfgenmsg onwards) of one dump; a dump the kernel
     /// marks interrupted (the ruleset changed meanwhile) is redone.
     fn dump(&self, msg: u16, family: u8, request: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let messages = std::cell::RefCell::new(Vec::new());
+        self.dump_each(
+            msg,
+            family,
+            request,
+            || messages.borrow_mut().clear(),
+            |m| messages.borrow_mut().push(m.to_vec()),
+        )?;
+        Ok(messages.into_inner())
+    }
+
+    /// `dump`, handing each payload to `each` as it arrives rather than
+    /// keeping them all (iptables-nft's nat table at 10k Services is
+    /// ~170k rules); `restart` resets the caller's fold before each try.
+    fn dump_each(
+        &self,
+        msg: u16,
+        family: u8,
+        request: &[u8],
+        mut restart: impl FnMut(),
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<()> {
         for _ in 0..5 {
-            let (messages, interrupted) = self.dump_once(msg, family, request)?;
-            if !interrupted {
-                return Ok(messages);
+            restart();
+            match self.dump_once(msg, NLM_F_DUMP, family, request, &mut each)? {
+                DumpEnd::Done => return Ok(()),
+                DumpEnd::Absent => {
+                    restart();
+                    return Ok(());
+                }
+                DumpEnd::Interrupted => {}
             }
         }
         bail!("nf_tables dump interrupted five times: the ruleset keeps changing")
     }
 
-    fn dump_once(&self, msg: u16, family: u8, request: &[u8]) -> Result<(Vec<Vec<u8>>, bool)> {
+    /// One request (`NLM_F_DUMP`, or `NLM_F_ACK` for a single answer);
+    /// each answer's payload to `each`.
+    fn dump_once(
+        &self,
+        msg: u16,
+        flags: u16,
+        family: u8,
+        request: &[u8],
+        each: &mut dyn FnMut(&[u8]),
+    ) -> Result<DumpEnd> {
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | msg;
         let mut out = Vec::with_capacity(16 + 4 + request.len());
         // nfgenmsg: family, version, res_id
         header(
             &mut out,
             kind,
-            NLM_F_REQUEST | NLM_F_DUMP,
+            NLM_F_REQUEST | flags,
             1,
             &[family, 0, 0, 0],
             request,
@@ -440,9 +487,15 @@ impl Socket {
         if sent < 0 {
             return Err(std::io::Error::last_os_error()).context("netlink send");
         }
-        let mut buf = vec![0u8; 1 << 18];
-        let mut messages = Vec::new();
+        let mut buf = self.buf.borrow_mut();
         let mut interrupted = false;
+        let end = |interrupted| {
+            if interrupted {
+                DumpEnd::Interrupted
+            } else {
+                DumpEnd::Done
+            }
+        };
         loop {
             // SAFETY: recv(2) into a buffer we own, within its length.
             let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -464,25 +517,34 @@ impl Socket {
                 interrupted |= flags & NLM_F_DUMP_INTR != 0;
                 let payload = &rest[16..len];
                 match kind {
-                    NLMSG_DONE => return Ok((messages, interrupted)),
+                    NLMSG_DONE => return Ok(end(interrupted)),
                     NLMSG_ERROR => {
                         let code = payload
                             .get(..4)
                             .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
                         if code == 0 {
-                            return Ok((messages, interrupted));
+                            return Ok(end(interrupted));
                         }
                         if -code == libc::ENOENT {
                             // No such table (or set): it holds nothing.
-                            return Ok((Vec::new(), false));
+                            return Ok(DumpEnd::Absent);
                         }
                         return Err(std::io::Error::from_raw_os_error(-code))
                             .context("nf_tables dump refused");
                     }
-                    _ => messages.push(payload.to_vec()),
+                    _ => each(payload),
                 }
                 rest = &rest[len.next_multiple_of(4).min(rest.len())..];
             }
         }
     }
+}
+
+/// How one try of a dump ended.
+enum DumpEnd {
+    Done,
+    /// The ruleset changed meanwhile: what was handed over is inconsistent.
+    Interrupted,
+    /// No such table (or set): it holds nothing.
+    Absent,
 }
