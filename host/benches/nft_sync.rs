@@ -6,6 +6,10 @@
 //!
 //!     cargo bench -p kube-wasm-proxy --bench nft_sync
 //!     KWP_BENCH_SIZES=1000,10000 cargo bench -p kube-wasm-proxy --bench nft_sync
+//!
+//! KWP_BENCH_CHANGES sets the number of changes per size (7); a line on
+//! stderr marks the end of each full sync (to attach a profiler to the
+//! changes alone).
 
 // The objects, shared with the IPVS VM benchmark (tests/ipvs-probe).
 #[path = "shared/sync_objects.rs"]
@@ -18,9 +22,8 @@ use clap::Parser;
 
 use sync_objects::{ENDPOINTS, PER_FILE, cluster_ip, file_name, files, yaml};
 
-const CHANGES: usize = 7;
-
 fn main() -> anyhow::Result<()> {
+    let changes: usize = std::env::var("KWP_BENCH_CHANGES").map_or(Ok(7), |v| v.parse())?;
     // Bench harness flags (`--bench`) are not ours.
     let sizes: Vec<usize> = std::env::var("KWP_BENCH_SIZES")
         .unwrap_or_else(|_| "1000,10000,50000".into())
@@ -36,9 +39,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let _guard = rt.enter();
     println!(
-        "| services | endpoints | full sync (s) | one change, kernel only (ms, median of {CHANGES}) | one change, file to kernel (ms, median) | peak RSS (MiB) |"
+        "| services | endpoints | full sync (s) | one change, kernel only (ms, median of {changes}) | its CPU time (ms, median) | one change, file to kernel (ms, median) | peak RSS (MiB) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     for n in sizes {
         let dir = tempfile::tempdir()?;
         generate(dir.path(), n)?;
@@ -61,9 +64,10 @@ fn main() -> anyhow::Result<()> {
         app.scan_and_sync()?;
         let full = started.elapsed();
         anyhow::ensure!(app.sync.proxier.stats.apply_errors == 0, "full sync failed");
+        eprintln!("full sync of {n} done in {full:?}; changes follow");
 
-        let (mut kernel, mut end_to_end) = (Vec::new(), Vec::new());
-        for i in 0..CHANGES {
+        let (mut kernel, mut cpu, mut end_to_end) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..changes {
             // Move one endpoint of one Service: rewrite its file.
             let svc = (i * 7919) % n;
             let file = svc / PER_FILE;
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             app.scan_and_sync()?;
             end_to_end.push(t.elapsed());
             kernel.push(app.sync.proxier.stats.last_duration);
+            cpu.push(app.sync.proxier.stats.last_cpu);
             anyhow::ensure!(
                 app.sync.proxier.stats.apply_errors == 0,
                 "incremental sync failed"
@@ -86,10 +91,11 @@ fn main() -> anyhow::Result<()> {
             "last service missing from the kernel"
         );
         println!(
-            "| {n} | {} | {:.2} | {:.1} | {:.1} | {} |",
+            "| {n} | {} | {:.2} | {:.1} | {:.2} | {:.1} | {} |",
             n * ENDPOINTS,
             full.as_secs_f64(),
             ms(median(&mut kernel)),
+            ms(median(&mut cpu)),
             ms(median(&mut end_to_end)),
             peak_rss_mib()
         );

@@ -23,6 +23,11 @@
 //! iptables-nft). KWP_BENCH_COLD_DEADLINE_SECS bounds a cold start (900,
 //! iptables 7200: upstream takes minutes). The table is printed after each
 //! size; the plot is written to KWP_BENCH_SVG (docs/vs-kube-proxy-MODE.svg).
+//! Two kwp builds against one API server (creating 50k Services takes
+//! tens of minutes, so not once per build): KWP_BENCH_PROXIES=kwp-base,kwp
+//! runs KWP_BENCH_BASE_BIN as `kwp-base` (KWP_BENCH_KWP_BIN overrides the
+//! binary of `kwp`); KWP_BENCH_GO_FILE, if set, makes the bench wait after
+//! creating the objects until that file exists (to finish a build first).
 //! Run as root (everything lives in a private network namespace):
 //!
 //!     cargo bench -p kube-wasm-proxy --bench vs_kube_proxy
@@ -149,6 +154,12 @@ fn main() -> Result<()> {
             "created {n} Services in {:.1} s",
             started.elapsed().as_secs_f64()
         );
+        if let Ok(go) = std::env::var("KWP_BENCH_GO_FILE") {
+            println!("waiting for {go} to exist");
+            while !Path::new(&go).exists() {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
         let mut rows = Vec::new();
         for proxy in &proxies {
             round += 1;
@@ -354,8 +365,14 @@ impl Run<'_> {
         let log =
             std::fs::File::create(self.logs.join(format!("{}-{}.log", self.proxy, self.round)))?;
         let mut cmd = match self.proxy {
-            "kwp" => {
-                let mut c = Command::new(env!("CARGO_BIN_EXE_kube-wasm-proxy"));
+            "kwp" | "kwp-base" => {
+                let binary = match self.proxy {
+                    "kwp" => std::env::var("KWP_BENCH_KWP_BIN")
+                        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_kube-wasm-proxy").into()),
+                    _ => std::env::var("KWP_BENCH_BASE_BIN")
+                        .context("kwp-base needs KWP_BENCH_BASE_BIN (another build's binary)")?,
+                };
+                let mut c = Command::new(binary);
                 c.args(["--source", "kubernetes"]);
                 c
             }

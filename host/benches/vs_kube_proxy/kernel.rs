@@ -26,11 +26,11 @@ const NLM_F_DUMP_INTR: u16 = 0x10;
 /// with the chains they jump to.
 pub fn programmed(mode: &str, proxy: &str) -> Result<usize> {
     match (mode, proxy) {
-        ("nftables", "kwp") => {
+        ("nftables", "kwp" | "kwp-base") => {
             kwp::dataplane::nftables::element_count("kube-wasm-proxy", "service-ips")
         }
         ("nftables", _) => kwp::dataplane::nftables::element_count("kube-proxy", "service-ips"),
-        ("iptables", "kwp") => rule_count("nat", "KWP-SERVICE-IPS", b"KWP-SVC-"),
+        ("iptables", "kwp" | "kwp-base") => rule_count("nat", "KWP-SERVICE-IPS", b"KWP-SVC-"),
         ("iptables", _) => rule_count("nat", "KUBE-SERVICES", b"KUBE-SVC-"),
         (other, _) => bail!("mode {other} not benchmarked"),
     }

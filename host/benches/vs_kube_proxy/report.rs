@@ -69,10 +69,19 @@ fn find<'a>(rows: &'a [(String, Row)], name: &str) -> Option<&'a Row> {
 
 pub fn print_table(table: &Table) {
     println!();
-    println!("| Services | metric | kwp | kube-proxy | kwp/kube-proxy |");
+    // Against upstream, or against another kwp build (`kwp-base`).
+    let other = if table
+        .iter()
+        .any(|(_, rows)| find(rows, "kube-proxy").is_some())
+    {
+        "kube-proxy"
+    } else {
+        "kwp-base"
+    };
+    println!("| Services | metric | kwp | {other} | kwp/{other} |");
     println!("|---:|---|---:|---:|---:|");
     for (n, rows) in table {
-        let (k, u) = (find(rows, "kwp"), find(rows, "kube-proxy"));
+        let (k, u) = (find(rows, "kwp"), find(rows, other));
         for (name, f) in METRICS {
             let a = k.map_or(f64::NAN, f);
             let b = u.map_or(f64::NAN, f);

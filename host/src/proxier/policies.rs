@@ -3,7 +3,7 @@
 //! which; hot reload into every instance of a policy; and dropping the
 //! instances nobody uses any more.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -93,6 +93,9 @@ pub struct Policies {
     instances: HashMap<PolicyKey, SharedPolicy>,
     /// Which instance each service port uses, and its policy ids there.
     used_by: HashMap<ServicePortName, Use>,
+    /// How many service ports use each instance (`used_by` counted as it
+    /// changes: `drop_unused` runs every sync and must not scan it).
+    users: HashMap<PolicyKey, usize>,
     /// Each policy plugin's source and `sha256:<digest>`, as loaded or
     /// last reloaded.
     origins: HashMap<Arc<str>, (Arc<str>, Arc<str>)>,
@@ -110,6 +113,7 @@ impl Policies {
             },
             instances: HashMap::new(),
             used_by: HashMap::new(),
+            users: HashMap::new(),
             origins: HashMap::new(),
         };
         let key = policies.default.clone();
@@ -137,7 +141,7 @@ impl Policies {
             Some(old) => old.sets,
             None => OwnSets::default(),
         };
-        self.used_by.insert(
+        let previous = self.used_by.insert(
             port.name.clone(),
             Use {
                 key: key.clone(),
@@ -145,6 +149,7 @@ impl Policies {
                 sets,
             },
         );
+        self.count_user(previous.map(|u| u.key), Some(&key));
         (key, policy)
     }
 
@@ -191,6 +196,25 @@ impl Policies {
     pub fn release(&mut self, name: &ServicePortName) {
         if let Some(using) = self.used_by.remove(name) {
             self.forget(&using);
+            self.count_user(Some(using.key), None);
+        }
+    }
+
+    /// A service port moved from instance `from` to `to` (either `None`).
+    fn count_user(&mut self, from: Option<PolicyKey>, to: Option<&PolicyKey>) {
+        if from.as_ref() == to {
+            return;
+        }
+        if let Some(from) = from
+            && let Some(n) = self.users.get_mut(&from)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.users.remove(&from);
+            }
+        }
+        if let Some(to) = to {
+            *self.users.entry(to.clone()).or_default() += 1;
         }
     }
 
@@ -215,10 +239,9 @@ impl Policies {
     /// Instances no service port uses (a configuration that is gone) are
     /// dropped with their metric series; the default stays.
     pub fn drop_unused(&mut self) {
-        let used: HashSet<&PolicyKey> = self.used_by.values().map(|u| &u.key).collect();
-        let default = &self.default;
+        let (default, users) = (&self.default, &self.users);
         self.instances
-            .retain(|key, _| key == default || used.contains(key));
+            .retain(|key, _| key == default || users.contains_key(key));
     }
 
     /// Swaps a checked new version of policy `candidate.name` into every

@@ -384,6 +384,12 @@ impl ClusterState {
         self.last.values()
     }
 
+    /// One service port as of the last `take_changes` (a retry looks up
+    /// what failed instead of scanning every service port).
+    pub fn service_port(&self, name: &ServicePortName) -> Option<&Arc<ServiceState>> {
+        self.last.get(name)
+    }
+
     /// All slices of the service merged for one port: first occurrence of
     /// an address wins, slices taken in name order (upstream's cache).
     fn merged_endpoints(&self, service: &ObjectKey, port: &ServicePortName) -> Vec<Endpoint> {
