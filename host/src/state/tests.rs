@@ -303,20 +303,16 @@ fn terminating_endpoints_are_used_only_when_nothing_is_ready() {
     assert!(c.has_any);
 }
 
-#[test]
-fn local_policies_use_local_endpoints_and_topology_hints_filter() {
-    let mut port = convert::service_ports(&svc(WEB), &mut |_| {})
+/// The web Service's first port, ready endpoints at `ips` as node-a sees
+/// them (those ending in 1 are on node-a), and node-a in zone-2: the setup
+/// of the categorisation tests.
+fn web_port_on_node_a(ips: &[&str]) -> (ServicePort, Vec<Endpoint>, NodeInfo) {
+    let port = convert::service_ports(&svc(WEB), &mut |_| {})
         .unwrap()
         .remove(0);
-    let s = web_slice(
-        "w",
-        &[
-            ("10.1.0.1", true, true, false),
-            ("10.1.0.2", true, true, false),
-        ],
-    );
-    let mut endpoints: Vec<Endpoint> =
-        convert::slice_endpoints(&s, "node-a", &mut Default::default())
+    let ready: Vec<_> = ips.iter().map(|ip| (*ip, true, true, false)).collect();
+    let endpoints =
+        convert::slice_endpoints(&web_slice("w", &ready), "node-a", &mut Default::default())
             .into_iter()
             .map(|(_, e)| e)
             .collect();
@@ -325,6 +321,12 @@ fn local_policies_use_local_endpoints_and_topology_hints_filter() {
         zone: Some("zone-2".into()),
         ..NodeInfo::default()
     };
+    (port, endpoints, node)
+}
+
+#[test]
+fn local_policies_use_local_endpoints_and_topology_hints_filter() {
+    let (mut port, mut endpoints, node) = web_port_on_node_a(&["10.1.0.1", "10.1.0.2"]);
 
     port.internal_policy = TrafficPolicy::Local;
     let c = categorize(&port, &endpoints, &node);
@@ -488,32 +490,12 @@ spec:
 /// short-circuit set.
 #[test]
 fn both_policies_local_with_a_node_port_keep_the_cluster_wide_set() {
-    let mut port = convert::service_ports(&svc(WEB), &mut |_| {})
-        .unwrap()
-        .remove(0);
-    let s = web_slice(
-        "w",
-        &[
-            ("10.1.0.1", true, true, false),
-            ("10.1.0.2", true, true, false),
-            ("10.1.0.3", true, true, false),
-        ],
-    );
-    let mut endpoints: Vec<Endpoint> =
-        convert::slice_endpoints(&s, "node-a", &mut Default::default())
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect();
+    let (mut port, mut endpoints, node) = web_port_on_node_a(&["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
     endpoints[1].is_local = false;
     endpoints[2].is_local = false;
     for (e, zone) in endpoints.iter_mut().zip(["zone-1", "zone-2", "zone-2"]) {
         e.zone_hints = [zone.into()].into();
     }
-    let node = NodeInfo {
-        name: "node-a".into(),
-        zone: Some("zone-2".into()),
-        ..NodeInfo::default()
-    };
     port.internal_policy = TrafficPolicy::Local;
     port.external_policy = TrafficPolicy::Local;
     let ips = |eps: &[Endpoint]| -> Vec<String> { eps.iter().map(|e| e.ip.to_string()).collect() };
