@@ -9,6 +9,7 @@
 #                      ones with their libraries, debug info stripped), e.g. kwp, ip, nft.
 #   KWP_IPVS_VM_MEM    guest memory in MiB (1024); KWP_IPVS_VM_SMP CPUs (1);
 #   KWP_IPVS_VM_TIMEOUT seconds before the VM is killed (300).
+#   KWP_IPVS_VM_ENV    NAME=value words exported to the program in the guest.
 #   KWP_IPVS_VM_NET=1  a virtio NIC on QEMU user networking: the guest is 10.0.2.15/24 on eth0
 #                      with no default route, so it reaches only 10.0.2.2, which QEMU maps to
 #                      the host's loopback (scripts/ipvs-vm-bench.sh: an API server there).
@@ -100,6 +101,7 @@ for f in ${KWP_IPVS_VM_FILES:-}; do place "$f" "$f"; done
 for f in /etc/protocols /etc/services; do [ -f "$f" ] && cp "$f" "$run/root$f"; done
 printf '%q ' "$@" > "$run/root/probe-args"
 echo "KWP_IPVS_VM_NET=${KWP_IPVS_VM_NET:-0}" > "$run/root/vm-env"
+for kv in ${KWP_IPVS_VM_ENV:-}; do printf 'export %q\n' "$kv" >> "$run/root/vm-env"; done
 net=()
 if [ "${KWP_IPVS_VM_NET:-0}" = 1 ]; then
   net=(-netdev user,id=n0,ipv6=off -device virtio-net-pci,netdev=n0,romfile=)
