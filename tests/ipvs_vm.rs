@@ -499,7 +499,7 @@ vm_case!(
 // `scripts/soak.sh SECONDS RATE ipvs`.
 
 vm_case!(churn_soak_against_the_api_server_matches_the_model, {
-    let t = soak::in_guest("vsoak", 20, 5, 5);
+    let t = soak::in_guest("vsoak", 30, 5, 5);
     assert!(t.rounds >= 2 && t.changes >= 20, "{} changes", t.changes);
     assert!(t.probes > 0, "no frontend probed");
 });

@@ -33,7 +33,7 @@ const SERVICES: usize = 12;
 /// The lb-policy annotations the churn switches among. iptables mode
 /// refuses Maglev's consistent-hash plan by design (docs/iptables.md), so
 /// there least-connections takes its place.
-fn policies(mode: &str) -> [&'static str; 5] {
+pub fn policies(mode: &str) -> [&'static str; 5] {
     let hashing = if mode == "iptables" {
         "least-connections"
     } else {
