@@ -251,8 +251,8 @@ fn kernel(s: &Node, mode: &str) -> Box<dyn KernelRules> {
 fn ipvs(s: &Node) -> Ipvs {
     let node = &s.cluster.node;
     let mut k = Ipvs::default();
-    k.add_proc(&node.sh("cat /proc/net/ip_vs"))
-        .expect("the node's IPVS table");
+    let table = model::consistent_proc(20, || node.sh("cat /proc/net/ip_vs"));
+    k.add_proc(&table).expect("the node's IPVS table");
     k.add_addresses(&node.sh("ip -o addr show"))
         .expect("the node's addresses");
     let json = node.sh("nft -j list table ip kube-wasm-proxy 2>/dev/null || true");

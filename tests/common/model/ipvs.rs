@@ -219,6 +219,28 @@ impl Ipvs {
     }
 }
 
+/// A consistent `/proc/net/ip_vs` from `read`: the kernel prints it a page
+/// at a time, not atomically, so a read while a sync changes the table can
+/// show a virtual server twice or miss one (the IPVS soak's 32nd check
+/// read one twice). Two reads in a row that agree (connection counts
+/// aside) are one state of the table; after `tries` reads, the last.
+pub fn consistent_proc(tries: usize, mut read: impl FnMut() -> String) -> String {
+    let servers = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+            .collect()
+    };
+    let mut last = read();
+    for _ in 1..tries {
+        let next = read();
+        if servers(&next) == servers(&last) {
+            return next;
+        }
+        last = next;
+    }
+    last
+}
+
 /// `0A60000A:0050` or `[fd00:0000:...:0010]:01BB`: address and port in hex.
 fn hex_socket(text: &str) -> Result<SocketAddr> {
     let (host, port) = text

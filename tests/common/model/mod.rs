@@ -35,7 +35,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub use iptables::Iptables;
-pub use ipvs::Ipvs;
+pub use ipvs::{Ipvs, consistent_proc};
 pub use kernel::Kernel;
 
 /// The one place upstream's kernel modes differ in what a frontend

@@ -380,3 +380,19 @@ fn a_port_without_a_virtual_server_on_a_vip_is_rejected_by_the_filter() {
         [Outcome::Reject].into()
     );
 }
+
+#[test]
+fn a_torn_read_of_the_table_is_read_again() {
+    // The first read shows 10.96.0.1:80 twice (a sync moved it meanwhile).
+    let torn = format!("{}TCP  0A600001:0050 rr \n", table());
+    let connections = table().replace("Masq    0      1", "Masq    0      0");
+    let mut reads = vec![torn.clone(), table(), connections].into_iter();
+    let got = super::consistent_proc(5, || reads.next().unwrap_or_default());
+    assert!(
+        Ipvs::default().add_proc(&torn).is_err(),
+        "a duplicate is refused"
+    );
+    // The two later reads differ only in connection counts: one state.
+    assert!(got.contains("Masq    0      0"), "{got}");
+    ipvs(&got, ADDRESSES);
+}
