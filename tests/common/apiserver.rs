@@ -470,7 +470,9 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-fn kubeconfig(url: &str, ca: &Path, user: &str) -> String {
+/// A kubeconfig for `url` trusting `ca`, with `user` (a `token:` or
+/// `tokenFile:` line).
+pub fn kubeconfig(url: &str, ca: &Path, user: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: kwp-test\n  cluster:\n    server: {url}\n    certificate-authority: {}\n\
          users:\n- name: kwp-test\n  user:\n    {user}\ncontexts:\n- name: kwp-test\n  context:\n    cluster: kwp-test\n    user: kwp-test\n\
