@@ -9,6 +9,7 @@
 #                      ones with their libraries, debug info stripped), e.g. kwp, ip, nft.
 #   KWP_IPVS_VM_MEM    guest memory in MiB (1024); KWP_IPVS_VM_SMP CPUs (1);
 #   KWP_IPVS_VM_TIMEOUT seconds before the VM is killed (300).
+#   KWP_IPVS_VM_ENV    NAME=value words exported to the program in the guest.
 #   KWP_IPVS_VM_NET=1  a virtio NIC on QEMU user networking: the guest is 10.0.2.15/24 on eth0
 #                      with no default route, so it reaches only 10.0.2.2, which QEMU maps to
 #                      the host's loopback (scripts/ipvs-vm-bench.sh: an API server there).
@@ -100,6 +101,7 @@ for f in ${KWP_IPVS_VM_FILES:-}; do place "$f" "$f"; done
 for f in /etc/protocols /etc/services; do [ -f "$f" ] && cp "$f" "$run/root$f"; done
 printf '%q ' "$@" > "$run/root/probe-args"
 echo "KWP_IPVS_VM_NET=${KWP_IPVS_VM_NET:-0}" > "$run/root/vm-env"
+for kv in ${KWP_IPVS_VM_ENV:-}; do printf 'export %q\n' "$kv" >> "$run/root/vm-env"; done
 net=()
 if [ "${KWP_IPVS_VM_NET:-0}" = 1 ]; then
   net=(-netdev user,id=n0,ipv6=off -device virtio-net-pci,netdev=n0,romfile=)
@@ -139,7 +141,9 @@ chmod +x "$run/root/init"
 # The kernel reads an uncompressed archive only at a 4-byte boundary; zeros between are skipped.
 { cat "$cache/$ver/$base"; head -c $(( (4 - $(stat -c %s "$cache/$ver/$base") % 4) % 4 )) /dev/zero
   cat "$run/overlay.cpio"; } > "$run/initrd"
+# no_timer_check: on a loaded host the emulated clock is slow enough for the kernel's IO-APIC
+# timer check to fail and panic at boot ("IO-APIC + timer doesn't work!", seen at load 20).
 timeout "${KWP_IPVS_VM_TIMEOUT:-300}" qemu-system-x86_64 -accel tcg -cpu max \
   -m "${KWP_IPVS_VM_MEM:-1024}" -smp "${KWP_IPVS_VM_SMP:-1}" -nographic -no-reboot \
   -kernel "$cache/$ver/vmlinuz" -initrd "$run/initrd" "${net[@]}" \
-  -append "console=ttyS0 quiet panic=-1" | stdbuf -oL tr -d '\r'
+  -append "console=ttyS0 quiet panic=-1 no_timer_check" | stdbuf -oL tr -d '\r'

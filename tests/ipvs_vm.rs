@@ -10,6 +10,7 @@ use crate::common;
 
 mod guest;
 mod harness;
+mod soak;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -491,6 +492,26 @@ vm_case!(
         );
     }
 );
+
+// The churn soak of tests/soak.rs in IPVS mode, against the real
+// kube-apiserver on the host (ipvs_vm/soak.rs): a short one here, kept
+// small since every check runs under emulation; the long one through
+// `scripts/soak.sh SECONDS RATE ipvs`.
+
+vm_case!(churn_soak_against_the_api_server_matches_the_model, {
+    let t = soak::in_guest("vsoak", 30, 5, 5);
+    assert!(t.rounds >= 2 && t.changes >= 20, "{} changes", t.changes);
+    assert!(t.probes > 0, "no frontend probed");
+});
+
+#[test]
+#[ignore = "minutes long: scripts/soak.sh SECONDS RATE ipvs"]
+fn churn_soak_long_in_ipvs_mode() {
+    harness::alone("churn_soak_long_in_ipvs_mode", &soak::long_env(), || {
+        let seconds = soak::env_or("KWP_SOAK_SECONDS", 600);
+        soak::in_guest("vsoakl", seconds, soak::env_or("KWP_SOAK_RATE", 100), 10);
+    });
+}
 
 /// Whether a connection got an answer from a pod.
 trait Answered {

@@ -4,11 +4,10 @@
 //! one endpoint change is one small transaction, and drift made with `nft`
 //! behind its back is repaired, `typeof` maps included. Needs root.
 
-use std::process::Command;
+use crate::common::resync::{name, program, run};
 
 use kwp::dataplane::Dataplane;
 use kwp::dataplane::nftables::NftDataplane;
-use kwp::model::{Protocol, ServicePortName};
 use kwp::plan::{Fragment, Item, NftFamily};
 
 const T: &str = "kwp-resync";
@@ -93,26 +92,8 @@ fn base() -> Fragment {
     }
 }
 
-fn name(n: usize) -> ServicePortName {
-    ServicePortName {
-        namespace: "t".into(),
-        name: format!("s{n}").into(),
-        port: "".into(),
-        protocol: Protocol::Tcp,
-    }
-}
-
 fn nft(args: &str) -> String {
-    let out = Command::new("nft")
-        .args(args.split(' '))
-        .output()
-        .expect("nft runs");
-    assert!(
-        out.status.success(),
-        "nft {args}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run("nft", args)
 }
 
 #[test]
@@ -124,11 +105,7 @@ fn resync_compares_with_the_kernel_and_repairs_only_drift() {
 fn in_namespace() {
     let mut dp = NftDataplane::new(T);
     let fragments: Vec<Fragment> = (0..SERVICES).map(|n| fast_path(n, 3 + n % 5, 0)).collect();
-    let changed: Vec<(ServicePortName, Option<&Fragment>)> = (fragments.iter().enumerate())
-        .map(|(n, f)| (name(n), Some(f)))
-        .collect();
-    let applied = dp.apply(Some(&base()), &changed).expect("first sync");
-    assert!(applied.refused.is_empty());
+    program(&mut dp, &base(), &fragments, "");
     let programmed = dp.transactions;
 
     // No drift: the resync reads the kernel and writes nothing.
@@ -143,7 +120,8 @@ fn in_namespace() {
 
     // One endpoint moves: one delta, in the kernel at once.
     let moved = fast_path(7, 3 + 7 % 5, 1);
-    dp.apply(None, &[(name(7), Some(&moved))]).expect("delta");
+    dp.apply(None, &[(name(7, ""), Some(&moved))])
+        .expect("delta");
     assert_eq!(dp.transactions, programmed + 1);
     let backends = nft(&format!("list map ip {T} backends-5"));
     assert!(backends.contains("10.96.0.7 . tcp . 80 . 0 : 172.16.7.101 . 8080"));

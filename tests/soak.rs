@@ -12,7 +12,8 @@
 //! The suite runs a short version per mode (`a_short_churn_soak_matches_the_model`,
 //! `..._in_iptables_mode`); scripts/soak.sh runs the long one
 //! (`KWP_SOAK_SECONDS`, `KWP_SOAK_RATE`, `KWP_SOAK_MODE` read by the ignored
-//! `soak_long`).
+//! `soak_long`). IPVS mode runs the same rounds (`run`) inside the IPVS VM
+//! against an API server on the host (tests/ipvs_vm/soak.rs).
 
 use crate::common;
 
@@ -20,10 +21,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::apiserver::Apply;
+use common::apiserver::{Apply, Client};
 use common::kube_node::{METRICS, Setup, metric, rbac};
-use common::model::{self, Api, Iptables, Kernel, KernelRules, Kind, Outcome, Viewpoint};
-use common::topology::{CLIENT_IP, NODE_IP, Outcome as Probe, tcp_from};
+use common::model::{self, Api, Iptables, Ipvs, Kernel, KernelRules, Kind, Outcome, Viewpoint};
+use common::node_proxy::http_get;
+use common::topology::{CLIENT_IP, Cluster, NODE_IP, Outcome as Probe, tcp_from};
 use serde_json::{Value, json};
 
 const NS: &str = "e2e";
@@ -31,7 +33,7 @@ const SERVICES: usize = 12;
 /// The lb-policy annotations the churn switches among. iptables mode
 /// refuses Maglev's consistent-hash plan by design (docs/iptables.md), so
 /// there least-connections takes its place.
-fn policies(mode: &str) -> [&'static str; 5] {
+pub fn policies(mode: &str) -> [&'static str; 5] {
     let hashing = if mode == "iptables" {
         "least-connections"
     } else {
@@ -62,12 +64,29 @@ impl Rng {
     }
 }
 
+/// What the churn and the checks need of a node: the API server it
+/// watches, its namespace cluster, its proxy's process and mode.
+pub struct Node<'a> {
+    pub admin: &'a Client,
+    pub cluster: &'a Cluster,
+    pub proxy: u32,
+    pub mode: &'static str,
+}
+
+impl Node<'_> {
+    /// The proxy's metrics (it serves them at `METRICS` in the node namespace).
+    fn metrics(&self) -> String {
+        let at = METRICS.parse().expect("METRICS is an address");
+        http_get(&self.cluster.node, at, "/metrics").1
+    }
+}
+
 fn cluster_ip(i: usize) -> String {
     format!("10.96.10.{}", i + 1)
 }
 
 /// One random change; returns what it was.
-fn change(s: &Setup, mode: &str, rng: &mut Rng) -> &'static str {
+fn change(s: &Node, mode: &str, rng: &mut Rng) -> &'static str {
     let i = rng.below(SERVICES);
     let name = format!("s{i}");
     match rng.below(10) {
@@ -93,7 +112,7 @@ fn change(s: &Setup, mode: &str, rng: &mut Rng) -> &'static str {
     }
 }
 
-fn apply_service(s: &Setup, mode: &str, rng: &mut Rng, i: usize) {
+fn apply_service(s: &Node, mode: &str, rng: &mut Rng, i: usize) {
     let name = format!("s{i}");
     let kind = ["ClusterIP", "NodePort", "LoadBalancer"][rng.below(3)];
     let port = [80, 81][rng.below(2)];
@@ -140,7 +159,7 @@ fn apply_service(s: &Setup, mode: &str, rng: &mut Rng, i: usize) {
     }
 }
 
-fn apply_slice(s: &Setup, rng: &mut Rng, service: &str) {
+fn apply_slice(s: &Node, rng: &mut Rng, service: &str) {
     let endpoints: Vec<Value> = s
         .cluster
         .pods
@@ -170,7 +189,12 @@ fn apply_slice(s: &Setup, rng: &mut Rng, service: &str) {
         .expect_ok(&format!("applying EndpointSlice {NS}/{service}-1"));
 }
 
-fn api(s: &Setup) -> Api {
+fn api(s: &Node) -> Api {
+    api_in(s, &format!("/namespaces/{NS}"))
+}
+
+/// The objects under `scope` ("" for every namespace).
+fn api_in(s: &Node, scope: &str) -> Api {
     let items = |path: &str| -> Vec<Value> {
         s.admin.get(path).expect_ok(path)["items"]
             .as_array()
@@ -178,9 +202,9 @@ fn api(s: &Setup) -> Api {
             .unwrap_or_default()
     };
     Api {
-        services: typed(&items(&format!("/api/v1/namespaces/{NS}/services"))),
+        services: typed(&items(&format!("/api/v1{scope}/services"))),
         slices: typed(&items(&format!(
-            "/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices"
+            "/apis/discovery.k8s.io/v1{scope}/endpointslices"
         ))),
         node: serde_json::from_value(s.admin.get("/api/v1/nodes/node-1").json()).ok(),
     }
@@ -195,10 +219,14 @@ fn view() -> Viewpoint {
     }
 }
 
-/// The kernel's rules as the mode wrote them: kwp's nftables table, or
-/// the node's whole IPv4 iptables ruleset.
-fn kernel(s: &Setup, mode: &str) -> Box<dyn KernelRules> {
+/// The kernel's rules as the mode wrote them: kwp's nftables table, the
+/// node's whole IPv4 iptables ruleset, or the IPVS table with the node's
+/// addresses and kwp's helper table.
+fn kernel(s: &Node, mode: &str) -> Box<dyn KernelRules> {
     let local = vec![NODE_IP.parse().unwrap()];
+    if mode == "ipvs" {
+        return Box::new(ipvs(s));
+    }
     if mode == "iptables" {
         let mut k = Iptables::default();
         k.local_addresses = local;
@@ -218,9 +246,27 @@ fn kernel(s: &Setup, mode: &str) -> Box<dyn KernelRules> {
     Box::new(k)
 }
 
+/// IPVS mode's kernel: `/proc/net/ip_vs`, the node's addresses (with
+/// `kube-ipvs0`'s) and kwp's helper table.
+fn ipvs(s: &Node) -> Ipvs {
+    let node = &s.cluster.node;
+    let mut k = Ipvs::default();
+    let table = model::consistent_proc(20, || node.sh("cat /proc/net/ip_vs"));
+    k.add_proc(&table).expect("the node's IPVS table");
+    k.add_addresses(&node.sh("ip -o addr show"))
+        .expect("the node's addresses");
+    let json = node.sh("nft -j list table ip kube-wasm-proxy 2>/dev/null || true");
+    if !json.trim().is_empty() {
+        k.add_filter_json(&json)
+            .expect("kwp's helper table as JSON");
+    }
+    k
+}
+
 /// One comparison: the report, plus frontends of Services that are gone
-/// but still handled by the kernel.
-fn compare(s: &Setup, mode: &str) -> (model::Report, Vec<String>) {
+/// but still handled by the kernel (and in IPVS mode, virtual servers and
+/// `kube-ipvs0` addresses of no Service).
+fn compare(s: &Node, mode: &str) -> (model::Report, Vec<String>) {
     let api = api(s);
     let k = kernel(s, mode);
     let report = model::check(&api, &view(), k.as_ref()).expect("the checker reads the kernel");
@@ -246,12 +292,18 @@ fn compare(s: &Setup, mode: &str) -> (model::Report, Vec<String>) {
             }
         }
     }
+    if mode == "ipvs" {
+        // Every namespace's Services: `default/kubernetes` has its own.
+        let all = api_in(s, "");
+        let expected = model::expected_frontends(&all, &view(), k.semantics());
+        stale.extend(ipvs(s).leftovers(&expected, &view()).expect("walk"));
+    }
     (report, stale)
 }
 
 /// Real connections to the frontends the model says reach endpoints (or
 /// reject): (tried, failures).
-fn probe(s: &Setup, mode: &str, rng: &mut Rng, sample: usize) -> (usize, Vec<String>) {
+fn probe(s: &Node, mode: &str, rng: &mut Rng, sample: usize) -> (usize, Vec<String>) {
     let api = api(s);
     let pods: BTreeMap<IpAddr, &str> = s
         .cluster
@@ -297,25 +349,24 @@ fn probe(s: &Setup, mode: &str, rng: &mut Rng, sample: usize) -> (usize, Vec<Str
     (tried, failures)
 }
 
-fn proc_status(s: &Setup, key: &str) -> u64 {
-    let text =
-        std::fs::read_to_string(format!("/proc/{}/status", s.proxy.id())).unwrap_or_default();
+fn proc_status(s: &Node, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{}/status", s.proxy)).unwrap_or_default();
     text.lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
-fn open_fds(s: &Setup) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", s.proxy.id()))
+fn open_fds(s: &Node) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", s.proxy))
         .map(|d| d.count())
         .unwrap_or(0)
 }
 
 /// The sync latency histogram: (le, cumulative count).
-fn sync_histogram(s: &Setup) -> Vec<(String, f64)> {
-    let (_, text) = s.http(METRICS, "/metrics");
-    text.lines()
+fn sync_histogram(s: &Node) -> Vec<(String, f64)> {
+    s.metrics()
+        .lines()
         .filter_map(|l| l.strip_prefix("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\""))
         .filter_map(|l| {
             let (le, rest) = l.split_once("\"}")?;
@@ -326,12 +377,16 @@ fn sync_histogram(s: &Setup) -> Vec<(String, f64)> {
 
 pub struct Totals {
     pub changes: usize,
+    /// Time spent sending the changes (the achieved rate is changes / this).
+    pub churn_secs: f64,
     pub rounds: usize,
     pub mismatches: usize,
     pub known: usize,
     pub probes: usize,
     pub probe_failures: Vec<String>,
     pub rss_kib: Vec<u64>,
+    /// Per round: from the last change until the model agreed (or gave up).
+    pub settle_secs: Vec<f64>,
 }
 
 /// `seconds` of churn at `rate` changes a second in `mode`, a check every
@@ -344,39 +399,66 @@ pub fn soak(
     round: Duration,
     sample: usize,
 ) -> Totals {
+    let s = Setup::start(tag, mode, &rbac());
+    let node = Node {
+        admin: &s.admin,
+        cluster: &s.cluster,
+        proxy: s.proxy.id(),
+        mode,
+    };
+    run(&node, seconds, rate, round, Duration::from_secs(10), sample)
+}
+
+/// The churn and its checks on a running node: rounds of `round` at `rate`
+/// changes a second for `seconds`; after each, the model must agree within
+/// `settle` of the last change, and `sample` frontends are probed.
+pub fn run(
+    s: &Node,
+    seconds: u64,
+    rate: u64,
+    round: Duration,
+    settle: Duration,
+    sample: usize,
+) -> Totals {
+    let mode = s.mode;
     let seed = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
     eprintln!("soak: {mode} mode, seed {seed:#x}, {seconds} s at {rate} changes/s");
     let mut rng = Rng(seed);
-    let s = Setup::start(tag, mode, &rbac());
     let mut t = Totals {
         changes: 0,
+        churn_secs: 0.0,
         rounds: 0,
         mismatches: 0,
         known: 0,
         probes: 0,
         probe_failures: Vec::new(),
         rss_kib: Vec::new(),
+        settle_secs: Vec::new(),
     };
     let end = Instant::now() + Duration::from_secs(seconds);
     let gap = Duration::from_micros(1_000_000 / rate.max(1));
     while Instant::now() < end {
-        let round_end = (Instant::now() + round).min(end);
+        let started = Instant::now();
+        let round_end = (started + round).min(end);
         let mut next = Instant::now();
         while Instant::now() < round_end {
-            change(&s, mode, &mut rng);
+            change(s, mode, &mut rng);
             t.changes += 1;
             next += gap;
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-        // Settled: the model agrees within 10 s of the last change, or
+        t.churn_secs += started.elapsed().as_secs_f64();
+        // Settled: the model agrees within `settle` of the last change, or
         // what still differs then is a mismatch.
+        let last_change = Instant::now();
         let mut last = None;
-        common::poll::until(Duration::from_secs(10), || {
-            let (report, stale) = compare(&s, mode);
+        common::poll::until(settle, || {
+            let (report, stale) = compare(s, mode);
             let clean = report.mismatches.is_empty() && stale.is_empty();
             last = Some((report, stale));
             clean
         });
+        t.settle_secs.push(last_change.elapsed().as_secs_f64());
         let (report, stale) = last.expect("compared once");
         t.rounds += 1;
         t.mismatches += report.mismatches.len() + stale.len();
@@ -388,42 +470,42 @@ pub fn soak(
                 report.summary(10)
             );
         }
-        let (tried, failed) = probe(&s, mode, &mut rng, sample);
+        let (tried, failed) = probe(s, mode, &mut rng, sample);
         t.probes += tried;
         t.probe_failures.extend(failed);
-        t.rss_kib.push(proc_status(&s, "VmRSS:"));
+        t.rss_kib.push(proc_status(s, "VmRSS:"));
         eprintln!(
-            "soak round {}: {} changes, {} frontends, {} mismatches, {} known, RSS {} KiB, {} fds",
+            "soak round {}: {} changes, {} frontends, {} mismatches, {} known, settled in {:.1} s, RSS {} KiB, {} fds",
             t.rounds,
             t.changes,
             report.frontends,
             report.mismatches.len() + stale.len(),
             report.known.len(),
-            t.rss_kib.last().unwrap(),
-            open_fds(&s)
+            t.settle_secs.last().copied().unwrap_or_default(),
+            t.rss_kib.last().copied().unwrap_or_default(),
+            open_fds(s)
         );
     }
-    eprintln!("soak: sync latency histogram {:?}", sync_histogram(&s));
+    eprintln!("soak: sync latency histogram {:?}", sync_histogram(s));
     eprintln!(
         "soak: sync errors {}",
-        metric(
-            &s.http(METRICS, "/metrics").1,
-            "kwp_sync_proxy_rules_errors_total"
-        )
+        metric(&s.metrics(), "kwp_sync_proxy_rules_errors_total")
     );
     t
 }
 
-fn report(t: &Totals) {
+pub fn report(t: &Totals) {
     eprintln!(
-        "soak totals: {} changes, {} rounds, {} mismatches, {} known divergences, {}/{} probes failed, RSS KiB {:?}",
+        "soak totals: {} changes ({:.1}/s achieved), {} rounds, {} mismatches, {} known divergences, {}/{} probes failed, RSS KiB {:?}, settled in s {:?}",
         t.changes,
+        t.changes as f64 / t.churn_secs.max(0.001),
         t.rounds,
         t.mismatches,
         t.known,
         t.probe_failures.len(),
         t.probes,
-        t.rss_kib
+        t.rss_kib,
+        t.settle_secs
     );
     for f in &t.probe_failures {
         eprintln!("  probe failed: {f}");

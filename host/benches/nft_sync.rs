@@ -2,7 +2,8 @@
 //! source into a real kernel table (in a private network namespace).
 //!
 //! Measures (a) the full sync from empty, (b) one endpoint change to the
-//! rule being in the kernel, (c) peak RSS. Run as root:
+//! rule being in the kernel, (c) peak RSS, and (on stderr) the plugins'
+//! Wasm linear memory after the full sync. Run as root:
 //!
 //!     cargo bench -p kube-wasm-proxy --bench nft_sync
 //!     KWP_BENCH_SIZES=1000,10000 cargo bench -p kube-wasm-proxy --bench nft_sync
@@ -64,6 +65,17 @@ fn main() -> anyhow::Result<()> {
         app.scan_and_sync()?;
         let full = started.elapsed();
         anyhow::ensure!(app.sync.proxier.stats.apply_errors == 0, "full sync failed");
+        // Plugins' linear memory: part of RSS that heap profiles miss.
+        let wasm: Vec<String> = (app.sync.proxier.plugin_stats().iter())
+            .map(|(name, s)| {
+                let bytes = s.memory_bytes.load(std::sync::atomic::Ordering::Relaxed);
+                format!("{name} {:.1} MiB", bytes as f64 / f64::from(1 << 20))
+            })
+            .collect();
+        eprintln!(
+            "{n} Services: Wasm linear memory after the full sync: {}",
+            wasm.join(", ")
+        );
         eprintln!("full sync of {n} done in {full:?}; changes follow");
 
         let (mut kernel, mut cpu, mut end_to_end) = (Vec::new(), Vec::new(), Vec::new());
@@ -82,14 +94,20 @@ fn main() -> anyhow::Result<()> {
                 "incremental sync failed"
             );
         }
-        let table = std::process::Command::new("nft")
+        // Read line by line: the listing (tens of MB at 50k) held whole
+        // would count in the peak RSS measured below.
+        let wanted = format!("{} . tcp . 80", cluster_ip(n - 1));
+        let mut listing = std::process::Command::new("nft")
             .args(["list", "table", "ip", "kube-wasm-proxy"])
-            .output()?;
-        let text = String::from_utf8_lossy(&table.stdout);
-        anyhow::ensure!(
-            text.contains(&format!("{} . tcp . 80", cluster_ip(n - 1))),
-            "last service missing from the kernel"
-        );
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdout = listing.stdout.take().expect("piped");
+        let mut found = false;
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            found |= line?.contains(&wanted);
+        }
+        listing.wait()?;
+        anyhow::ensure!(found, "last service missing from the kernel");
         println!(
             "| {n} | {} | {:.2} | {:.1} | {:.2} | {:.1} | {} |",
             n * ENDPOINTS,

@@ -28,6 +28,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+// Re-exported for the tests; the benchmark that includes this file by path
+// uses only `Client`.
+#[allow(unused_imports)]
 pub use super::api_client::{Apply, Client, yaml_documents};
 
 /// Paths of the control-plane binaries.
@@ -467,7 +470,9 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-fn kubeconfig(url: &str, ca: &Path, user: &str) -> String {
+/// A kubeconfig for `url` trusting `ca`, with `user` (a `token:` or
+/// `tokenFile:` line).
+pub fn kubeconfig(url: &str, ca: &Path, user: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: kwp-test\n  cluster:\n    server: {url}\n    certificate-authority: {}\n\
          users:\n- name: kwp-test\n  user:\n    {user}\ncontexts:\n- name: kwp-test\n  context:\n    cluster: kwp-test\n    user: kwp-test\n\

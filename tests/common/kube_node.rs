@@ -233,7 +233,8 @@ impl Setup {
     }
 }
 
-fn create_node(admin: &Client) {
+/// Node `node-1` with InternalIP NODE_IP, as the proxy's node.
+pub fn create_node(admin: &Client) {
     admin
         .post(
             "/api/v1/nodes",

@@ -16,6 +16,7 @@ pub mod netns;
 pub mod node_proxy;
 pub mod plugins;
 pub mod poll;
+pub mod resync;
 pub mod scenarios;
 pub mod slots;
 pub mod topology;

@@ -1,7 +1,7 @@
 //! Network namespaces made by the tests themselves (`ip netns`), deleted
 //! when the guard drops, even if the test failed.
 
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,23 +86,17 @@ impl Netns {
         let listener = self
             .run_in(move || TcpListener::bind(("127.0.0.1", port)))
             .unwrap_or_else(|e| panic!("listening on 127.0.0.1:{port} in {}: {e}", self.name));
-        listener.set_nonblocking(true).expect("nonblocking");
-        let forward = Forward::default();
-        let state = forward.0.clone();
-        std::thread::spawn(move || {
-            while !state.stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) if state.cut.load(Ordering::Relaxed) => drop(conn),
-                    Ok((conn, _)) => {
-                        let state = state.clone();
-                        std::thread::spawn(move || relay(conn, port, &state));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        forward
+        Forward::serve(listener, SocketAddr::from(([127, 0, 0, 1], port)))
     }
+}
+
+/// Makes `upstream` reachable at `127.0.0.1:port` of the calling process's
+/// own namespace (the IPVS VM's guest reaches its host's API server this
+/// way, QEMU's 10.0.2.2 standing for the host's loopback).
+pub fn forward_here(port: u16, upstream: SocketAddr) -> Forward {
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("listening on 127.0.0.1:{port}: {e}"));
+    Forward::serve(listener, upstream)
 }
 
 /// A running `Netns::forward_loopback`.
@@ -118,6 +112,26 @@ struct ForwardState {
 }
 
 impl Forward {
+    /// Relays each connection `listener` accepts to `upstream`.
+    fn serve(listener: TcpListener, upstream: SocketAddr) -> Self {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let forward = Forward::default();
+        let state = forward.0.clone();
+        std::thread::spawn(move || {
+            while !state.stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) if state.cut.load(Ordering::Relaxed) => drop(conn),
+                    Ok((conn, _)) => {
+                        let state = state.clone();
+                        std::thread::spawn(move || relay(conn, upstream, &state));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        forward
+    }
+
     /// A network partition: severs every relayed connection and refuses new
     /// ones until `restore`.
     pub fn cut(&self) {
@@ -138,9 +152,9 @@ impl Drop for Forward {
     }
 }
 
-/// Copies both ways between `inner` and 127.0.0.1:`port` until both ends close.
-fn relay(inner: TcpStream, port: u16, state: &ForwardState) {
-    let Ok(outer) = TcpStream::connect(("127.0.0.1", port)) else {
+/// Copies both ways between `inner` and `upstream` until both ends close.
+fn relay(inner: TcpStream, upstream: SocketAddr, state: &ForwardState) {
+    let Ok(outer) = TcpStream::connect(upstream) else {
         return; // dropping `inner` closes it: the client sees the outage
     };
     let _ = inner.set_nonblocking(false);

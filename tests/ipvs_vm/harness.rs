@@ -29,29 +29,52 @@ pub fn in_guest() -> bool {
 /// On a host that cannot run the VM at all, says so and returns.
 pub fn case(name: &str, body: impl FnOnce()) {
     if in_guest() {
-        println!("KWP-CASE-BEGIN {name}");
-        let started = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
-        let secs = started.elapsed().as_secs_f64();
-        if result.is_err() {
-            println!("--- proxy log (tail) ---\n{}", super::guest::log_tail());
-        }
-        let verdict = if result.is_ok() { "ok" } else { "FAILED" };
-        println!("KWP-CASE-END {name} {verdict} {secs:.1}");
-        if let Err(panic) = result {
-            std::panic::resume_unwind(panic);
-        }
-        return;
+        return in_the_guest(name, body);
     }
-    let Some(run) = vm_run() else {
+    report(name, vm_run());
+}
+
+/// Like `case`, for a case that boots a VM of its own (a long soak, run
+/// with `--ignored`): the guest runs only it, with `env` (`NAME=value`).
+pub fn alone(name: &str, env: &[String], body: impl FnOnce()) {
+    if in_guest() {
+        return in_the_guest(name, body);
+    }
+    let filter = format!("{}{name}", cases_module());
+    let run = boot(&filter, &["--ignored", "--exact"], env, true);
+    report(name, run.as_ref());
+}
+
+fn in_the_guest(name: &str, body: impl FnOnce()) {
+    println!("KWP-CASE-BEGIN {name}");
+    let started = Instant::now();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+    let secs = started.elapsed().as_secs_f64();
+    if result.is_err() {
+        println!("--- proxy log (tail) ---\n{}", super::guest::log_tail());
+    }
+    let verdict = if result.is_ok() { "ok" } else { "FAILED" };
+    println!("KWP-CASE-END {name} {verdict} {secs:.1}");
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn report(name: &str, run: Option<&VmRun>) {
+    let Some(run) = run else {
         eprintln!("SKIPPED {name}: this machine cannot run the IPVS VM (see the message above)");
         return;
     };
     match run.cases.get(name) {
-        Some((true, secs, _)) => eprintln!(
-            "{name}: passed in the VM in {secs:.1} s (boot {:.1} s, whole VM {:.1} s)",
+        Some((true, secs, out)) => eprintln!(
+            "{name}: passed in the VM in {secs:.1} s (boot {:.1} s, whole VM {:.1} s)\n{}",
             run.boot_secs.unwrap_or(f64::NAN),
-            run.total.as_secs_f64()
+            run.total.as_secs_f64(),
+            // What a soak measured.
+            out.lines()
+                .filter(|l| l.starts_with("soak"))
+                .collect::<Vec<_>>()
+                .join("\n")
         ),
         Some((false, _, out)) => panic!("{name} failed in the VM:\n{out}"),
         None => panic!(
@@ -64,7 +87,13 @@ pub fn case(name: &str, body: impl FnOnce()) {
 /// Boots the VM once for all cases of this executable.
 fn vm_run() -> Option<&'static VmRun> {
     static RUN: OnceLock<Option<VmRun>> = OnceLock::new();
-    RUN.get_or_init(boot).as_ref()
+    RUN.get_or_init(|| {
+        // KWP_IPVS_VM_CASES: the start of case names (while working on one case).
+        let only = std::env::var("KWP_IPVS_VM_CASES").unwrap_or_default();
+        let api = super::soak::SHORT.starts_with(&only);
+        boot(&format!("{}{only}", cases_module()), &[], &[], api)
+    })
+    .as_ref()
 }
 
 fn root() -> PathBuf {
@@ -86,7 +115,10 @@ fn host_program(name: &str) -> String {
     panic!("{name} is not installed on the host (scripts/test.sh installs it)");
 }
 
-fn boot() -> Option<VmRun> {
+/// Boots a VM that runs this executable's cases matching `filter`; with
+/// `api`, a kube-apiserver on the host's loopback that the guest reaches
+/// through its NIC (the churn soak's).
+fn boot(filter: &str, args: &[&str], env: &[String], api: bool) -> Option<VmRun> {
     if !cfg!(target_arch = "x86_64") {
         eprintln!(
             "SKIPPED: the IPVS VM runs this host's x86_64 executables; this host is not x86_64"
@@ -94,26 +126,40 @@ fn boot() -> Option<VmRun> {
         return None;
     }
     let me = std::env::current_exe().expect("own executable");
-    let files = [
+    let mut files = vec![
         env!("CARGO_BIN_EXE_kube-wasm-proxy").to_string(),
         host_program("ip"),
         host_program("nft"),
         host_program("conntrack"),
-    ]
-    .join(" ");
+    ];
+    let mut env = env.to_vec();
+    // Held until the VM is done.
+    let host_api = if api {
+        super::soak::HostApi::start()
+    } else {
+        None
+    };
+    if let Some(host_api) = &host_api {
+        files.extend(host_api.files());
+        env.extend(host_api.env());
+    }
     let started = Instant::now();
-    // KWP_IPVS_VM_CASES: the start of case names (while working on one case).
-    let only = std::env::var("KWP_IPVS_VM_CASES").unwrap_or_default();
-    let filter = format!("{}{only}", cases_module());
     let out = Command::new(root().join("scripts/ipvs-vm.sh"))
         .arg(&me)
-        .args(["--test-threads=1", "--nocapture", &filter])
-        .env("KWP_IPVS_VM_FILES", files)
+        .args(["--test-threads=1", "--nocapture", filter])
+        .args(args)
+        .env("KWP_IPVS_VM_FILES", files.join(" "))
+        .env("KWP_IPVS_VM_ENV", env.join(" "))
+        .env("KWP_IPVS_VM_NET", if api { "1" } else { "0" })
         .env("KWP_IPVS_VM_MEM", "2048")
         .env("KWP_IPVS_VM_SMP", "2")
-        .env("KWP_IPVS_VM_TIMEOUT", "900")
+        .env(
+            "KWP_IPVS_VM_TIMEOUT",
+            std::env::var("KWP_IPVS_VM_TIMEOUT").unwrap_or_else(|_| "900".into()),
+        )
         .output()
         .expect("run scripts/ipvs-vm.sh");
+    drop(host_api);
     if out.status.code() == Some(77) {
         eprintln!(
             "SKIPPED: this machine cannot run the IPVS VM: {}",

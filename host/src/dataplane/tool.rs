@@ -181,11 +181,22 @@ pub fn run(
     input: Option<&[u8]>,
     deadline: impl Into<Deadline>,
 ) -> Result<Finished> {
+    run_owned(program, args, input.map(<[u8]>::to_vec), deadline)
+}
+
+/// [`run`] handed its input, which the writing thread takes over: a full
+/// nftables reconcile's text (tens of MB at 50k Services) is not copied.
+pub fn run_owned(
+    program: &str,
+    args: &[&str],
+    input: Option<Vec<u8>>,
+    deadline: impl Into<Deadline>,
+) -> Result<Finished> {
     let scaling = match deadline.into() {
         Deadline::Configured => configured(),
         Deadline::Given(s) => s,
     };
-    let lines = lines(input);
+    let lines = lines(input.as_deref());
     let doublings = killed_in_a_row(program, |n| n).min(MAX_DOUBLINGS);
     let deadline = scaling.deadline(lines, doublings);
     let mut child = Command::new(program)
@@ -204,7 +215,6 @@ pub fn run(
     // Writing and reading on threads of their own: a tool that stops
     // reading its input must not block us past the deadline either.
     if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
-        let bytes = bytes.to_vec();
         std::thread::spawn(move || stdin.write_all(&bytes));
     }
     let drain = |pipe: Option<Box<dyn Read + Send>>| {

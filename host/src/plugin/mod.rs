@@ -94,6 +94,9 @@ pub struct PluginStats {
     pub deadline_hits: AtomicU64,
     pub memory_hits: AtomicU64,
     pub instantiations: AtomicU64,
+    /// Linear memory of the live instance, in bytes, as of its last call
+    /// (Wasm memory never shrinks; heap profiles of the host miss it).
+    pub memory_bytes: AtomicU64,
 }
 
 pub struct Runtime {
@@ -269,6 +272,7 @@ impl PluginState {
             limiter: MemoryCap {
                 max: memory_bytes,
                 denied: false,
+                grown: 0,
             },
             stderr,
         }
@@ -289,17 +293,22 @@ impl WasiView for PluginState {
 struct MemoryCap {
     max: usize,
     denied: bool,
+    /// Bytes of linear memory granted to the store's memories so far.
+    grown: usize,
 }
 
 impl wasmtime::ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let ok = desired <= self.max;
         self.denied |= !ok;
+        if ok {
+            self.grown += desired.saturating_sub(current);
+        }
         Ok(ok)
     }
     fn table_growing(

@@ -27,7 +27,10 @@ pub struct Policy {
     sandbox: Sandbox<bindings::PolicyPlugin>,
     component: Component,
     config: String,
-    pushed: BTreeMap<u32, Vec<wit::Endpoint>>,
+    /// Shared with the state's merged endpoints whenever the set is all of
+    /// them (most Services): one copy of each endpoint, converted to WIT
+    /// only for the call.
+    pushed: BTreeMap<u32, Arc<[Endpoint]>>,
     /// The Services of `pushed` the live instance has been given.
     in_instance: BTreeSet<u32>,
     /// Set after a hot reload: the version to go back to if the new one fails.
@@ -190,10 +193,11 @@ impl Policy {
             return Ok(());
         }
         if let Some(endpoints) = self.pushed.get(&service) {
+            let endpoints: Vec<wit::Endpoint> = endpoints.iter().map(endpoint_to_wit).collect();
             self.sandbox
                 .call("set-endpoints", endpoints.len(), async |s, b| {
                     b.kwp_policy_policy()
-                        .call_set_endpoints(s, service, endpoints)
+                        .call_set_endpoints(s, service, &endpoints)
                         .await
                 })?;
             self.in_instance.insert(service);
@@ -206,9 +210,17 @@ impl Policy {
         service: u32,
         endpoints: &[Endpoint],
     ) -> Result<(), PluginError> {
+        self.set_shared_endpoints(service, endpoints.into())
+    }
+
+    /// `set_endpoints`, keeping `endpoints` itself (no copy) for replays.
+    pub fn set_shared_endpoints(
+        &mut self,
+        service: u32,
+        endpoints: Arc<[Endpoint]>,
+    ) -> Result<(), PluginError> {
         // Remembered even if the call traps: the replay retries it.
-        self.pushed
-            .insert(service, endpoints.iter().map(endpoint_to_wit).collect());
+        self.pushed.insert(service, endpoints);
         self.in_instance.remove(&service);
         let result = self.ensure_service(service);
         self.observe(result)
@@ -242,7 +254,7 @@ impl Policy {
         client_port: u16,
     ) -> Result<Option<u32>, PluginError> {
         let ip = ip_to_wit(client);
-        let n = self.pushed.get(&service).map_or(0, Vec::len);
+        let n = self.pushed.get(&service).map_or(0, |e| e.len());
         let result = self
             .ensure_service(service)
             .and_then(|()| {
@@ -276,7 +288,7 @@ impl Policy {
 
     pub fn plan(&mut self, service: u32) -> Result<BackendPlan, PluginError> {
         // The plan grows with the Service's endpoints, like its deadline.
-        let n = self.pushed.get(&service).map_or(0, Vec::len);
+        let n = self.pushed.get(&service).map_or(0, |e| e.len());
         let result = self.ensure_service(service).and_then(|()| {
             self.sandbox.call("plan", n, async |s, b| {
                 b.kwp_policy_policy().call_plan(s, service).await

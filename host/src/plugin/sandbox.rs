@@ -115,6 +115,8 @@ impl<B> Sandbox<B> {
         let deadline = self.runtime.deadline(elements);
         store.set_epoch_deadline(self.runtime.deadline_ticks(deadline));
         let result = drive::run(f(store, bindings), deadline);
+        let grown = store.data().limiter.grown as u64;
+        self.stats.memory_bytes.store(grown, Ordering::Relaxed);
         match result {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(err)) => Err(self.discard(call, deadline, Some(err))),

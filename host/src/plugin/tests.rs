@@ -44,6 +44,17 @@ fn endpoints(n: u8) -> Vec<Endpoint> {
 const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
 
 #[test]
+fn an_instances_linear_memory_is_counted() {
+    // Wasm memory never shrinks and heap profiles miss it: the count is
+    // how a benchmark sees it (docs/performance.md).
+    let rt = runtime();
+    let mut p = policy(&rt, "pick_first", "").unwrap();
+    p.set_endpoints(1, &endpoints(3)).unwrap();
+    let bytes = p.stats().memory_bytes.load(Ordering::Relaxed);
+    assert!(bytes >= 64 << 10, "at least one Wasm page, counted {bytes}");
+}
+
+#[test]
 fn a_working_plugin_answers_and_is_compiled_once() {
     let rt = runtime();
     let mut p = policy(&rt, "pick_first", "").unwrap();

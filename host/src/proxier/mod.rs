@@ -19,7 +19,7 @@ use crate::model::{Endpoint, NodeInfo, ObjectKey, ServicePortName, TrafficPolicy
 use crate::plan::{Fragment, Plan, Rules};
 use crate::plugin::mode::{Mode, ModeSettings};
 use crate::plugin::{Catalog, Runtime};
-use crate::state::topology::{Categorized, categorize};
+use crate::state::topology::{Categorized, categorize_shared};
 use crate::state::{Changes, ClusterState, ServiceState};
 pub use policies::{Policies, PolicyKey};
 
@@ -474,7 +474,7 @@ impl Proxier {
         let (policy_key, policy) = self.policies.for_service(&svc.port, id);
         let policy_label = policy_key.label();
         let policy_name = policy_key.name;
-        let categorized = categorize(&svc.port, &svc.endpoints, &self.node);
+        let categorized = categorize_shared(&svc.port, &svc.endpoints, &self.node);
         self.note_local_endpoints(svc, &categorized);
         let own = sets::own_sets(&svc.port, &categorized);
         // Recorded first, so that a set whose push fails is still released.
@@ -509,7 +509,7 @@ impl Proxier {
         // The cleaner flushes UDP flows only: no copy of the others (a
         // full sync would hold every service port and endpoint twice).
         if self.conntrack.is_some() && svc.port.name.protocol == crate::model::Protocol::Udp {
-            self.rendered.push((svc.port.clone(), reachable));
+            self.rendered.push(((*svc.port).clone(), reachable));
         }
         let Some(table) = &self.backends else {
             return Ok(fragment);

@@ -3,6 +3,8 @@
 //! policy's plan; a set equal to another shares its plan, so most Services
 //! cost one policy id and one plan.
 
+use std::sync::Arc;
+
 use anyhow::Result;
 
 use super::policies::{self, OwnSets};
@@ -32,8 +34,8 @@ pub fn planned(
     own: OwnSets,
 ) -> Result<ServiceEndpoints> {
     let mut p = policy.lock().expect("policy lock");
-    let mut plan = |policy_id: u32, endpoints: &[Endpoint]| -> Result<EndpointSet> {
-        p.set_endpoints(policy_id, endpoints)?;
+    let mut plan = |policy_id: u32, endpoints: &Arc<[Endpoint]>| -> Result<EndpointSet> {
+        p.set_shared_endpoints(policy_id, endpoints.clone())?;
         Ok(EndpointSet {
             backends: p.plan(policy_id)?,
             endpoints: endpoints.to_vec(),
@@ -53,7 +55,7 @@ pub fn planned(
         plan(policies::cluster_id(id), cluster)?
     } else if cluster.is_empty() {
         EndpointSet::empty()
-    } else if cluster == internal.endpoints {
+    } else if **cluster == *internal.endpoints {
         internal.clone()
     } else {
         external.clone()

@@ -8,6 +8,7 @@
 
 pub mod convert;
 pub mod frontends;
+mod slices;
 pub mod topology;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,15 +20,17 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use crate::model::{Endpoint, NodeInfo, ObjectKey, Protocol, ServicePort, ServicePortName};
 use frontends::{Claimant, Frontends};
 
-type SliceEndpoints = Vec<((Arc<str>, Protocol), Endpoint)>;
+type SliceEndpoints = Vec<((Arc<str>, Protocol), Arc<[Endpoint]>)>;
 
 /// A service port with its merged endpoints. Handed around as
 /// `Arc<ServiceState>`: the state's two views of a service port, the
 /// changes of a sync and the proxier's work list share one copy.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceState {
-    pub port: ServicePort,
-    pub endpoints: Vec<Endpoint>,
+    /// The state's own copy of the port, shared.
+    pub port: Arc<ServicePort>,
+    /// Shared with the policy's replay record (see `topology`).
+    pub endpoints: Arc<[Endpoint]>,
 }
 
 /// What changed since the last `take_changes`.
@@ -50,11 +53,11 @@ impl Changes {
 #[derive(Default)]
 pub struct ClusterState {
     node_name: String,
-    services: BTreeMap<ObjectKey, Vec<ServicePort>>,
+    services: BTreeMap<ObjectKey, Vec<Arc<ServicePort>>>,
     /// Each Service's creationTimestamp (seconds), for frontend ownership.
     created: BTreeMap<ObjectKey, Option<i64>>,
     /// service key -> slice name -> endpoints
-    slices: BTreeMap<ObjectKey, BTreeMap<String, SliceEndpoints>>,
+    slices: BTreeMap<ObjectKey, slices::BySlice<SliceEndpoints>>,
     /// slice key -> the service it belongs to
     slice_owner: BTreeMap<ObjectKey, ObjectKey>,
     node: NodeInfo,
@@ -141,7 +144,12 @@ impl ClusterState {
     pub fn upsert_service(&mut self, svc: &Service) -> Option<convert::Skip> {
         let key = ObjectKey::of(&svc.metadata);
         let (ports, skip) = match convert::service_ports(svc, &mut |w| tracing::warn!("{w}")) {
-            Ok(ports) => (self.within_node_port_range(ports), None),
+            Ok(ports) => (
+                (self.within_node_port_range(ports).into_iter())
+                    .map(Arc::new)
+                    .collect::<Vec<_>>(),
+                None,
+            ),
             Err(skip @ convert::Skip::Invalid(_)) => {
                 // What the API server would refuse: keep the last good
                 // version (if any), as a broken file keeps its contents.
@@ -356,7 +364,7 @@ impl ClusterState {
             } else {
                 let lost = lost.into_iter().map(|(f, _)| f).collect();
                 Arc::new(ServiceState {
-                    port: frontends::without(&wanted.port, &lost),
+                    port: Arc::new(frontends::without(&wanted.port, &lost)),
                     endpoints: wanted.endpoints.clone(),
                 })
             };
@@ -391,26 +399,27 @@ impl ClusterState {
     }
 
     /// All slices of the service merged for one port: first occurrence of
-    /// an address wins, slices taken in name order (upstream's cache).
-    fn merged_endpoints(&self, service: &ObjectKey, port: &ServicePortName) -> Vec<Endpoint> {
-        let mut seen = BTreeSet::new();
-        let mut out = Vec::new();
-        for endpoints in self
-            .slices
-            .get(service)
-            .into_iter()
-            .flat_map(|s| s.values())
+    /// an address wins, slices taken in name order (upstream's cache). The
+    /// one slice port's list itself when it is the only one and has no
+    /// address twice (most Services): no copy of its endpoints.
+    fn merged_endpoints(&self, service: &ObjectKey, port: &ServicePortName) -> Arc<[Endpoint]> {
+        let lists: Vec<&Arc<[Endpoint]>> = (self.slices.get(service).into_iter())
+            .flat_map(|s| s.values().flatten())
+            .filter(|((name, proto), _)| **name == *port.port && *proto == port.protocol)
+            .map(|(_, endpoints)| endpoints)
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        if let [only] = lists[..]
+            && only.iter().all(|ep| seen.insert((ep.ip, ep.port)))
         {
-            for ((name, proto), ep) in endpoints {
-                if **name == *port.port && *proto == port.protocol && seen.insert((ep.ip, ep.port))
-                {
-                    out.push(ep.clone());
-                }
-            }
+            return only.clone();
         }
-        // Kept for as long as the service port is: no spare capacity.
-        out.shrink_to_fit();
-        out
+        seen.clear();
+        let merged: Vec<Endpoint> = (lists.into_iter().flat_map(|l| l.iter()))
+            .filter(|ep| seen.insert((ep.ip, ep.port)))
+            .cloned()
+            .collect();
+        merged.into()
     }
 }
 

@@ -181,7 +181,7 @@ fn missing_conditions_default_like_upstream() {
         "metadata: {name: x, namespace: ns, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 1}]\nendpoints: [{addresses: ['10.1.0.9']}]\n",
     );
     let eps = convert::slice_endpoints(&s, "node-a", &mut Default::default());
-    let e = &eps[0].1;
+    let e = &eps[0].1[0];
     assert_eq!((e.ready, e.serving, e.terminating), (true, true, false));
     let fqdn = slice(
         "metadata: {name: f}\naddressType: FQDN\nports: [{port: 1}]\nendpoints: [{addresses: [example.com]}]\n",
@@ -254,6 +254,51 @@ fn a_service_port_is_held_once_however_many_views_it_is_in() {
 }
 
 #[test]
+fn a_service_ports_endpoints_are_held_once_from_slice_to_policy() {
+    // One slice port with every endpoint ready: the merged list is the
+    // slice's own, categorizing keeps it (the policy's replay record then
+    // shares it), and the port is the state's own copy. At 10k Services
+    // the copies were ~20 MB of the heap (docs/performance.md).
+    let ready = [
+        ("10.1.0.1", true, true, false),
+        ("10.1.0.2", true, true, false),
+    ];
+    let mut state = state_with(&[svc(WEB)], &[web_slice("web-a", &ready)]);
+    let changes = state.take_changes();
+    let http = (changes.updated.iter())
+        .find(|s| &*s.port.name.port == "http")
+        .unwrap();
+    let key = ObjectKey::new("ns", "web");
+    let from_slice = &state.slices[&key].get("web-a").unwrap()[0].1;
+    assert!(
+        Arc::ptr_eq(&http.endpoints, from_slice),
+        "merged list copied"
+    );
+    assert!(
+        (state.services[&key].iter()).any(|p| Arc::ptr_eq(p, &http.port)),
+        "port copied"
+    );
+    let c = topology::categorize_shared(&http.port, &http.endpoints, &NodeInfo::default());
+    assert!(
+        Arc::ptr_eq(&c.cluster, &http.endpoints),
+        "categorized list copied"
+    );
+    // Not all ready: a list of its own, filtered as before.
+    let mixed = [
+        ("10.1.0.1", true, true, false),
+        ("10.1.0.2", false, true, true),
+    ];
+    let mut state = state_with(&[svc(WEB)], &[web_slice("web-a", &mixed)]);
+    let changes = state.take_changes();
+    let http = (changes.updated.iter())
+        .find(|s| &*s.port.name.port == "http")
+        .unwrap();
+    let c = topology::categorize_shared(&http.port, &http.endpoints, &NodeInfo::default());
+    let ips: Vec<String> = c.cluster.iter().map(|e| e.ip.to_string()).collect();
+    assert_eq!(ips, ["10.1.0.1"]);
+}
+
+#[test]
 fn terminating_endpoints_are_used_only_when_nothing_is_ready() {
     let mut state = state_with(
         &[svc(WEB)],
@@ -303,28 +348,30 @@ fn terminating_endpoints_are_used_only_when_nothing_is_ready() {
     assert!(c.has_any);
 }
 
-#[test]
-fn local_policies_use_local_endpoints_and_topology_hints_filter() {
-    let mut port = convert::service_ports(&svc(WEB), &mut |_| {})
+/// The web Service's first port, ready endpoints at `ips` as node-a sees
+/// them (those ending in 1 are on node-a), and node-a in zone-2: the setup
+/// of the categorisation tests.
+fn web_port_on_node_a(ips: &[&str]) -> (ServicePort, Vec<Endpoint>, NodeInfo) {
+    let port = convert::service_ports(&svc(WEB), &mut |_| {})
         .unwrap()
         .remove(0);
-    let s = web_slice(
-        "w",
-        &[
-            ("10.1.0.1", true, true, false),
-            ("10.1.0.2", true, true, false),
-        ],
-    );
-    let mut endpoints: Vec<Endpoint> =
-        convert::slice_endpoints(&s, "node-a", &mut Default::default())
+    let ready: Vec<_> = ips.iter().map(|ip| (*ip, true, true, false)).collect();
+    let endpoints =
+        convert::slice_endpoints(&web_slice("w", &ready), "node-a", &mut Default::default())
             .into_iter()
-            .map(|(_, e)| e)
+            .flat_map(|(_, e)| e.to_vec())
             .collect();
     let node = NodeInfo {
         name: "node-a".into(),
         zone: Some("zone-2".into()),
         ..NodeInfo::default()
     };
+    (port, endpoints, node)
+}
+
+#[test]
+fn local_policies_use_local_endpoints_and_topology_hints_filter() {
+    let (mut port, mut endpoints, node) = web_port_on_node_a(&["10.1.0.1", "10.1.0.2"]);
 
     port.internal_policy = TrafficPolicy::Local;
     let c = categorize(&port, &endpoints, &node);
@@ -488,32 +535,12 @@ spec:
 /// short-circuit set.
 #[test]
 fn both_policies_local_with_a_node_port_keep_the_cluster_wide_set() {
-    let mut port = convert::service_ports(&svc(WEB), &mut |_| {})
-        .unwrap()
-        .remove(0);
-    let s = web_slice(
-        "w",
-        &[
-            ("10.1.0.1", true, true, false),
-            ("10.1.0.2", true, true, false),
-            ("10.1.0.3", true, true, false),
-        ],
-    );
-    let mut endpoints: Vec<Endpoint> =
-        convert::slice_endpoints(&s, "node-a", &mut Default::default())
-            .into_iter()
-            .map(|(_, e)| e)
-            .collect();
+    let (mut port, mut endpoints, node) = web_port_on_node_a(&["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
     endpoints[1].is_local = false;
     endpoints[2].is_local = false;
     for (e, zone) in endpoints.iter_mut().zip(["zone-1", "zone-2", "zone-2"]) {
         e.zone_hints = [zone.into()].into();
     }
-    let node = NodeInfo {
-        name: "node-a".into(),
-        zone: Some("zone-2".into()),
-        ..NodeInfo::default()
-    };
     port.internal_policy = TrafficPolicy::Local;
     port.external_policy = TrafficPolicy::Local;
     let ips = |eps: &[Endpoint]| -> Vec<String> { eps.iter().map(|e| e.ip.to_string()).collect() };

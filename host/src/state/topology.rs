@@ -2,16 +2,22 @@
 //! CategorizeEndpoints: readiness, terminating fallback, traffic policies
 //! and topology hints.
 
+use std::sync::Arc;
+
 use crate::model::{Endpoint, NodeInfo, ServicePort, TrafficPolicy};
 
 /// Endpoints by traffic kind. Indices are not shared: each list is what a
-/// policy receives for that kind of traffic.
+/// policy receives for that kind of traffic. A list that is every endpoint
+/// of the service port (most are) is the state's list itself, which the
+/// policy's replay record then shares.
 #[derive(Debug, Default, PartialEq)]
 pub struct Categorized {
     /// For traffic under an internal/external policy of Cluster.
-    pub cluster: Vec<Endpoint>,
+    pub cluster: Arc<[Endpoint]>,
     /// Local endpoints, for traffic under a policy of Local.
-    pub local: Vec<Endpoint>,
+    pub local: Arc<[Endpoint]>,
+    /// No endpoint (the external set of a port with no external frontend).
+    none: Arc<[Endpoint]>,
     /// Whether any endpoint (ready or fallback) exists at all; false means
     /// reject rather than drop.
     pub has_any: bool,
@@ -19,7 +25,7 @@ pub struct Categorized {
 
 impl Categorized {
     /// Endpoints for traffic to the cluster IP.
-    pub fn internal<'a>(&'a self, svc: &ServicePort) -> &'a [Endpoint] {
+    pub fn internal<'a>(&'a self, svc: &ServicePort) -> &'a Arc<[Endpoint]> {
         if svc.internal_policy == TrafficPolicy::Local {
             &self.local
         } else {
@@ -28,9 +34,9 @@ impl Categorized {
     }
     /// Endpoints for traffic to node ports, external and load-balancer IPs
     /// (none when the service port has none of those).
-    pub fn external<'a>(&'a self, svc: &ServicePort) -> &'a [Endpoint] {
+    pub fn external<'a>(&'a self, svc: &ServicePort) -> &'a Arc<[Endpoint]> {
         if !svc.externally_accessible() {
-            &[]
+            &self.none
         } else if svc.external_policy == TrafficPolicy::Local {
             &self.local
         } else {
@@ -42,16 +48,25 @@ impl Categorized {
     /// externalTrafficPolicy Local (upstream's short-circuit); none when
     /// the service port has no such frontend or its external policy is
     /// Cluster (the external set is then already cluster-wide).
-    pub fn short_circuit<'a>(&'a self, svc: &ServicePort) -> &'a [Endpoint] {
+    pub fn short_circuit<'a>(&'a self, svc: &ServicePort) -> &'a Arc<[Endpoint]> {
         if svc.externally_accessible() && svc.external_policy == TrafficPolicy::Local {
             &self.cluster
         } else {
-            &[]
+            &self.none
         }
     }
 }
 
 pub fn categorize(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) -> Categorized {
+    categorize_shared(svc, &endpoints.into(), node)
+}
+
+/// `categorize`, with a list equal to `endpoints` being `endpoints` itself.
+pub fn categorize_shared(
+    svc: &ServicePort,
+    endpoints: &Arc<[Endpoint]>,
+    node: &NodeInfo,
+) -> Categorized {
     let mut out = Categorized::default();
     // Each set only when some traffic uses it: the external policy matters
     // only for a service port reachable from outside. Any such port needs
@@ -81,8 +96,11 @@ pub fn categorize(svc: &ServicePort, endpoints: &[Endpoint], node: &NodeInfo) ->
 
 /// Ready endpoints passing `keep`; if none, serving-and-terminating ones
 /// passing `keep` (so connections drain instead of failing).
-fn with_fallback(endpoints: &[Endpoint], keep: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
-    let ready: Vec<Endpoint> = endpoints
+fn with_fallback(endpoints: &Arc<[Endpoint]>, keep: impl Fn(&Endpoint) -> bool) -> Arc<[Endpoint]> {
+    if endpoints.iter().all(|ep| ep.ready && keep(ep)) {
+        return endpoints.clone();
+    }
+    let ready: Arc<[Endpoint]> = endpoints
         .iter()
         .filter(|ep| ep.ready && keep(ep))
         .cloned()

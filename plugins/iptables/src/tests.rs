@@ -150,11 +150,7 @@ fn external_ips_under_external_local_reach_local_endpoints_only() {
 /// KUBE-SVC- cluster policy chain), clients outside the local endpoint.
 #[test]
 fn both_policies_local_short_circuit_pods_and_the_node_to_the_cluster_wide_set() {
-    let local = ep(1, true, true);
-    let remote = ep(2, true, false);
-    let mut port = svc(TrafficPolicy::Local, TrafficPolicy::Local);
-    port.external_ips = vec![v4([203, 0, 113, 7])];
-    let eps = sets(&[local.clone()], &[local.clone()], &[local, remote], true);
+    let (port, eps) = kwp_sdk::testing::mode::both_local_with_an_external_ip();
     let chains = rendered_with(&cluster_cidr(), &port, &eps);
     let (a, b) = (sep_of(&chains, 1), sep_of(&chains, 2));
     let cluster = chain(&chains, "nat", "KWP-CLU-");

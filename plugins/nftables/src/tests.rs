@@ -185,11 +185,7 @@ fn affinity_is_one_record_per_endpoint_shared_by_both_sets() {
 /// chain), not to the internal set, which is local too.
 #[test]
 fn both_policies_local_short_circuit_pods_and_the_node_to_the_cluster_wide_set() {
-    let local = ep(1, true, true);
-    let remote = ep(2, true, false);
-    let mut port = svc(TrafficPolicy::Local, TrafficPolicy::Local);
-    port.external_ips = vec![v4([203, 0, 113, 7])];
-    let eps = sets(&[local.clone()], &[local.clone()], &[local, remote], true);
+    let (port, eps) = kwp_sdk::testing::mode::both_local_with_an_external_ip();
     let (chains, elements) = rendered_with(&cluster_cidr(), &port, &eps);
     let cluster = rules(&chains, &format!("cluster-{KEY}")).join(" ");
     assert!(

@@ -149,3 +149,16 @@ pub fn sets(
         has_any_endpoints: has_any,
     }
 }
+
+/// Both traffic policies Local with an external IP (203.0.113.7): the
+/// internal and external sets hold the local endpoint 10.1.0.1, the
+/// cluster-wide short-circuit set also the remote 10.1.0.2. The case of
+/// upstream's short-circuit of pods and the node to every endpoint.
+pub fn both_local_with_an_external_ip() -> (ServicePort, ServiceEndpoints) {
+    let local = endpoint(1, true, true);
+    let remote = endpoint(2, true, false);
+    let mut port = service(TrafficPolicy::Local, TrafficPolicy::Local);
+    port.external_ips = vec![v4([203, 0, 113, 7])];
+    let eps = sets(&[local.clone()], &[local.clone()], &[local, remote], true);
+    (port, eps)
+}

@@ -7,7 +7,8 @@
 //! endpoint, a source outside `loadBalancerSourceRanges`). `kernel`
 //! follows the chains and maps kwp wrote (`nft -j list table`) for a
 //! packet to each frontend and collects where it can go; `iptables` does
-//! the same over `iptables-save`. `check` compares
+//! the same over `iptables-save`, and `ipvs` over the IPVS table
+//! (`/proc/net/ip_vs`) with kwp's helper table. `check` compares
 //! the two and names the Service and frontend of every difference.
 //!
 //! Nothing here uses the host's code (state, topology, proxier): the
@@ -17,11 +18,14 @@
 mod divergences;
 mod expected;
 mod iptables;
+mod ipvs;
 mod kernel;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_iptables;
+#[cfg(test)]
+mod tests_ipvs;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -31,6 +35,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub use iptables::Iptables;
+pub use ipvs::{Ipvs, consistent_proc};
 pub use kernel::Kernel;
 
 /// The one place upstream's kernel modes differ in what a frontend
@@ -58,6 +63,17 @@ impl KernelRules for Kernel {
     fn reach(&self, f: &Frontend, view: &Viewpoint) -> anyhow::Result<Reach> {
         Kernel::reach(self, f, view)
     }
+    fn semantics(&self) -> Semantics {
+        Semantics::Nftables
+    }
+}
+
+impl KernelRules for Ipvs {
+    fn reach(&self, f: &Frontend, view: &Viewpoint) -> anyhow::Result<Reach> {
+        Ipvs::reach(self, f, view)
+    }
+    /// kwp's filter checks source ranges before endpoints, as nftables
+    /// mode does (docs/ipvs.md).
     fn semantics(&self) -> Semantics {
         Semantics::Nftables
     }

@@ -62,6 +62,8 @@ impl IptablesDataplane {
             .collect();
         let (before_generation, restores) = (self.generation(), self.restores);
         let restored = self.restore_staged(&staged, &Contributions::new(), true);
+        // A compare under way leaves these chains alone (learned here).
+        self.touched(rewritten.iter().cloned(), true);
         if restored.is_ok() {
             let (kept, gone): (BTreeSet<ChainKey>, _) =
                 rewritten.into_iter().partition(|k| after.contains_key(k));
@@ -69,6 +71,7 @@ impl IptablesDataplane {
                 self.digests.remove(key);
             }
             let learned = self.learn_chains(&kept);
+            self.touched([], learned);
             // Still all there is only if nobody else wrote since it was.
             let unchanged =
                 before_generation.is_some() && before_generation == self.learned_generation;

@@ -33,7 +33,14 @@ struct State {
     generation: u64,
     /// Every table after each committed restore, when recording.
     history: Option<Vec<((bool, String), Chains)>>,
+    /// `summaries` waits while set (a compare's reads taking long).
+    reads_held: bool,
+    /// A held read gave up waiting (nobody released it in time).
+    reads_waited_out: bool,
 }
+
+/// How long a held read waits before giving up.
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 #[derive(Clone, Default)]
 pub struct FakeIptables(Arc<Mutex<State>>);
@@ -78,6 +85,20 @@ impl FakeIptables {
     /// Reads like iptables-legacy: no cheap read of single chains.
     pub fn whole_table_reads(&self) {
         self.lock().whole_table_reads = true;
+    }
+
+    /// Table reads (`summaries`) wait until `release_reads`, or give up
+    /// after a few seconds (`reads_waited_out` then says so).
+    pub fn hold_reads(&self) {
+        self.lock().reads_held = true;
+    }
+
+    pub fn release_reads(&self) {
+        self.lock().reads_held = false;
+    }
+
+    pub fn reads_waited_out(&self) -> bool {
+        self.lock().reads_waited_out
     }
 
     pub fn lenient_check(&self) {
@@ -249,6 +270,22 @@ impl IptablesKernel for FakeIptables {
 
     fn chain_rules(&mut self, ipv6: bool, table: &str, chain: &str) -> Result<Option<Vec<String>>> {
         Ok(self.rules(ipv6, table, chain))
+    }
+
+    fn summaries(&mut self, ipv6: bool, table: &str) -> Result<Summaries> {
+        let started = std::time::Instant::now();
+        while self.lock().reads_held {
+            if started.elapsed() > HOLD_LIMIT {
+                self.lock().reads_waited_out = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(text_summaries(&self.rules_of_table(ipv6, table)))
+    }
+
+    fn reader(&self) -> Option<Box<dyn IptablesKernel>> {
+        Some(Box::new(self.clone()))
     }
 
     fn chain_summaries(

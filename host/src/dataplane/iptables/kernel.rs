@@ -50,6 +50,11 @@ pub trait IptablesKernel: Send {
         let _ = (ipv6, table, chains);
         Ok(None)
     }
+    /// A second handle on the same kernel, for reads on another thread
+    /// (the compare's); `None`: the compare reads on the loop.
+    fn reader(&self) -> Option<Box<dyn IptablesKernel>> {
+        None
+    }
     /// A number every committed change to the backend's rules moves (the
     /// nf_tables generation), `None` where there is none (legacy).
     fn generation(&mut self) -> Result<Option<u64>> {
@@ -202,6 +207,12 @@ impl IptablesKernel for IptablesProcess {
         crate::dataplane::nftables::chain_summaries(table, ipv6, Some(chains))
             .with_context(|| format!("summarising chains of table {table}"))
             .map(Some)
+    }
+
+    fn reader(&self) -> Option<Box<dyn IptablesKernel>> {
+        Some(Box::new(IptablesProcess {
+            backend: self.backend,
+        }))
     }
 
     fn generation(&mut self) -> Result<Option<u64>> {

@@ -23,6 +23,7 @@
 
 mod accounting;
 mod canary;
+mod compare;
 mod delta;
 mod diff;
 pub mod fake;
@@ -35,6 +36,8 @@ mod staged_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_compare;
+#[cfg(test)]
 mod tests_missing;
 #[cfg(test)]
 mod tests_resync;
@@ -46,6 +49,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use accounting::Written;
+pub use compare::CompareCost;
 pub use diff::diff_against_kernel;
 use kernel::{Backend, IptablesKernel, IptablesProcess, parse_save};
 use scripts::{delta_scripts, full_scripts, full_scripts_skipping};
@@ -179,6 +183,13 @@ pub struct IptablesDataplane {
     /// Every resync a full reconcile, learning nothing, as before
     /// compare-and-repair (`KWP_IPTABLES_FULL_RESYNC=1`): for A/B benches.
     full_resyncs: bool,
+    /// The compare under way, its reads off the loop (`compare`).
+    compare: Option<compare::Pending>,
+    /// Whether a compare's reads run on a thread of their own (the real
+    /// kernel); tests of the fake interleave them by hand.
+    background_compare: bool,
+    /// What the last finished compare cost.
+    pub last_compare: CompareCost,
 }
 
 impl IptablesDataplane {
@@ -187,6 +198,7 @@ impl IptablesDataplane {
         let backend = Backend::detect();
         tracing::info!(backend = backend.as_str(), "iptables backend");
         let mut dp = Self::with_kernel(Box::new(IptablesProcess { backend }));
+        dp.background_compare = true;
         dp.metrics = Arc::new(IptablesMetrics::new(backend.as_str()));
         // iptables-legacy-restore replaces a whole table per commit: stages
         // would each pay that (not measured), so legacy keeps one restore.
@@ -229,6 +241,9 @@ impl IptablesDataplane {
             compares: 0,
             repairs: 0,
             full_resyncs: false,
+            compare: None,
+            background_compare: false,
+            last_compare: CompareCost::default(),
         }
     }
 
@@ -281,6 +296,8 @@ impl IptablesDataplane {
         // new ones (at 10k Services each copy is tens of MiB).
         self.needs_full = true;
         self.applied_chains = Contributions::new();
+        // A compare under way would judge by what this replaces.
+        self.compare = None;
         self.digests.clear();
         self.learned_generation = None;
         let result = self.full_restore(&plan);
@@ -529,6 +546,9 @@ impl Dataplane for IptablesDataplane {
     /// first): a canary chain gone or emptied means someone flushed
     /// iptables, so everything is re-applied now, not at the next resync.
     fn repair_drift(&mut self) -> Result<bool> {
+        // A compare whose reads are in is finished here, not left for
+        // the next syncPeriod.
+        self.poll_compare()?;
         if self.needs_full || self.canaries.is_empty() {
             // Nothing known to be in place; the retry or resync does it.
             return Ok(false);

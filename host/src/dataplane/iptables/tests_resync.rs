@@ -6,7 +6,7 @@ use super::fake::FakeIptables;
 use super::tests::{base, name, service};
 use super::*;
 
-fn programmed(fake: &FakeIptables) -> IptablesDataplane {
+pub(super) fn programmed(fake: &FakeIptables) -> IptablesDataplane {
     let mut dp = IptablesDataplane::with_kernel(Box::new(fake.clone()));
     let (a, b) = (service("A", 1, &[1, 2]), service("B", 2, &[3]));
     dp.apply(
@@ -17,7 +17,7 @@ fn programmed(fake: &FakeIptables) -> IptablesDataplane {
     dp
 }
 
-fn every_table(fake: &FakeIptables) -> Vec<String> {
+pub(super) fn every_table(fake: &FakeIptables) -> Vec<String> {
     TABLES
         .iter()
         .map(|(v6, t)| fake.clone().save(*v6, t).unwrap())

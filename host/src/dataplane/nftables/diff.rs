@@ -8,14 +8,15 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 use super::kernel::Listing;
-use super::script::{Objects, Script};
+use super::script::Script;
+use super::wanted::Wanted;
 
 /// `--dry-run`: what applying `plan` would change in the kernel. The plan is
 /// applied to a scratch network namespace so that both sides are printed by
 /// nft itself, then the listings are compared line by line within each
 /// chain, set and map.
 pub fn diff_against_kernel(table: &str, plan: &crate::plan::Plan) -> Result<String> {
-    let want = Objects::of(std::iter::once(&plan.base).chain(plan.services.values()))?;
+    let want = Wanted::of(std::iter::once(&plan.base).chain(plan.services.values()))?;
     let script = Script::new(table).full(&want, &Listing::default());
     let scratch = format!("kwp-dry-run-{}", std::process::id());
     let run = |args: &[&str]| {

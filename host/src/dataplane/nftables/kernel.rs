@@ -83,6 +83,11 @@ impl Inventory {
 pub trait NftKernel: Send {
     /// Runs one transaction (nft's text syntax): all of it or nothing.
     fn run(&mut self, script: &str) -> Result<()>;
+    /// [`NftKernel::run`], taking the script over (a full reconcile's text
+    /// is large: the `nft` process's writer then needs no copy).
+    fn run_owned(&mut self, script: String) -> Result<()> {
+        self.run(&script)
+    }
     /// Checks a transaction against the kernel without committing it
     /// (`nft --check`): the same errors as `run`, no effect.
     fn check(&mut self, script: &str) -> Result<()>;
@@ -109,6 +114,14 @@ pub struct NftProcess;
 impl NftKernel for NftProcess {
     fn run(&mut self, script: &str) -> Result<()> {
         nft(&["-f", "-"], script)
+    }
+
+    fn run_owned(&mut self, script: String) -> Result<()> {
+        nft_owned(
+            &["-f", "-"],
+            script.into_bytes(),
+            crate::dataplane::tool::DEADLINE,
+        )
     }
 
     fn check(&mut self, script: &str) -> Result<()> {
@@ -144,8 +157,30 @@ pub fn nft_program(
     script: &str,
     deadline: impl Into<crate::dataplane::tool::Deadline>,
 ) -> Result<()> {
-    let out = crate::dataplane::tool::run(program, args, Some(script.as_bytes()), deadline)
-        .context("running nft (is the nftables package installed?)")?;
+    finished(crate::dataplane::tool::run(
+        program,
+        args,
+        Some(script.as_bytes()),
+        deadline,
+    ))
+}
+
+/// [`nft`] with its script handed over.
+fn nft_owned(
+    args: &[&str],
+    script: Vec<u8>,
+    deadline: impl Into<crate::dataplane::tool::Deadline>,
+) -> Result<()> {
+    finished(crate::dataplane::tool::run_owned(
+        "nft",
+        args,
+        Some(script),
+        deadline,
+    ))
+}
+
+fn finished(out: Result<crate::dataplane::tool::Finished>) -> Result<()> {
+    let out = out.context("running nft (is the nftables package installed?)")?;
     if !out.status.success() {
         bail!(
             "nft refused the transaction: {}",

@@ -37,6 +37,7 @@ mod tests;
 mod tests_drift;
 #[cfg(test)]
 mod tests_elements;
+mod wanted;
 
 use std::collections::BTreeMap;
 
@@ -48,6 +49,7 @@ use kernel::{Listing, NftKernel, NftProcess, Summary};
 pub use netlink::{chain_names, chain_summaries, element_count, generation};
 use refs::Refs;
 use script::{Counts, Obj, Objects, Qualified, Script};
+use wanted::Wanted;
 
 use super::{Applied, Change, Dataplane, FragmentKey, changes};
 use crate::dataplane::tool::is_unavailable;
@@ -127,7 +129,7 @@ impl NftDataplane {
         }
         let started = std::time::Instant::now();
         let inventory = self.kernel.inventory(&self.table)?;
-        let want = Objects::of(self.applied.values())?;
+        let want = Wanted::of(self.applied.values())?;
         let drift = want.drift(&inventory, &self.known);
         tracing::debug!(
             took = ?started.elapsed(),
@@ -175,6 +177,15 @@ impl NftDataplane {
             .context("nftables transaction")
     }
 
+    /// `run`, handing the script over (a full reconcile's).
+    fn run_owned(&mut self, script: String) -> Result<()> {
+        self.transactions += 1;
+        self.kernel
+            .run_owned(script)
+            .inspect_err(|_| self.failures += 1)
+            .context("nftables transaction")
+    }
+
     /// An element-only delta as netlink batch, or `None` when the delta
     /// changes more than elements, an element's set layout is not one
     /// the encoder knows, or the batch is too big for one send.
@@ -214,7 +225,7 @@ impl NftDataplane {
         let mut unusable = Vec::new();
         let changes: Vec<Change<'_>> = changes
             .into_iter()
-            .filter(|(key, fragment)| match fragment.map(|f| Objects::of([f])) {
+            .filter(|(key, fragment)| match fragment.map(|f| Wanted::of([f])) {
                 Some(Err(e)) => {
                     unusable.push((key.clone(), e));
                     false
@@ -254,12 +265,10 @@ impl NftDataplane {
         }
         let next = with_changes(&self.applied, &changes);
         let kernel = self.kernel.list(&self.table)?;
+        // The whole table as text (tens of MiB at 50k Services): handed
+        // over, and gone before the reference counts are built.
         let script = full_over(&self.table, &next, &kernel)?;
-        let ran = self.run(&script);
-        // The whole table as text (tens of MiB at 50k Services): gone
-        // before the reference counts are built.
-        drop(script);
-        match ran {
+        match self.run_owned(script) {
             Ok(()) => {
                 self.reconciled(next);
                 Ok(Applied::all())
@@ -413,7 +422,7 @@ fn full_over(
     plan: &BTreeMap<FragmentKey, Fragment>,
     kernel: &Listing,
 ) -> Result<String> {
-    Ok(Script::new(table).full(&Objects::of(plan.values())?, kernel))
+    Ok(Script::new(table).full(&Wanted::of(plan.values())?, kernel))
 }
 
 impl Dataplane for NftDataplane {

@@ -100,18 +100,30 @@ pub fn apply_elements(batch: &ElementBatch) -> Result<()> {
 /// `iptables-save -t nat` of 10k Services takes 34 s and this one dump
 /// milliseconds.
 pub fn chain_names(table: &str, ipv6: bool) -> Result<Vec<String>> {
+    chain_names_tries(table, ipv6, 5)
+}
+
+/// `chain_names`, the dump tried up to `tries` times while interrupted.
+fn chain_names_tries(table: &str, ipv6: bool, tries: usize) -> Result<Vec<String>> {
     let socket = Socket::open()?;
     let proto = if ipv6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 };
-    let mut names = Vec::new();
-    for msg in socket.dump(NFT_MSG_GETCHAIN, proto, &attr(TABLE, &cstr(table)))? {
-        let attrs = attrs(&msg);
-        if text(&attrs, TABLE) == Some(table)
-            && let Some(name) = text(&attrs, CHAIN_NAME)
-        {
-            names.push(name.to_string());
-        }
-    }
-    Ok(names)
+    let names = std::cell::RefCell::new(Vec::new());
+    socket.dump_each_tries(
+        tries,
+        NFT_MSG_GETCHAIN,
+        proto,
+        &attr(TABLE, &cstr(table)),
+        || names.borrow_mut().clear(),
+        |msg| {
+            let attrs = attrs(msg);
+            if text(&attrs, TABLE) == Some(table)
+                && let Some(name) = text(&attrs, CHAIN_NAME)
+            {
+                names.borrow_mut().push(name.to_string());
+            }
+        },
+    )?;
+    Ok(names.into_inner())
 }
 
 fn family_inventory(
@@ -443,10 +455,23 @@ impl Socket {
         msg: u16,
         family: u8,
         request: &[u8],
+        restart: impl FnMut(),
+        each: impl FnMut(&[u8]),
+    ) -> Result<()> {
+        self.dump_each_tries(5, msg, family, request, restart, each)
+    }
+
+    /// `dump_each`, tried up to `tries` times while interrupted.
+    fn dump_each_tries(
+        &self,
+        tries: usize,
+        msg: u16,
+        family: u8,
+        request: &[u8],
         mut restart: impl FnMut(),
         mut each: impl FnMut(&[u8]),
     ) -> Result<()> {
-        for _ in 0..5 {
+        for _ in 0..tries {
             restart();
             match self.dump_once(msg, NLM_F_DUMP, family, request, &mut each)? {
                 DumpEnd::Done => return Ok(()),
@@ -457,7 +482,7 @@ impl Socket {
                 DumpEnd::Interrupted => {}
             }
         }
-        bail!("nf_tables dump interrupted five times: the ruleset keeps changing")
+        bail!("nf_tables dump interrupted {tries} times: the ruleset keeps changing")
     }
 
     /// One request (`NLM_F_DUMP`, or `NLM_F_ACK` for a single answer);

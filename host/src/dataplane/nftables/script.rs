@@ -4,10 +4,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 
-use super::kernel::{Inventory, Listing, SetKind, Summary};
-use crate::plan::{Fragment, Item, NftFamily};
+use super::kernel::{Listing, SetKind};
+use super::wanted::{Drift, Name, Wanted, name, owned};
+use crate::plan::{Fragment, NftFamily};
 
 type Fam = NftFamily;
 /// `(family, name)` of a chain or set in our table.
@@ -38,39 +39,7 @@ impl Objects {
     /// Every item must be an nftables item of the `ip` or `ip6` family:
     /// anything else is for another dataplane and is refused, loudly.
     pub fn of<'a>(fragments: impl IntoIterator<Item = &'a Fragment>) -> Result<Self> {
-        let mut o = Objects::default();
-        for item in fragments.into_iter().flat_map(|f| f.items.iter()) {
-            let family = match item {
-                Item::NftChain { family, .. }
-                | Item::NftSet { family, .. }
-                | Item::NftElement { family, .. } => *family,
-                other => bail!(
-                    "the nftables dataplane cannot apply {:?}",
-                    other.to_string().trim()
-                ),
-            };
-            if family == NftFamily::Inet {
-                bail!("the nftables dataplane owns only ip and ip6 tables, not inet");
-            }
-            match item {
-                Item::NftChain {
-                    name, hook, rules, ..
-                } => {
-                    o.chains
-                        .insert((family, name.clone()), (hook.clone(), rules.clone()));
-                }
-                Item::NftSet {
-                    name, declaration, ..
-                } => {
-                    o.sets.insert((family, name.clone()), declaration.clone());
-                }
-                Item::NftElement { set, element, .. } => {
-                    o.elements.insert((family, set.clone(), element.clone()));
-                }
-                _ => unreachable!("refused above"),
-            }
-        }
-        Ok(o)
+        Ok(Wanted::of(fragments)?.to_objects())
     }
 
     pub fn keys(&self) -> impl Iterator<Item = Obj> + '_ {
@@ -84,128 +53,7 @@ impl Objects {
     }
 }
 
-/// Chains and sets whose kernel contents differ from what we wrote (or
-/// that should not be there, or are missing): the periodic check repairs
-/// only these.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Drift {
-    pub chains: BTreeSet<Qualified>,
-    pub sets: BTreeSet<Qualified>,
-}
-
-impl Drift {
-    pub fn is_empty(&self) -> bool {
-        self.chains.is_empty() && self.sets.is_empty()
-    }
-}
-
-/// Whether the kernel, not us, fills a set (ClientIP affinity): its
-/// elements are never compared.
-fn filled_by_packets(declaration: &str) -> bool {
-    declaration.contains("dynamic") || declaration.contains("timeout")
-}
-
 impl Objects {
-    /// What differs between these (wanted) objects and the kernel's
-    /// `inventory`: a missing or extra chain or set, a rule or element
-    /// count that differs, or a digest that differs from the one `known`
-    /// recorded for an object untouched since. Closed over nft 1.0.x's
-    /// `typeof` limit: a `typeof` map is re-created, so the chains using
-    /// it are refilled too, and a refilled chain re-creates the `typeof`
-    /// maps it uses.
-    pub fn drift(&self, inventory: &Inventory, known: &BTreeMap<Obj, Summary>) -> Drift {
-        let mut drift = Drift::default();
-        let differs = |obj: Obj, kernel: &Summary, count: usize| {
-            kernel.count != count || known.get(&obj).is_some_and(|k| k != kernel)
-        };
-        for (q, (_, rules)) in &self.chains {
-            let bad = inventory
-                .chains
-                .get(q)
-                .is_none_or(|k| differs(Obj::Chain(q.0, q.1.clone()), k, rules.len()));
-            if bad {
-                drift.chains.insert(q.clone());
-            }
-        }
-        let mut counts: BTreeMap<Qualified, usize> = BTreeMap::new();
-        for (f, set, _) in &self.elements {
-            *counts.entry((*f, set.clone())).or_default() += 1;
-        }
-        for (q, decl) in &self.sets {
-            let bad = match inventory.sets.get(q) {
-                None => true,
-                Some((kind, _)) if *kind != SetKind::of(decl) => true,
-                Some(_) if filled_by_packets(decl) => false,
-                Some((_, k)) => differs(
-                    Obj::Set(q.0, q.1.clone()),
-                    k,
-                    counts.get(q).copied().unwrap_or(0),
-                ),
-            };
-            if bad {
-                drift.sets.insert(q.clone());
-            }
-        }
-        let extra_chains = inventory
-            .chains
-            .keys()
-            .filter(|q| !self.chains.contains_key(*q));
-        drift.chains.extend(extra_chains.cloned());
-        let extra_sets = inventory
-            .sets
-            .keys()
-            .filter(|q| !self.sets.contains_key(*q));
-        drift.sets.extend(extra_sets.cloned());
-        let recreated = |q: &Qualified, drift: &Drift| {
-            drift.sets.contains(q)
-                && inventory.sets.contains_key(q)
-                && self
-                    .sets
-                    .get(q)
-                    .is_some_and(|d| d.trim_start().starts_with("typeof"))
-        };
-        loop {
-            let before = (drift.chains.len(), drift.sets.len());
-            for (q, (_, rules)) in &self.chains {
-                let uses = |set: &Qualified| {
-                    set.0 == q.0 && rules.iter().any(|r| r.contains(&format!("@{}", set.1)))
-                };
-                let typeof_sets: Vec<Qualified> = self
-                    .sets
-                    .iter()
-                    .filter(|(s, d)| uses(s) && d.trim_start().starts_with("typeof"))
-                    .map(|(s, _)| s.clone())
-                    .collect();
-                if drift.chains.contains(q) {
-                    drift.sets.extend(typeof_sets);
-                } else if typeof_sets.iter().any(|s| recreated(s, &drift)) {
-                    drift.chains.insert(q.clone());
-                }
-            }
-            if (drift.chains.len(), drift.sets.len()) == before {
-                return drift;
-            }
-        }
-    }
-
-    /// Only the chains and sets in `drift` (sets with their elements).
-    pub fn only(&self, drift: &Drift) -> Objects {
-        Objects {
-            chains: (self.chains.iter())
-                .filter(|(q, _)| drift.chains.contains(*q))
-                .map(|(q, c)| (q.clone(), c.clone()))
-                .collect(),
-            sets: (self.sets.iter())
-                .filter(|(q, _)| drift.sets.contains(*q))
-                .map(|(q, d)| (q.clone(), d.clone()))
-                .collect(),
-            elements: (self.elements.iter())
-                .filter(|(f, s, _)| drift.sets.contains(&(*f, s.clone())))
-                .cloned()
-                .collect(),
-        }
-    }
-
     /// The chains and sets these objects name.
     pub fn tables(&self) -> impl Iterator<Item = Obj> + '_ {
         let sets = self.sets.keys().map(|(f, n)| Obj::Set(*f, n.clone()));
@@ -257,7 +105,7 @@ impl<'a> Script<'a> {
     }
 
     /// `FAMILY TABLE NAME`, as nft commands address an object.
-    fn at(&self, (family, name): &Qualified) -> String {
+    fn at(&self, (family, name): Name<'_>) -> String {
         format!("{family} {} {name}", self.table)
     }
 
@@ -266,14 +114,14 @@ impl<'a> Script<'a> {
         self.out.push('\n');
     }
 
-    fn add_set(&mut self, q: &Qualified, declaration: &str) {
+    fn add_set(&mut self, q: Name<'_>, declaration: &str) {
         let kind = SetKind::of(declaration);
         let decl = declaration.trim().trim_end_matches(';');
         let at = self.at(q);
         self.line(format!("add {kind} {at} {{ {decl}; }}"));
     }
 
-    fn add_chain(&mut self, q: &Qualified, hook: &Option<String>) {
+    fn add_chain(&mut self, q: Name<'_>, hook: Option<&str>) {
         let at = self.at(q);
         match hook {
             Some(h) => self.line(format!("add chain {at} {{ {}; }}", h.trim_end_matches(';'))),
@@ -281,7 +129,7 @@ impl<'a> Script<'a> {
         }
     }
 
-    fn add_rules(&mut self, q: &Qualified, rules: &[String]) {
+    fn add_rules(&mut self, q: Name<'_>, rules: &[String]) {
         let at = self.at(q);
         for rule in rules {
             self.line(format!("add rule {at} {rule}"));
@@ -289,15 +137,19 @@ impl<'a> Script<'a> {
     }
 
     fn add_elements(&mut self, elements: &BTreeSet<(Fam, String, String)>) {
-        let mut by_set: BTreeMap<Qualified, Vec<&str>> = BTreeMap::new();
+        let mut by_set: BTreeMap<Name<'_>, Vec<&str>> = BTreeMap::new();
         for (f, set, e) in elements {
-            by_set.entry((*f, set.clone())).or_default().push(e);
+            by_set.entry((*f, set)).or_default().push(e);
         }
         for (q, elems) in by_set {
-            let at = self.at(&q);
-            for chunk in elems.chunks(1000) {
-                self.line(format!("add element {at} {{ {} }}", chunk.join(", ")));
-            }
+            self.add_elements_of(q, &elems);
+        }
+    }
+
+    fn add_elements_of(&mut self, q: Name<'_>, elements: &[&str]) {
+        let at = self.at(q);
+        for chunk in elements.chunks(1000) {
+            self.line(format!("add element {at} {{ {} }}", chunk.join(", ")));
         }
     }
 
@@ -305,11 +157,8 @@ impl<'a> Script<'a> {
     /// table is not flushed, but every chain and set of either side is
     /// flushed and refilled, and kernel objects no longer wanted are
     /// deleted, in one transaction (no gap in service, edits repaired).
-    pub fn full(mut self, want: &Objects, kernel: &Listing) -> String {
-        let families: BTreeSet<Fam> = want
-            .chains
-            .keys()
-            .map(|(f, _)| *f)
+    pub fn full(mut self, want: &Wanted<'_>, kernel: &Listing) -> String {
+        let families: BTreeSet<Fam> = (want.chains.keys().map(|(f, _)| *f))
             .chain(kernel.chains.iter().map(|(f, _)| *f))
             .collect();
         for f in families {
@@ -317,13 +166,14 @@ impl<'a> Script<'a> {
             self.line(format!("add table {f} {t}"));
         }
         for (q, decl) in &want.sets {
-            self.add_set(q, decl);
+            self.add_set(*q, decl);
         }
         for (q, (hook, _)) in &want.chains {
-            self.add_chain(q, hook);
+            self.add_chain(*q, *hook);
         }
-        let flush_chains: BTreeSet<&Qualified> =
-            want.chains.keys().chain(kernel.chains.iter()).collect();
+        let flush_chains: BTreeSet<Name<'_>> = (want.chains.keys().copied())
+            .chain(kernel.chains.iter().map(name))
+            .collect();
         for q in flush_chains {
             let at = self.at(q);
             self.line(format!("flush chain {at}"));
@@ -333,37 +183,31 @@ impl<'a> Script<'a> {
         // such maps are re-created here, unreferenced after the flushes;
         // the transaction is atomic, so no packet sees them missing.
         for (q, decl) in &want.sets {
-            if decl.trim_start().starts_with("typeof") && kernel.sets.contains_key(q) {
-                let at = self.at(q);
+            if decl.trim_start().starts_with("typeof") && kernel.sets.contains_key(&owned(q)) {
+                let at = self.at(*q);
                 self.line(format!("delete {} {at}", SetKind::of(decl)));
-                self.add_set(q, decl);
+                self.add_set(*q, decl);
             }
         }
-        let mut flush_sets: BTreeMap<&Qualified, SetKind> =
-            kernel.sets.iter().map(|(n, k)| (n, *k)).collect();
-        flush_sets.extend(want.sets.iter().map(|(n, d)| (n, SetKind::of(d))));
+        let mut flush_sets: BTreeMap<Name<'_>, SetKind> =
+            kernel.sets.iter().map(|(n, k)| (name(n), *k)).collect();
+        flush_sets.extend(want.sets.iter().map(|(n, d)| (*n, SetKind::of(d))));
         for (q, kind) in flush_sets {
             let at = self.at(q);
             self.line(format!("flush {kind} {at}"));
         }
         for (q, (_, rules)) in &want.chains {
-            self.add_rules(q, rules);
+            self.add_rules(*q, rules);
         }
-        self.add_elements(&want.elements);
-        for q in kernel
-            .chains
-            .iter()
-            .filter(|c| !want.chains.contains_key(*c))
-        {
-            let at = self.at(q);
+        for (q, elements) in &want.elements {
+            self.add_elements_of(*q, elements);
+        }
+        for q in (kernel.chains.iter()).filter(|c| !want.chains.contains_key(&name(c))) {
+            let at = self.at(name(q));
             self.line(format!("delete chain {at}"));
         }
-        for (q, kind) in kernel
-            .sets
-            .iter()
-            .filter(|(n, _)| !want.sets.contains_key(*n))
-        {
-            let at = self.at(q);
+        for (q, kind) in (kernel.sets.iter()).filter(|(n, _)| !want.sets.contains_key(&name(n))) {
+            let at = self.at(name(q));
             self.line(format!("delete {kind} {at}"));
         }
         self.finish()
@@ -371,7 +215,7 @@ impl<'a> Script<'a> {
 
     /// Repairs `drift` only: a full reconcile restricted to the drifted
     /// chains and sets (and the kernel's objects of those names).
-    pub fn repair(self, want: &Objects, kernel: &Listing, drift: &Drift) -> String {
+    pub fn repair(self, want: &Wanted<'_>, kernel: &Listing, drift: &Drift) -> String {
         let kernel = Listing {
             chains: (kernel.chains.iter())
                 .filter(|q| drift.chains.contains(*q))
@@ -404,7 +248,7 @@ impl<'a> Script<'a> {
             if removed(&Obj::Element(*f, name.clone(), e.clone())) {
                 // Map elements are deleted by key alone.
                 let key = e.split(" : ").next().unwrap_or(e);
-                let at = self.at(&(*f, name.clone()));
+                let at = self.at((*f, name));
                 self.line(format!("delete element {at} {{ {key} }}"));
             }
         }
@@ -417,7 +261,7 @@ impl<'a> Script<'a> {
         let removed_chains: Vec<&Qualified> =
             old.chains.keys().filter(|q| removed(&chain(q))).collect();
         for q in changed_chains.iter().chain(&removed_chains) {
-            let at = self.at(q);
+            let at = self.at(name(q));
             self.line(format!("flush chain {at}"));
         }
         let changed_sets: Vec<&Qualified> = new
@@ -432,22 +276,22 @@ impl<'a> Script<'a> {
             .filter(|q| removed(&set(q)))
             .chain(changed_sets.iter().copied())
         {
-            let at = self.at(q);
+            let at = self.at(name(q));
             self.line(format!("delete {} {at}", SetKind::of(&old.sets[q])));
         }
         for (q, decl) in &new.sets {
             if added(&set(q)) || changed_sets.contains(&q) {
-                self.add_set(q, decl);
+                self.add_set(name(q), decl);
             }
         }
         for (q, (hook, _)) in &new.chains {
             if added(&chain(q)) {
-                self.add_chain(q, hook);
+                self.add_chain(name(q), hook.as_deref());
             }
         }
         for (q, (_, rules)) in &new.chains {
             if added(&chain(q)) || changed_chains.contains(&q) {
-                self.add_rules(q, rules);
+                self.add_rules(name(q), rules);
             }
         }
         // An element whose set was re-created must be added again too.
@@ -462,7 +306,7 @@ impl<'a> Script<'a> {
             .collect();
         self.add_elements(&added_elements);
         for q in removed_chains {
-            let at = self.at(q);
+            let at = self.at(name(q));
             self.line(format!("delete chain {at}"));
         }
         self.finish()
