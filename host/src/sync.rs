@@ -33,6 +33,10 @@ impl SyncLoop {
     /// Runs until the source closes its channel; returns itself then.
     pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) -> Self {
         let mut last_sync: Option<Instant> = None;
+        // The periodic resync counts from the last resync (the first sync
+        // is a full one), not from the last sync: under steady churn syncs
+        // never pause for a syncPeriod, and drift must still be repaired.
+        let mut last_resync: Option<Instant> = None;
         let mut pending = false;
         let mut retry_delay = RETRY_INITIAL;
         let mut retry_at: Option<Instant> = None;
@@ -41,7 +45,7 @@ impl SyncLoop {
         loop {
             let now = Instant::now();
             let earliest = last_sync.map_or(now, |t| t + self.min_sync_period);
-            let periodic = last_sync.map_or(now, |t| t + self.sync_period);
+            let periodic = last_resync.map_or(now, |t| t + self.sync_period);
             let mut wake = if pending {
                 earliest.min(periodic)
             } else {
@@ -77,7 +81,7 @@ impl SyncLoop {
                     None => return self,
                 },
                 _ = tokio::time::sleep_until(wake), if ready && (last_sync.is_some() || pending) => {
-                    let periodic_due = Instant::now() >= periodic && last_sync.is_some();
+                    let periodic_due = Instant::now() >= periodic && last_resync.is_some();
                     if retry_at.is_some_and(|r| Instant::now() >= r) {
                         self.metrics.sync_retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -88,6 +92,9 @@ impl SyncLoop {
                         self.metrics.sync_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     last_sync = Some(Instant::now());
+                    if periodic_due || last_resync.is_none() {
+                        last_resync = last_sync;
+                    }
                     pending = false;
                     retry_at = if self.proxier.needs_retry() {
                         let at = Instant::now() + retry_delay;
@@ -254,6 +261,10 @@ mod tests {
 
     /// A userspace-mode app on an empty file source, node `n1`.
     fn app(dir: &std::path::Path) -> crate::app::App {
+        app_with_periods(dir, "300ms", "1h")
+    }
+
+    fn app_with_periods(dir: &std::path::Path, min: &str, period: &str) -> crate::app::App {
         let source = format!("file:{}", dir.display());
         let flags = crate::config::Cli::parse_from([
             "kube-wasm-proxy",
@@ -265,9 +276,9 @@ mod tests {
             "--hostname-override",
             "n1",
             "--min-sync-period",
-            "300ms",
+            min,
             "--sync-period",
-            "1h",
+            period,
         ])
         .flags;
         crate::app::App::build(&flags).unwrap()
@@ -328,5 +339,30 @@ mod tests {
         // The last change was applied.
         let port = sync.state.snapshot().next().map(|s| s.port.port);
         assert_eq!(port, Some(1049));
+    }
+
+    /// Changes every 20 ms keep syncs closer than syncPeriod for 1.5 s; a
+    /// syncPeriod of 400 ms still resyncs about every 400 ms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn steady_churn_does_not_postpone_the_periodic_resync() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app_with_periods(dir.path(), "50ms", "400ms");
+        let (tx, rx) = mpsc::channel(4);
+        let running = tokio::spawn(app.sync.run(rx));
+        for kind in [
+            crate::source::Kind::Service,
+            crate::source::Kind::EndpointSlice,
+        ] {
+            tx.send(SourceEvent::Synced(kind)).await.unwrap();
+        }
+        for v in 0..75 {
+            tx.send(event(v)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(tx);
+        let sync = running.await.unwrap();
+        let (syncs, resyncs) = (sync.proxier.stats.syncs, sync.proxier.stats.resyncs);
+        assert!(syncs >= 6, "{syncs} syncs");
+        assert!(resyncs >= 2, "{resyncs} resyncs in {syncs} syncs");
     }
 }

@@ -29,6 +29,8 @@ pub struct SyncStats {
     pub syncs: u64,
     pub failed_services: u64,
     pub apply_errors: u64,
+    /// Periodic resyncs run (syncPeriod).
+    pub resyncs: u64,
     pub last_duration: Duration,
     /// CPU time of the last sync on its thread, the kernel's share of its
     /// netlink transactions included (`nft` processes not): unlike
@@ -410,6 +412,7 @@ impl Proxier {
 
     /// The periodic full resync (syncPeriod).
     pub fn resync(&mut self) -> Result<()> {
+        self.stats.resyncs += 1;
         let result = self.dataplane.resync();
         if let Err(e) = &result {
             self.stats.apply_errors += 1;
