@@ -308,10 +308,11 @@ mod tests {
         assert!(sync.state.take_changes().node_changed);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn changes_are_batched_by_min_sync_period() {
-        let dir = tempfile::tempdir().unwrap();
-        let app = app(dir.path());
+    /// Runs the app's sync loop with Services and EndpointSlices listed;
+    /// dropping the sender ends it.
+    async fn run_listed(
+        app: crate::app::App,
+    ) -> (mpsc::Sender<SourceEvent>, tokio::task::JoinHandle<SyncLoop>) {
         let (tx, rx) = mpsc::channel(4);
         let running = tokio::spawn(app.sync.run(rx));
         for kind in [
@@ -320,6 +321,14 @@ mod tests {
         ] {
             tx.send(SourceEvent::Synced(kind)).await.unwrap();
         }
+        (tx, running)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn changes_are_batched_by_min_sync_period() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app(dir.path());
+        let (tx, running) = run_listed(app).await;
         // 50 changes over ~1 s: a sync per change would be 50.
         let started = std::time::Instant::now();
         for v in 0..50 {
@@ -347,14 +356,7 @@ mod tests {
     async fn steady_churn_does_not_postpone_the_periodic_resync() {
         let dir = tempfile::tempdir().unwrap();
         let app = app_with_periods(dir.path(), "50ms", "400ms");
-        let (tx, rx) = mpsc::channel(4);
-        let running = tokio::spawn(app.sync.run(rx));
-        for kind in [
-            crate::source::Kind::Service,
-            crate::source::Kind::EndpointSlice,
-        ] {
-            tx.send(SourceEvent::Synced(kind)).await.unwrap();
-        }
+        let (tx, running) = run_listed(app).await;
         for v in 0..75 {
             tx.send(event(v)).await.unwrap();
             tokio::time::sleep(Duration::from_millis(20)).await;
