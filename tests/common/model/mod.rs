@@ -17,6 +17,8 @@
 
 mod divergences;
 mod expected;
+#[cfg(test)]
+mod fixtures;
 mod iptables;
 mod ipvs;
 mod kernel;

@@ -3,63 +3,11 @@
 //! as docs/nftables.md describes) and read back with `nft -j`, as the
 //! soak reads kwp's.
 
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::{Api, Kernel, Kind, Outcome, Report, Semantics, Viewpoint, check};
+use super::fixtures::{api, service, slice, view};
+use super::{Api, Kernel, Kind, Outcome, Report, Semantics, check};
 use crate::common::netns::Netns;
-
-fn view() -> Viewpoint {
-    Viewpoint {
-        node_name: "node-1".into(),
-        client_v4: "203.0.113.2".parse().unwrap(),
-        client_v6: "2001:db8:1::2".parse().unwrap(),
-        in_interface: "eth-cli".into(),
-    }
-}
-
-fn node() -> Value {
-    json!({"metadata": {"name": "node-1"},
-           "status": {"addresses": [{"type": "InternalIP", "address": "203.0.113.1"}]}})
-}
-
-fn service(name: &str, ip: &str, spec: Value) -> Value {
-    let mut s = json!({"metadata": {"name": name, "namespace": "t"},
-                       "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
-                                "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]}});
-    for (k, v) in spec.as_object().unwrap() {
-        s["spec"][k] = v.clone();
-    }
-    s
-}
-
-/// A slice of `service`: (address, node, ready, serving, terminating).
-fn slice(service: &str, eps: &[(&str, &str, bool, bool, bool)]) -> Value {
-    let endpoints: Vec<Value> = eps
-        .iter()
-        .map(|(ip, node, ready, serving, terminating)| {
-            json!({"addresses": [ip], "nodeName": node,
-                   "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
-        })
-        .collect();
-    json!({"metadata": {"name": format!("{service}-1"), "namespace": "t",
-                        "labels": {"kubernetes.io/service-name": service}},
-           "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-           "endpoints": endpoints})
-}
-
-fn api(services: &[Value], slices: &[Value]) -> Api {
-    Api {
-        services: services
-            .iter()
-            .map(|s| serde_json::from_value(s.clone()).unwrap())
-            .collect(),
-        slices: slices
-            .iter()
-            .map(|s| serde_json::from_value(s.clone()).unwrap())
-            .collect(),
-        node: Some(serde_json::from_value(node()).unwrap()),
-    }
-}
 
 /// The base of kwp's table (plugins/nftables/src/base.rs, trimmed to what
 /// routing depends on) plus `extra` nft commands.

@@ -4,20 +4,12 @@
 
 use std::net::IpAddr;
 
-use super::{Frontend, Iptables, Kind, Outcome, Proto, Reach, Viewpoint};
+use super::fixtures::view;
+use super::{Frontend, Iptables, Kind, Outcome, Proto, Reach};
 use crate::common::netns::Netns;
 
 const NODE: &str = "203.0.113.1";
 const CLIENT: &str = "203.0.113.2";
-
-fn view() -> Viewpoint {
-    Viewpoint {
-        node_name: "node-1".into(),
-        client_v4: CLIENT.parse().unwrap(),
-        client_v6: "2001:db8:1::2".parse().unwrap(),
-        in_interface: "eth-cli".into(),
-    }
-}
 
 /// The base chains and jumps kwp writes, plus `nat` and `filter` rules;
 /// the service-IP dispatch is split in two goto shards by a

@@ -6,58 +6,23 @@
 
 use serde_json::{Value, json};
 
-use super::{Api, Ipvs, Kind, Outcome, Report, Viewpoint, check, expected_frontends};
+use super::fixtures::{self, api, service, view};
+use super::{Api, Ipvs, Kind, Outcome, Report, check, expected_frontends};
 use crate::common::netns::Netns;
-
-fn view() -> Viewpoint {
-    Viewpoint {
-        node_name: "node-1".into(),
-        client_v4: "203.0.113.2".parse().unwrap(),
-        client_v6: "2001:db8:1::2".parse().unwrap(),
-        in_interface: "eth-cli".into(),
-    }
-}
-
-fn api(services: &[Value], slices: &[Value]) -> Api {
-    let node = json!({"metadata": {"name": "node-1"},
-        "status": {"addresses": [{"type": "InternalIP", "address": "203.0.113.1"}]}});
-    Api {
-        services: services
-            .iter()
-            .map(|s| serde_json::from_value(s.clone()).unwrap())
-            .collect(),
-        slices: slices
-            .iter()
-            .map(|s| serde_json::from_value(s.clone()).unwrap())
-            .collect(),
-        node: Some(serde_json::from_value(node).unwrap()),
-    }
-}
 
 /// `web` at 10.96.0.1:80, node port 30080, `spec` merged in.
 fn web(spec: Value) -> Value {
-    let mut s = json!({"metadata": {"name": "web", "namespace": "t"},
-        "spec": {"type": "NodePort", "clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
-                 "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30080}]}});
+    let mut nodeport = json!({"type": "NodePort",
+        "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30080}]});
     for (k, v) in spec.as_object().unwrap() {
-        s["spec"][k] = v.clone();
+        nodeport[k] = v.clone();
     }
-    s
+    service("web", "10.96.0.1", nodeport)
 }
 
 /// `web`'s slice: (address, node, ready, serving, terminating).
 fn slice(eps: &[(&str, &str, bool, bool, bool)]) -> Value {
-    let endpoints: Vec<Value> = eps
-        .iter()
-        .map(|(ip, node, ready, serving, terminating)| {
-            json!({"addresses": [ip], "nodeName": node,
-                   "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
-        })
-        .collect();
-    json!({"metadata": {"name": "web-1", "namespace": "t",
-                        "labels": {"kubernetes.io/service-name": "web"}},
-           "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
-           "endpoints": endpoints})
+    fixtures::slice("web", eps)
 }
 
 /// Two ready endpoints (one per node) and one terminating, not serving.
